@@ -1,0 +1,132 @@
+"""The generation loop: chunked prefill, then one token per step until a stop condition."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from infinikv.engine.detokenize import TextStream
+from infinikv.engine.sampling import Sampler, SamplingParams
+from infinikv.engine.sequence import ProgressFn, Sequence, feed
+from infinikv.errors import InfinikvError
+from infinikv.model.loader import LoadedModel
+
+
+@dataclass(frozen=True)
+class GenerationEvent:
+    text: str  # text that became final at this step (may be empty)
+    token_id: int | None  # the token sampled at this step; None for the closing event
+    finish_reason: str | None = None  # "stop" | "length" on the closing event
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+class Generator:
+    """Owns a page pool for one model and runs one generation at a time."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        max_seq_len: int,
+        page_size: int = 16,
+        chunk_size: int = 512,
+        fill_value: float | None = None,
+    ):
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.chunk_size = chunk_size
+        self.pool = self.model.new_page_pool(max_seq_len, page_size, fill_value)
+        self._lock = threading.Lock()
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InfinikvError("this model's tokenizer has no chat template")
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def stream(
+        self, prompt: list[int], params: SamplingParams, progress: ProgressFn | None = None
+    ) -> Iterator[GenerationEvent]:
+        """Yield one event per generated token, then a closing event with the finish reason."""
+        if not prompt:
+            raise InfinikvError("empty prompt")
+        capacity = self.pool.capacity_tokens
+        if len(prompt) >= capacity:
+            raise InfinikvError(
+                f"prompt of {len(prompt)} tokens does not fit the context capacity of "
+                f"{capacity} tokens (raise max_seq_len)"
+            )
+        with self._lock:
+            seq = Sequence(self.pool)
+            try:
+                yield from self._run(seq, prompt, params, progress)
+            finally:
+                seq.release()
+
+    def _run(
+        self, seq: Sequence, prompt: list[int], params: SamplingParams, progress: ProgressFn | None
+    ) -> Iterator[GenerationEvent]:
+        sampler = Sampler(params)
+        text = TextStream(self.tokenizer, params.stop)
+        eos = frozenset() if params.ignore_eos else self.loaded.eos_token_ids
+        budget = min(params.max_tokens, self.pool.capacity_tokens - len(prompt))
+        logits = feed(self.model, self.pool, seq, prompt, self.chunk_size, progress=progress)
+        for step in range(budget):
+            token = int(sampler(logits)[0])
+            if token in eos:
+                yield GenerationEvent(text.flush(), None, "stop")
+                return
+            delta = text.push(token)
+            if text.stopped:
+                yield GenerationEvent(delta, token, None)
+                yield GenerationEvent("", None, "stop")
+                return
+            yield GenerationEvent(delta, token, None)
+            if step + 1 < budget:
+                logits = feed(self.model, self.pool, seq, [token], 1)
+        yield GenerationEvent(text.flush(), None, "length")
+
+    def generate(
+        self, prompt: list[int], params: SamplingParams, progress: ProgressFn | None = None
+    ) -> Generation:
+        """Run `stream` to the end and collect the result, with prefill/decode timings."""
+        t0 = time.perf_counter()
+        first: float | None = None
+        pieces: list[str] = []
+        ids: list[int] = []
+        reason = "length"
+        for event in self.stream(prompt, params, progress):
+            if first is None:
+                first = time.perf_counter()
+            pieces.append(event.text)
+            if event.token_id is not None:
+                ids.append(event.token_id)
+            if event.finish_reason:
+                reason = event.finish_reason
+        end = time.perf_counter()
+        first = first or end
+        return Generation(
+            text="".join(pieces),
+            token_ids=ids,
+            finish_reason=reason,
+            prompt_tokens=len(prompt),
+            prefill_seconds=first - t0,
+            decode_seconds=end - first,
+        )

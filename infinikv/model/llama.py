@@ -1,0 +1,135 @@
+"""A compact Llama-family decoder over a paged, pre-RoPE KV cache.
+
+One forward runs a flat batch of N query tokens that may come from several sequences
+(a prefill chunk of one, a decode token of another): the projections and the MLP run on
+all N rows at once, attention runs per sequence over its own pages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from infinikv.attention.backend import AttentionBackend
+from infinikv.attention.paged_torch import paged_causal_attention
+from infinikv.memory.pages import PagePool
+from infinikv.model.config import ModelConfig
+from infinikv.model.rope import RotaryEmbedding
+
+
+@dataclass(frozen=True)
+class SequenceSlice:
+    """Rows [start, start + length) of a ForwardBatch belong to one sequence."""
+
+    start: int
+    length: int
+    pages: torch.Tensor  # (n_pages,) long, the sequence's block table
+    kv_len: int  # tokens in the cache once this batch's keys are written
+
+
+@dataclass(frozen=True)
+class ForwardBatch:
+    tokens: torch.Tensor  # (N,) long
+    positions: torch.Tensor  # (N,) long, absolute positions
+    slots: torch.Tensor  # (N,) long, cache slot (page * B + offset) of each token
+    seqs: tuple[SequenceSlice, ...]
+    logits_rows: torch.Tensor | None = None  # (S,) rows that need logits; None = all N
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        D, d = cfg.hidden_size, cfg.head_dim
+        qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * d
+        self.input_norm = nn.Parameter(torch.empty(D))
+        # q, k, v projections fused into one matmul; q/k rows in interleaved RoPE order.
+        self.wqkv = nn.Parameter(torch.empty(qkv, D))
+        self.bqkv = nn.Parameter(torch.empty(qkv)) if cfg.qkv_bias else None
+        self.wo = nn.Parameter(torch.empty(D, cfg.num_heads * d))
+        self.post_norm = nn.Parameter(torch.empty(D))
+        # gate and up projections fused: rows [0, F) gate, [F, 2F) up.
+        self.w_gate_up = nn.Parameter(torch.empty(2 * cfg.intermediate_size, D))
+        self.w_down = nn.Parameter(torch.empty(D, cfg.intermediate_size))
+
+
+class LlamaModel(nn.Module):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        device: torch.device | str = "cpu",
+        attention: AttentionBackend = paged_causal_attention,
+    ):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = nn.Parameter(torch.empty(cfg.hidden_size))
+        self.lm_head = (
+            None
+            if cfg.tie_word_embeddings
+            else nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
+        )
+        self.rope = RotaryEmbedding(cfg.rope, cfg.head_dim, device=device)
+        self.attention = attention
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    def new_page_pool(self, max_tokens: int, page_size: int, fill_value: float | None = None) -> PagePool:
+        cfg = self.cfg
+        return PagePool.for_tokens(
+            max_tokens,
+            page_size,
+            num_layers=cfg.num_layers,
+            num_kv_heads=cfg.num_kv_heads,
+            head_dim=cfg.head_dim,
+            dtype=self.dtype,
+            device=self.device,
+            fill_value=fill_value,
+        )
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, pool: PagePool) -> torch.Tensor:
+        """Write the batch's keys/values into `pool` and return float32 logits (S, V)."""
+        cfg = self.cfg
+        N = batch.tokens.shape[0]
+        Hq, Hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        D, eps = cfg.hidden_size, cfg.rms_norm_eps
+        x = F.embedding(batch.tokens, self.embed)  # (N, D)
+        for i, layer in enumerate(self.layers):
+            h = F.rms_norm(x, (D,), layer.input_norm, eps)  # (N, D)
+            qkv = F.linear(h, layer.wqkv, layer.bqkv)  # (N, (Hq + 2Hkv) d)
+            q, k, v = qkv.split([Hq * d, Hkv * d, Hkv * d], dim=-1)
+            pool.k[i].view(-1, Hkv, d).index_copy_(0, batch.slots, k.view(N, Hkv, d))
+            pool.v[i].view(-1, Hkv, d).index_copy_(0, batch.slots, v.view(N, Hkv, d))
+            q = q.view(N, Hq, d)
+            outs = [
+                self.attention(
+                    q[s.start : s.start + s.length],
+                    batch.positions[s.start : s.start + s.length],
+                    pool.k[i],
+                    pool.v[i],
+                    s.pages,
+                    s.kv_len,
+                    self.rope,
+                )
+                for s in batch.seqs
+            ]  # each (n_s, Hq, d)
+            attn = outs[0] if len(outs) == 1 else torch.cat(outs)  # (N, Hq, d)
+            x = x + F.linear(attn.reshape(N, Hq * d), layer.wo)  # (N, D)
+            h = F.rms_norm(x, (D,), layer.post_norm, eps)
+            gate, up = F.linear(h, layer.w_gate_up).chunk(2, dim=-1)  # (N, F) each
+            x = x + F.linear(F.silu(gate) * up, layer.w_down)  # (N, D)
+        if batch.logits_rows is not None:
+            x = x[batch.logits_rows]  # (S, D)
+        x = F.rms_norm(x, (D,), self.norm, eps)
+        head = self.embed if self.lm_head is None else self.lm_head
+        return F.linear(x, head).float()  # (S, V)

@@ -1,0 +1,63 @@
+"""Map a transformers Llama-family state dict onto `LlamaModel`'s fused layout."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from infinikv.errors import UnsupportedModelError
+from infinikv.model.config import ModelConfig
+from infinikv.model.llama import LlamaModel
+from infinikv.model.rope import interleave_rotary_pairs
+
+# name -> tensor, reading lazily (a safetensors handle) or from a dict.
+TensorGetter = Callable[[str], torch.Tensor]
+
+
+def convert_hf_weights(cfg: ModelConfig, get: TensorGetter, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Return LlamaModel's state dict built from transformers' parameter names."""
+
+    def take(name: str) -> torch.Tensor:
+        try:
+            return get(name).to(dtype)
+        except KeyError:
+            raise UnsupportedModelError(f"checkpoint has no tensor {name!r}") from None
+
+    def q_and_k(prefix: str, kind: str) -> list[torch.Tensor]:
+        return [
+            interleave_rotary_pairs(take(f"{prefix}.q_proj.{kind}"), cfg.num_heads, cfg.head_dim),
+            interleave_rotary_pairs(take(f"{prefix}.k_proj.{kind}"), cfg.num_kv_heads, cfg.head_dim),
+            take(f"{prefix}.v_proj.{kind}"),
+        ]
+
+    out = {"embed": take("model.embed_tokens.weight"), "norm": take("model.norm.weight")}
+    if not cfg.tie_word_embeddings:
+        out["lm_head"] = take("lm_head.weight")
+    for i in range(cfg.num_layers):
+        p, o = f"model.layers.{i}", f"layers.{i}"
+        out[f"{o}.input_norm"] = take(f"{p}.input_layernorm.weight")
+        out[f"{o}.post_norm"] = take(f"{p}.post_attention_layernorm.weight")
+        out[f"{o}.wqkv"] = torch.cat(q_and_k(f"{p}.self_attn", "weight"))
+        if cfg.qkv_bias:
+            out[f"{o}.bqkv"] = torch.cat(q_and_k(f"{p}.self_attn", "bias"))
+        out[f"{o}.wo"] = take(f"{p}.self_attn.o_proj.weight")
+        out[f"{o}.w_gate_up"] = torch.cat(
+            [take(f"{p}.mlp.gate_proj.weight"), take(f"{p}.mlp.up_proj.weight")]
+        )
+        out[f"{o}.w_down"] = take(f"{p}.mlp.down_proj.weight")
+    return out
+
+
+def build_model(
+    cfg: ModelConfig,
+    get: TensorGetter,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> LlamaModel:
+    """Create the module on the meta device and assign converted weights (no double copy)."""
+    with torch.device("meta"):
+        model = LlamaModel(cfg, device=device)
+    state = {k: v.to(device) for k, v in convert_hf_weights(cfg, get, dtype).items()}
+    model.load_state_dict(state, assign=True, strict=True)
+    return model.eval()
