@@ -6,6 +6,7 @@ from typing import Protocol
 
 import torch
 
+from infinikv.memory.pages import LayerKV, PageList
 from infinikv.model.rope import RotaryEmbedding
 
 
@@ -14,9 +15,8 @@ class AttentionBackend(Protocol):
 
     q:           (n, Hq, d) queries, before RoPE
     q_positions: (n,) long, absolute positions of the queries
-    k_cache:     (P, B, Hkv, d) one layer's key pages, before RoPE
-    v_cache:     (P, B, Hkv, d) one layer's value pages
-    pages:       (n_pages,) long, the sequence's block table
+    kv:          one layer's pages (keys before RoPE, keys at their own positions, values)
+    pages:       the sequence's block table (PageList)
     kv_len:      tokens of the sequence in the cache (the chunk's own keys included)
     returns:     (n, Hq, d)
     """
@@ -25,9 +25,8 @@ class AttentionBackend(Protocol):
         self,
         q: torch.Tensor,
         q_positions: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        pages: torch.Tensor,
+        kv: LayerKV,
+        pages: PageList,
         kv_len: int,
         rope: RotaryEmbedding,
     ) -> torch.Tensor: ...

@@ -40,8 +40,10 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     logits: (B, V) float. The most likely token always survives.
     """
     if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        # Exactly k survive, ties at the k-th value included only as far as topk picks them.
+        keep = torch.topk(logits, top_k, dim=-1).indices  # (B, k)
+        drop = torch.ones_like(logits, dtype=torch.bool).scatter_(-1, keep, False)
+        logits = logits.masked_fill(drop, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
         probs = sorted_logits.softmax(dim=-1)

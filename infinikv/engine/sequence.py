@@ -32,7 +32,7 @@ class Sequence:
             tokens=torch.tensor(tokens, dtype=torch.long, device=device),
             positions=torch.arange(start, start + n, device=device),
             slots=slots,
-            seqs=(SequenceSlice(0, n, self.table.pages_tensor(), self.table.length),),
+            seqs=(SequenceSlice(0, n, self.table.page_list(), self.table.length),),
             logits_rows=None if all_logits else torch.tensor([n - 1], device=device),
         )
 

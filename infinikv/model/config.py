@@ -37,6 +37,7 @@ class ModelConfig:
     max_position_embeddings: int
     rope: RopeConfig
     qkv_bias: bool = False
+    o_bias: bool = False
     tie_word_embeddings: bool = False
 
     def __post_init__(self) -> None:
@@ -70,8 +71,10 @@ class ModelConfig:
             raise UnsupportedModelError(f"mlp_bias=True is not supported ({model_type})")
         num_heads = hf.num_attention_heads
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // num_heads
-        # Qwen2 always has q/k/v biases; Llama and Mistral expose `attention_bias`.
-        qkv_bias = model_type == "qwen2" or bool(getattr(hf, "attention_bias", False))
+        # Qwen2 always has q/k/v biases (no o_proj bias); Llama's `attention_bias` adds a
+        # bias to all four projections.
+        attention_bias = bool(getattr(hf, "attention_bias", False))
+        qkv_bias = model_type == "qwen2" or attention_bias
         return cls(
             model_type=model_type,
             vocab_size=hf.vocab_size,
@@ -85,6 +88,7 @@ class ModelConfig:
             max_position_embeddings=hf.max_position_embeddings,
             rope=_rope_from_hf(hf, model_type),
             qkv_bias=qkv_bias,
+            o_bias=attention_bias and model_type != "qwen2",
             tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
         )
 

@@ -15,9 +15,9 @@ from torch import nn
 
 from infinikv.attention.backend import AttentionBackend
 from infinikv.attention.paged_torch import paged_causal_attention
-from infinikv.memory.pages import PagePool
+from infinikv.memory.pages import PageList, PagePool
 from infinikv.model.config import ModelConfig
-from infinikv.model.rope import RotaryEmbedding
+from infinikv.model.rope import RotaryEmbedding, rotate
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class SequenceSlice:
 
     start: int
     length: int
-    pages: torch.Tensor  # (n_pages,) long, the sequence's block table
+    pages: PageList  # the sequence's block table
     kv_len: int  # tokens in the cache once this batch's keys are written
 
 
@@ -49,6 +49,7 @@ class DecoderLayer(nn.Module):
         self.wqkv = nn.Parameter(torch.empty(qkv, D))
         self.bqkv = nn.Parameter(torch.empty(qkv)) if cfg.qkv_bias else None
         self.wo = nn.Parameter(torch.empty(D, cfg.num_heads * d))
+        self.bo = nn.Parameter(torch.empty(D)) if cfg.o_bias else None
         self.post_norm = nn.Parameter(torch.empty(D))
         # gate and up projections fused: rows [0, F) gate, [F, 2F) up.
         self.w_gate_up = nn.Parameter(torch.empty(2 * cfg.intermediate_size, D))
@@ -104,19 +105,20 @@ class LlamaModel(nn.Module):
         Hq, Hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         D, eps = cfg.hidden_size, cfg.rms_norm_eps
         x = F.embedding(batch.tokens, self.embed)  # (N, D)
+        phases = self.rope.at(batch.positions)  # (N, d/2), shared by all layers
         for i, layer in enumerate(self.layers):
             h = F.rms_norm(x, (D,), layer.input_norm, eps)  # (N, D)
             qkv = F.linear(h, layer.wqkv, layer.bqkv)  # (N, (Hq + 2Hkv) d)
             q, k, v = qkv.split([Hq * d, Hkv * d, Hkv * d], dim=-1)
-            pool.k[i].view(-1, Hkv, d).index_copy_(0, batch.slots, k.view(N, Hkv, d))
-            pool.v[i].view(-1, Hkv, d).index_copy_(0, batch.slots, v.view(N, Hkv, d))
+            k = k.view(N, Hkv, d)
+            pool.write(i, batch.slots, k, rotate(k, phases), v.view(N, Hkv, d))
+            kv = pool.layer(i)
             q = q.view(N, Hq, d)
             outs = [
                 self.attention(
                     q[s.start : s.start + s.length],
                     batch.positions[s.start : s.start + s.length],
-                    pool.k[i],
-                    pool.v[i],
+                    kv,
                     s.pages,
                     s.kv_len,
                     self.rope,
@@ -124,7 +126,7 @@ class LlamaModel(nn.Module):
                 for s in batch.seqs
             ]  # each (n_s, Hq, d)
             attn = outs[0] if len(outs) == 1 else torch.cat(outs)  # (N, Hq, d)
-            x = x + F.linear(attn.reshape(N, Hq * d), layer.wo)  # (N, D)
+            x = x + F.linear(attn.reshape(N, Hq * d), layer.wo, layer.bo)  # (N, D)
             h = F.rms_norm(x, (D,), layer.post_norm, eps)
             gate, up = F.linear(h, layer.w_gate_up).chunk(2, dim=-1)  # (N, F) each
             x = x + F.linear(F.silu(gate) * up, layer.w_down)  # (N, D)

@@ -75,6 +75,8 @@ def rotate(x: torch.Tensor, phases: torch.Tensor) -> torch.Tensor:
     The multiply runs in complex64 (float32 parts) whatever x's dtype; the result has x's dtype.
     """
     pairs = x.float().reshape(*x.shape[:-1], x.shape[-1] // 2, 2)  # (..., H, d/2, 2)
+    if pairs.stride(-1) != 1 or any(s % 2 for s in pairs.stride()[:-1]):
+        pairs = pairs.contiguous()  # view_as_complex needs unit-stride (re, im) pairs
     rotated = torch.view_as_complex(pairs) * phases.unsqueeze(-2)  # (..., H, d/2)
     return torch.view_as_real(rotated).flatten(-2).to(x.dtype)  # (..., H, d)
 

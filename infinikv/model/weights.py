@@ -42,6 +42,8 @@ def convert_hf_weights(cfg: ModelConfig, get: TensorGetter, dtype: torch.dtype) 
         if cfg.qkv_bias:
             out[f"{o}.bqkv"] = torch.cat(q_and_k(f"{p}.self_attn", "bias"))
         out[f"{o}.wo"] = take(f"{p}.self_attn.o_proj.weight")
+        if cfg.o_bias:
+            out[f"{o}.bo"] = take(f"{p}.self_attn.o_proj.bias")
         out[f"{o}.w_gate_up"] = torch.cat(
             [take(f"{p}.mlp.gate_proj.weight"), take(f"{p}.mlp.up_proj.weight")]
         )

@@ -1,0 +1,174 @@
+"""`infinikv generate "prompt"` and `infinikv chat`: the command-line front end."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from pydantic import ValidationError
+
+from infinikv.engine.generator import Generator
+from infinikv.engine.sampling import SamplingParams
+from infinikv.errors import InfinikvError
+from infinikv.service.settings import Settings
+
+PROG = "infinikv"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One clear line (no usage dump), exit status 2 like argparse.
+        self.exit(2, f"{PROG}: error: {message} (see {PROG} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _build_parser() -> ArgumentParser:
+    common = ArgumentParser(add_help=False)
+    g = common.add_argument_group("model")
+    g.add_argument("--model", help="model directory, .gguf file or hub id (default: SmolLM2-135M-Instruct)")
+    g.add_argument("--dtype", choices=["float32", "bfloat16"])
+    g.add_argument("--device", help="torch device (default: cpu)")
+    g.add_argument("--cache-dir", help="where converted GGUF weights are cached")
+    g.add_argument("--page-size", type=_positive_int, help="KV cache page size in tokens")
+    g.add_argument("--chunk-size", type=_positive_int, help="prefill chunk size in tokens")
+    g.add_argument("--max-seq-len", type=_positive_int, help="tokens the KV cache holds")
+    g.add_argument("--threads", type=_positive_int, help="torch CPU threads")
+    s = common.add_argument_group("sampling")
+    s.add_argument("--max-tokens", type=_positive_int, default=256)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    common.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+
+    parser = ArgumentParser(prog=PROG, description="Long-context LLM generation.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", parents=[common], help="complete one prompt")
+    gen.add_argument("prompt", help="the prompt text")
+    gen.add_argument(
+        "--chat-template", action="store_true", help="wrap the prompt as one user turn of the chat template"
+    )
+    sub.add_parser("chat", parents=[common], help="interactive chat (/reset, /exit)")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {
+        k: v
+        for k, v in vars(args).items()
+        if k in Settings.model_fields and v is not None
+    }
+    return Settings(**overrides)
+
+
+def _sampling(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=tuple(args.stop),
+    )
+
+
+def _progress_bar(total_hint: int):  # noqa: ANN202 - a tqdm-backed callback
+    from tqdm import tqdm
+
+    bar: list[tqdm] = []
+
+    def update(done: int, total: int) -> None:
+        if not bar:
+            # Only worth a bar when the prompt spans several chunks; hidden when not a TTY.
+            bar.append(tqdm(total=total, unit="tok", desc="prefill", disable=None, leave=False))
+        bar[0].update(done - bar[0].n)
+        if done >= total:
+            bar[0].close()
+
+    return update if total_hint else None
+
+
+def _stream(generator: Generator, prompt: list[int], params: SamplingParams) -> None:
+    progress = _progress_bar(len(prompt) > generator.chunk_size)
+    for event in generator.stream(prompt, params, progress):
+        sys.stdout.write(event.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def _generate(generator: Generator, args: argparse.Namespace, params: SamplingParams) -> None:
+    if args.chat_template:
+        prompt = generator.encode_chat([{"role": "user", "content": args.prompt}])
+    else:
+        prompt = generator.encode(args.prompt)
+    _stream(generator, prompt, params)
+
+
+def _chat(generator: Generator, params: SamplingParams) -> None:
+    messages: list[dict[str, str]] = []
+    print("infinikv chat: type a message; /reset clears the conversation, /exit quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            return
+        if line == "/exit":
+            return
+        if line == "/reset":
+            messages.clear()
+            continue
+        if not line:
+            continue
+        messages.append({"role": "user", "content": line})
+        reply: list[str] = []
+        prompt = generator.encode_chat(messages)
+        for event in generator.stream(prompt, params, _progress_bar(len(prompt) > generator.chunk_size)):
+            reply.append(event.text)
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if args.command == "generate" and not args.prompt.strip():
+            raise InfinikvError("empty prompt")
+        params = _sampling(args)
+        settings = _settings(args)
+        from infinikv.service.runtime import build_generator
+
+        generator = build_generator(settings)
+        if args.command == "generate":
+            _generate(generator, args, params)
+        else:
+            _chat(generator, params)
+    except ValidationError as e:
+        err = e.errors()[0]
+        print(f"{PROG}: error: invalid {'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr)
+        return 2
+    except (InfinikvError, ValueError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""Build the model and generator that a front end (CLI, HTTP server) drives, from Settings."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from infinikv.engine.generator import Generator
+from infinikv.model.loader import load_model
+from infinikv.service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def build_generator(settings: Settings) -> Generator:
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    loaded = load_model(settings.model, settings.cache_dir, settings.torch_dtype, settings.device)
+    log.info("loaded %s (%s) from %s", loaded.config.model_type, settings.dtype, loaded.path)
+    return Generator(
+        loaded,
+        max_seq_len=settings.max_seq_len,
+        page_size=settings.page_size,
+        chunk_size=settings.chunk_size,
+    )

@@ -1,0 +1,39 @@
+"""All settings, validated, from `INFINIKV_*` environment variables and CLI flags."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="INFINIKV_", frozen=True)
+
+    model: str | None = Field(None, description="directory, .gguf file or hub id; None = default")
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    device: str = "cpu"
+    cache_dir: Path = Path.home() / ".cache" / "infinikv"
+    # 16-token pages: small enough that the unused tail of a sequence's last page is cheap,
+    # large enough that a block table of an 8k sequence is 512 entries.
+    page_size: int = Field(16, ge=1, le=4096)
+    # 512-query prefill chunks bound activation memory (~N x intermediate_size floats).
+    chunk_size: int = Field(512, ge=1, le=65536)
+    # The model's trained length for the default SmolLM2 (8192); the KV pool holds this many.
+    max_seq_len: int = Field(8192, ge=16)
+    threads: int | None = Field(None, ge=1)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

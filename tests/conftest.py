@@ -1,0 +1,66 @@
+"""Shared fixtures: the real default model (converted once into the user cache) and tiny
+random Llama-family models built through transformers, so both sides of every oracle
+test load the same weights."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from infinikv.model import LlamaModel, LoadedModel, ModelConfig, load_model
+from infinikv.model.weights import build_model
+from infinikv.service.settings import Settings
+
+CACHE_DIR = Settings().cache_dir
+
+
+@pytest.fixture(scope="session")
+def default_model() -> LoadedModel:
+    """SmolLM2-135M-Instruct in float32 (first use converts the GGUF, ~20 s)."""
+    return load_model(None, CACHE_DIR)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(default_model: LoadedModel):
+    return default_model.tokenizer
+
+
+def tiny_hf_model(model_type: str = "llama", seed: int = 0, **overrides):
+    """A random transformers model with weights scaled so activations are O(1)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = dict(
+        vocab_size=160,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    )
+    kwargs.update(overrides)
+    config = AutoConfig.for_model(model_type, **kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / math.sqrt(p.shape[-1]))
+    return model
+
+
+def ours_from_hf(hf_model, dtype: torch.dtype = torch.float32) -> LlamaModel:
+    cfg = ModelConfig.from_hf(hf_model.config)
+    return build_model(cfg, hf_model.state_dict().__getitem__, dtype=dtype)
+
+
+def nan_pool(model: LlamaModel, max_tokens: int = 512, page_size: int = 5):
+    """A page pool whose fresh pages are NaN: any read of an unwritten slot shows up."""
+    return model.new_page_pool(max_tokens, page_size, fill_value=float("nan"))

@@ -1,0 +1,68 @@
+"""The command line: one clear error line and a non-zero exit; a real end-to-end run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from infinikv.cli import main
+
+
+def run_cli(argv: list[str]) -> int:
+    """main()'s exit status, whether it returns it or argparse exits with it."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+
+
+@pytest.mark.parametrize(
+    "argv,status,message",
+    [
+        (["generate", "   "], 1, "empty prompt"),
+        (["generate", "hi", "--top-p", "2"], 1, "top_p must be in (0, 1]"),
+        (["generate", "hi", "--temperature", "-1"], 1, "temperature must be >= 0"),
+        (["generate", "hi", "--max-tokens", "0"], 2, "--max-tokens: must be >= 1"),
+        (["generate", "hi", "--dtype", "int3"], 2, "--dtype: invalid choice"),
+        (["generate", "hi", "--model", "/no/such/model"], 1, "model not found: '/no/such/model'"),
+        (["generate", "hi", "--max-seq-len", "8"], 2, "invalid max_seq_len"),
+        (["bogus"], 2, "invalid choice"),
+    ],
+)
+def test_errors_print_one_line(capsys, argv, status, message) -> None:
+    code = run_cli(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == status
+    assert len(err) == 1 and err[0].startswith("infinikv: error:") and message in err[0], err
+
+
+def test_model_directory_without_config(tmp_path, capsys) -> None:
+    assert run_cli(["generate", "hi", "--model", str(tmp_path)]) == 1
+    assert "has no config.json" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_generate_end_to_end_subprocess() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "infinikv.cli", "generate", "The capital of France is", "--max-tokens", "8"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in out.stdout
+
+
+@pytest.mark.slow
+def test_chat_end_to_end_subprocess() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "infinikv.cli", "chat", "--max-tokens", "24"],
+        input="What is the capital of France?\n/exit\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in out.stdout

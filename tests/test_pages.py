@@ -1,0 +1,105 @@
+"""Paged KV cache invariants on random tiny models (NaN-filled fresh pages)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from infinikv.engine.sequence import Sequence, feed
+from infinikv.errors import CacheFullError
+from infinikv.memory import BlockTable, PagePool
+from infinikv.memory.pages import NULL_PAGE
+from infinikv.model import ForwardBatch, SequenceSlice
+
+from .conftest import nan_pool, ours_from_hf, tiny_hf_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return ours_from_hf(tiny_hf_model("llama", seed=3))
+
+
+def tokens(n: int, seed: int) -> list[int]:
+    return torch.randint(0, 160, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def reference_logits(model, ids: list[int]) -> torch.Tensor:
+    pool = nan_pool(model, page_size=8)
+    return feed(model, pool, Sequence(pool), ids, 512, all_logits=True)
+
+
+def small_pool(num_pages: int = 6, page_size: int = 4) -> PagePool:
+    return PagePool(1, num_pages, page_size, num_kv_heads=1, head_dim=2)
+
+
+def test_null_page_never_allocated_and_pool_exhaustion() -> None:
+    pool = small_pool()
+    pages = pool.allocate(5)
+    assert NULL_PAGE not in pages and sorted(pages) == [1, 2, 3, 4, 5]
+    with pytest.raises(CacheFullError, match="KV cache full"):
+        pool.allocate(1)
+
+
+def test_block_table_slots_and_truncate_frees_pages() -> None:
+    pool = small_pool()
+    table = BlockTable(pool)
+    slots = table.reserve(6)  # pages 1, 2
+    assert slots.tolist() == [4, 5, 6, 7, 8, 9]
+    assert table.reserve(3).tolist() == [10, 11, 12]  # 9 tokens -> page 3 taken
+    assert table.pages == [1, 2, 3] and pool.num_free == 2
+    table.truncate(5)
+    assert table.pages == [1, 2] and table.length == 5 and pool.num_free == 3
+    assert table.reserve(1).tolist() == [9]  # continues inside page 2
+    with pytest.raises(ValueError):
+        table.truncate(7)
+    table.release()
+    assert pool.num_free == 5 and table.pages == []
+
+
+def test_freed_pages_are_reused_without_stale_reads(model) -> None:
+    pool = nan_pool(model, max_tokens=60, page_size=5)
+    first = Sequence(pool)
+    feed(model, pool, first, tokens(37, 1), 16)
+    used = set(first.table.pages)
+    first.release()
+    second = Sequence(pool)
+    ids = tokens(29, 2)
+    got = feed(model, pool, second, ids, 16, all_logits=True)
+    assert used & set(second.table.pages), "freed pages were not reused"
+    torch.testing.assert_close(got, reference_logits(model, ids))
+
+
+def test_truncate_then_continue_equals_fresh_sequence(model) -> None:
+    # Draft tokens that get rejected are rolled back with truncate.
+    pool = nan_pool(model, page_size=5)
+    seq = Sequence(pool)
+    prefix, rejected, accepted = tokens(23, 3), tokens(9, 4), tokens(6, 5)
+    feed(model, pool, seq, prefix + rejected, 8)
+    free_before = pool.num_free
+    seq.truncate(len(prefix))
+    assert pool.num_free > free_before and len(seq) == len(prefix)
+    got = feed(model, pool, seq, accepted, 8, all_logits=True)
+    want = reference_logits(model, prefix + accepted)[len(prefix) :]
+    torch.testing.assert_close(got, want)
+
+
+def test_two_sequences_in_one_batch_equal_separate_runs(model) -> None:
+    pool = nan_pool(model, page_size=4)
+    a, b = Sequence(pool), Sequence(pool)
+    ids_a, ids_b = tokens(13, 6), tokens(6, 7)
+    feed(model, pool, a, ids_a[:-1], 5)
+    feed(model, pool, b, ids_b[:-2], 5)
+    # One forward: the last token of a (decode) and the last two of b (a small chunk).
+    slots = torch.cat([a.table.reserve(1), b.table.reserve(2)])
+    batch = ForwardBatch(
+        tokens=torch.tensor([ids_a[-1], *ids_b[-2:]]),
+        positions=torch.tensor([12, 4, 5]),
+        slots=slots,
+        seqs=(
+            SequenceSlice(0, 1, a.table.page_list(), a.table.length),
+            SequenceSlice(1, 2, b.table.page_list(), b.table.length),
+        ),
+    )
+    got = model(batch, pool)  # (3, V)
+    torch.testing.assert_close(got[0], reference_logits(model, ids_a)[-1])
+    torch.testing.assert_close(got[1:], reference_logits(model, ids_b)[-2:])
