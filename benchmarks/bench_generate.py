@@ -1,0 +1,128 @@
+"""Prefill and decode throughput, infinikv vs transformers `generate`, same weights, one run.
+
+    python benchmarks/bench_generate.py [--lengths 512 2048 6144] [--dtype float32]
+
+Each engine runs in its own subprocess (so peak RSS is its own); both read the same
+converted default model. Prints a table and writes benchmarks/results/generate-<dtype>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TEXT = (
+    "The lighthouse keeper rose before dawn, as he had every day for thirty years. He climbed "
+    "the spiral stairs, counted the steps, and wiped the salt from the great lens. "
+)
+
+
+def prompt_ids(tokenizer, length: int) -> list[int]:
+    ids = tokenizer(TEXT * (length // 20 + 1))["input_ids"]
+    return ids[:length]
+
+
+def run_infinikv(lengths: list[int], new_tokens: int, dtype: str) -> list[dict]:
+    from infinikv.engine import Generator, SamplingParams
+    from infinikv.service.runtime import build_generator
+    from infinikv.service.settings import Settings
+
+    gen: Generator = build_generator(Settings(dtype=dtype))
+    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+    gen.generate(prompt_ids(gen.tokenizer, 32), SamplingParams(max_tokens=4))  # warm-up
+    rows = []
+    for n in lengths:
+        result = gen.generate(prompt_ids(gen.tokenizer, n), params)
+        rows.append(
+            {
+                "prompt_tokens": n,
+                "prefill_tok_s": n / result.prefill_seconds,
+                # the first token comes with the prefill; the rest are decode steps
+                "decode_tok_s": (len(result.token_ids) - 1) / result.decode_seconds,
+            }
+        )
+    return rows
+
+
+def run_transformers(lengths: list[int], new_tokens: int, dtype: str) -> list[dict]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from infinikv.model.default import default_gguf
+    from infinikv.model.loader import convert_gguf
+    from infinikv.service.settings import Settings
+
+    settings = Settings(dtype=dtype)
+    path = convert_gguf(default_gguf(settings.cache_dir), settings.cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=settings.torch_dtype).eval()
+
+    def timed(ids: list[int], new: int) -> float:
+        x = torch.tensor([ids])
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model.generate(x, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        return time.perf_counter() - t0
+
+    timed(prompt_ids(tokenizer, 32), 4)  # warm-up
+    rows = []
+    for n in lengths:
+        ids = prompt_ids(tokenizer, n)
+        t_first = timed(ids, 1)
+        t_all = timed(ids, new_tokens)
+        rows.append(
+            {
+                "prompt_tokens": n,
+                "prefill_tok_s": n / t_first,
+                "decode_tok_s": (new_tokens - 1) / (t_all - t_first),
+            }
+        )
+    return rows
+
+
+def worker(engine: str, lengths: list[int], new_tokens: int, dtype: str) -> None:
+    rows = (run_infinikv if engine == "infinikv" else run_transformers)(lengths, new_tokens, dtype)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    print(json.dumps({"engine": engine, "rows": rows, "peak_rss_mb": peak_mb}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 6144])
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--worker", choices=["infinikv", "transformers"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker(args.worker, args.lengths, args.new_tokens, args.dtype)
+        return
+    results = {}
+    for engine in ("transformers", "infinikv"):
+        cmd = [sys.executable, __file__, "--worker", engine, "--new-tokens", str(args.new_tokens),
+               "--dtype", args.dtype, "--lengths", *map(str, args.lengths)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        results[engine] = json.loads(out.stdout.strip().splitlines()[-1])
+    hf, ours = results["transformers"], results["infinikv"]
+    print(f"dtype={args.dtype}  new tokens={args.new_tokens}  machine={platform.processor() or platform.machine()}")
+    print("| prompt | prefill tok/s (ours / HF / ratio) | decode tok/s (ours / HF / ratio) |")
+    print("|---:|---:|---:|")
+    for a, b in zip(ours["rows"], hf["rows"]):
+        print(
+            f"| {a['prompt_tokens']} | {a['prefill_tok_s']:.0f} / {b['prefill_tok_s']:.0f} / "
+            f"{a['prefill_tok_s'] / b['prefill_tok_s']:.2f}x | {a['decode_tok_s']:.1f} / "
+            f"{b['decode_tok_s']:.1f} / {a['decode_tok_s'] / b['decode_tok_s']:.2f}x |"
+        )
+    print(f"peak RSS MB: infinikv {ours['peak_rss_mb']:.0f}, transformers {hf['peak_rss_mb']:.0f}")
+    out_path = Path(__file__).parent / "results" / f"generate-{args.dtype}.json"
+    out_path.write_text(json.dumps(results, indent=2))
+    print(f"wrote {out_path}")
+
+
+if __name__ == "__main__":
+    main()

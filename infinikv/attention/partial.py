@@ -1,0 +1,71 @@
+"""Partial attention (output plus log-sum-exp per query head) and the LSE merge.
+
+Attention over a union of key sets equals the LSE-weighted merge of the attentions over
+each set: with out_i, lse_i per part, out = sum_i exp(lse_i - lse) out_i where
+lse = logsumexp_i(lse_i). Chunked prefill splits a chunk's keys into the prefix (no mask)
+and the chunk itself (square causal); the long-context regions merge the same way.
+
+Shapes: q (n, Hq, d) and k, v (T, Hkv, d), all already rotated; Hq = g * Hkv (GQA).
+Returned out (n, Hq, d) in q's dtype, lse (n, Hq) float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+Partial = tuple[torch.Tensor, torch.Tensor]  # (out (n, Hq, d), lse (n, Hq))
+
+
+def reference_partial(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None = None
+) -> Partial:
+    """Plain PyTorch; `visible` (n, T) bool masks keys out. A query row with no visible key
+    gets lse = -inf and a zero output, so it drops out of a merge."""
+    n, Hq, d = q.shape
+    T, Hkv = k.shape[0], k.shape[1]
+    g = Hq // Hkv
+    qg = q.float().view(n, Hkv, g, d)
+    scores = torch.einsum("nhgd,thd->hgnt", qg, k.float()) * d**-0.5  # (Hkv, g, n, T)
+    if visible is not None:
+        scores = scores.masked_fill(~visible, float("-inf"))
+    lse = scores.logsumexp(dim=-1)  # (Hkv, g, n)
+    probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)  # rows with lse=-inf -> 0
+    out = torch.einsum("hgnt,thd->nhgd", probs, v.float())  # (n, Hkv, g, d)
+    return out.reshape(n, Hq, d).to(q.dtype), lse.permute(2, 0, 1).reshape(n, Hq)
+
+
+def flash_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> Partial:
+    """The same through the fused CPU flash kernel (which also returns the LSE); on other
+    devices, `reference_partial`. causal: square causal mask (n == T, query i sees keys <= i).
+
+    Without a mask the query heads of a kv group are folded into the query-length axis, so
+    the keys are read once per kv-head and never copied.
+    """
+    n, Hq, d = q.shape
+    T, Hkv = k.shape[0], k.shape[1]
+    g = Hq // Hkv
+    if q.device.type != "cpu":
+        visible = torch.ones(n, T, dtype=torch.bool, device=q.device).tril() if causal else None
+        return reference_partial(q, k, v, visible)
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    kt, vt = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)  # (1, Hkv, T, d)
+    if causal:
+        qt = q.transpose(0, 1).unsqueeze(0)  # (1, Hq, n, d)
+        kt, vt = kt.repeat_interleave(g, dim=1), vt.repeat_interleave(g, dim=1)  # (1, Hq, T, d)
+        out, lse = flash(qt, kt, vt, is_causal=True)[:2]  # (1, Hq, n, d), (1, Hq, n)
+        return out[0].transpose(0, 1), lse[0].transpose(0, 1)
+    qf = q.view(n, Hkv, g, d).permute(1, 2, 0, 3).reshape(1, Hkv, g * n, d)  # rows (j, i)
+    out, lse = flash(qf, kt, vt)[:2]  # (1, Hkv, g*n, d), (1, Hkv, g*n)
+    out = out.reshape(Hkv, g, n, d).permute(2, 0, 1, 3).reshape(n, Hq, d)
+    return out, lse.reshape(Hkv, g, n).permute(2, 0, 1).reshape(n, Hq)
+
+
+def merge_partials(parts: list[Partial]) -> Partial:
+    """Combine attentions over disjoint key sets into the attention over their union."""
+    if len(parts) == 1:
+        return parts[0]
+    lses = torch.stack([lse for _, lse in parts])  # (P, n, Hq)
+    lse = lses.logsumexp(dim=0)  # (n, Hq)
+    weights = torch.exp(lses - lse).nan_to_num(0.0)  # (P, n, Hq); parts with no keys -> 0
+    out = sum(w[..., None] * o.float() for w, (o, _) in zip(weights, parts))  # (n, Hq, d)
+    return out.to(parts[0][0].dtype), lse
