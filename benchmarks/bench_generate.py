@@ -1,9 +1,10 @@
 """Prefill and decode throughput, infinikv vs transformers `generate`, same weights, one run.
 
-    python benchmarks/bench_generate.py [--lengths 512 2048 6144] [--dtype float32]
+    python benchmarks/bench_generate.py [--lengths 512 2048 6144] [--dtype float32] [--quantize int4]
 
 Each engine runs in its own subprocess (so peak RSS is its own); both read the same
-converted default model. Prints a table and writes benchmarks/results/generate-<dtype>.json.
+converted default model. --quantize applies to infinikv only (transformers runs the
+de-quantized weights in --dtype). Prints a table and writes benchmarks/results/generate-*.json.
 """
 
 from __future__ import annotations
@@ -28,12 +29,12 @@ def prompt_ids(tokenizer, length: int) -> list[int]:
     return ids[:length]
 
 
-def run_infinikv(lengths: list[int], new_tokens: int, dtype: str) -> list[dict]:
+def run_infinikv(lengths: list[int], new_tokens: int, dtype: str, quantize: str) -> list[dict]:
     from infinikv.engine import Generator, SamplingParams
     from infinikv.service.runtime import build_generator
     from infinikv.service.settings import Settings
 
-    gen: Generator = build_generator(Settings(dtype=dtype))
+    gen: Generator = build_generator(Settings(dtype=dtype, quantize=quantize))
     params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
     gen.generate(prompt_ids(gen.tokenizer, 32), SamplingParams(max_tokens=4))  # warm-up
     rows = []
@@ -50,7 +51,7 @@ def run_infinikv(lengths: list[int], new_tokens: int, dtype: str) -> list[dict]:
     return rows
 
 
-def run_transformers(lengths: list[int], new_tokens: int, dtype: str) -> list[dict]:
+def run_transformers(lengths: list[int], new_tokens: int, dtype: str, quantize: str) -> list[dict]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -86,8 +87,9 @@ def run_transformers(lengths: list[int], new_tokens: int, dtype: str) -> list[di
     return rows
 
 
-def worker(engine: str, lengths: list[int], new_tokens: int, dtype: str) -> None:
-    rows = (run_infinikv if engine == "infinikv" else run_transformers)(lengths, new_tokens, dtype)
+def worker(engine: str, lengths: list[int], new_tokens: int, dtype: str, quantize: str) -> None:
+    run = run_infinikv if engine == "infinikv" else run_transformers
+    rows = run(lengths, new_tokens, dtype, quantize)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     print(json.dumps({"engine": engine, "rows": rows, "peak_rss_mb": peak_mb}))
 
@@ -97,19 +99,21 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 6144])
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--quantize", choices=["none", "int4"], default="none")
     ap.add_argument("--worker", choices=["infinikv", "transformers"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        worker(args.worker, args.lengths, args.new_tokens, args.dtype)
+        worker(args.worker, args.lengths, args.new_tokens, args.dtype, args.quantize)
         return
     results = {}
     for engine in ("transformers", "infinikv"):
         cmd = [sys.executable, __file__, "--worker", engine, "--new-tokens", str(args.new_tokens),
-               "--dtype", args.dtype, "--lengths", *map(str, args.lengths)]
+               "--dtype", args.dtype, "--quantize", args.quantize, "--lengths", *map(str, args.lengths)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         results[engine] = json.loads(out.stdout.strip().splitlines()[-1])
     hf, ours = results["transformers"], results["infinikv"]
-    print(f"dtype={args.dtype}  new tokens={args.new_tokens}  machine={platform.processor() or platform.machine()}")
+    print(f"dtype={args.dtype} quantize={args.quantize} (infinikv) new tokens={args.new_tokens} "
+          f"machine={platform.machine()}")
     print("| prompt | prefill tok/s (ours / HF / ratio) | decode tok/s (ours / HF / ratio) |")
     print("|---:|---:|---:|")
     for a, b in zip(ours["rows"], hf["rows"]):
@@ -119,7 +123,8 @@ def main() -> None:
             f"{b['decode_tok_s']:.1f} / {a['decode_tok_s'] / b['decode_tok_s']:.2f}x |"
         )
     print(f"peak RSS MB: infinikv {ours['peak_rss_mb']:.0f}, transformers {hf['peak_rss_mb']:.0f}")
-    out_path = Path(__file__).parent / "results" / f"generate-{args.dtype}.json"
+    suffix = args.dtype + ("-int4" if args.quantize == "int4" else "")
+    out_path = Path(__file__).parent / "results" / f"generate-{suffix}.json"
     out_path.write_text(json.dumps(results, indent=2))
     print(f"wrote {out_path}")
 

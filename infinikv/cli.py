@@ -36,6 +36,7 @@ def _build_parser() -> ArgumentParser:
     g = common.add_argument_group("model")
     g.add_argument("--model", help="model directory, .gguf file or hub id (default: SmolLM2-135M-Instruct)")
     g.add_argument("--dtype", choices=["float32", "bfloat16"])
+    g.add_argument("--quantize", choices=["none", "int4"], help="int4: 4-bit weight matrices (CPU)")
     g.add_argument("--device", help="torch device (default: cpu)")
     g.add_argument("--cache-dir", help="where converted GGUF weights are cached")
     g.add_argument("--page-size", type=_positive_int, help="KV cache page size in tokens")

@@ -17,6 +17,7 @@ from infinikv.attention.backend import AttentionBackend
 from infinikv.attention.paged_torch import paged_causal_attention
 from infinikv.memory.pages import PageList, PagePool
 from infinikv.model.config import ModelConfig
+from infinikv.model.linear import DenseLinear
 from infinikv.model.rope import RotaryEmbedding, rotate
 
 
@@ -46,14 +47,12 @@ class DecoderLayer(nn.Module):
         qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * d
         self.input_norm = nn.Parameter(torch.empty(D))
         # q, k, v projections fused into one matmul; q/k rows in interleaved RoPE order.
-        self.wqkv = nn.Parameter(torch.empty(qkv, D))
-        self.bqkv = nn.Parameter(torch.empty(qkv)) if cfg.qkv_bias else None
-        self.wo = nn.Parameter(torch.empty(D, cfg.num_heads * d))
-        self.bo = nn.Parameter(torch.empty(D)) if cfg.o_bias else None
+        self.qkv = DenseLinear(qkv, D, bias=cfg.qkv_bias)
+        self.o = DenseLinear(D, cfg.num_heads * d, bias=cfg.o_bias)
         self.post_norm = nn.Parameter(torch.empty(D))
         # gate and up projections fused: rows [0, F) gate, [F, 2F) up.
-        self.w_gate_up = nn.Parameter(torch.empty(2 * cfg.intermediate_size, D))
-        self.w_down = nn.Parameter(torch.empty(D, cfg.intermediate_size))
+        self.gate_up = DenseLinear(2 * cfg.intermediate_size, D)
+        self.down = DenseLinear(D, cfg.intermediate_size)
 
 
 class LlamaModel(nn.Module):
@@ -69,9 +68,7 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = nn.Parameter(torch.empty(cfg.hidden_size))
         self.lm_head = (
-            None
-            if cfg.tie_word_embeddings
-            else nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
+            None if cfg.tie_word_embeddings else DenseLinear(cfg.vocab_size, cfg.hidden_size)
         )
         self.rope = RotaryEmbedding(cfg.rope, cfg.head_dim, device=device)
         self.attention = attention
@@ -108,7 +105,7 @@ class LlamaModel(nn.Module):
         phases = self.rope.at(batch.positions)  # (N, d/2), shared by all layers
         for i, layer in enumerate(self.layers):
             h = F.rms_norm(x, (D,), layer.input_norm, eps)  # (N, D)
-            qkv = F.linear(h, layer.wqkv, layer.bqkv)  # (N, (Hq + 2Hkv) d)
+            qkv = layer.qkv(h)  # (N, (Hq + 2Hkv) d)
             q, k, v = qkv.split([Hq * d, Hkv * d, Hkv * d], dim=-1)
             k = k.view(N, Hkv, d)
             pool.write(i, batch.slots, k, rotate(k, phases), v.view(N, Hkv, d))
@@ -126,12 +123,12 @@ class LlamaModel(nn.Module):
                 for s in batch.seqs
             ]  # each (n_s, Hq, d)
             attn = outs[0] if len(outs) == 1 else torch.cat(outs)  # (N, Hq, d)
-            x = x + F.linear(attn.reshape(N, Hq * d), layer.wo, layer.bo)  # (N, D)
+            x = x + layer.o(attn.reshape(N, Hq * d))  # (N, D)
             h = F.rms_norm(x, (D,), layer.post_norm, eps)
-            gate, up = F.linear(h, layer.w_gate_up).chunk(2, dim=-1)  # (N, F) each
-            x = x + F.linear(F.silu(gate) * up, layer.w_down)  # (N, D)
+            gate, up = layer.gate_up(h).chunk(2, dim=-1)  # (N, F) each
+            x = x + layer.down(F.silu(gate) * up)  # (N, D)
         if batch.logits_rows is not None:
             x = x[batch.logits_rows]  # (S, D)
         x = F.rms_norm(x, (D,), self.norm, eps)
-        head = self.embed if self.lm_head is None else self.lm_head
-        return F.linear(x, head).float()  # (S, V)
+        logits = F.linear(x, self.embed) if self.lm_head is None else self.lm_head(x)
+        return logits.float()  # (S, V)

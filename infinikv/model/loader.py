@@ -17,9 +17,10 @@ from typing import Any
 
 import torch
 
-from infinikv.errors import ModelNotFoundError
+from infinikv.errors import ModelNotFoundError, UnsupportedModelError
 from infinikv.model.config import ModelConfig
 from infinikv.model.default import default_gguf
+from infinikv.model.linear import quantize_int4
 from infinikv.model.llama import LlamaModel
 from infinikv.model.weights import TensorGetter, build_model
 
@@ -42,8 +43,14 @@ def load_model(
     cache_dir: Path,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    quantize: str = "none",
 ) -> LoadedModel:
-    """Load `spec` (None = the default SmolLM2-135M-Instruct)."""
+    """Load `spec` (None = the default SmolLM2-135M-Instruct); quantize="int4" stores the
+    decoder layers' weight matrices as int4 (CPU only; see `infinikv.model.linear`)."""
+    if quantize not in ("none", "int4"):
+        raise ValueError(f"unknown quantization {quantize!r}; choose none or int4")
+    if quantize == "int4" and torch.device(device).type != "cpu":
+        raise UnsupportedModelError(f"int4 weights run on the CPU only, not on {device}")
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     path = resolve_model_dir(spec, cache_dir)
@@ -52,6 +59,8 @@ def load_model(
     tokenizer = AutoTokenizer.from_pretrained(path)
     with open_checkpoint(path) as get:
         model = build_model(cfg, get, dtype=dtype, device=device)
+    if quantize == "int4":
+        quantize_int4(model.layers)
     eos: set[int] = set()
     sources: list[Any] = [hf_config.eos_token_id, tokenizer.eos_token_id]
     if (path / "generation_config.json").is_file():

@@ -33,21 +33,21 @@ def convert_hf_weights(cfg: ModelConfig, get: TensorGetter, dtype: torch.dtype) 
 
     out = {"embed": take("model.embed_tokens.weight"), "norm": take("model.norm.weight")}
     if not cfg.tie_word_embeddings:
-        out["lm_head"] = take("lm_head.weight")
+        out["lm_head.weight"] = take("lm_head.weight")
     for i in range(cfg.num_layers):
         p, o = f"model.layers.{i}", f"layers.{i}"
         out[f"{o}.input_norm"] = take(f"{p}.input_layernorm.weight")
         out[f"{o}.post_norm"] = take(f"{p}.post_attention_layernorm.weight")
-        out[f"{o}.wqkv"] = torch.cat(q_and_k(f"{p}.self_attn", "weight"))
+        out[f"{o}.qkv.weight"] = torch.cat(q_and_k(f"{p}.self_attn", "weight"))
         if cfg.qkv_bias:
-            out[f"{o}.bqkv"] = torch.cat(q_and_k(f"{p}.self_attn", "bias"))
-        out[f"{o}.wo"] = take(f"{p}.self_attn.o_proj.weight")
+            out[f"{o}.qkv.bias"] = torch.cat(q_and_k(f"{p}.self_attn", "bias"))
+        out[f"{o}.o.weight"] = take(f"{p}.self_attn.o_proj.weight")
         if cfg.o_bias:
-            out[f"{o}.bo"] = take(f"{p}.self_attn.o_proj.bias")
-        out[f"{o}.w_gate_up"] = torch.cat(
+            out[f"{o}.o.bias"] = take(f"{p}.self_attn.o_proj.bias")
+        out[f"{o}.gate_up.weight"] = torch.cat(
             [take(f"{p}.mlp.gate_proj.weight"), take(f"{p}.mlp.up_proj.weight")]
         )
-        out[f"{o}.w_down"] = take(f"{p}.mlp.down_proj.weight")
+        out[f"{o}.down.weight"] = take(f"{p}.mlp.down_proj.weight")
     return out
 
 

@@ -16,8 +16,10 @@ log = logging.getLogger(__name__)
 def build_generator(settings: Settings) -> Generator:
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    loaded = load_model(settings.model, settings.cache_dir, settings.torch_dtype, settings.device)
-    log.info("loaded %s (%s) from %s", loaded.config.model_type, settings.dtype, loaded.path)
+    loaded = load_model(
+        settings.model, settings.cache_dir, settings.torch_dtype, settings.device, settings.quantize
+    )
+    log.info("loaded %s (%s, quantize=%s) from %s", loaded.config.model_type, settings.dtype, settings.quantize, loaded.path)
     return Generator(
         loaded,
         max_seq_len=settings.max_seq_len,

@@ -18,6 +18,8 @@ class Settings(BaseSettings):
 
     model: str | None = Field(None, description="directory, .gguf file or hub id; None = default")
     dtype: Literal["float32", "bfloat16"] = "float32"
+    # int4: decoder weight matrices as 4-bit groups of 32 (exact for GGUF Q4_1 weights).
+    quantize: Literal["none", "int4"] = "none"
     device: str = "cpu"
     cache_dir: Path = Path.home() / ".cache" / "infinikv"
     # 16-token pages: small enough that the unused tail of a sequence's last page is cheap,

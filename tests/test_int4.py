@@ -1,0 +1,68 @@
+"""int4 weight-only linears: exact recovery of Q4_1-style weights, and the real model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from infinikv.engine import Generator, SamplingParams
+from infinikv.engine.sequence import Sequence, feed
+from infinikv.errors import UnsupportedModelError
+from infinikv.model.linear import INT4_GROUP, DenseLinear, Int4Linear
+
+
+def q4_1_weight(N: int, K: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight as llama.cpp's Q4_1 de-quantizes it: per group of 32, min at q=0, max at q=15."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (N, K), generator=g)
+    q[:, ::INT4_GROUP], q[:, 1::INT4_GROUP] = 0, 15
+    scale = torch.rand(N, K // INT4_GROUP, 1, generator=g) * 0.02 + 1e-3
+    low = -torch.rand(N, K // INT4_GROUP, 1, generator=g) * 0.1
+    w = (q.view(N, -1, INT4_GROUP) * scale + low).view(N, K)
+    return w, q
+
+
+def dense(w: torch.Tensor, bias: torch.Tensor | None = None) -> DenseLinear:
+    layer = DenseLinear(*w.shape, bias=bias is not None)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    return layer
+
+
+def test_int4_matches_a_bf16_matmul_of_the_same_weights() -> None:
+    w, _ = q4_1_weight(96, 160)
+    bias = torch.randn(96)
+    x = torch.randn(5, 160)
+    got = Int4Linear(dense(w, bias))(x)
+    exact = x @ w.T + bias
+    bf16 = (x.bfloat16() @ w.bfloat16().T).float() + bias
+    # The kernel's error budget: at most 2x a plain bf16 matmul's error against fp32.
+    assert (got - exact).norm() <= 2 * (bf16 - exact).norm() + 1e-6
+
+
+def test_int4_refuses_shapes_the_kernel_cannot_pack() -> None:
+    with pytest.raises(UnsupportedModelError, match="in_features % 32"):
+        Int4Linear(dense(torch.randn(32, 40)))
+
+
+@pytest.mark.slow
+def test_int4_default_model_keeps_greedy_output(default_model) -> None:
+    from infinikv.model import load_model
+
+    from .conftest import CACHE_DIR
+
+    q4 = load_model(None, CACHE_DIR, quantize="int4")
+    assert all(isinstance(layer.qkv, Int4Linear) for layer in q4.model.layers)
+    ids = default_model.tokenizer("The lighthouse keeper rose before dawn and climbed the stairs. " * 8)["input_ids"]
+    logits = {}
+    for name, lm in (("fp32", default_model), ("int4", q4)):
+        pool = lm.model.new_page_pool(1024, 16)
+        logits[name] = feed(lm.model, pool, Sequence(pool), ids, 64, all_logits=True)
+    agree = (logits["fp32"].argmax(-1) == logits["int4"].argmax(-1)).float().mean().item()
+    assert agree > 0.97, agree
+    params = SamplingParams(max_tokens=32, ignore_eos=True)
+    want = Generator(default_model, 1024).generate(ids, params).token_ids
+    got = Generator(q4, 1024).generate(ids, params).token_ids
+    assert got == want
