@@ -107,16 +107,30 @@ def main() -> None:
         return
     results = {}
     for engine in ("transformers", "infinikv"):
-        cmd = [sys.executable, __file__, "--worker", engine, "--new-tokens", str(args.new_tokens),
-               "--dtype", args.dtype, "--quantize", args.quantize, "--lengths", *map(str, args.lengths)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            engine,
+            "--new-tokens",
+            str(args.new_tokens),
+            "--dtype",
+            args.dtype,
+            "--quantize",
+            args.quantize,
+            "--lengths",
+            *map(str, args.lengths),
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         results[engine] = json.loads(out.stdout.strip().splitlines()[-1])
     hf, ours = results["transformers"], results["infinikv"]
-    print(f"dtype={args.dtype} quantize={args.quantize} (infinikv) new tokens={args.new_tokens} "
-          f"machine={platform.machine()}")
+    print(
+        f"dtype={args.dtype} quantize={args.quantize} (infinikv) new tokens={args.new_tokens} "
+        f"machine={platform.machine()}"
+    )
     print("| prompt | prefill tok/s (ours / HF / ratio) | decode tok/s (ours / HF / ratio) |")
     print("|---:|---:|---:|")
-    for a, b in zip(ours["rows"], hf["rows"]):
+    for a, b in zip(ours["rows"], hf["rows"], strict=True):
         print(
             f"| {a['prompt_tokens']} | {a['prefill_tok_s']:.0f} / {b['prefill_tok_s']:.0f} / "
             f"{a['prefill_tok_s'] / b['prefill_tok_s']:.2f}x | {a['decode_tok_s']:.1f} / "

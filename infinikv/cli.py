@@ -64,11 +64,7 @@ def _build_parser() -> ArgumentParser:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    overrides = {
-        k: v
-        for k, v in vars(args).items()
-        if k in Settings.model_fields and v is not None
-    }
+    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
     return Settings(**overrides)
 
 

@@ -5,7 +5,6 @@ test load the same weights."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch

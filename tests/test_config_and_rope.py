@@ -26,13 +26,21 @@ def test_unsupported_rope_scaling_is_named() -> None:
 @pytest.mark.parametrize(
     "params",
     [
-        {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
         {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
     ],
 )
 def test_inverse_frequencies_match_transformers(params) -> None:
-    hf = LlamaConfig(hidden_size=1024, num_attention_heads=8, max_position_embeddings=131072, rope_parameters=params)
+    hf = LlamaConfig(
+        hidden_size=1024, num_attention_heads=8, max_position_embeddings=131072, rope_parameters=params
+    )
     want, _ = ROPE_INIT_FUNCTIONS[params["rope_type"]](hf, "cpu")
     got = inverse_frequencies(ModelConfig.from_hf(hf).rope, 128)
     torch.testing.assert_close(got.float(), want.float(), rtol=1e-6, atol=0)
@@ -50,7 +58,9 @@ def test_rotation_matches_rotate_half_convention() -> None:
     want = x * cos + rotate_half * sin
     inter = interleave_rotary_pairs(x.reshape(T, H * d).T, H, d).T.reshape(T, H, d)
     got = rotate(inter, rope.at(pos))
-    torch.testing.assert_close(got, interleave_rotary_pairs(want.reshape(T, H * d).T, H, d).T.reshape(T, H, d))
+    torch.testing.assert_close(
+        got, interleave_rotary_pairs(want.reshape(T, H * d).T, H, d).T.reshape(T, H, d)
+    )
 
 
 def test_rotation_preserves_relative_scores() -> None:

@@ -54,7 +54,9 @@ def test_prompt_logits_match_transformers(default_model, prompt, hf_reference, c
 
 @pytest.mark.parametrize("chunk,page", [(512, 16), (100, 7), (37, 13)])
 def test_64_greedy_tokens_identical(default_model, prompt, hf_reference, chunk, page) -> None:
-    gen = Generator(default_model, max_seq_len=1024, page_size=page, chunk_size=chunk, fill_value=float("nan"))
+    gen = Generator(
+        default_model, max_seq_len=1024, page_size=page, chunk_size=chunk, fill_value=float("nan")
+    )
     result = gen.generate(prompt, SamplingParams(max_tokens=64, ignore_eos=True))
     assert result.token_ids == hf_reference[1]
     assert result.finish_reason == "length"

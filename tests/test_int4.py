@@ -55,7 +55,9 @@ def test_int4_default_model_keeps_greedy_output(default_model) -> None:
 
     q4 = load_model(None, CACHE_DIR, quantize="int4")
     assert all(isinstance(layer.qkv, Int4Linear) for layer in q4.model.layers)
-    ids = default_model.tokenizer("The lighthouse keeper rose before dawn and climbed the stairs. " * 8)["input_ids"]
+    ids = default_model.tokenizer("The lighthouse keeper rose before dawn and climbed the stairs. " * 8)[
+        "input_ids"
+    ]
     logits = {}
     for name, lm in (("fp32", default_model), ("int4", q4)):
         pool = lm.model.new_page_pool(1024, 16)

@@ -26,7 +26,10 @@ CONFIGS = {
             }
         },
     ),
-    "linear-rope": ("llama", {"rope_parameters": {"rope_type": "linear", "rope_theta": 500.0, "factor": 2.0}}),
+    "linear-rope": (
+        "llama",
+        {"rope_parameters": {"rope_type": "linear", "rope_theta": 500.0, "factor": 2.0}},
+    ),
     "mistral": ("mistral", {"sliding_window": None, "head_dim": 24}),
     "qwen2": ("qwen2", {"use_sliding_window": False}),
 }

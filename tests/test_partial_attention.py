@@ -11,7 +11,11 @@ from infinikv.attention.partial import flash_partial, merge_partials, reference_
 
 def qkv(n: int, T: int, Hq: int, Hkv: int, d: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, Hq, d, generator=g), torch.randn(T, Hkv, d, generator=g), torch.randn(T, Hkv, d, generator=g))
+    return (
+        torch.randn(n, Hq, d, generator=g),
+        torch.randn(T, Hkv, d, generator=g),
+        torch.randn(T, Hkv, d, generator=g),
+    )
 
 
 def softmax_attention(q, k, v, visible=None):
@@ -28,7 +32,7 @@ def softmax_attention(q, k, v, visible=None):
 def test_merge_of_splits_equals_one_softmax(n, T, Hq, Hkv, d) -> None:
     q, k, v = qkv(n, T, Hq, Hkv, d)
     cuts = [0, 7, T // 2, T]
-    parts = [reference_partial(q, k[a:b], v[a:b]) for a, b in zip(cuts, cuts[1:])]
+    parts = [reference_partial(q, k[a:b], v[a:b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
     out, _ = merge_partials(parts)
     torch.testing.assert_close(out, softmax_attention(q, k, v), atol=1e-5, rtol=1e-5)
 
@@ -59,7 +63,9 @@ def test_attend_equals_causal_softmax(n) -> None:
     q, k, v = qkv(n, T, 9, 3, 64, seed=2)
     positions = torch.arange(T - n, T)
     visible = torch.arange(T)[None, :] <= positions[:, None]
-    torch.testing.assert_close(attend(q, k, v, positions), softmax_attention(q, k, v, visible), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        attend(q, k, v, positions), softmax_attention(q, k, v, visible), atol=2e-5, rtol=1e-4
+    )
 
 
 def test_attend_refuses_queries_that_are_not_the_last_tokens() -> None:

@@ -38,7 +38,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_positions: torch
     n, Hq, d = q.shape
     T, Hkv = k.shape[0], k.shape[1]
     if int(q_positions[0]) != T - n:
-        raise ValueError(f"queries must be the last {n} of {T} tokens, got first position {int(q_positions[0])}")
+        raise ValueError(
+            f"queries must be the last {n} of {T} tokens, got first position {int(q_positions[0])}"
+        )
     g = Hq // Hkv
     if n * g > SMALL_QUERY_ROWS:
         # The chunk sees the whole prefix (no mask) and itself causally: two fused calls,

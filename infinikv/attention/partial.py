@@ -22,7 +22,7 @@ def reference_partial(
     """Plain PyTorch; `visible` (n, T) bool masks keys out. A query row with no visible key
     gets lse = -inf and a zero output, so it drops out of a merge."""
     n, Hq, d = q.shape
-    T, Hkv = k.shape[0], k.shape[1]
+    Hkv = k.shape[1]
     g = Hq // Hkv
     qg = q.float().view(n, Hkv, g, d)
     scores = torch.einsum("nhgd,thd->hgnt", qg, k.float()) * d**-0.5  # (Hkv, g, n, T)
@@ -67,5 +67,5 @@ def merge_partials(parts: list[Partial]) -> Partial:
     lses = torch.stack([lse for _, lse in parts])  # (P, n, Hq)
     lse = lses.logsumexp(dim=0)  # (n, Hq)
     weights = torch.exp(lses - lse).nan_to_num(0.0)  # (P, n, Hq); parts with no keys -> 0
-    out = sum(w[..., None] * o.float() for w, (o, _) in zip(weights, parts))  # (n, Hq, d)
+    out = sum(w[..., None] * o.float() for w, (o, _) in zip(weights, parts, strict=True))  # (n, Hq, d)
     return out.to(parts[0][0].dtype), lse

@@ -8,6 +8,7 @@ all N rows at once, attention runs per sequence over its own pages.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -67,9 +68,7 @@ class LlamaModel(nn.Module):
         self.embed = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = nn.Parameter(torch.empty(cfg.hidden_size))
-        self.lm_head = (
-            None if cfg.tie_word_embeddings else DenseLinear(cfg.vocab_size, cfg.hidden_size)
-        )
+        self.lm_head = None if cfg.tie_word_embeddings else DenseLinear(cfg.vocab_size, cfg.hidden_size)
         self.rope = RotaryEmbedding(cfg.rope, cfg.head_dim, device=device)
         self.attention = attention
 
@@ -103,7 +102,8 @@ class LlamaModel(nn.Module):
         D, eps = cfg.hidden_size, cfg.rms_norm_eps
         x = F.embedding(batch.tokens, self.embed)  # (N, D)
         phases = self.rope.at(batch.positions)  # (N, d/2), shared by all layers
-        for i, layer in enumerate(self.layers):
+        for i, module in enumerate(self.layers):
+            layer = cast(DecoderLayer, module)
             h = F.rms_norm(x, (D,), layer.input_norm, eps)  # (N, D)
             qkv = layer.qkv(h)  # (N, (Hq + 2Hkv) d)
             q, k, v = qkv.split([Hq * d, Hkv * d, Hkv * d], dim=-1)

@@ -19,7 +19,13 @@ def build_generator(settings: Settings) -> Generator:
     loaded = load_model(
         settings.model, settings.cache_dir, settings.torch_dtype, settings.device, settings.quantize
     )
-    log.info("loaded %s (%s, quantize=%s) from %s", loaded.config.model_type, settings.dtype, settings.quantize, loaded.path)
+    log.info(
+        "loaded %s (%s, quantize=%s) from %s",
+        loaded.config.model_type,
+        settings.dtype,
+        settings.quantize,
+        loaded.path,
+    )
     return Generator(
         loaded,
         max_seq_len=settings.max_seq_len,
