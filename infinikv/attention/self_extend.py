@@ -1,0 +1,95 @@
+"""Self-Extend and memory attention for one sequence, in plain PyTorch (the reference).
+
+A query at absolute position i sees four regions (DESIGN.md):
+
+* neighbor: resident keys j with 0 <= i - j < W, at their exact positions (plain RoPE);
+* grouped:  resident keys j with i - j >= W, Self-Extend positions: the query at
+  i // G + W - W // G, the key at j // G (LongLM's formula);
+* memory:   evicted keys retrieved by kNN, all at one relative distance D;
+  score = (R(i) q).(R(i - D) k) = (R(D) q).k, so the memory is searched with R(D) q
+  against un-rotated keys and the top-k by inner product are the top-k by true logit.
+
+Each region is a partial attention (output, log-sum-exp), merged by the LSE rule.
+Shapes: q (n, Hq, d) before RoPE with positions q_pos (n,); resident k, v (T, Hkv, d),
+keys before RoPE, at absolute positions k_pos (T,) long.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from infinikv.attention.partial import Partial, merge_partials, reference_partial
+from infinikv.model.rope import RotaryEmbedding, rotate
+
+
+@dataclass(frozen=True)
+class SelfExtend:
+    window: int  # W: neighbor window, exact positions
+    group: int  # G: group size for older resident keys
+
+    def __post_init__(self) -> None:
+        if self.window < 1 or self.group < 1:
+            raise ValueError(f"Self-Extend needs window >= 1 and group >= 1, got {self}")
+
+    def grouped_query_positions(self, q_pos: torch.Tensor) -> torch.Tensor:
+        return q_pos // self.group + self.window - self.window // self.group
+
+    def grouped_key_positions(self, k_pos: torch.Tensor) -> torch.Tensor:
+        return k_pos // self.group
+
+
+def resident_partials(
+    q: torch.Tensor,
+    q_pos: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_pos: torch.Tensor,
+    rope: RotaryEmbedding,
+    se: SelfExtend,
+) -> list[Partial]:
+    """The neighbor and grouped partial attentions over the resident keys."""
+    rel = q_pos[:, None] - k_pos[None, :]  # (n, T)
+    near = (rel >= 0) & (rel < se.window)
+    far = rel >= se.window
+    parts = [reference_partial(rotate(q, rope.at(q_pos)), rotate(k, rope.at(k_pos)), v, near)]
+    if bool(far.any()):
+        qg = rotate(q, rope.at(se.grouped_query_positions(q_pos)))  # (n, Hq, d)
+        kg = rotate(k, rope.at(se.grouped_key_positions(k_pos)))  # (T, Hkv, d)
+        parts.append(reference_partial(qg, kg, v, far))
+    return parts
+
+
+def memory_partial(
+    q: torch.Tensor, k_mem: torch.Tensor, v_mem: torch.Tensor, rope: RotaryEmbedding, distance: int
+) -> Partial:
+    """Attention of each query head to its own retrieved memory entries.
+
+    q: (n, Hq, d) before RoPE; k_mem, v_mem: (n, Hq, K, d), keys before RoPE, K entries
+    per query head (what the kNN search returned for it). All keys sit at distance D.
+    """
+    n, Hq, d = q.shape
+    qd = rotate(q, rope.at(torch.full((n,), distance, device=q.device)))  # (n, Hq, d)
+    scores = torch.einsum("nhd,nhkd->nhk", qd.float(), k_mem.float()) * d**-0.5  # (n, Hq, K)
+    lse = scores.logsumexp(dim=-1)  # (n, Hq)
+    out = torch.einsum("nhk,nhkd->nhd", torch.exp(scores - lse[..., None]), v_mem.float())
+    return out.to(q.dtype), lse
+
+
+def long_context_attention(
+    q: torch.Tensor,
+    q_pos: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_pos: torch.Tensor,
+    rope: RotaryEmbedding,
+    se: SelfExtend,
+    memory: tuple[torch.Tensor, torch.Tensor] | None = None,
+    distance: int = 0,
+) -> Partial:
+    """All regions merged: resident (neighbor + grouped) and, if given, retrieved memory."""
+    parts = resident_partials(q, q_pos, k, v, k_pos, rope, se)
+    if memory is not None and memory[0].shape[2] > 0:
+        parts.append(memory_partial(q, memory[0], memory[1], rope, distance))
+    return merge_partials(parts)

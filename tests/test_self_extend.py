@@ -1,0 +1,103 @@
+"""Self-Extend + memory attention identities on random tiny shapes (plain-torch oracles)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from infinikv.attention.paged_torch import attend
+from infinikv.attention.self_extend import SelfExtend, long_context_attention
+from infinikv.model.config import ModelConfig
+from infinikv.model.rope import RotaryEmbedding, rotate
+
+D_HEAD = 16
+
+
+@pytest.fixture(scope="module")
+def rope() -> RotaryEmbedding:
+    cfg = ModelConfig.from_hf(LlamaConfig(hidden_size=64, num_attention_heads=4))
+    return RotaryEmbedding(cfg.rope, D_HEAD)
+
+
+def rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def longlm_oracle(q, q_pos, k, v, k_pos, rope, W, G):
+    """LongLM's formula, written directly: two full score matrices, a mask picks per (i, j)
+    the neighbor score (i - j < W) or the grouped one, then one causal softmax."""
+    g = q.shape[1] // k.shape[1]
+    kr = lambda x, p: rotate(x, rope.at(p)).repeat_interleave(g, 1)  # noqa: E731
+    neighbor = torch.einsum("nhd,thd->hnt", rotate(q, rope.at(q_pos)), kr(k, k_pos))
+    gq = rotate(q, rope.at(q_pos // G + W - W // G))
+    grouped = torch.einsum("nhd,thd->hnt", gq, kr(k, k_pos // G))
+    rel = q_pos[:, None] - k_pos[None, :]
+    scores = torch.where(rel < W, neighbor, grouped) / q.shape[-1] ** 0.5
+    scores = scores.masked_fill(rel < 0, float("-inf"))
+    return torch.einsum("hnt,thd->nhd", scores.softmax(-1), v.repeat_interleave(g, 1))
+
+
+@pytest.mark.parametrize("T,n,Hq,Hkv,W,G", [(63, 63, 4, 2, 16, 4), (50, 1, 6, 3, 7, 3), (41, 9, 4, 1, 40, 2)])
+def test_self_extend_equals_longlm_formula(rope, T, n, Hq, Hkv, W, G) -> None:
+    q, k, v = rand(n, Hq, D_HEAD, seed=1), rand(T, Hkv, D_HEAD, seed=2), rand(T, Hkv, D_HEAD, seed=3)
+    q_pos, k_pos = torch.arange(T - n, T), torch.arange(T)
+    out, _ = long_context_attention(q, q_pos, k, v, k_pos, rope, SelfExtend(W, G))
+    torch.testing.assert_close(out, longlm_oracle(q, q_pos, k, v, k_pos, rope, W, G), atol=1e-5, rtol=1e-4)
+
+
+def test_group_one_without_memory_is_plain_causal_attention(rope) -> None:
+    T, n = 37, 5
+    q, k, v = rand(n, 4, D_HEAD, seed=4), rand(T, 2, D_HEAD, seed=5), rand(T, 2, D_HEAD, seed=6)
+    q_pos = torch.arange(T - n, T)
+    out, _ = long_context_attention(q, q_pos, k, v, torch.arange(T), rope, SelfExtend(window=8, group=1))
+    plain = attend(rotate(q, rope.at(q_pos)), rotate(k, rope.phases(T)), v, q_pos)
+    torch.testing.assert_close(out, plain, atol=1e-5, rtol=1e-4)
+
+
+def test_chunked_prefill_equals_token_by_token(rope) -> None:
+    T, W, G = 40, 6, 3
+    q, k, v = rand(T, 4, D_HEAD, seed=7), rand(T, 2, D_HEAD, seed=8), rand(T, 2, D_HEAD, seed=9)
+    pos = torch.arange(T)
+    se = SelfExtend(W, G)
+    chunk, _ = long_context_attention(q[25:], pos[25:], k, v, pos, rope, se)
+    steps = [
+        long_context_attention(q[i : i + 1], pos[i : i + 1], k[: i + 1], v[: i + 1], pos[: i + 1], rope, se)[
+            0
+        ]
+        for i in range(25, T)
+    ]
+    torch.testing.assert_close(chunk, torch.cat(steps), atol=1e-5, rtol=1e-4)
+
+
+def test_memory_covering_everything_equals_one_softmax(rope) -> None:
+    """Resident keys with sinks and a gap (evicted blocks) plus all evicted keys retrieved
+    at distance D == one softmax over every token at its assigned position."""
+    Hq, Hkv, n, D, W, G = 4, 2, 3, 50, 8, 2
+    g = Hq // Hkv
+    k_pos = torch.cat([torch.arange(0, 4), torch.arange(30, 60)])  # sinks + recent window
+    evicted = torch.arange(4, 30)
+    q_pos = torch.arange(57, 60)
+    k_all, v_all = rand(60, Hkv, D_HEAD, seed=10), rand(60, Hkv, D_HEAD, seed=11)
+    q = rand(n, Hq, D_HEAD, seed=12)
+    se = SelfExtend(W, G)
+    # every query head retrieves every evicted entry of its kv-head
+    mem_k = k_all[evicted].repeat_interleave(g, 1).permute(1, 0, 2)[None].expand(n, -1, -1, -1)
+    mem_v = v_all[evicted].repeat_interleave(g, 1).permute(1, 0, 2)[None].expand(n, -1, -1, -1)
+    out, _ = long_context_attention(
+        q, q_pos, k_all[k_pos], v_all[k_pos], k_pos, rope, se, memory=(mem_k, mem_v), distance=D
+    )
+    # Oracle: one score matrix over all 60 tokens, each at its assigned position.
+    rel = q_pos[:, None] - torch.arange(60)[None, :]
+    kr = lambda p: rotate(k_all, rope.at(p)).repeat_interleave(g, 1)  # noqa: E731
+    exact = torch.einsum("nhd,thd->hnt", rotate(q, rope.at(q_pos)), kr(torch.arange(60)))
+    grouped = torch.einsum(
+        "nhd,thd->hnt", rotate(q, rope.at(se.grouped_query_positions(q_pos))), kr(torch.arange(60) // G)
+    )
+    mem = torch.einsum("nhd,thd->hnt", rotate(q, rope.at(torch.full((n,), D))), k_all.repeat_interleave(g, 1))
+    is_mem = torch.zeros(60, dtype=torch.bool)
+    is_mem[evicted] = True
+    scores = torch.where(is_mem, mem, torch.where(rel < W, exact, grouped)) / D_HEAD**0.5
+    scores = scores.masked_fill(rel < 0, float("-inf"))
+    want = torch.einsum("hnt,thd->nhd", scores.softmax(-1), v_all.repeat_interleave(g, 1))
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-4)
