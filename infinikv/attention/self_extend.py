@@ -44,16 +44,18 @@ def resident_partials(
     q: torch.Tensor,
     q_pos: torch.Tensor,
     k: torch.Tensor,
+    k_rope: torch.Tensor,
     v: torch.Tensor,
     k_pos: torch.Tensor,
     rope: RotaryEmbedding,
     se: SelfExtend,
 ) -> list[Partial]:
-    """The neighbor and grouped partial attentions over the resident keys."""
+    """The neighbor and grouped partial attentions over the resident keys; k_rope (T, Hkv, d)
+    are the same keys rotated at their own positions k_pos (the pool keeps them)."""
     rel = q_pos[:, None] - k_pos[None, :]  # (n, T)
     near = (rel >= 0) & (rel < se.window)
     far = rel >= se.window
-    parts = [reference_partial(rotate(q, rope.at(q_pos)), rotate(k, rope.at(k_pos)), v, near)]
+    parts = [reference_partial(rotate(q, rope.at(q_pos)), k_rope, v, near)]
     if bool(far.any()):
         qg = rotate(q, rope.at(se.grouped_query_positions(q_pos)))  # (n, Hq, d)
         kg = rotate(k, rope.at(se.grouped_key_positions(k_pos)))  # (T, Hkv, d)
@@ -61,20 +63,28 @@ def resident_partials(
     return parts
 
 
+def at_memory_distance(q: torch.Tensor, rope: RotaryEmbedding, distance: int) -> torch.Tensor:
+    """R(D) q: (n, Hq, d) before RoPE -> the vector to search un-rotated memory keys with."""
+    return rotate(q, rope.at(torch.full((q.shape[0],), distance, device=q.device)))
+
+
 def memory_partial(
-    q: torch.Tensor, k_mem: torch.Tensor, v_mem: torch.Tensor, rope: RotaryEmbedding, distance: int
+    qd: torch.Tensor, k_mem: torch.Tensor, v_mem: torch.Tensor, valid: torch.Tensor | None = None
 ) -> Partial:
     """Attention of each query head to its own retrieved memory entries.
 
-    q: (n, Hq, d) before RoPE; k_mem, v_mem: (n, Hq, K, d), keys before RoPE, K entries
-    per query head (what the kNN search returned for it). All keys sit at distance D.
+    qd: (n, Hq, d), queries rotated by the memory distance (`at_memory_distance`);
+    k_mem, v_mem: (n, Hq, K, d), keys before RoPE, K entries per query head (what the kNN
+    search returned for it); valid: (n, Hq, K) bool, False for empty result slots.
     """
-    n, Hq, d = q.shape
-    qd = rotate(q, rope.at(torch.full((n,), distance, device=q.device)))  # (n, Hq, d)
+    d = qd.shape[-1]
     scores = torch.einsum("nhd,nhkd->nhk", qd.float(), k_mem.float()) * d**-0.5  # (n, Hq, K)
+    if valid is not None:
+        scores = scores.masked_fill(~valid, float("-inf"))
     lse = scores.logsumexp(dim=-1)  # (n, Hq)
-    out = torch.einsum("nhk,nhkd->nhd", torch.exp(scores - lse[..., None]), v_mem.float())
-    return out.to(q.dtype), lse
+    probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)
+    out = torch.einsum("nhk,nhkd->nhd", probs, v_mem.float())
+    return out.to(qd.dtype), lse
 
 
 def long_context_attention(
@@ -88,8 +98,9 @@ def long_context_attention(
     memory: tuple[torch.Tensor, torch.Tensor] | None = None,
     distance: int = 0,
 ) -> Partial:
-    """All regions merged: resident (neighbor + grouped) and, if given, retrieved memory."""
-    parts = resident_partials(q, q_pos, k, v, k_pos, rope, se)
+    """All regions merged: resident (neighbor + grouped) and, if given, retrieved memory.
+    The reference for the paged path: keys are rotated here, at read time."""
+    parts = resident_partials(q, q_pos, k, rotate(k, rope.at(k_pos)), v, k_pos, rope, se)
     if memory is not None and memory[0].shape[2] > 0:
-        parts.append(memory_partial(q, memory[0], memory[1], rope, distance))
+        parts.append(memory_partial(at_memory_distance(q, rope, distance), memory[0], memory[1]))
     return merge_partials(parts)

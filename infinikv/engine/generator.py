@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from infinikv.engine.detokenize import TextStream
+from infinikv.engine.long_context import LongContextConfig
 from infinikv.engine.sampling import Sampler, SamplingParams
 from infinikv.engine.sequence import ProgressFn, Sequence, feed
 from infinikv.errors import InfinikvError
@@ -42,15 +44,28 @@ class Generator:
         page_size: int = 16,
         chunk_size: int = 512,
         fill_value: float | None = None,
+        long_context: LongContextConfig | None = None,
     ):
+        """max_seq_len bounds a sequence's length; with `long_context` there is no bound and
+        the pool holds the resident window plus one prefill chunk."""
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.chunk_size = chunk_size
-        self.pool = self.model.new_page_pool(max_seq_len, page_size, fill_value)
+        self.long_context = long_context
+        pool_tokens = max_seq_len
+        if long_context is not None:
+            long_context.validate(loaded.config.max_position_embeddings, page_size)
+            pool_tokens = long_context.resident + chunk_size + 2 * page_size
+        self.pool = self.model.new_page_pool(pool_tokens, page_size, fill_value)
         self._lock = threading.Lock()
+
+    @property
+    def capacity(self) -> int | float:
+        """Longest sequence (prompt + generated tokens) this generator can hold."""
+        return math.inf if self.long_context is not None else self.pool.capacity_tokens
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
@@ -67,14 +82,14 @@ class Generator:
         """Yield one event per generated token, then a closing event with the finish reason."""
         if not prompt:
             raise InfinikvError("empty prompt")
-        capacity = self.pool.capacity_tokens
+        capacity = self.capacity
         if len(prompt) >= capacity:
             raise InfinikvError(
                 f"prompt of {len(prompt)} tokens does not fit the context capacity of "
                 f"{capacity} tokens (raise max_seq_len)"
             )
         with self._lock:
-            seq = Sequence(self.pool)
+            seq = Sequence(self.pool, self.long_context, self.loaded.config)
             try:
                 yield from self._run(seq, prompt, params, progress)
             finally:
@@ -86,7 +101,7 @@ class Generator:
         sampler = Sampler(params)
         text = TextStream(self.tokenizer, params.stop)
         eos = frozenset() if params.ignore_eos else self.loaded.eos_token_ids
-        budget = min(params.max_tokens, self.pool.capacity_tokens - len(prompt))
+        budget = min(params.max_tokens, self.capacity - len(prompt))
         logits = feed(self.model, self.pool, seq, prompt, self.chunk_size, progress=progress)
         for step in range(budget):
             token = int(sampler(logits)[0])

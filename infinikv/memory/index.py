@@ -45,11 +45,13 @@ def split_id(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _new_index(kind: str, dim: int) -> faiss.Index:
+    base: faiss.Index
     if kind == "flat":
         base = faiss.IndexFlatIP(dim)
     elif kind == "hnsw":
-        base = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
-        base.hnsw.efSearch = HNSW_EF_SEARCH
+        hnsw = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+        hnsw.hnsw.efSearch = HNSW_EF_SEARCH
+        base = hnsw
     else:
         raise ValueError(f"unknown index kind {kind!r}; choose one of {', '.join(INDEX_KINDS)}")
     return faiss.IndexIDMap2(base)

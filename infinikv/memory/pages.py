@@ -112,15 +112,18 @@ class PageList:
 
     ids: torch.Tensor  # (n_pages,) long, on the pool's device
     first: int | None  # when not None, ids == first, first + 1, ... (one contiguous run)
+    positions: torch.Tensor  # (n_pages * B,) long: the absolute position of every slot
 
     @classmethod
-    def of(cls, pages: list[int], device: torch.device) -> PageList:
+    def of(cls, pages: list[int], blocks: list[int], page_size: int, device: torch.device) -> PageList:
         run = bool(pages) and pages[-1] - pages[0] == len(pages) - 1 and pages == sorted(pages)
         ids = torch.tensor(pages, dtype=torch.long, device=device)
-        return cls(ids, pages[0] if run else None)
+        starts = torch.tensor(blocks, dtype=torch.long, device=device) * page_size  # (n_pages,)
+        positions = (starts[:, None] + torch.arange(page_size, device=device)).flatten()
+        return cls(ids, pages[0] if run else None, positions)
 
     def gather(self, cache: torch.Tensor, length: int) -> torch.Tensor:
-        """The first `length` tokens: cache (P, B, H, d) -> (length, H, d).
+        """The first `length` resident tokens: cache (P, B, H, d) -> (length, H, d).
 
         A contiguous run is a view of the pool (no copy); otherwise the pages are gathered.
         """
@@ -132,42 +135,81 @@ class PageList:
 
 
 class BlockTable:
-    """One sequence's pages, in token order, and how many tokens are written."""
+    """One sequence's resident pages and the block (position // B) each one holds.
+
+    Blocks are evicted oldest first, after the protected sink blocks, so the resident
+    blocks are the sinks followed by one run of the most recent blocks.
+    """
 
     def __init__(self, pool: PagePool):
         self.pool = pool
         self.pages: list[int] = []
-        self.length = 0
+        self.blocks: list[int] = []
+        self.length = 0  # tokens written, evicted ones included
+        self.evicted_blocks = 0
+        self.evicted_until = 0  # tokens before this position may be evicted: never truncated
         self._page_list: PageList | None = None
+
+    @property
+    def resident(self) -> int:
+        """Tokens in the pages (all but the evicted ones)."""
+        return self.length - self.evicted_blocks * self.pool.page_size
 
     def reserve(self, n: int) -> torch.Tensor:
         """Make room for n new tokens; return their cache slots (n,) = page * B + offset."""
         B = self.pool.page_size
-        need = math.ceil((self.length + n) / B) - len(self.pages)
-        if need > 0:
-            self.pages += self.pool.allocate(need)
+        last_block = math.ceil((self.length + n) / B) - 1
+        have = self.blocks[-1] if self.blocks else -1
+        if last_block > have:
+            self.pages += self.pool.allocate(last_block - have)
+            self.blocks += range(have + 1, last_block + 1)
             self._page_list = None
         positions = torch.arange(self.length, self.length + n)
-        pages = torch.tensor(self.pages, dtype=torch.long)[positions // B]
+        # New tokens fall in the trailing blocks, which sit at the end of the page list.
+        back = last_block - positions // B  # (n,) blocks from the end
+        pages = torch.tensor(self.pages, dtype=torch.long)[len(self.pages) - 1 - back]
         self.length += n
         return (pages * B + positions % B).to(self.pool.k.device)
 
     def truncate(self, length: int) -> None:
         """Forget tokens from `length` on (e.g. rejected draft tokens); free unused pages."""
-        if not 0 <= length <= self.length:
+        if not self.evicted_until <= length <= self.length:
             raise ValueError(f"cannot truncate a sequence of {self.length} tokens to {length}")
-        keep = math.ceil(length / self.pool.page_size)
-        if keep < len(self.pages):
-            self.pool.free(self.pages[keep:])
-            del self.pages[keep:]
+        keep_blocks = math.ceil(length / self.pool.page_size)
+        cut = next((i for i, b in enumerate(self.blocks) if b >= keep_blocks), len(self.blocks))
+        if cut < len(self.pages):
+            self.pool.free(self.pages[cut:])
+            del self.pages[cut:], self.blocks[cut:]
             self._page_list = None
         self.length = length
 
+    def evict_oldest(self, count: int, protected: int) -> list[tuple[int, int]]:
+        """Take the `count` oldest blocks after the first `protected` (sinks) out of the table.
+
+        Returns their (block, page) pairs; the caller copies the data out, then frees the pages.
+        """
+        victims = list(
+            zip(
+                self.blocks[protected : protected + count],
+                self.pages[protected : protected + count],
+                strict=True,
+            )
+        )
+        del self.blocks[protected : protected + count], self.pages[protected : protected + count]
+        self.evicted_blocks += len(victims)
+        if victims:
+            self.evicted_until = (victims[-1][0] + 1) * self.pool.page_size
+        self._page_list = None
+        return victims
+
     def release(self) -> None:
-        self.truncate(0)
+        self.pool.free(self.pages)
+        self.pages, self.blocks = [], []
+        self.length = self.evicted_blocks = self.evicted_until = 0
+        self._page_list = None
 
     def page_list(self) -> PageList:
         """The pages as attention reads them (cached until the pages change)."""
         if self._page_list is None:
-            self._page_list = PageList.of(self.pages, self.pool.k.device)
+            self._page_list = PageList.of(self.pages, self.blocks, self.pool.page_size, self.pool.k.device)
         return self._page_list

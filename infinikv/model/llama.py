@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from infinikv.attention.backend import AttentionBackend
+from infinikv.attention.long_context import LongContextState, paged_long_context_attention
 from infinikv.attention.paged_torch import paged_causal_attention
-from infinikv.memory.pages import PageList, PagePool
+from infinikv.memory.pages import LayerKV, PageList, PagePool
 from infinikv.model.config import ModelConfig
 from infinikv.model.linear import DenseLinear
 from infinikv.model.rope import RotaryEmbedding, rotate
@@ -29,7 +30,8 @@ class SequenceSlice:
     start: int
     length: int
     pages: PageList  # the sequence's block table
-    kv_len: int  # tokens in the cache once this batch's keys are written
+    kv_len: int  # resident tokens in the cache once this batch's keys are written
+    long_context: LongContextState | None = None  # Self-Extend + memory; None: plain causal
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,16 @@ class LlamaModel(nn.Module):
             fill_value=fill_value,
         )
 
+    def _attend(
+        self, layer: int, q: torch.Tensor, positions: torch.Tensor, kv: LayerKV, s: SequenceSlice
+    ) -> torch.Tensor:
+        rows = slice(s.start, s.start + s.length)
+        if s.long_context is None:
+            return self.attention(q[rows], positions[rows], kv, s.pages, s.kv_len, self.rope)
+        return paged_long_context_attention(
+            q[rows], positions[rows], kv, s.pages, s.kv_len, layer, self.rope, s.long_context
+        )
+
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, pool: PagePool) -> torch.Tensor:
         """Write the batch's keys/values into `pool` and return float32 logits (S, V)."""
@@ -111,17 +123,7 @@ class LlamaModel(nn.Module):
             pool.write(i, batch.slots, k, rotate(k, phases), v.view(N, Hkv, d))
             kv = pool.layer(i)
             q = q.view(N, Hq, d)
-            outs = [
-                self.attention(
-                    q[s.start : s.start + s.length],
-                    batch.positions[s.start : s.start + s.length],
-                    kv,
-                    s.pages,
-                    s.kv_len,
-                    self.rope,
-                )
-                for s in batch.seqs
-            ]  # each (n_s, Hq, d)
+            outs = [self._attend(i, q, batch.positions, kv, s) for s in batch.seqs]  # each (n_s, Hq, d)
             attn = outs[0] if len(outs) == 1 else torch.cat(outs)  # (N, Hq, d)
             x = x + layer.o(attn.reshape(N, Hq * d))  # (N, D)
             h = F.rms_norm(x, (D,), layer.post_norm, eps)

@@ -1,0 +1,95 @@
+"""Long-context settings for a sequence: validated, with defaults derived from the model's
+trained length (Self-Extend's rules from the LongLM README)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, replace
+
+from infinikv.attention.long_context import LongContextState
+from infinikv.attention.self_extend import SelfExtend
+from infinikv.memory.evicted import EvictedMemory
+from infinikv.memory.index import INDEX_KINDS
+from infinikv.model.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LongContextConfig:
+    resident: int  # R: tokens kept in pages, sinks included; older blocks are evicted
+    sinks: int  # S: first tokens, never evicted (a multiple of the page size)
+    window: int  # W: neighbor window at exact positions
+    group: int  # G: Self-Extend group size for older resident tokens
+    top_k: int  # memory entries retrieved per query head and layer
+    distance: int  # D: the relative position every memory entry is read at
+    memory: bool = True  # False: evicted blocks are dropped (sliding window)
+    index: str = "flat"
+
+    @classmethod
+    def derive(
+        cls, trained_len: int, page_size: int, **overrides: int | bool | str | None
+    ) -> LongContextConfig:
+        """Defaults for a model trained to `trained_len` tokens; None overrides are ignored."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        resident = int(given.get("resident", trained_len // 4))  # 2048 for an 8k model
+        window = int(given.get("window", max(page_size, resident // 4)))
+        group = int(given.get("group", 4))  # LongLM: 2..64 work; small groups keep precision
+        # 64 sink tokens keep the BOS and a short system prompt exact, rounded to whole pages.
+        sinks = int(given.get("sinks", page_size * math.ceil(64 / page_size)))
+        base = cls(
+            resident=resident,
+            sinks=sinks,
+            window=window,
+            group=group,
+            # 64 entries per head: a few blocks' worth, enough for a passkey-sized fact.
+            top_k=64,
+            # Memory sits just beyond the oldest resident token's Self-Extend distance.
+            distance=window + math.ceil((resident - window) / group),
+        )
+        return replace(base, **given)
+
+    def validate(self, trained_len: int, page_size: int) -> None:
+        """Refuse impossible combinations, naming the rule that failed."""
+        R, S, W, G, L, B = self.resident, self.sinks, self.window, self.group, trained_len, page_size
+        rules = [
+            (S >= 0 and S % B == 0, f"sinks S={S} must be a multiple of the page size B={B}"),
+            (
+                W >= 1 and G >= 1 and self.top_k >= 1,
+                f"window={W}, group={G}, top_k={self.top_k} must be >= 1",
+            ),
+            (
+                R >= S + W + 2 * B,
+                f"resident R={R} must hold sinks, window and two pages: R >= S + W + 2B = {S + W + 2 * B}",
+            ),
+            (
+                (L - W) * G + W >= R,
+                f"Self-Extend cannot cover the resident window: (L - W) * G + W = {(L - W) * G + W} < R={R} "
+                f"(L={L} trained length)",
+            ),
+            (
+                0 < self.distance < L,
+                f"memory distance D={self.distance} must lie inside the trained range (0, {L})",
+            ),
+            (self.index in INDEX_KINDS, f"index {self.index!r} is not one of {', '.join(INDEX_KINDS)}"),
+        ]
+        for ok, message in rules:
+            if not ok:
+                raise ValueError(f"invalid long-context settings: {message}")
+        farthest = W + (R - W) / G
+        if farthest >= 2 * L / 3:
+            log.warning(
+                "Self-Extend uses relative positions up to W + (R - W)/G = %.0f, beyond 2/3 of the "
+                "trained length %d, which LongLM found poorly trained",
+                farthest,
+                L,
+            )
+
+    def new_state(self, model: ModelConfig, page_size: int) -> LongContextState:
+        memory = None
+        if self.memory:
+            memory = EvictedMemory(
+                model.num_layers, model.num_kv_heads, model.head_dim, page_size, self.index
+            )
+        return LongContextState(SelfExtend(self.window, self.group), self.top_k, self.distance, memory)
