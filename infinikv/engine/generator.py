@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -14,6 +14,10 @@ from infinikv.engine.sampling import Sampler, SamplingParams
 from infinikv.engine.sequence import ProgressFn, Sequence, feed
 from infinikv.errors import InfinikvError
 from infinikv.model.loader import LoadedModel
+
+
+# With long-context memory a sequence has no length limit.
+UNBOUNDED = sys.maxsize
 
 
 @dataclass(frozen=True)
@@ -63,9 +67,9 @@ class Generator:
         self._lock = threading.Lock()
 
     @property
-    def capacity(self) -> int | float:
+    def capacity(self) -> int:
         """Longest sequence (prompt + generated tokens) this generator can hold."""
-        return math.inf if self.long_context is not None else self.pool.capacity_tokens
+        return UNBOUNDED if self.long_context is not None else self.pool.capacity_tokens
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])

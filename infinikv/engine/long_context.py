@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, replace
+from typing import Any
 
 from infinikv.attention.long_context import LongContextState
 from infinikv.attention.self_extend import SelfExtend
