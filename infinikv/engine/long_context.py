@@ -33,7 +33,7 @@ class LongContextConfig:
         cls, trained_len: int, page_size: int, **overrides: int | bool | str | None
     ) -> LongContextConfig:
         """Defaults for a model trained to `trained_len` tokens; None overrides are ignored."""
-        given = {k: v for k, v in overrides.items() if v is not None}
+        given: dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}
         resident = int(given.get("resident", trained_len // 4))  # 2048 for an 8k model
         window = int(given.get("window", max(page_size, resident // 4)))
         group = int(given.get("group", 4))  # LongLM: 2..64 work; small groups keep precision
