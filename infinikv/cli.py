@@ -43,6 +43,28 @@ def _build_parser() -> ArgumentParser:
     g.add_argument("--chunk-size", type=_positive_int, help="prefill chunk size in tokens")
     g.add_argument("--max-seq-len", type=_positive_int, help="tokens the KV cache holds")
     g.add_argument("--threads", type=_positive_int, help="torch CPU threads")
+    lc = common.add_argument_group("long context (unset knobs derive from the trained length)")
+    lc.add_argument(
+        "--no-long-context",
+        dest="long_context",
+        action="store_false",
+        default=None,
+        help="plain attention; the KV pool then bounds the sequence (--max-seq-len)",
+    )
+    lc.add_argument("--resident", type=_positive_int, help="tokens kept in the KV pages, sinks included")
+    lc.add_argument("--sinks", type=int, help="first tokens never evicted (multiple of the page size)")
+    lc.add_argument("--window", type=_positive_int, help="Self-Extend neighbor window")
+    lc.add_argument("--group", type=_positive_int, help="Self-Extend group size")
+    lc.add_argument(
+        "--no-memory",
+        dest="memory",
+        action="store_false",
+        default=None,
+        help="drop evicted blocks (sliding window) instead of searching them",
+    )
+    lc.add_argument("--memory-top-k", type=_positive_int, help="memory entries per query head")
+    lc.add_argument("--memory-distance", type=_positive_int, help="relative position memory is read at")
+    lc.add_argument("--index", choices=["flat", "hnsw"], help="FAISS index for the memory")
     s = common.add_argument_group("sampling")
     s.add_argument("--max-tokens", type=_positive_int, default=256)
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -55,7 +77,8 @@ def _build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog=PROG, description="Long-context LLM generation.")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", parents=[common], help="complete one prompt")
-    gen.add_argument("prompt", help="the prompt text")
+    gen.add_argument("prompt", help="the prompt text (the question, with --file)")
+    gen.add_argument("--file", help="a text file read before the prompt (a document, a book)")
     gen.add_argument(
         "--chat-template", action="store_true", help="wrap the prompt as one user turn of the chat template"
     )
@@ -104,10 +127,17 @@ def _stream(generator: Generator, prompt: list[int], params: SamplingParams) -> 
 
 
 def _generate(generator: Generator, args: argparse.Namespace, params: SamplingParams) -> None:
+    text = args.prompt
+    if args.file:
+        try:
+            with open(args.file, encoding="utf-8") as f:
+                text = f.read() + "\n\n" + args.prompt
+        except (OSError, UnicodeDecodeError) as e:
+            raise InfinikvError(f"cannot read --file {args.file}: {e}") from e
     if args.chat_template:
-        prompt = generator.encode_chat([{"role": "user", "content": args.prompt}])
+        prompt = generator.encode_chat([{"role": "user", "content": text}])
     else:
-        prompt = generator.encode(args.prompt)
+        prompt = generator.encode(text)
     _stream(generator, prompt, params)
 
 

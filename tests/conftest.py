@@ -9,7 +9,9 @@ import math
 import pytest
 import torch
 
-from infinikv.model import LlamaModel, LoadedModel, ModelConfig, load_model
+from infinikv.model.config import ModelConfig
+from infinikv.model.llama import LlamaModel
+from infinikv.model.loader import LoadedModel, load_model
 from infinikv.model.weights import build_model
 from infinikv.service.settings import Settings
 

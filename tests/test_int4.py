@@ -49,7 +49,7 @@ def test_int4_refuses_shapes_the_kernel_cannot_pack() -> None:
 
 @pytest.mark.slow
 def test_int4_default_model_keeps_greedy_output(default_model) -> None:
-    from infinikv.model import load_model
+    from infinikv.model.loader import load_model
 
     from .conftest import CACHE_DIR
 

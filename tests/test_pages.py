@@ -9,7 +9,7 @@ from infinikv.engine.sequence import Sequence, feed
 from infinikv.errors import CacheFullError
 from infinikv.memory import BlockTable, PagePool
 from infinikv.memory.pages import NULL_PAGE
-from infinikv.model import ForwardBatch, SequenceSlice
+from infinikv.model.llama import ForwardBatch, SequenceSlice
 
 from .conftest import nan_pool, ours_from_hf, tiny_hf_model
 

@@ -101,3 +101,32 @@ def test_memory_covering_everything_equals_one_softmax(rope) -> None:
     scores = scores.masked_fill(rel < 0, float("-inf"))
     want = torch.einsum("hnt,thd->nhd", scores.softmax(-1), v_all.repeat_interleave(g, 1))
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "n,W,G,evicted",
+    [
+        (1, 8, 3, False),
+        (5, 8, 3, True),
+        (8, 8, 2, True),
+        (3, 40, 4, False),
+        (16, 16, 1, True),
+        (7, 30, 5, True),
+    ],
+)
+def test_banded_paged_regions_equal_the_reference(rope, n, W, G, evicted) -> None:
+    """The fast split into far / band / near runs == the masked reference."""
+    from infinikv.attention.long_context import banded_resident_partials
+    from infinikv.attention.partial import merge_partials
+    from infinikv.attention.self_extend import resident_partials
+
+    k_pos = torch.cat([torch.arange(0, 8), torch.arange(24, 70)]) if evicted else torch.arange(0, 70)
+    T = k_pos.shape[0]
+    q_pos = k_pos[T - n :]
+    q, k, v = rand(n, 6, D_HEAD, seed=20), rand(T, 2, D_HEAD, seed=21), rand(T, 2, D_HEAD, seed=22)
+    k_rope = rotate(k, rope.at(k_pos))
+    se = SelfExtend(W, G)
+    got = merge_partials(banded_resident_partials(q, q_pos, k, k_rope, v, k_pos, rope, se))
+    want = merge_partials(resident_partials(q, q_pos, k, k_rope, v, k_pos, rope, se))
+    torch.testing.assert_close(got[0], want[0], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(got[1], want[1], atol=2e-5, rtol=1e-5)

@@ -7,11 +7,12 @@ from dataclasses import dataclass
 
 import torch
 
-from infinikv.attention.partial import merge_partials
-from infinikv.attention.self_extend import SelfExtend, at_memory_distance, memory_partial, resident_partials
+from infinikv.attention.paged_torch import attend
+from infinikv.attention.partial import Partial, flash_partial, merge_partials, reference_partial
+from infinikv.attention.self_extend import SelfExtend, at_memory_distance, memory_partial
 from infinikv.memory.evicted import EvictedMemory
 from infinikv.memory.pages import LayerKV, PageList
-from infinikv.model.rope import RotaryEmbedding
+from infinikv.model.rope import RotaryEmbedding, rotate
 
 
 @dataclass
@@ -37,9 +38,18 @@ def paged_long_context_attention(
     """q (n, Hq, d) before RoPE at q_positions (n,); `resident` tokens in `pages`.
     Returns (n, Hq, d)."""
     n, Hq, d = q.shape
+    if int(q_positions[-1]) < state.self_extend.window:
+        # The whole sequence is inside the neighbor window (so nothing was evicted either,
+        # as W < R): the regions reduce to plain causal attention, so take the fast path.
+        return attend(
+            rotate(q, rope.at(q_positions)),
+            pages.gather(kv.k_rope, resident),
+            pages.gather(kv.v, resident),
+            q_positions,
+        )
     k_pos = pages.positions[:resident]  # (T,)
     k, k_rope, v = (pages.gather(cache, resident) for cache in (kv.k, kv.k_rope, kv.v))  # (T, Hkv, d)
-    parts = resident_partials(q, q_positions, k, k_rope, v, k_pos, rope, state.self_extend)
+    parts = banded_resident_partials(q, q_positions, k, k_rope, v, k_pos, rope, state.self_extend)
     memory = state.memory
     if memory is not None and memory.tokens:
         Hkv = k.shape[1]
@@ -47,10 +57,55 @@ def paged_long_context_attention(
         qd = at_memory_distance(q, rope, state.distance)  # (n, Hq, d)
         queries = qd.view(n, Hkv, g, d).transpose(0, 1).reshape(Hkv, n * g, d)  # rows (i, j)
         k_mem, v_mem, valid = memory.retrieve(layer, queries, state.top_k)  # (Hkv, n*g, K, ...)
-        K = k_mem.shape[2]
-
-        def per_query_head(x: torch.Tensor) -> torch.Tensor:  # (Hkv, n*g, K, ...) -> (n, Hq, K, ...)
-            return x.view(Hkv, n, g, K, *x.shape[3:]).transpose(0, 1).reshape(n, Hq, K, *x.shape[3:])
-
-        parts.append(memory_partial(qd, per_query_head(k_mem), per_query_head(v_mem), per_query_head(valid)))
+        out, lse = memory_partial(queries, k_mem, v_mem, valid)  # (Hkv, n*g, d), (Hkv, n*g)
+        parts.append(
+            (
+                out.view(Hkv, n, g, d).transpose(0, 1).reshape(n, Hq, d),
+                lse.view(Hkv, n, g).transpose(0, 1).reshape(n, Hq),
+            )
+        )
     return merge_partials(parts)[0]
+
+
+def banded_resident_partials(
+    q: torch.Tensor,
+    q_pos: torch.Tensor,
+    k: torch.Tensor,
+    k_rope: torch.Tensor,
+    v: torch.Tensor,
+    k_pos: torch.Tensor,
+    rope: RotaryEmbedding,
+    se: SelfExtend,
+) -> list[Partial]:
+    """`resident_partials` for a chunk of n <= W queries that are the last n resident tokens,
+    with the keys (sorted by position) cut into three runs so that masks are only needed on
+    a thin band:
+
+    * p <= s - W: far from every query: grouped positions, no mask (fused kernel);
+    * s - W < p <= s + n - 1 - W: near for some queries, far for others (masked, n keys);
+    * p > s + n - 1 - W: near for every query: exact positions, the prefix without a mask,
+      the chunk's own keys causal (fused kernel).
+    """
+    n, W = q.shape[0], se.window
+    if n > W:
+        raise ValueError(f"a chunk of {n} queries exceeds the Self-Extend window W={W}")
+    s = int(q_pos[0])
+    far_end = int(torch.searchsorted(k_pos, s - W, right=True))
+    near_start = int(torch.searchsorted(k_pos, s + n - 1 - W, right=True))
+    own = k.shape[0] - n
+    qn = rotate(q, rope.at(q_pos))  # (n, Hq, d) at exact positions
+    parts = [flash_partial(qn, k_rope[own:], v[own:], causal=True)]
+    if own > near_start:
+        parts.append(flash_partial(qn, k_rope[near_start:own], v[near_start:own], causal=False))
+    if near_start > far_end or far_end:
+        qg = rotate(q, rope.at(se.grouped_query_positions(q_pos)))  # (n, Hq, d)
+    if far_end:
+        kg = rotate(k[:far_end], rope.at(se.grouped_key_positions(k_pos[:far_end])))
+        parts.append(flash_partial(qg, kg, v[:far_end], causal=False))
+    if near_start > far_end:
+        band = slice(far_end, near_start)
+        rel = q_pos[:, None] - k_pos[None, band]  # (n, band)
+        kg = rotate(k[band], rope.at(se.grouped_key_positions(k_pos[band])))
+        parts.append(reference_partial(qn, k_rope[band], v[band], (rel >= 0) & (rel < W)))
+        parts.append(reference_partial(qg, kg, v[band], rel >= W))
+    return parts

@@ -71,19 +71,20 @@ def at_memory_distance(q: torch.Tensor, rope: RotaryEmbedding, distance: int) ->
 def memory_partial(
     qd: torch.Tensor, k_mem: torch.Tensor, v_mem: torch.Tensor, valid: torch.Tensor | None = None
 ) -> Partial:
-    """Attention of each query head to its own retrieved memory entries.
+    """Attention of each query (head) to its own retrieved memory entries.
 
-    qd: (n, Hq, d), queries rotated by the memory distance (`at_memory_distance`);
-    k_mem, v_mem: (n, Hq, K, d), keys before RoPE, K entries per query head (what the kNN
-    search returned for it); valid: (n, Hq, K) bool, False for empty result slots.
+    qd: (..., d), queries rotated by the memory distance (`at_memory_distance`);
+    k_mem, v_mem: (..., K, d), keys before RoPE, the K entries the kNN search returned for
+    that query; valid: (..., K) bool, False for empty result slots. Any leading layout,
+    e.g. (n, Hq) or the search's (Hkv, n * g). Returns out (..., d), lse (...).
     """
     d = qd.shape[-1]
-    scores = torch.einsum("nhd,nhkd->nhk", qd.float(), k_mem.float()) * d**-0.5  # (n, Hq, K)
+    scores = torch.einsum("...d,...kd->...k", qd.float(), k_mem.float()) * d**-0.5  # (..., K)
     if valid is not None:
         scores = scores.masked_fill(~valid, float("-inf"))
     lse = scores.logsumexp(dim=-1)  # (n, Hq)
     probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)
-    out = torch.einsum("nhk,nhkd->nhd", probs, v_mem.float())
+    out = torch.einsum("...k,...kd->...d", probs, v_mem.float())
     return out.to(qd.dtype), lse
 
 

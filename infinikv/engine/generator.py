@@ -15,7 +15,6 @@ from infinikv.engine.sequence import ProgressFn, Sequence, feed
 from infinikv.errors import InfinikvError
 from infinikv.model.loader import LoadedModel
 
-
 # With long-context memory a sequence has no length limit.
 UNBOUNDED = sys.maxsize
 
@@ -57,12 +56,14 @@ class Generator:
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
-        self.chunk_size = chunk_size
         self.long_context = long_context
         pool_tokens = max_seq_len
         if long_context is not None:
             long_context.validate(loaded.config.max_position_embeddings, page_size)
+            # Self-Extend's banded attention takes chunks of at most W queries.
+            chunk_size = min(chunk_size, long_context.window)
             pool_tokens = long_context.resident + chunk_size + 2 * page_size
+        self.chunk_size = chunk_size
         self.pool = self.model.new_page_pool(pool_tokens, page_size, fill_value)
         self._lock = threading.Lock()
 

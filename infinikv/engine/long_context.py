@@ -34,8 +34,10 @@ class LongContextConfig:
     ) -> LongContextConfig:
         """Defaults for a model trained to `trained_len` tokens; None overrides are ignored."""
         given: dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}
-        resident = int(given.get("resident", trained_len // 4))  # 2048 for an 8k model
-        window = int(given.get("window", max(page_size, resident // 4)))
+        # Half the trained length resident (4096 for an 8k model) with a neighbor window of
+        # half of that: prompts up to W tokens get exactly the plain model's attention.
+        resident = int(given.get("resident", trained_len // 2))
+        window = int(given.get("window", max(page_size, resident // 2)))
         group = int(given.get("group", 4))  # LongLM: 2..64 work; small groups keep precision
         # 64 sink tokens keep the BOS and a short system prompt exact, rounded to whole pages.
         sinks = int(given.get("sinks", page_size * math.ceil(64 / page_size)))

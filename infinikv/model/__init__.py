@@ -1,7 +1,3 @@
-"""The Llama-family decoder: config, rotary embedding, forward pass, weight loading."""
-
-from infinikv.model.config import ModelConfig
-from infinikv.model.llama import ForwardBatch, LlamaModel, SequenceSlice
-from infinikv.model.loader import LoadedModel, load_model
-
-__all__ = ["ForwardBatch", "LlamaModel", "LoadedModel", "ModelConfig", "SequenceSlice", "load_model"]
+"""The Llama-family decoder: config, rotary embedding, projections, forward pass, weight
+loading. Import from the submodules (`infinikv.model.llama`, `infinikv.model.loader`, ...);
+this package imports nothing itself, so `attention` can use `model.rope` without a cycle."""

@@ -31,4 +31,5 @@ def build_generator(settings: Settings) -> Generator:
         max_seq_len=settings.max_seq_len,
         page_size=settings.page_size,
         chunk_size=settings.chunk_size,
+        long_context=settings.long_context_config(loaded.config.max_position_embeddings),
     )

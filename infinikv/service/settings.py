@@ -10,6 +10,8 @@ import torch
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from infinikv.engine.long_context import LongContextConfig
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -30,10 +32,38 @@ class Settings(BaseSettings):
     # The model's trained length for the default SmolLM2 (8192); the KV pool holds this many.
     max_seq_len: int = Field(8192, ge=16)
     threads: int | None = Field(None, ge=1)
+    # Long context: Self-Extend over a bounded resident window, older blocks evicted into a
+    # kNN memory. Unset knobs are derived from the model's trained length
+    # (engine/long_context.py); impossible combinations are refused at start.
+    long_context: bool = True
+    resident: int | None = Field(None, ge=1, description="tokens kept in pages, sinks included")
+    sinks: int | None = Field(None, ge=0)
+    window: int | None = Field(None, ge=1, description="Self-Extend neighbor window")
+    group: int | None = Field(None, ge=1, description="Self-Extend group size")
+    memory: bool = True
+    memory_top_k: int | None = Field(None, ge=1)
+    memory_distance: int | None = Field(None, ge=1)
+    index: Literal["flat", "hnsw"] = "flat"
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    def long_context_config(self, trained_len: int) -> LongContextConfig | None:
+        if not self.long_context:
+            return None
+        return LongContextConfig.derive(
+            trained_len,
+            self.page_size,
+            resident=self.resident,
+            sinks=self.sinks,
+            window=self.window,
+            group=self.group,
+            memory=self.memory,
+            top_k=self.memory_top_k,
+            distance=self.memory_distance,
+            index=self.index,
+        )
 
 
 @lru_cache

@@ -1,0 +1,105 @@
+"""Long-context sequences on tiny random models: wiring, eviction invariants, validation."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from infinikv.engine.long_context import LongContextConfig
+from infinikv.engine.sequence import Sequence, feed
+
+from .conftest import nan_pool, ours_from_hf, tiny_hf_model
+
+PAGE = 4
+
+
+@pytest.fixture(scope="module")
+def model():
+    return ours_from_hf(tiny_hf_model("llama", seed=5, max_position_embeddings=256))
+
+
+def tokens(n: int, seed: int = 0) -> list[int]:
+    return torch.randint(0, 160, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def config(**kw) -> LongContextConfig:
+    base = dict(resident=32, sinks=8, window=12, group=2)
+    base.update(kw)
+    cfg = LongContextConfig.derive(256, PAGE, **base)
+    cfg.validate(256, PAGE)
+    return cfg
+
+
+def run(model, cfg: LongContextConfig | None, ids: list[int], chunk: int, pool_tokens: int = 400):
+    pool = nan_pool(model, max_tokens=pool_tokens, page_size=PAGE)
+    seq = Sequence(pool, cfg, model.cfg)
+    logits = feed(model, pool, seq, ids, chunk, all_logits=True)
+    return logits, seq, pool
+
+
+def test_no_eviction_inside_the_window_equals_plain_attention(model) -> None:
+    ids = tokens(30)
+    cfg = config(resident=64, window=40)
+    got, seq, _ = run(model, cfg, ids, chunk=7)
+    want, _, _ = run(model, None, ids, chunk=7)
+    assert seq.table.evicted_blocks == 0
+    torch.testing.assert_close(got, want)
+
+
+def test_group_one_without_eviction_equals_plain_attention_beyond_the_window(model) -> None:
+    ids = tokens(40, seed=1)
+    got, _, _ = run(model, config(resident=64, window=8, group=1), ids, chunk=5)
+    want, _, _ = run(model, None, ids, chunk=5)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("memory", [True, False])
+def test_eviction_keeps_sinks_bounds_residency_and_fills_memory(model, memory) -> None:
+    cfg = config(memory=memory)
+    ids = tokens(150, seed=2)
+    logits, seq, pool = run(model, cfg, ids, chunk=6)
+    table = seq.table
+    assert torch.isfinite(logits).all()  # NaN-filled fresh pages: no stale reads
+    assert table.blocks[:2] == [0, 1]  # sinks (8 tokens = 2 pages) never evicted
+    assert table.resident <= cfg.resident + PAGE
+    assert table.blocks[2:] == list(range(table.blocks[2], table.blocks[-1] + 1))  # one recent run
+    evicted = table.evicted_blocks * PAGE
+    assert evicted == 150 - table.resident > 0
+    if memory:
+        assert seq.long_state.memory.tokens == evicted
+        assert seq.long_state.memory.index.ntotal == evicted
+    else:
+        assert seq.long_state.memory is None
+    with pytest.raises(ValueError, match="cannot truncate"):
+        seq.truncate(table.evicted_until - 1)
+    free_before, held = pool.num_free, len(table.pages)
+    seq.release()
+    assert held > 0 and pool.num_free == free_before + held
+
+
+def test_memory_changes_the_output_once_blocks_are_evicted(model) -> None:
+    ids = tokens(120, seed=3)
+    with_memory, _, _ = run(model, config(), ids, chunk=6)
+    sliding, _, _ = run(model, config(memory=False), ids, chunk=6)
+    torch.testing.assert_close(with_memory[:30], sliding[:30])  # before the first eviction
+    assert (with_memory[-10:] - sliding[-10:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    "overrides,rule",
+    [
+        ({"sinks": 6}, "multiple of the page size"),
+        ({"resident": 20, "window": 12}, "R >= S + W + 2B"),
+        ({"resident": 600, "window": 16, "group": 1}, "Self-Extend cannot cover"),
+        ({"distance": 300}, "inside the trained range"),
+        ({"index": "ivf"}, "is not one of"),
+    ],
+)
+def test_impossible_settings_name_the_rule(overrides, rule) -> None:
+    cfg = LongContextConfig.derive(
+        256, PAGE, **{**dict(resident=32, sinks=8, window=12, group=2), **overrides}
+    )
+    with pytest.raises(ValueError, match=re.escape(rule)):
+        cfg.validate(256, PAGE)
