@@ -1,0 +1,90 @@
+"""Block stores (in-process and a real redis-server) and memory snapshots through them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from infinikv.memory.evicted import EvictedMemory
+from infinikv.memory.index import CorruptSnapshotError
+from infinikv.memory.store import InProcessBlockStore, RedisBlockStore, StoreUnavailableError, open_store
+
+from .redis_server import free_port, redis_server
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    with redis_server(tmp_path_factory.mktemp("redis")) as port:
+        yield f"redis://127.0.0.1:{port}/0"
+
+
+@pytest.fixture(params=["inprocess", "redis"])
+def store(request):
+    if request.param == "inprocess":
+        yield InProcessBlockStore()
+        return
+    made = RedisBlockStore(request.getfixturevalue("redis_url"))
+    made.delete_prefix("")
+    yield made
+    made.close()
+
+
+def test_batched_put_get_and_prefix_delete(store) -> None:
+    items = {f"s1:block:{i}": bytes([i % 256]) * (i + 1) for i in range(600)}  # > one pipeline
+    items["s2:block:0"] = b"\x00\xff binary \x00"
+    store.put_many(items)
+    assert store.get_many(["s1:block:599", "s2:block:0", "missing"]) == [
+        items["s1:block:599"],
+        items["s2:block:0"],
+        None,
+    ]
+    assert store.delete_prefix("s1:") == 600
+    assert store.keys("s1:") == [] and store.keys("s2:") == ["s2:block:0"]
+
+
+def memory_with_blocks(store, prefix: str, nblocks: int = 5) -> EvictedMemory:
+    mem = EvictedMemory(2, 3, 16, 4, store=store, prefix=prefix)
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(2, nblocks, 4, 3, 16, generator=g)
+    v = torch.randn(2, nblocks, 4, 3, 16, generator=g)
+    mem.add_blocks(list(range(2, 2 + nblocks)), k, v)
+    return mem
+
+
+def test_snapshot_round_trip_gives_identical_retrieval(store) -> None:
+    mem = memory_with_blocks(store, "sess:a:")
+    mem.save()
+    back = EvictedMemory.load(store, "sess:a:")
+    q = torch.randn(3, 4, 16, generator=torch.Generator().manual_seed(1))
+    for layer in range(2):
+        got, want = back.retrieve(layer, q, 6), mem.retrieve(layer, q, 6)
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a, b)
+    assert back.tokens == mem.tokens == 20
+
+
+def test_delete_really_deletes_and_leaves_other_sessions(store) -> None:
+    a, b = memory_with_blocks(store, "sess:a:"), memory_with_blocks(store, "sess:b:")
+    a.save()
+    b.save()
+    assert a.delete() == 5 + 2  # blocks, meta, index
+    assert store.keys("sess:a:") == []
+    with pytest.raises(CorruptSnapshotError, match="no memory snapshot"):
+        EvictedMemory.load(store, "sess:a:")
+    assert EvictedMemory.load(store, "sess:b:").tokens == 20
+
+
+@pytest.mark.parametrize("damage", ["index", "meta", "block:3"])
+def test_corrupt_snapshot_is_reported_and_other_sessions_survive(store, damage) -> None:
+    memory_with_blocks(store, "sess:bad:").save()
+    memory_with_blocks(store, "sess:good:").save()
+    store.put_many({f"sess:bad:{damage}": b"\x00garbage"})
+    with pytest.raises(CorruptSnapshotError, match="sess:bad:"):
+        EvictedMemory.load(store, "sess:bad:")
+    assert EvictedMemory.load(store, "sess:good:").tokens == 20
+
+
+def test_unreachable_redis_names_the_url() -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    with pytest.raises(StoreUnavailableError, match=f"cannot reach Redis at {url}"):
+        open_store(url)
