@@ -88,3 +88,20 @@ def test_unreachable_redis_names_the_url() -> None:
     url = f"redis://127.0.0.1:{free_port()}/0"
     with pytest.raises(StoreUnavailableError, match=f"cannot reach Redis at {url}"):
         open_store(url)
+
+
+def test_redis_cluster_three_nodes(tmp_path) -> None:
+    from .redis_server import redis_cluster
+
+    with redis_cluster(tmp_path) as ports:
+        store = RedisBlockStore(f"redis://127.0.0.1:{ports[0]}", cluster=True)
+        mem = memory_with_blocks(store, "sess:c:", nblocks=40)  # keys spread over all nodes' slots
+        mem.save()
+        back = EvictedMemory.load(store, "sess:c:")
+        q = torch.randn(3, 2, 16)
+        assert torch.equal(back.retrieve(1, q, 5)[0], mem.retrieve(1, q, 5)[0])
+        assert sorted(store.keys("sess:c:")) == sorted(
+            [f"sess:c:block:{b}" for b in range(2, 42)] + ["sess:c:meta", "sess:c:index"]
+        )
+        assert mem.delete() == 42 and store.keys("sess:c:") == []
+        store.close()
