@@ -65,6 +65,10 @@ def _build_parser() -> ArgumentParser:
     lc.add_argument("--memory-top-k", type=_positive_int, help="memory entries per query head")
     lc.add_argument("--memory-distance", type=_positive_int, help="relative position memory is read at")
     lc.add_argument("--index", choices=["flat", "hnsw"], help="FAISS index for the memory")
+    lc.add_argument("--redis-url", help="block store for evicted blocks (default: in-process)")
+    lc.add_argument(
+        "--redis-cluster", action="store_true", default=None, help="--redis-url is a Redis Cluster node"
+    )
     s = common.add_argument_group("sampling")
     s.add_argument("--max-tokens", type=_positive_int, default=256)
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -126,14 +130,20 @@ def _stream(generator: Generator, prompt: list[int], params: SamplingParams) -> 
     sys.stdout.write("\n")
 
 
-def _generate(generator: Generator, args: argparse.Namespace, params: SamplingParams) -> None:
-    text = args.prompt
-    if args.file:
-        try:
-            with open(args.file, encoding="utf-8") as f:
-                text = f.read() + "\n\n" + args.prompt
-        except (OSError, UnicodeDecodeError) as e:
-            raise InfinikvError(f"cannot read --file {args.file}: {e}") from e
+def _prompt_text(args: argparse.Namespace) -> str:
+    """The prompt, after the --file's text when one is given (read before the model loads)."""
+    if not args.prompt.strip():
+        raise InfinikvError("empty prompt")
+    if not args.file:
+        return str(args.prompt)
+    try:
+        with open(args.file, encoding="utf-8") as f:
+            return f.read() + "\n\n" + args.prompt
+    except (OSError, UnicodeDecodeError) as e:
+        raise InfinikvError(f"cannot read --file {args.file}: {e}") from e
+
+
+def _generate(generator: Generator, text: str, args: argparse.Namespace, params: SamplingParams) -> None:
     if args.chat_template:
         prompt = generator.encode_chat([{"role": "user", "content": text}])
     else:
@@ -174,15 +184,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
-        if args.command == "generate" and not args.prompt.strip():
-            raise InfinikvError("empty prompt")
+        text = _prompt_text(args) if args.command == "generate" else ""
         params = _sampling(args)
         settings = _settings(args)
         from infinikv.service.runtime import build_generator
 
         generator = build_generator(settings)
         if args.command == "generate":
-            _generate(generator, args, params)
+            _generate(generator, text, args, params)
         else:
             _chat(generator, params)
     except ValidationError as e:

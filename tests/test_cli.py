@@ -29,6 +29,13 @@ def run_cli(argv: list[str]) -> int:
         (["generate", "hi", "--model", "/no/such/model"], 1, "model not found: '/no/such/model'"),
         (["generate", "hi", "--max-seq-len", "8"], 2, "invalid max_seq_len"),
         (["bogus"], 2, "invalid choice"),
+        (
+            ["generate", "hi", "--redis-url", "redis://127.0.0.1:1/0"],
+            1,
+            "cannot reach Redis at redis://127.0.0.1:1/0",
+        ),
+        (["generate", "hi", "--sinks", "5"], 1, "sinks S=5 must be a multiple of the page size"),
+        (["generate", "hi", "--file", "/no/such/book.txt"], 1, "cannot read --file /no/such/book.txt"),
     ],
 )
 def test_errors_print_one_line(capsys, argv, status, message) -> None:

@@ -103,3 +103,16 @@ def test_impossible_settings_name_the_rule(overrides, rule) -> None:
     )
     with pytest.raises(ValueError, match=re.escape(rule)):
         cfg.validate(256, PAGE)
+
+
+def test_evicted_blocks_are_written_through_and_deleted_on_release(model) -> None:
+    from infinikv.memory.store import InProcessBlockStore
+
+    store = InProcessBlockStore()
+    pool = nan_pool(model, max_tokens=400, page_size=PAGE)
+    seq = Sequence(pool, config(), model.cfg, store, prefix="ikv:test:")
+    feed(model, pool, seq, tokens(100, seed=4), 6)
+    blocks = seq.table.evicted_blocks
+    assert blocks > 0 and len(store.keys("ikv:test:block:")) == blocks
+    seq.release()
+    assert store.keys("ikv:test:") == []

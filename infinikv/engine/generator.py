@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -13,6 +14,7 @@ from infinikv.engine.long_context import LongContextConfig
 from infinikv.engine.sampling import Sampler, SamplingParams
 from infinikv.engine.sequence import ProgressFn, Sequence, feed
 from infinikv.errors import InfinikvError
+from infinikv.memory.store import BlockStore
 from infinikv.model.loader import LoadedModel
 
 # With long-context memory a sequence has no length limit.
@@ -48,6 +50,7 @@ class Generator:
         chunk_size: int = 512,
         fill_value: float | None = None,
         long_context: LongContextConfig | None = None,
+        store: BlockStore | None = None,
     ):
         """max_seq_len bounds a sequence's length; with `long_context` there is no bound and
         the pool holds the resident window plus one prefill chunk."""
@@ -57,6 +60,7 @@ class Generator:
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.long_context = long_context
+        self.store = store
         pool_tokens = max_seq_len
         if long_context is not None:
             long_context.validate(loaded.config.max_position_embeddings, page_size)
@@ -94,7 +98,9 @@ class Generator:
                 f"{capacity} tokens (raise max_seq_len)"
             )
         with self._lock:
-            seq = Sequence(self.pool, self.long_context, self.loaded.config)
+            # Evicted blocks of this generation live under their own prefix in the store.
+            prefix = f"ikv:gen:{uuid.uuid4().hex}:"
+            seq = Sequence(self.pool, self.long_context, self.loaded.config, self.store, prefix)
             try:
                 yield from self._run(seq, prompt, params, progress)
             finally:

@@ -12,6 +12,7 @@ from infinikv.attention.long_context import LongContextState
 from infinikv.attention.self_extend import SelfExtend
 from infinikv.memory.evicted import EvictedMemory
 from infinikv.memory.index import INDEX_KINDS
+from infinikv.memory.store import BlockStore
 from infinikv.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -89,10 +90,19 @@ class LongContextConfig:
                 L,
             )
 
-    def new_state(self, model: ModelConfig, page_size: int) -> LongContextState:
+    def new_state(
+        self, model: ModelConfig, page_size: int, store: BlockStore | None = None, prefix: str = ""
+    ) -> LongContextState:
+        """A fresh sequence's state; with a store, evicted blocks are written through under prefix."""
         memory = None
         if self.memory:
             memory = EvictedMemory(
-                model.num_layers, model.num_kv_heads, model.head_dim, page_size, self.index
+                model.num_layers,
+                model.num_kv_heads,
+                model.head_dim,
+                page_size,
+                self.index,
+                store=store,
+                prefix=prefix,
             )
         return LongContextState(SelfExtend(self.window, self.group), self.top_k, self.distance, memory)

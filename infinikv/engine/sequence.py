@@ -9,6 +9,7 @@ import torch
 from infinikv.attention.long_context import LongContextState
 from infinikv.engine.long_context import LongContextConfig
 from infinikv.memory.pages import BlockTable, PagePool
+from infinikv.memory.store import BlockStore
 from infinikv.model.config import ModelConfig
 from infinikv.model.llama import ForwardBatch, LlamaModel, SequenceSlice
 
@@ -23,7 +24,12 @@ class Sequence:
     """
 
     def __init__(
-        self, pool: PagePool, long_context: LongContextConfig | None = None, model: ModelConfig | None = None
+        self,
+        pool: PagePool,
+        long_context: LongContextConfig | None = None,
+        model: ModelConfig | None = None,
+        store: BlockStore | None = None,
+        prefix: str = "",
     ):
         self.pool = pool
         self.table = BlockTable(pool)
@@ -33,7 +39,7 @@ class Sequence:
         if long_context is not None:
             if model is None:
                 raise ValueError("a long-context sequence needs the model config")
-            self.long_state = long_context.new_state(model, pool.page_size)
+            self.long_state = long_context.new_state(model, pool.page_size, store, prefix)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -58,8 +64,11 @@ class Sequence:
         del self.tokens[length:]
 
     def release(self) -> None:
+        """Free the pages and forget the memory, in the block store too."""
         self.table.release()
         self.tokens.clear()
+        if self.long_state is not None and self.long_state.memory is not None:
+            self.long_state.memory.delete()
 
     def evict_overflow(self) -> None:
         """Move whole blocks beyond the resident budget (oldest first, never sinks) to memory.

@@ -7,6 +7,7 @@ import logging
 import torch
 
 from infinikv.engine.generator import Generator
+from infinikv.memory.store import open_store
 from infinikv.model.loader import load_model
 from infinikv.service.settings import Settings
 
@@ -14,6 +15,8 @@ log = logging.getLogger(__name__)
 
 
 def build_generator(settings: Settings) -> Generator:
+    """Model + generator from settings; an unreachable Redis fails here, before the model loads."""
+    store = open_store(settings.redis_url, settings.redis_cluster)
     if settings.threads:
         torch.set_num_threads(settings.threads)
     loaded = load_model(
@@ -32,4 +35,5 @@ def build_generator(settings: Settings) -> Generator:
         page_size=settings.page_size,
         chunk_size=settings.chunk_size,
         long_context=settings.long_context_config(loaded.config.max_position_embeddings),
+        store=store,
     )

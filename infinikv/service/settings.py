@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     memory_top_k: int | None = Field(None, ge=1)
     memory_distance: int | None = Field(None, ge=1)
     index: Literal["flat", "hnsw"] = "flat"
+    # Block store for evicted blocks and snapshots: in-process when unset.
+    redis_url: str | None = None
+    redis_cluster: bool = False
 
     @property
     def torch_dtype(self) -> torch.dtype:
