@@ -65,6 +65,9 @@ def _build_parser() -> ArgumentParser:
     lc.add_argument("--memory-top-k", type=_positive_int, help="memory entries per query head")
     lc.add_argument("--memory-distance", type=_positive_int, help="relative position memory is read at")
     lc.add_argument("--index", choices=["flat", "hnsw"], help="FAISS index for the memory")
+    lc.add_argument(
+        "--granularity", choices=["token", "block"], help="memory retrieval: top-k tokens or whole blocks"
+    )
     lc.add_argument("--redis-url", help="block store for evicted blocks (default: in-process)")
     lc.add_argument(
         "--redis-cluster", action="store_true", default=None, help="--redis-url is a Redis Cluster node"

@@ -116,3 +116,27 @@ def test_evicted_blocks_are_written_through_and_deleted_on_release(model) -> Non
     assert blocks > 0 and len(store.keys("ikv:test:block:")) == blocks
     seq.release()
     assert store.keys("ikv:test:") == []
+
+
+def test_block_and_token_granularity_agree_when_covering_all_memory(model) -> None:
+    """Both reduce to attention over every evicted token at distance D."""
+    ids = tokens(120, seed=6)
+    token_mode, seq, _ = run(model, config(granularity="token", top_k=10_000), ids, chunk=6)
+    block_mode, _, _ = run(model, config(granularity="block", top_k=10_000, max_blocks=10_000), ids, chunk=6)
+    assert seq.table.evicted_blocks > 5
+    torch.testing.assert_close(block_mode, token_mode, atol=1e-4, rtol=1e-4)
+
+
+def test_retrieve_blocks_returns_the_blocks_of_the_best_hits() -> None:
+    from infinikv.memory.evicted import EvictedMemory
+
+    mem = EvictedMemory(1, 1, 8, 4)
+    k = torch.zeros(1, 6, 4, 1, 8)
+    k[0, 4, 2, 0, 0] = 5.0  # block 14 (the 5th evicted block), offset 2, matches the query best
+    k[0, 1, 0, 0, 0] = 3.0  # block 11 second best
+    mem.add_blocks(list(range(10, 16)), k, torch.randn(1, 6, 4, 1, 8))
+    q = torch.zeros(1, 1, 8)
+    q[0, 0, 0] = 1.0
+    keys, _ = mem.retrieve_blocks(0, q, top_k=3, max_blocks=2)
+    assert keys.shape == (1, 8, 8)
+    assert torch.equal(keys[0, :4], k[0, 1, :, 0]) and torch.equal(keys[0, 4:], k[0, 4, :, 0])  # oldest first

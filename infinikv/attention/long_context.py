@@ -8,7 +8,13 @@ from dataclasses import dataclass
 import torch
 
 from infinikv.attention.paged_torch import attend
-from infinikv.attention.partial import Partial, flash_partial, merge_partials, reference_partial
+from infinikv.attention.partial import (
+    Partial,
+    flash_partial,
+    folded_partial,
+    merge_partials,
+    reference_partial,
+)
 from infinikv.attention.self_extend import SelfExtend, at_memory_distance, memory_partial
 from infinikv.memory.evicted import EvictedMemory
 from infinikv.memory.pages import LayerKV, PageList
@@ -23,6 +29,11 @@ class LongContextState:
     top_k: int
     distance: int
     memory: EvictedMemory | None  # None: evicted blocks are dropped (sliding window)
+    # "token": each query head attends to its own top-k tokens; "block": for prefill chunks,
+    # the blocks of the best hits, whole, shared by all queries of a kv-head (at most
+    # max_blocks of them); single-token decode steps always use token top-k.
+    granularity: str = "token"
+    max_blocks: int = 0
 
 
 def paged_long_context_attention(
@@ -56,8 +67,14 @@ def paged_long_context_attention(
         g = Hq // Hkv
         qd = at_memory_distance(q, rope, state.distance)  # (n, Hq, d)
         queries = qd.view(n, Hkv, g, d).transpose(0, 1).reshape(Hkv, n * g, d)  # rows (i, j)
-        k_mem, v_mem, valid = memory.retrieve(layer, queries, state.top_k)  # (Hkv, n*g, K, ...)
-        out, lse = memory_partial(queries, k_mem, v_mem, valid)  # (Hkv, n*g, d), (Hkv, n*g)
+        if state.granularity == "block" and n > 1:
+            k_mem, v_mem = memory.retrieve_blocks(
+                layer, queries, state.top_k, state.max_blocks
+            )  # (Hkv, M, d)
+            out, lse = folded_partial(queries, k_mem, v_mem)
+        else:
+            k_mem, v_mem, valid = memory.retrieve(layer, queries, state.top_k)  # (Hkv, n*g, K, ...)
+            out, lse = memory_partial(queries, k_mem, v_mem, valid)  # (Hkv, n*g, d), (Hkv, n*g)
         parts.append(
             (
                 out.view(Hkv, n, g, d).transpose(0, 1).reshape(n, Hq, d),

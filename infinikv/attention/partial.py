@@ -60,6 +60,20 @@ def flash_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     return out, lse.reshape(Hkv, g, n).permute(2, 0, 1).reshape(n, Hq)
 
 
+def folded_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Partial:
+    """Each kv-head's query rows over that head's own keys, no mask.
+
+    q: (Hkv, m, d); k, v: (Hkv, T, d). Returns out (Hkv, m, d), lse (Hkv, m) float32.
+    """
+    if q.device.type != "cpu":
+        scores = torch.einsum("hmd,htd->hmt", q.float(), k.float()) * q.shape[-1] ** -0.5
+        lse = scores.logsumexp(-1)
+        out = torch.einsum("hmt,htd->hmd", torch.exp(scores - lse[..., None]), v.float())
+        return out.to(q.dtype), lse
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q[None], k[None], v[None])[:2]
+    return out[0], lse[0]
+
+
 def merge_partials(parts: list[Partial]) -> Partial:
     """Combine attentions over disjoint key sets into the attention over their union."""
     if len(parts) == 1:

@@ -147,6 +147,32 @@ class EvictedMemory:
             )
         return made
 
+    def retrieve_blocks(
+        self, layer: int, queries: torch.Tensor, top_k: int, max_blocks: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Blocks for a group of queries: each kv-head's queries search their top-k tokens; the
+        blocks holding the best hits (ranked by their best score over all the queries) are
+        returned whole, shared by every query of that head.
+
+        queries: (Hkv, nq, d), rotated by the memory distance. Returns keys, values
+        (Hkv, nb * B, d), nb = min(max_blocks, blocks in memory), oldest block first.
+        """
+        scores, ids = self.index.search(layer, queries, top_k)  # (Hkv, nq, K)
+        H, B, d = queries.shape[0], self.page_size, queries.shape[2]
+        nblocks = self.tokens // B
+        rel_block = (split_id(ids.clamp_min(0))[0] - (self.first_block or 0)).where(ids >= 0, 0)
+        best = torch.full((H, nblocks), float("-inf"))
+        best.scatter_reduce_(
+            1, rel_block.flatten(1), scores.where(ids >= 0, float("-inf")).flatten(1), "amax"
+        )
+        nb = min(max_blocks, nblocks)
+        chosen = best.topk(nb, dim=1).indices.sort(dim=1).values  # (H, nb)
+        rows = (chosen[..., None] * B + torch.arange(B)).flatten(1)  # (H, nb * B)
+        flat = (rows * H + torch.arange(H)[:, None]).flatten()
+        k = self.keys[layer].view(-1, d).index_select(0, flat).view(H, nb * B, d)
+        v = self.values[layer].view(-1, d).index_select(0, flat).view(H, nb * B, d)
+        return k, v
+
     def delete(self) -> int:
         """Remove everything this memory wrote to the store; returns the number of keys."""
         return 0 if self.store is None else self.store.delete_prefix(self.prefix)
@@ -175,5 +201,9 @@ class EvictedMemory:
         valid = ids >= 0
         block, offset = split_id(ids.clamp_min(0))
         rows = ((block - (self.first_block or 0)) * self.page_size + offset).where(valid, 0)
-        heads = torch.arange(queries.shape[0])[:, None, None]  # (Hkv, 1, 1)
-        return self.keys[layer][rows, heads], self.values[layer][rows, heads], valid
+        H, d = self.keys.shape[2], self.keys.shape[3]
+        # Row r of head h is row r * H + h of the (rows * H, d) view: one index_select each.
+        flat = (rows * H + torch.arange(H)[:, None, None]).flatten()  # (Hkv * nq * K,)
+        k = self.keys[layer].view(-1, d).index_select(0, flat).view(*rows.shape, d)
+        v = self.values[layer].view(-1, d).index_select(0, flat).view(*rows.shape, d)
+        return k, v, valid

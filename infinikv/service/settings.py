@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     memory_top_k: int | None = Field(None, ge=1)
     memory_distance: int | None = Field(None, ge=1)
     index: Literal["flat", "hnsw"] = "flat"
+    granularity: Literal["token", "block"] = "token"
     # Block store for evicted blocks and snapshots: in-process when unset.
     redis_url: str | None = None
     redis_cluster: bool = False
@@ -66,6 +67,7 @@ class Settings(BaseSettings):
             top_k=self.memory_top_k,
             distance=self.memory_distance,
             index=self.index,
+            granularity=self.granularity,
         )
 
 
