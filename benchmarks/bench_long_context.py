@@ -1,0 +1,174 @@
+"""Passkey retrieval accuracy, decode tokens/s and peak RSS vs context length, per mode:
+
+    transformers  full attention (transformers `generate`, everything resident)
+    sliding       infinikv, resident window, evicted blocks dropped
+    selfextend    infinikv, Self-Extend only: everything resident, groups chosen by LongLM's rule
+    memory        infinikv, resident window + kNN memory, no grouping (G=1)
+    se+memory     infinikv, resident window with Self-Extend + kNN memory
+
+    python benchmarks/bench_long_context.py --lengths 2048 4096 8192 16384 32768 --depths 5
+
+Every (mode, length) runs in its own process (peak RSS is its own). Writes
+benchmarks/results/long_context.json and docs/long_context_{accuracy,speed}.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MODES = ["transformers", "sliding", "selfextend", "memory", "se+memory"]
+RESIDENT, WINDOW, GROUP = 1024, 256, 4  # the resident budget every infinikv mode shares
+NEW_TOKENS = 16
+TRAINED = 8192  # SmolLM2-135M's trained length
+
+
+def long_context_config(mode: str, length: int):
+    from infinikv.engine.long_context import LongContextConfig
+
+    if mode == "sliding":
+        return LongContextConfig.derive(
+            TRAINED, 16, resident=RESIDENT, window=RESIDENT // 2, group=1, memory=False
+        )
+    if mode == "memory":
+        return LongContextConfig.derive(TRAINED, 16, resident=RESIDENT, window=RESIDENT // 2, group=1)
+    if mode == "se+memory":
+        return LongContextConfig.derive(TRAINED, 16, resident=RESIDENT, window=WINDOW, group=GROUP)
+    # Self-Extend only: all of the prompt resident, W = 1024 and the smallest G with
+    # (L - W) * G + W >= N (LongLM's rule), at least 2.
+    n = length + NEW_TOKENS + 64
+    w = 1024
+    g = max(2, math.ceil((n - w) / (TRAINED - w)))
+    return LongContextConfig.derive(TRAINED, 16, resident=n, window=w, group=g, memory=False)
+
+
+def run_cell(mode: str, length: int, depths: int) -> dict:
+    import torch
+
+    from infinikv.evaluation.passkey import found, passkey_case
+    from infinikv.service.settings import Settings
+
+    settings = Settings()
+    tokenizer = _tokenizer(settings)
+    cases = [passkey_case(tokenizer, length, (i + 0.5) / depths, seed=i) for i in range(depths)]
+    hits, decode = 0, []
+    if mode == "transformers":
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(_model_dir(settings), dtype=torch.float32).eval()
+        for case in cases:
+            ids = torch.tensor([case.prompt])
+            with torch.no_grad():
+                t0 = time.perf_counter()
+                model.generate(ids, max_new_tokens=1, do_sample=False)
+                t1 = time.perf_counter()
+                out = model.generate(
+                    ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False
+                )
+                t2 = time.perf_counter()
+            answer = tokenizer.decode(out[0, len(case.prompt) :], skip_special_tokens=True)
+            hits += found(case, answer)
+            decode.append((NEW_TOKENS - 1) / max(1e-9, (t2 - t1) - (t1 - t0)))
+    else:
+        from infinikv.engine import Generator, SamplingParams
+        from infinikv.model.loader import load_model
+
+        loaded = load_model(None, settings.cache_dir)
+        gen = Generator(loaded, max_seq_len=64, long_context=long_context_config(mode, length))
+        for case in cases:
+            result = gen.generate(case.prompt, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))
+            hits += found(case, result.text)
+            decode.append((len(result.token_ids) - 1) / result.decode_seconds)
+    return {
+        "mode": mode,
+        "length": length,
+        "accuracy": hits / len(cases),
+        "decode_tok_s": sum(decode) / len(decode),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def _model_dir(settings):
+    from infinikv.model.default import default_gguf
+    from infinikv.model.loader import convert_gguf
+
+    return convert_gguf(default_gguf(settings.cache_dir), settings.cache_dir)
+
+
+def _tokenizer(settings):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(_model_dir(settings))
+
+
+def charts(rows: list[dict], out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mode in MODES:
+        pts = sorted((r["length"], r["accuracy"] * 100) for r in rows if r["mode"] == mode)
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", label=mode)
+    ax.axvline(TRAINED, color="grey", ls=":", label="trained length")
+    ax.set(
+        xscale="log",
+        xlabel="prompt tokens",
+        ylabel="passkey accuracy %",
+        title="Passkey retrieval, SmolLM2-135M",
+    )
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "long_context_accuracy.png", dpi=120)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    for mode in MODES:
+        pts = sorted((r["length"], r["decode_tok_s"], r["peak_rss_mb"]) for r in rows if r["mode"] == mode)
+        if pts:
+            xs, tok, rss = zip(*pts, strict=True)
+            a1.plot(xs, tok, marker="o", label=mode)
+            a2.plot(xs, rss, marker="o", label=mode)
+    a1.set(xscale="log", xlabel="prompt tokens", ylabel="decode tokens/s")
+    a2.set(xscale="log", xlabel="prompt tokens", ylabel="peak RSS MB")
+    a1.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "long_context_speed.png", dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768])
+    ap.add_argument("--depths", type=int, default=5)
+    ap.add_argument("--modes", nargs="+", choices=MODES, default=MODES)
+    ap.add_argument("--cell", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.cell:
+        print(json.dumps(run_cell(args.cell[0], int(args.cell[1]), args.depths)))
+        return
+    rows = []
+    for length in args.lengths:
+        for mode in args.modes:
+            cmd = [sys.executable, __file__, "--depths", str(args.depths), "--cell", mode, str(length)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(
+                f"{mode:>12} {length:>6}: accuracy {row['accuracy']:.0%}  "
+                f"decode {row['decode_tok_s']:.1f} tok/s  peak RSS {row['peak_rss_mb']:.0f} MB",
+                flush=True,
+            )
+    root = Path(__file__).resolve().parent
+    (root / "results" / "long_context.json").write_text(json.dumps(rows, indent=2))
+    charts(rows, root.parent / "docs")
+
+
+if __name__ == "__main__":
+    main()
