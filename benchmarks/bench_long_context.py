@@ -62,6 +62,8 @@ def run_cell(mode: str, length: int, depths: int) -> dict:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(_model_dir(settings), dtype=torch.float32).eval()
+        with torch.no_grad():  # warm-up: first calls pay one-time costs that would skew timings
+            model.generate(torch.tensor([cases[0].prompt[:64]]), max_new_tokens=4, do_sample=False)
         for case in cases:
             ids = torch.tensor([case.prompt])
             with torch.no_grad():
