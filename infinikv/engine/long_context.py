@@ -56,8 +56,10 @@ class LongContextConfig:
             group=group,
             # 64 entries per head: a few blocks' worth, enough for a passkey-sized fact.
             top_k=64,
-            # Memory sits just beyond the oldest resident token's Self-Extend distance.
-            distance=window + math.ceil((resident - window) / group),
+            # Memory reads as older than every resident token: beyond the farthest Self-Extend
+            # distance, and at least L/8 (1024 for an 8k model). Just beyond the groups (448
+            # for R=1024, W=256, G=4) lost an 8k-token passkey that D=1024 recalled.
+            distance=max(window + math.ceil((resident - window) / group), trained_len // 8),
         )
         return replace(base, **given)
 
