@@ -1,4 +1,4 @@
-"""The attention backend interface and its registry (chosen by name from settings)."""
+"""The attention backend interface: what LlamaModel calls for plain causal attention."""
 
 from __future__ import annotations
 
@@ -30,12 +30,3 @@ class AttentionBackend(Protocol):
         kv_len: int,
         rope: RotaryEmbedding,
     ) -> torch.Tensor: ...
-
-
-def get_backend(name: str) -> AttentionBackend:
-    from infinikv.attention.paged_torch import paged_causal_attention
-
-    backends: dict[str, AttentionBackend] = {"torch": paged_causal_attention}
-    if name not in backends:
-        raise ValueError(f"unknown attention backend {name!r}; available: {', '.join(backends)}")
-    return backends[name]

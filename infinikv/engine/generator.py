@@ -7,7 +7,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from infinikv.engine.detokenize import TextStream
 from infinikv.engine.long_context import LongContextConfig
@@ -36,7 +36,6 @@ class Generation:
     prompt_tokens: int
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
-    stats: dict[str, float] = field(default_factory=dict)
 
 
 class Generator:

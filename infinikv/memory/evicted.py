@@ -52,10 +52,6 @@ class EvictedMemory:
         self.next_block: int | None = None
         self.tokens = 0
 
-    @property
-    def nbytes(self) -> int:
-        return 2 * self.tokens * self.keys[0, :1].numel() * self.keys.shape[0] * self.keys.element_size()
-
     def add_blocks(self, blocks: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
         """blocks: consecutive block numbers; k, v: (L, nb, B, Hkv, d) of those blocks."""
         if not blocks:
