@@ -34,7 +34,9 @@ def run_infinikv(lengths: list[int], new_tokens: int, dtype: str, quantize: str)
     from infinikv.service.runtime import build_generator
     from infinikv.service.settings import Settings
 
-    gen: Generator = build_generator(Settings(dtype=dtype, quantize=quantize))
+    # Plain attention over the whole prompt, as transformers does: this measures the decoder
+    # and the paged cache (benchmarks/bench_long_context.py measures the long-context modes).
+    gen: Generator = build_generator(Settings(dtype=dtype, quantize=quantize, long_context=False))
     params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
     gen.generate(prompt_ids(gen.tokenizer, 32), SamplingParams(max_tokens=4))  # warm-up
     rows = []
