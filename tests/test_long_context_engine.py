@@ -140,3 +140,14 @@ def test_retrieve_blocks_returns_the_blocks_of_the_best_hits() -> None:
     keys, _ = mem.retrieve_blocks(0, q, top_k=3, max_blocks=2)
     assert keys.shape == (1, 8, 8)
     assert torch.equal(keys[0, :4], k[0, 1, :, 0]) and torch.equal(keys[0, 4:], k[0, 4, :, 0])  # oldest first
+
+
+def test_memory_refuses_blocks_out_of_order() -> None:
+    from infinikv.memory.evicted import EvictedMemory
+
+    mem = EvictedMemory(1, 1, 8, 4)
+    kv = torch.zeros(1, 2, 4, 1, 8)
+    mem.add_blocks([3, 4], kv, kv)
+    with pytest.raises(ValueError, match="consecutive from 5, got \\[6, 7\\]"):
+        mem.add_blocks([6, 7], kv, kv)
+    assert mem.tokens == 8 and mem.index.ntotal == 8  # nothing half-added

@@ -114,15 +114,15 @@ def banded_resident_partials(
     parts = [flash_partial(qn, k_rope[own:], v[own:], causal=True)]
     if own > near_start:
         parts.append(flash_partial(qn, k_rope[near_start:own], v[near_start:own], causal=False))
-    if near_start > far_end or far_end:
+    if near_start:
+        # Grouped placement for every key that is far from some query (far run + band).
         qg = rotate(q, rope.at(se.grouped_query_positions(q_pos)))  # (n, Hq, d)
-    if far_end:
-        kg = rotate(k[:far_end], rope.at(se.grouped_key_positions(k_pos[:far_end])))
-        parts.append(flash_partial(qg, kg, v[:far_end], causal=False))
-    if near_start > far_end:
-        band = slice(far_end, near_start)
-        rel = q_pos[:, None] - k_pos[None, band]  # (n, band)
-        kg = rotate(k[band], rope.at(se.grouped_key_positions(k_pos[band])))
-        parts.append(reference_partial(qn, k_rope[band], v[band], (rel >= 0) & (rel < W)))
-        parts.append(reference_partial(qg, kg, v[band], rel >= W))
+        kg = rotate(k[:near_start], rope.at(se.grouped_key_positions(k_pos[:near_start])))
+        if far_end:
+            parts.append(flash_partial(qg, kg[:far_end], v[:far_end], causal=False))
+        if near_start > far_end:
+            band = slice(far_end, near_start)
+            rel = q_pos[:, None] - k_pos[None, band]  # (n, band)
+            parts.append(reference_partial(qn, k_rope[band], v[band], (rel >= 0) & (rel < W)))
+            parts.append(reference_partial(qg, kg[band], v[band], rel >= W))
     return parts

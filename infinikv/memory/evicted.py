@@ -49,23 +49,18 @@ class EvictedMemory:
         self.keys = torch.empty(shape, dtype=dtype)  # (L, rows, Hkv, d), grown by doubling
         self.values = torch.empty(shape, dtype=dtype)
         self.first_block: int | None = None
-        self.next_block: int | None = None
         self.tokens = 0
 
     def add_blocks(self, blocks: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
         """blocks: consecutive block numbers; k, v: (L, nb, B, Hkv, d) of those blocks."""
         if not blocks:
             return
-        if self.next_block is not None and blocks[0] != self.next_block:
-            raise ValueError(
-                f"evicted blocks must be consecutive: expected {self.next_block}, got {blocks[0]}"
-            )
-        if blocks != list(range(blocks[0], blocks[0] + len(blocks))):
-            raise ValueError(f"evicted blocks must be consecutive, got {blocks}")
-        if self.first_block is None:
-            self.first_block = blocks[0]
-        self.next_block = blocks[-1] + 1
         B = self.page_size
+        start = blocks[0] if self.first_block is None else self.first_block + self.tokens // B
+        if blocks != list(range(start, start + len(blocks))):
+            raise ValueError(f"evicted blocks must be consecutive from {start}, got {blocks}")
+        if self.first_block is None:
+            self.first_block = start
         n = len(blocks) * B
         self._grow(self.tokens + n)
         k_rows = k.flatten(1, 2).to(self.keys.device, self.keys.dtype)  # (L, n, Hkv, d)
@@ -129,7 +124,7 @@ class EvictedMemory:
                 kv = torch.stack(
                     [_from_bytes(p, dtype, (2, L, B, H, d)) for p in payloads if p is not None], 2
                 )
-                made.first_block, made.next_block = first, blocks[-1] + 1
+                made.first_block = first
                 made._grow(len(blocks) * B)
                 made.keys[:, : len(blocks) * B] = kv[0].flatten(1, 2)
                 made.values[:, : len(blocks) * B] = kv[1].flatten(1, 2)
