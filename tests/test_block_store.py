@@ -63,6 +63,20 @@ def test_snapshot_round_trip_gives_identical_retrieval(store) -> None:
     assert back.tokens == mem.tokens == 20
 
 
+def test_blocks_evicted_after_the_last_snapshot_are_indexed_again_on_load(store) -> None:
+    """A crash between snapshots loses nothing: the blocks are the truth, the snapshot a cache."""
+    mem = memory_with_blocks(store, "sess:t:", nblocks=3)
+    mem.save()
+    g = torch.Generator().manual_seed(2)
+    mem.add_blocks([5, 6], torch.randn(2, 2, 4, 3, 16, generator=g), torch.randn(2, 2, 4, 3, 16, generator=g))
+    mem.save(index=False)
+    back = EvictedMemory.load(store, "sess:t:")
+    assert back.tokens == mem.tokens == 20 and back.index.ntotal == 20 and back.snapshot_blocks == 3
+    q = torch.randn(3, 4, 16, generator=g)
+    for got, want in zip(back.retrieve(1, q, 20), mem.retrieve(1, q, 20), strict=True):
+        assert torch.equal(got, want)
+
+
 def test_delete_really_deletes_and_leaves_other_sessions(store) -> None:
     a, b = memory_with_blocks(store, "sess:a:"), memory_with_blocks(store, "sess:b:")
     a.save()

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 import torch
 
 from infinikv.attention.long_context import LongContextState
 from infinikv.engine.long_context import LongContextConfig
+from infinikv.memory.evicted import EvictedMemory
+from infinikv.memory.index import CorruptSnapshotError
 from infinikv.memory.pages import BlockTable, PagePool
+from infinikv.memory.payload import block_key, from_bytes, to_bytes
 from infinikv.memory.store import BlockStore
 from infinikv.model.config import ModelConfig
 from infinikv.model.llama import ForwardBatch, LlamaModel, SequenceSlice
+from infinikv.model.rope import rotate
 
 ProgressFn = Callable[[int, int], None]  # (tokens done, tokens total)
 
@@ -40,6 +45,8 @@ class Sequence:
             if model is None:
                 raise ValueError("a long-context sequence needs the model config")
             self.long_state = long_context.new_state(model, pool.page_size, store, prefix)
+
+        self.saved_blocks = 0  # blocks [0, saved_blocks) are full and written to the store
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -89,6 +96,94 @@ class Sequence:
             idx = torch.tensor(pages, device=self.pool.k.device)
             state.memory.add_blocks([block for block, _ in victims], self.pool.k[:, idx], self.pool.v[:, idx])
         self.pool.free(pages)
+
+
+    def save(self, store: BlockStore, prefix: str, index_snapshot: bool) -> None:
+        """Write this sequence to `store` under `prefix`, incrementally: resident blocks not yet
+        there (a full block once, the partial last block every time), the token history and the
+        table layout; the memory's layout, and with `index_snapshot` its index. Evicted blocks
+        are already in the store (written through at eviction, under the same keys)."""
+        L, _, B, H, d = self.pool.k.shape
+        table = self.table
+        fresh = [(b, p) for b, p in zip(table.blocks, table.pages, strict=True) if b >= self.saved_blocks]
+        items: dict[str, bytes] = {}
+        if fresh:
+            idx = torch.tensor([p for _, p in fresh], device=self.pool.k.device)
+            kv = torch.stack([self.pool.k[:, idx], self.pool.v[:, idx]]).float().cpu()  # (2, L, n, B, H, d)
+            items.update({block_key(prefix, b): to_bytes(kv[:, :, i]) for i, (b, _) in enumerate(fresh)})
+        self.saved_blocks = table.length // B
+        meta = {
+            "length": table.length,
+            "blocks": table.blocks,
+            "evicted_blocks": table.evicted_blocks,
+            "evicted_until": table.evicted_until,
+            "shape": [L, H, d],
+        }
+        items[f"{prefix}sequence"] = json.dumps(meta).encode()
+        items[f"{prefix}tokens"] = to_bytes(torch.tensor(self.tokens, dtype=torch.int32))
+        store.put_many(items)
+        memory = self.long_state.memory if self.long_state is not None else None
+        if memory is not None and memory.store is not None:
+            memory.save(index=index_snapshot)
+
+    @classmethod
+    def restore(
+        cls,
+        model: LlamaModel,
+        pool: PagePool,
+        long_context: LongContextConfig | None,
+        store: BlockStore,
+        prefix: str,
+    ) -> Sequence:
+        """A sequence saved under `prefix`, its resident blocks back in pages (keys rotated again
+        at their own positions), its memory reloaded. CorruptSnapshotError when a part is
+        missing or damaged; no pages stay taken then."""
+        seq = cls(pool, long_context, model.cfg, store, prefix)
+        try:
+            seq._load(model, store, prefix)
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+            seq.table.release()
+            raise CorruptSnapshotError(f"sequence snapshot under {prefix!r} is corrupt: {e}") from e
+        except CorruptSnapshotError:
+            seq.table.release()
+            raise
+        return seq
+
+    def _load(self, model: LlamaModel, store: BlockStore, prefix: str) -> None:
+        meta_raw, tokens_raw = store.get_many([f"{prefix}sequence", f"{prefix}tokens"])
+        if meta_raw is None or tokens_raw is None:
+            raise CorruptSnapshotError(f"no sequence snapshot under {prefix!r}")
+        meta = json.loads(meta_raw)
+        L, _, B, H, d = self.pool.k.shape
+        if meta["shape"] != [L, H, d]:
+            raise ValueError(f"saved for a model with KV shape {meta['shape']}, this one has {[L, H, d]}")
+        tokens = from_bytes(tokens_raw, torch.int32, (-1,)).tolist()
+        blocks = [int(b) for b in meta["blocks"]]
+        length, evicted = int(meta["length"]), int(meta["evicted_blocks"])
+        if len(tokens) != length or len(blocks) + evicted != -(-length // B):
+            raise ValueError(f"{len(tokens)} tokens, {len(blocks)} resident + {evicted} evicted blocks")
+        payloads = store.get_many([block_key(prefix, b) for b in blocks])
+        if any(p is None for p in payloads):
+            raise ValueError("a resident block payload is missing")
+        state = self.long_state
+        if evicted and state is not None and state.memory is not None:
+            state.memory = EvictedMemory.load(store, prefix)
+            if state.memory.tokens != evicted * B:
+                raise ValueError(f"memory holds {state.memory.tokens} tokens, the table evicted {evicted * B}")
+        pages = self.table.adopt(blocks, length, evicted, int(meta["evicted_until"]))
+        if pages:
+            kv = torch.stack([from_bytes(p, torch.float32, (2, L, B, H, d)) for p in payloads if p], 2)
+            idx = torch.tensor(pages, device=self.pool.k.device)
+            k = kv[0].to(self.pool.k.device, self.pool.k.dtype)  # (L, n, B, H, d)
+            positions = (torch.tensor(blocks)[:, None] * B + torch.arange(B)).flatten().to(k.device)
+            phases = model.rope.at(positions)
+            self.pool.k[:, idx] = k
+            self.pool.v[:, idx] = kv[1].to(self.pool.v.device, self.pool.v.dtype)
+            for layer in range(L):
+                rotated = rotate(k[layer].flatten(0, 1), phases)  # (n * B, H, d)
+                self.pool.k_rope[layer, idx] = rotated.view(len(pages), B, H, d)
+        self.tokens = tokens
+        self.saved_blocks = length // B
 
 
 def feed(

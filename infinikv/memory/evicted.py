@@ -5,24 +5,13 @@ to a block store (tier 3) under a key prefix, with snapshots to reload after a r
 from __future__ import annotations
 
 import json
+import time
 
 import torch
 
 from infinikv.memory.index import CorruptSnapshotError, MemoryIndex, entry_id, split_id
+from infinikv.memory.payload import block_key, from_bytes, to_bytes
 from infinikv.memory.store import BlockStore
-
-# Raw payload bytes go through an integer view of the same width (numpy has no bfloat16).
-_BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
-
-
-def _to_bytes(t: torch.Tensor) -> bytes:
-    return t.contiguous().view(_BITS[t.dtype]).numpy().tobytes()
-
-
-def _from_bytes(data: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    raw = torch.frombuffer(bytearray(data), dtype=_BITS[dtype])
-    return raw.view(dtype).view(shape)
-
 
 class EvictedMemory:
     """Keys (before RoPE) and values of evicted blocks, for every layer.
@@ -50,6 +39,8 @@ class EvictedMemory:
         self.values = torch.empty(shape, dtype=dtype)
         self.first_block: int | None = None
         self.tokens = 0
+        self.snapshot_blocks = 0  # blocks in the index snapshot last saved to the store
+        self.search_seconds = 0.0  # time spent in index searches, for metrics
 
     def add_blocks(self, blocks: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
         """blocks: consecutive block numbers; k, v: (L, nb, B, Hkv, d) of those blocks."""
@@ -68,67 +59,76 @@ class EvictedMemory:
         self.values[:, self.tokens : self.tokens + n] = v.flatten(1, 2).to(
             self.values.device, self.values.dtype
         )
-        ids = entry_id(torch.tensor(blocks).repeat_interleave(B), torch.arange(B).repeat(len(blocks)))
-        for layer in range(k_rows.shape[0]):
-            self.index.add(layer, k_rows[layer], ids)
+        self._index_rows(range(blocks[0], blocks[-1] + 1))
         if self.store is not None:
             rows = slice(self.tokens, self.tokens + n)
             kb = self.keys[:, rows].unflatten(1, (len(blocks), B))  # (L, nb, B, Hkv, d)
             vb = self.values[:, rows].unflatten(1, (len(blocks), B))
             self.store.put_many(
                 {
-                    self._block_key(b): _to_bytes(torch.stack([kb[:, i], vb[:, i]]))
+                    block_key(self.prefix, b): to_bytes(torch.stack([kb[:, i], vb[:, i]]))
                     for i, b in enumerate(blocks)
                 }
             )
         self.tokens += n
 
-    def _block_key(self, block: int) -> str:
-        return f"{self.prefix}block:{block}"
-
-    def save(self) -> None:
-        """Snapshot the index and the layout to the store (the blocks are already there)."""
+    def save(self, index: bool = True) -> None:
+        """Write the layout to the store (the blocks are already there) and, with `index`, a
+        snapshot of the index. Without it the last snapshot stays: `load` adds the blocks
+        evicted after it to the index again, so a snapshot is a cache and the blocks the truth."""
         if self.store is None:
             raise ValueError("this memory has no block store to save to")
+        items = {}
+        if index:
+            items[f"{self.prefix}index"] = self.index.serialize()
+            self.snapshot_blocks = self.tokens // self.page_size
         L, _, H, d = self.keys.shape
         meta = {
             "shape": [L, H, d],
             "page_size": self.page_size,
             "dtype": str(self.keys.dtype).removeprefix("torch."),
+            "index_kind": self.index.kind,
             "first_block": self.first_block,
-            "blocks": (self.tokens // self.page_size),
+            "blocks": self.tokens // self.page_size,
+            "snapshot_blocks": self.snapshot_blocks,
         }
-        self.store.put_many(
-            {f"{self.prefix}meta": json.dumps(meta).encode(), f"{self.prefix}index": self.index.serialize()}
-        )
+        items[f"{self.prefix}meta"] = json.dumps(meta).encode()
+        self.store.put_many(items)
 
     @classmethod
     def load(cls, store: BlockStore, prefix: str) -> EvictedMemory:
-        """Rebuild a saved memory from the store; a missing or damaged part is a
-        CorruptSnapshotError naming the prefix (nothing else is touched)."""
-        meta_raw, index_raw = store.get_many([f"{prefix}meta", f"{prefix}index"])
-        if meta_raw is None or index_raw is None:
+        """Rebuild a saved memory from the store: the index snapshot plus the blocks evicted
+        after it. A missing or damaged part is a CorruptSnapshotError naming the prefix
+        (nothing else is touched)."""
+        (meta_raw,) = store.get_many([f"{prefix}meta"])
+        if meta_raw is None:
             raise CorruptSnapshotError(f"no memory snapshot under {prefix!r}")
         try:
             meta = json.loads(meta_raw)
             L, H, d = meta["shape"]
-            B, dtype = meta["page_size"], getattr(torch, meta["dtype"])
-            made = cls(L, H, d, B, dtype=dtype, store=store, prefix=prefix)
-            made.index = MemoryIndex.deserialize(index_raw)
-            if meta["blocks"]:
+            B, dtype = int(meta["page_size"]), getattr(torch, meta["dtype"])
+            made = cls(L, H, d, B, meta["index_kind"], dtype=dtype, store=store, prefix=prefix)
+            total, indexed = int(meta["blocks"]), int(meta["snapshot_blocks"])
+            if not 0 <= indexed <= total:
+                raise ValueError(f"{indexed} indexed blocks of {total}")
+            if indexed:
+                (index_raw,) = store.get_many([f"{prefix}index"])
+                if index_raw is None:
+                    raise ValueError("the index snapshot is missing")
+                made.index = MemoryIndex.deserialize(index_raw)
+                made.snapshot_blocks = indexed
+            if total:
                 first = int(meta["first_block"])
-                blocks = list(range(first, first + int(meta["blocks"])))
-                payloads = store.get_many([made._block_key(b) for b in blocks])
+                payloads = store.get_many([block_key(prefix, b) for b in range(first, first + total)])
                 if any(p is None for p in payloads):
                     raise ValueError("a block payload is missing")
-                kv = torch.stack(
-                    [_from_bytes(p, dtype, (2, L, B, H, d)) for p in payloads if p is not None], 2
-                )
+                kv = torch.stack([from_bytes(p, dtype, (2, L, B, H, d)) for p in payloads if p is not None], 2)
                 made.first_block = first
-                made._grow(len(blocks) * B)
-                made.keys[:, : len(blocks) * B] = kv[0].flatten(1, 2)
-                made.values[:, : len(blocks) * B] = kv[1].flatten(1, 2)
-                made.tokens = len(blocks) * B
+                made._grow(total * B)
+                made.keys[:, : total * B] = kv[0].flatten(1, 2)
+                made.values[:, : total * B] = kv[1].flatten(1, 2)
+                made.tokens = total * B
+                made._index_rows(range(first + indexed, first + total))
         except (CorruptSnapshotError, ValueError, KeyError, TypeError, RuntimeError, AttributeError) as e:
             raise CorruptSnapshotError(f"memory snapshot under {prefix!r} is corrupt: {e}") from e
         if made.index.ntotal != made.tokens:
@@ -137,6 +137,16 @@ class EvictedMemory:
                 f"{made.index.ntotal} indexed, {made.tokens} stored"
             )
         return made
+
+    def _index_rows(self, blocks: range) -> None:
+        """Add the keys of stored `blocks` to the index."""
+        if not blocks:
+            return
+        B = self.page_size
+        rows = slice((blocks[0] - (self.first_block or 0)) * B, (blocks[-1] + 1 - (self.first_block or 0)) * B)
+        ids = entry_id(torch.tensor(blocks).repeat_interleave(B), torch.arange(B).repeat(len(blocks)))
+        for layer in range(self.keys.shape[0]):
+            self.index.add(layer, self.keys[layer, rows], ids)
 
     def retrieve_blocks(
         self, layer: int, queries: torch.Tensor, top_k: int, max_blocks: int
@@ -148,7 +158,7 @@ class EvictedMemory:
         queries: (Hkv, nq, d), rotated by the memory distance. Returns keys, values
         (Hkv, nb * B, d), nb = min(max_blocks, blocks in memory), oldest block first.
         """
-        scores, ids = self.index.search(layer, queries, top_k)  # (Hkv, nq, K)
+        scores, ids = self._search(layer, queries, top_k)  # (Hkv, nq, K)
         H, B, d = queries.shape[0], self.page_size, queries.shape[2]
         nblocks = self.tokens // B
         rel_block = (split_id(ids.clamp_min(0))[0] - (self.first_block or 0)).where(ids >= 0, 0)
@@ -163,6 +173,13 @@ class EvictedMemory:
         k = self.keys[layer].view(-1, d).index_select(0, flat).view(H, nb * B, d)
         v = self.values[layer].view(-1, d).index_select(0, flat).view(H, nb * B, d)
         return k, v
+
+    def _search(self, layer: int, queries: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        t0 = time.perf_counter()
+        try:
+            return self.index.search(layer, queries, top_k)
+        finally:
+            self.search_seconds += time.perf_counter() - t0
 
     def delete(self) -> int:
         """Remove everything this memory wrote to the store; returns the number of keys."""
@@ -188,7 +205,7 @@ class EvictedMemory:
         Returns keys, values (Hkv, nq, K, d) and valid (Hkv, nq, K) bool (an approximate
         index may return fewer than K hits; those slots are invalid).
         """
-        _, ids = self.index.search(layer, queries, top_k)  # (Hkv, nq, K)
+        _, ids = self._search(layer, queries, top_k)  # (Hkv, nq, K)
         valid = ids >= 0
         block, offset = split_id(ids.clamp_min(0))
         rows = ((block - (self.first_block or 0)) * self.page_size + offset).where(valid, 0)

@@ -202,6 +202,17 @@ class BlockTable:
         self._page_list = None
         return victims
 
+    def adopt(self, blocks: list[int], length: int, evicted_blocks: int, evicted_until: int) -> list[int]:
+        """Take pages for a saved table's resident `blocks` (an empty table only); returns them
+        so the caller can fill them."""
+        if self.pages:
+            raise ValueError("adopt needs an empty block table")
+        self.pages = self.pool.allocate(len(blocks))
+        self.blocks = list(blocks)
+        self.length, self.evicted_blocks, self.evicted_until = length, evicted_blocks, evicted_until
+        self._page_list = None
+        return self.pages
+
     def release(self) -> None:
         self.pool.free(self.pages)
         self.pages, self.blocks = [], []
