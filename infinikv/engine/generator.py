@@ -28,6 +28,10 @@ class GenerationEvent:
     finish_reason: str | None = None  # "stop" | "length" on the closing event
 
 
+# Yielded by Generator.run between prefill chunks: no text, no token, not finished.
+PREFILL_TICK = GenerationEvent("", None, None)
+
+
 @dataclass
 class Generation:
     text: str
@@ -50,9 +54,11 @@ class Generator:
         fill_value: float | None = None,
         long_context: LongContextConfig | None = None,
         store: BlockStore | None = None,
+        slots: int = 1,
     ):
-        """max_seq_len bounds a sequence's length; with `long_context` there is no bound and
-        the pool holds the resident window plus one prefill chunk."""
+        """max_seq_len bounds a sequence's length; with `long_context` there is no bound and a
+        sequence holds at most its resident window plus one prefill chunk in pages. The pool
+        holds `slots` such sequences at once."""
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.loaded = loaded
@@ -67,52 +73,73 @@ class Generator:
             chunk_size = min(chunk_size, long_context.window)
             pool_tokens = long_context.resident + chunk_size + 2 * page_size
         self.chunk_size = chunk_size
-        self.pool = self.model.new_page_pool(pool_tokens, page_size, fill_value)
+        self.max_seq_len = max_seq_len
+        self.slots = slots
+        self.pool = self.model.new_page_pool(slots * pool_tokens, page_size, fill_value)
         self._lock = threading.Lock()
 
     @property
     def capacity(self) -> int:
         """Longest sequence (prompt + generated tokens) this generator can hold."""
-        return UNBOUNDED if self.long_context is not None else self.pool.capacity_tokens
+        return UNBOUNDED if self.long_context is not None else self.max_seq_len
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    def chat_text(self, messages: list[dict[str, str]]) -> str:
+        """The tokenizer's chat template over `messages`, ending with the assistant's turn opening."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise InfinikvError("this model's tokenizer has no chat template")
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return str(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        return list(self.tokenizer(self.chat_text(messages), add_special_tokens=False)["input_ids"])
+
+    def new_sequence(self, prefix: str) -> Sequence:
+        """An empty sequence in this generator's pool; its blocks go to the store under prefix."""
+        return Sequence(self.pool, self.long_context, self.loaded.config, self.store, prefix)
+
+    def check_fits(self, seq_len: int, prompt: list[int]) -> None:
+        if not prompt:
+            raise InfinikvError("empty prompt")
+        if seq_len + len(prompt) >= self.capacity:
+            raise InfinikvError(
+                f"{seq_len} + {len(prompt)} prompt tokens do not fit the context capacity of "
+                f"{self.capacity} tokens (raise max_seq_len)"
+            )
 
     def stream(
         self, prompt: list[int], params: SamplingParams, progress: ProgressFn | None = None
     ) -> Iterator[GenerationEvent]:
         """Yield one event per generated token, then a closing event with the finish reason."""
-        if not prompt:
-            raise InfinikvError("empty prompt")
-        capacity = self.capacity
-        if len(prompt) >= capacity:
-            raise InfinikvError(
-                f"prompt of {len(prompt)} tokens does not fit the context capacity of "
-                f"{capacity} tokens (raise max_seq_len)"
-            )
+        self.check_fits(0, prompt)
         with self._lock:
             # Evicted blocks of this generation live under their own prefix in the store.
-            prefix = f"ikv:gen:{uuid.uuid4().hex}:"
-            seq = Sequence(self.pool, self.long_context, self.loaded.config, self.store, prefix)
+            seq = self.new_sequence(f"ikv:gen:{uuid.uuid4().hex}:")
             try:
-                yield from self._run(seq, prompt, params, progress)
+                yield from (e for e in self.run(seq, prompt, params, progress) if e is not PREFILL_TICK)
             finally:
                 seq.release()
 
-    def _run(
-        self, seq: Sequence, prompt: list[int], params: SamplingParams, progress: ProgressFn | None
+    def run(
+        self, seq: Sequence, prompt: list[int], params: SamplingParams, progress: ProgressFn | None = None
     ) -> Iterator[GenerationEvent]:
+        """Extend `seq` by `prompt`, then generate. Yields PREFILL_TICK after every prefill chunk
+        but the last (so a scheduler can interleave other work), one event per generated token,
+        then a closing event. Every token is fed to `seq` except the last one sampled (EOS
+        included), which the caller feeds first if the sequence continues."""
+        self.check_fits(len(seq), prompt)
         sampler = Sampler(params)
         text = TextStream(self.tokenizer, params.stop)
         eos = frozenset() if params.ignore_eos else self.loaded.eos_token_ids
-        budget = min(params.max_tokens, self.capacity - len(prompt))
-        logits = feed(self.model, self.pool, seq, prompt, self.chunk_size, progress=progress)
+        for start in range(0, len(prompt), self.chunk_size):
+            chunk = prompt[start : start + self.chunk_size]
+            logits = feed(self.model, self.pool, seq, chunk, self.chunk_size)
+            if progress is not None:
+                progress(start + len(chunk), len(prompt))
+            if start + len(chunk) < len(prompt):
+                yield PREFILL_TICK
+        budget = min(params.max_tokens, self.capacity - len(seq))
         for step in range(budget):
             token = int(sampler(logits)[0])
             if token in eos:

@@ -169,7 +169,7 @@ class Sequence:
         if evicted and state is not None and state.memory is not None:
             state.memory = EvictedMemory.load(store, prefix)
             if state.memory.tokens != evicted * B:
-                raise ValueError(f"memory holds {state.memory.tokens} tokens, the table evicted {evicted * B}")
+                raise ValueError(f"memory holds {state.memory.tokens} tokens, {evicted * B} were evicted")
         pages = self.table.adopt(blocks, length, evicted, int(meta["evicted_until"]))
         if pages:
             kv = torch.stack([from_bytes(p, torch.float32, (2, L, B, H, d)) for p in payloads if p], 2)

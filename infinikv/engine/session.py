@@ -1,0 +1,185 @@
+"""A session: one long conversation or document collection bound to a persistent sequence.
+
+Only new turns arrive; the history lives in the sequence's resident window and memory. A
+session is saved to the block store after every request (incrementally: new blocks, token
+history, chat state), so it can leave the page pool when idle (`park`) and come back after a
+restart of the server.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from infinikv.engine.generator import Generator
+from infinikv.engine.sequence import Sequence
+from infinikv.memory.index import CorruptSnapshotError
+from infinikv.memory.store import BlockStore
+
+SESSION_NAMESPACE = "ikv:session:"
+
+
+def session_prefix(session_id: str) -> str:
+    return f"{SESSION_NAMESPACE}{session_id}:"
+
+
+@dataclass
+class DocumentSpan:
+    """Where an ingested document sits in the session's token history."""
+
+    id: str
+    name: str
+    start: int
+    end: int
+
+
+@dataclass
+class Session:
+    id: str
+    owner: str  # a hash of the API key that created it ("" without auth)
+    created: float = field(default_factory=time.time)
+    seq: Sequence | None = None  # None while parked (only in the store)
+    # Tokens sampled but not fed yet: the last token of the previous generation.
+    pending: list[int] = field(default_factory=list)
+    messages: list[dict[str, str]] = field(default_factory=list)  # chat turns, for the template
+    chat_text: str = ""  # the chat-template text the sequence holds so far
+    documents: list[DocumentSpan] = field(default_factory=list)
+    last_used: float = field(default_factory=time.monotonic)
+    saved_tokens: int = 0  # tokens of the sequence in the store (what a parked session holds)
+
+    @property
+    def prefix(self) -> str:
+        return session_prefix(self.id)
+
+    @property
+    def tokens(self) -> int:
+        """Tokens in the session's history, the pending one included."""
+        return (len(self.seq) if self.seq is not None else self.saved_tokens) + len(self.pending)
+
+    # ---- prompts for a new turn -------------------------------------------------------------
+
+    def chat_prompt(self, generator: Generator, new_messages: list[dict[str, str]]) -> list[int]:
+        """Tokens for new chat messages: the chat template rendered over the whole conversation,
+        minus the text the sequence already holds (so the template's turn markers and system
+        prompt appear once, where a full rendering would put them)."""
+        full = generator.chat_text([*self.messages, *new_messages])
+        common = _common_prefix_len(full, self.chat_text)
+        ids = generator.tokenizer(full[common:], add_special_tokens=False)["input_ids"]
+        return [*self.pending, *ids]
+
+    def completion_prompt(self, generator: Generator, text: str) -> list[int]:
+        """Tokens for raw text appended to the history (special tokens only on an empty one)."""
+        ids = generator.tokenizer(text, add_special_tokens=self.tokens == 0)["input_ids"]
+        return [*self.pending, *ids]
+
+    def after_chat(
+        self, generator: Generator, new_messages: list[dict[str, str]], ids: list[int], reply: str
+    ) -> None:
+        full = generator.chat_text([*self.messages, *new_messages])
+        self.chat_text = full + generator.tokenizer.decode(ids)
+        self.messages += [*new_messages, {"role": "assistant", "content": reply}]
+        self.pending = ids[-1:]
+
+    def after_completion(self, ids: list[int]) -> None:
+        self.pending = ids[-1:]
+
+    # ---- persistence ------------------------------------------------------------------------
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {
+                "id": self.id,
+                "owner": self.owner,
+                "created": self.created,
+                "pending": self.pending,
+                "messages": self.messages,
+                "chat_text": self.chat_text,
+                "documents": [vars(d) for d in self.documents],
+                "tokens": self.tokens,
+            }
+        ).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Session:
+        try:
+            data: dict[str, Any] = json.loads(raw)
+            made = cls(
+                id=str(data["id"]),
+                owner=str(data["owner"]),
+                created=float(data["created"]),
+                pending=[int(t) for t in data["pending"]],
+                messages=[{"role": str(m["role"]), "content": str(m["content"])} for m in data["messages"]],
+                chat_text=str(data["chat_text"]),
+                documents=[DocumentSpan(**d) for d in data["documents"]],
+            )
+            made.saved_tokens = int(data["tokens"]) - len(made.pending)
+        except (ValueError, KeyError, TypeError) as e:
+            raise CorruptSnapshotError(f"session record is corrupt: {e}") from e
+        return made
+
+    def save(self, store: BlockStore, index_snapshot: bool = False) -> None:
+        """Write what changed since the last save. Without `index_snapshot` the memory index is
+        not re-serialized: a load indexes the blocks evicted since the last snapshot again."""
+        if self.seq is not None:
+            self.seq.save(store, self.prefix, index_snapshot)
+            self.saved_tokens = len(self.seq)
+        store.put_many({f"{self.prefix}session": self.to_json()})
+
+    def park(self, store: BlockStore) -> None:
+        """Save everything and give the pages back; the session reloads on its next request."""
+        if self.seq is None:
+            return
+        self.save(store, index_snapshot=True)
+        self.seq.table.release()
+        self.seq = None
+
+    def warm(self, generator: Generator, store: BlockStore) -> Sequence:
+        """The session's sequence in pages, restored from the store if it was parked."""
+        if self.seq is None:
+            if self.saved_tokens == 0:
+                self.seq = generator.new_sequence(self.prefix)
+            else:
+                self.seq = Sequence.restore(
+                    generator.model, generator.pool, generator.long_context, store, self.prefix
+                )
+        self.last_used = time.monotonic()
+        return self.seq
+
+    def stats(self) -> dict[str, Any]:
+        seq = self.seq
+        resident = seq.table.resident if seq is not None else None
+        evicted = seq.table.evicted_blocks if seq is not None else None
+        memory = seq.long_state.memory if seq is not None and seq.long_state is not None else None
+        nbytes = 0
+        if seq is not None:
+            pool = seq.pool
+            per_page = 3 * pool.k[:, 0].numel() * pool.k.element_size()
+            nbytes = len(seq.table.pages) * per_page
+        if memory is not None:
+            # keys and values in host RAM, plus the index's copy of the keys (float32)
+            L, _, H, d = memory.keys.shape
+            per_token = L * H * d
+            nbytes += memory.tokens * per_token * (2 * memory.keys.element_size() + 4)
+        return {
+            "id": self.id,
+            "object": "session",
+            "created": int(self.created),
+            "tokens": self.tokens,
+            "loaded": seq is not None,
+            "resident_tokens": resident,
+            "evicted_blocks": evicted,
+            "memory_tokens": memory.tokens if memory is not None else 0,
+            "bytes": nbytes,
+            "documents": [vars(d) for d in self.documents],
+            "turns": sum(1 for m in self.messages if m["role"] == "user"),
+        }
+
+
+def _common_prefix_len(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
