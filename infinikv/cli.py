@@ -72,24 +72,34 @@ def _build_parser() -> ArgumentParser:
     lc.add_argument(
         "--redis-cluster", action="store_true", default=None, help="--redis-url is a Redis Cluster node"
     )
-    s = common.add_argument_group("sampling")
+    common.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sampling = ArgumentParser(add_help=False)
+    s = sampling.add_argument_group("sampling")
     s.add_argument("--max-tokens", type=_positive_int, default=256)
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     s.add_argument("--top-p", type=float, default=1.0)
     s.add_argument("--top-k", type=int, default=0)
     s.add_argument("--seed", type=int)
     s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    common.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
 
     parser = ArgumentParser(prog=PROG, description="Long-context LLM generation.")
     sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", parents=[common], help="complete one prompt")
+    gen = sub.add_parser("generate", parents=[common, sampling], help="complete one prompt")
     gen.add_argument("prompt", help="the prompt text (the question, with --file)")
     gen.add_argument("--file", help="a text file read before the prompt (a document, a book)")
     gen.add_argument(
         "--chat-template", action="store_true", help="wrap the prompt as one user turn of the chat template"
     )
-    sub.add_parser("chat", parents=[common], help="interactive chat (/reset, /exit)")
+    sub.add_parser("chat", parents=[common, sampling], help="interactive chat (/reset, /exit)")
+    srv = sub.add_parser("serve", parents=[common], help="OpenAI-compatible HTTP server")
+    srv.add_argument("--host", help="address to listen on (default: 127.0.0.1)")
+    srv.add_argument("--port", type=int, help="port (default: 8000)")
+    srv.add_argument("--served-model-name", help="model id in the API")
+    srv.add_argument("--api-keys", help="comma-separated Bearer keys (default: no auth)")
+    srv.add_argument("--slots", type=_positive_int, help="sequences the KV pool holds at once")
+    srv.add_argument("--max-queue", type=_positive_int, help="queued requests before 429")
+    srv.add_argument("--max-body-bytes", type=_positive_int, help="largest request body")
+    srv.add_argument("--max-tokens-limit", type=_positive_int, help="largest max_tokens of a request")
     return parser
 
 
@@ -187,9 +197,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
+        settings = _settings(args)
+        if args.command == "serve":
+            from infinikv.service.server import serve
+
+            serve(settings)
+            return 0
         text = _prompt_text(args) if args.command == "generate" else ""
         params = _sampling(args)
-        settings = _settings(args)
         from infinikv.service.runtime import build_generator
 
         generator = build_generator(settings)

@@ -165,17 +165,20 @@ class Engine:
         self._inbox.put(Task(run, handle, session_id, owner, needs_sequence))
         return handle
 
-    def call_blocking(self, fn: Callable[[Engine], Any], timeout: float | None = None) -> Any:
-        """Run fn(engine) on the worker between steps and return its result (or raise its error)."""
-        handle = self.submit(_call(fn), TaskHandle())
+    def call_blocking(
+        self, fn: Callable[[Engine], Any], timeout: float | None = None, session_id: str | None = None
+    ) -> Any:
+        """Run fn(engine) on the worker between steps and return its result (or raise its error);
+        with `session_id`, after the work queued on that session."""
+        handle = self.submit(_call(fn), TaskHandle(), session_id)
         out = handle.next_blocking(timeout)
         if isinstance(out, Failed):
             raise out.error
         assert isinstance(out, Finished)
         return out.value
 
-    async def call(self, fn: Callable[[Engine], Any]) -> Any:
-        handle = self.submit(_call(fn), TaskHandle(asyncio.get_running_loop()))
+    async def call(self, fn: Callable[[Engine], Any], session_id: str | None = None) -> Any:
+        handle = self.submit(_call(fn), TaskHandle(asyncio.get_running_loop()), session_id)
         out = await handle.next()
         if isinstance(out, Failed):
             raise out.error

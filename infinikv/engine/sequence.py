@@ -97,7 +97,6 @@ class Sequence:
             state.memory.add_blocks([block for block, _ in victims], self.pool.k[:, idx], self.pool.v[:, idx])
         self.pool.free(pages)
 
-
     def save(self, store: BlockStore, prefix: str, index_snapshot: bool) -> None:
         """Write this sequence to `store` under `prefix`, incrementally: resident blocks not yet
         there (a full block once, the partial last block every time), the token history and the

@@ -13,6 +13,7 @@ from infinikv.memory.index import CorruptSnapshotError, MemoryIndex, entry_id, s
 from infinikv.memory.payload import block_key, from_bytes, to_bytes
 from infinikv.memory.store import BlockStore
 
+
 class EvictedMemory:
     """Keys (before RoPE) and values of evicted blocks, for every layer.
 
@@ -122,7 +123,9 @@ class EvictedMemory:
                 payloads = store.get_many([block_key(prefix, b) for b in range(first, first + total)])
                 if any(p is None for p in payloads):
                     raise ValueError("a block payload is missing")
-                kv = torch.stack([from_bytes(p, dtype, (2, L, B, H, d)) for p in payloads if p is not None], 2)
+                kv = torch.stack(
+                    [from_bytes(p, dtype, (2, L, B, H, d)) for p in payloads if p is not None], 2
+                )
                 made.first_block = first
                 made._grow(total * B)
                 made.keys[:, : total * B] = kv[0].flatten(1, 2)
@@ -143,7 +146,9 @@ class EvictedMemory:
         if not blocks:
             return
         B = self.page_size
-        rows = slice((blocks[0] - (self.first_block or 0)) * B, (blocks[-1] + 1 - (self.first_block or 0)) * B)
+        rows = slice(
+            (blocks[0] - (self.first_block or 0)) * B, (blocks[-1] + 1 - (self.first_block or 0)) * B
+        )
         ids = entry_id(torch.tensor(blocks).repeat_interleave(B), torch.arange(B).repeat(len(blocks)))
         for layer in range(self.keys.shape[0]):
             self.index.add(layer, self.keys[layer, rows], ids)

@@ -6,7 +6,12 @@ from __future__ import annotations
 
 import torch
 
-_BITS = {torch.int32: torch.int32, torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+_BITS = {
+    torch.int32: torch.int32,
+    torch.float32: torch.int32,
+    torch.bfloat16: torch.int16,
+    torch.float16: torch.int16,
+}
 
 
 def to_bytes(t: torch.Tensor) -> bytes:

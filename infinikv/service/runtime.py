@@ -14,7 +14,7 @@ from infinikv.service.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def build_generator(settings: Settings) -> Generator:
+def build_generator(settings: Settings, slots: int = 1) -> Generator:
     """Model + generator from settings; an unreachable Redis fails here, before the model loads."""
     store = open_store(settings.redis_url, settings.redis_cluster)
     if settings.threads:
@@ -36,4 +36,5 @@ def build_generator(settings: Settings) -> Generator:
         chunk_size=settings.chunk_size,
         long_context=settings.long_context_config(loaded.config.max_position_embeddings),
         store=store,
+        slots=slots,
     )

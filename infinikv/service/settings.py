@@ -49,6 +49,29 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     redis_cluster: bool = False
 
+    # The HTTP server (infinikv serve).
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    served_model_name: str | None = Field(None, description="model id in the API; default: from --model")
+    api_keys: str | None = Field(None, description="comma-separated Bearer keys; unset: no auth")
+    # Sequences the KV pool holds at once: running stateless requests plus loaded sessions
+    # (idle sessions beyond that are parked to the block store).
+    slots: int = Field(4, ge=1, le=256)
+    max_queue: int = Field(64, ge=1, description="requests waiting for the engine before 429")
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="largest request body (documents)")
+    max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
+    default_max_tokens: int = Field(256, ge=1)
+
+    @property
+    def api_key_list(self) -> list[str]:
+        return [k.strip() for k in (self.api_keys or "").split(",") if k.strip()]
+
+    @property
+    def model_id(self) -> str:
+        if self.served_model_name:
+            return self.served_model_name
+        return Path(self.model).stem if self.model else "SmolLM2-135M-Instruct"
+
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]

@@ -1,0 +1,100 @@
+"""Request bodies of the OpenAI-compatible API (what the official `openai` client sends), with
+the limits we enforce. Unknown fields are ignored, as OpenAI-compatible servers do; fields
+we cannot honour when set (n > 1, logprobs, echo) are refused by name."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from infinikv.engine.sampling import SamplingParams
+
+# A session id as we mint them (sess_ + 32 hex digits); any other string is not found.
+SESSION_ID = r"^[A-Za-z0-9_\-]{1,64}$"
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def as_template_message(self) -> dict[str, str]:
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class GenerationRequest(BaseModel):
+    """Fields shared by chat and text completions."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: Literal[1] = 1
+    logprobs: Literal[False, None] = None
+    session_id: str | None = Field(None, pattern=SESSION_ID, description="append to this session")
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: str | list[str] | None) -> str | list[str] | None:
+        stops = [v] if isinstance(v, str) else (v or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("stop takes up to 4 non-empty strings")
+        return v
+
+    def sampling(self, default_max_tokens: int, limit: int) -> SamplingParams:
+        wanted = self.max_completion_tokens or self.max_tokens or default_max_tokens
+        if wanted > limit:
+            raise ValueError(f"max_tokens={wanted} exceeds this server's limit of {limit}")
+        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        return SamplingParams(
+            max_tokens=wanted,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+            stop=tuple(stops),
+        )
+
+
+class ChatCompletionRequest(GenerationRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class CompletionRequest(GenerationRequest):
+    prompt: str | list[str]
+    echo: Literal[False, None] = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v: str | list[str]) -> str | list[str]:
+        texts = [v] if isinstance(v, str) else v
+        if len(texts) != 1 or not texts[0]:
+            raise ValueError("prompt must be one non-empty string")
+        return v
+
+    @property
+    def text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+class DocumentText(BaseModel):
+    text: str = Field(min_length=1)
+    name: str = Field("document", max_length=256)
