@@ -75,7 +75,7 @@ def run_cell(mode: str, length: int, depths: int) -> dict:
                 )
                 t2 = time.perf_counter()
             answer = tokenizer.decode(out[0, len(case.prompt) :], skip_special_tokens=True)
-            hits += found(case, answer)
+            hits += found(case.key, answer)
             decode.append((NEW_TOKENS - 1) / max(1e-9, (t2 - t1) - (t1 - t0)))
     else:
         from infinikv.engine import Generator, SamplingParams
@@ -85,7 +85,7 @@ def run_cell(mode: str, length: int, depths: int) -> dict:
         gen = Generator(loaded, max_seq_len=64, long_context=long_context_config(mode, length))
         for case in cases:
             result = gen.generate(case.prompt, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))
-            hits += found(case, result.text)
+            hits += found(case.key, result.text)
             decode.append((len(result.token_ids) - 1) / result.decode_seconds)
     return {
         "mode": mode,

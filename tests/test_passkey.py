@@ -23,7 +23,7 @@ def accuracy(default_model, memory: bool) -> float:
     for seed, depth in enumerate(DEPTHS):
         case = passkey_case(default_model.tokenizer, PROMPT_TOKENS, depth, seed)
         answer = gen.generate(case.prompt, SamplingParams(max_tokens=8)).text
-        hits += found(case, answer)
+        hits += found(case.key, answer)
     return hits / len(DEPTHS)
 
 

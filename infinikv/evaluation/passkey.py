@@ -25,6 +25,13 @@ class PasskeyCase:
 
 def passkey_case(tokenizer: Any, length: int, depth: float, seed: int) -> PasskeyCase:
     """A prompt of about `length` tokens with a 5-digit key at `depth` of the filler."""
+    text, key = passkey_document(tokenizer, length, depth, seed)
+    return PasskeyCase(tokenizer(text + QUESTION, add_special_tokens=False)["input_ids"], key, depth)
+
+
+def passkey_document(tokenizer: Any, length: int, depth: float, seed: int) -> tuple[str, str]:
+    """(text, key): about `length` tokens, question included, with the key at `depth`; the
+    text stops before the question (QUESTION), which a caller asks separately."""
     key = str(random.Random(seed).randint(10000, 99999))
     needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
     enc = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
@@ -32,11 +39,10 @@ def passkey_case(tokenizer: Any, length: int, depth: float, seed: int) -> Passke
     budget = length - len(enc(INTRO)) - len(enc(needle)) - len(enc(QUESTION))
     repeats = max(1, budget // len(filler))
     before = round(repeats * depth)
-    text = INTRO + FILLER * before + needle + FILLER * (repeats - before) + QUESTION
-    return PasskeyCase(enc(text), key, depth)
+    return INTRO + FILLER * before + needle + FILLER * (repeats - before), key
 
 
-def found(case: PasskeyCase, answer: str) -> bool:
+def found(key: str, answer: str) -> bool:
     """The first number in the answer is the key."""
     match = re.search(r"\d+", answer)
-    return match is not None and match.group() == case.key
+    return match is not None and match.group() == key

@@ -1,0 +1,171 @@
+"""HTTP service throughput on loopback, beside the in-process engine as the reference.
+
+* Streaming chat requests from 1, 4 and 16 concurrent `openai` clients: requests/s, time to
+  first token (p50/p95), generated tokens/s; and one in-process Generator.generate of the
+  same request, so the HTTP + scheduling overhead shows as a ratio.
+* Ingestion of a ~100k-token document into a session (POST /v1/sessions/{id}/documents,
+  polled to completion): tokens/s, beside prefilling the same tokens into an in-process
+  sequence.
+
+Run from the repository root (it starts `infinikv serve` through tests/server_process.py):
+    python benchmarks/bench_service.py [--ingest-tokens 100000] [--out benchmarks/results/service.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import openai
+import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from infinikv.engine.sampling import SamplingParams  # noqa: E402
+from infinikv.engine.sequence import feed  # noqa: E402
+from infinikv.evaluation.passkey import FILLER  # noqa: E402
+from infinikv.service.runtime import build_generator  # noqa: E402
+from infinikv.service.settings import Settings  # noqa: E402
+from tests.server_process import infinikv_server  # noqa: E402
+
+MODEL = "SmolLM2-135M-Instruct"
+MESSAGES = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
+MAX_TOKENS = 32
+
+
+def one_stream(c: openai.OpenAI) -> tuple[float, float, int]:
+    """(time to first token, total seconds, tokens) of one streaming chat request."""
+    t0 = time.perf_counter()
+    first = None
+    tokens = 0
+    stream = c.chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    for chunk in stream:
+        if first is None and chunk.choices and chunk.choices[0].delta.content:
+            first = time.perf_counter()
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    end = time.perf_counter()
+    return (first or end) - t0, end - t0, tokens
+
+
+def concurrency(base: str, clients: int, per_client: int) -> dict:
+    results: list[tuple[float, float, int]] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        c = openai.OpenAI(base_url=f"{base}/v1", api_key="bench", max_retries=0, timeout=600)
+        for _ in range(per_client):
+            r = one_stream(c)
+            with lock:
+                results.append(r)
+
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    ttft = sorted(r[0] for r in results)
+    return {
+        "clients": clients,
+        "requests": len(results),
+        "requests_per_s": len(results) / elapsed,
+        "ttft_p50_s": statistics.median(ttft),
+        "ttft_p95_s": ttft[min(len(ttft) - 1, round(0.95 * (len(ttft) - 1)))],
+        "generated_tokens_per_s": sum(r[2] for r in results) / elapsed,
+    }
+
+
+def ingest(base: str, text: str) -> dict:
+    session = requests.post(f"{base}/v1/sessions", timeout=30).json()["id"]
+    t0 = time.perf_counter()
+    job = requests.post(f"{base}/v1/sessions/{session}/documents", json={"text": text}, timeout=60).json()
+    for _ in range(100_000):  # bounded poll
+        job = requests.get(f"{base}/v1/jobs/{job['id']}", timeout=30).json()
+        if job["status"] not in ("queued", "running"):
+            break
+        time.sleep(0.5)
+    elapsed = time.perf_counter() - t0
+    assert job["status"] == "succeeded", job
+    requests.delete(f"{base}/v1/sessions/{session}", timeout=60)
+    return {"tokens": job["total_tokens"], "seconds": elapsed, "tokens_per_s": job["total_tokens"] / elapsed}
+
+
+def in_process(settings: Settings, text: str) -> dict:
+    """The reference: the same chat request and the same document prefill without HTTP."""
+    gen = build_generator(settings)
+    prompt = gen.encode_chat(MESSAGES)
+    gen.generate(prompt, SamplingParams(max_tokens=4))  # warm-up
+    t0 = time.perf_counter()
+    out = gen.generate(prompt, SamplingParams(max_tokens=MAX_TOKENS))
+    request_s = time.perf_counter() - t0
+    ids = gen.tokenizer(text, add_special_tokens=False)["input_ids"]
+    seq = gen.new_sequence("bench:")
+    t0 = time.perf_counter()
+    for start in range(0, len(ids), gen.chunk_size):  # the chunking ingestion uses
+        feed(gen.model, gen.pool, seq, ids[start : start + gen.chunk_size], gen.chunk_size)
+    ingest_s = time.perf_counter() - t0
+    seq.release()
+    return {
+        "ttft_s": out.prefill_seconds,
+        "request_s": request_s,
+        "generated_tokens_per_s": len(out.token_ids) / request_s,
+        "ingest_tokens": len(ids),
+        "ingest_tokens_per_s": len(ids) / ingest_s,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ingest-tokens", type=int, default=100_000)
+    ap.add_argument("--per-client", type=int, default=2, help="requests per client")
+    ap.add_argument("--out", default="benchmarks/results/service.json")
+    args = ap.parse_args()
+
+    # ~22 tokens per FILLER repetition for the default tokenizer.
+    text = FILLER * (args.ingest_tokens // 22)
+    settings = Settings()
+    reference = in_process(settings, text)
+    print(f"in-process: {json.dumps(reference)}", flush=True)
+    with tempfile.TemporaryDirectory() as logs, infinikv_server(Path(logs)) as base:
+        one_stream(openai.OpenAI(base_url=f"{base}/v1", api_key="bench"))  # warm-up
+        rows = [concurrency(base, n, args.per_client) for n in (1, 4, 16)]
+        for row in rows:
+            print(json.dumps(row), flush=True)
+        ingestion = ingest(base, text)
+        print(f"ingestion: {json.dumps(ingestion)}", flush=True)
+
+    print(f"\n| clients | req/s | TTFT p50 | TTFT p95 | gen tok/s | vs in-process ({MAX_TOKENS} tokens) |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        ratio = r["generated_tokens_per_s"] / reference["generated_tokens_per_s"]
+        print(
+            f"| {r['clients']} | {r['requests_per_s']:.2f} | {r['ttft_p50_s'] * 1000:.0f} ms | "
+            f"{r['ttft_p95_s'] * 1000:.0f} ms | {r['generated_tokens_per_s']:.1f} | {ratio:.2f}x |"
+        )
+    print(
+        f"\ningestion of {ingestion['tokens']} tokens: {ingestion['tokens_per_s']:.0f} tok/s over HTTP, "
+        f"{reference['ingest_tokens_per_s']:.0f} tok/s in-process "
+        f"({ingestion['tokens_per_s'] / reference['ingest_tokens_per_s']:.2f}x)"
+    )
+    Path(args.out).write_text(
+        json.dumps({"in_process": reference, "concurrency": rows, "ingestion": ingestion}, indent=2)
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""The HTTP service as users meet it: a real `infinikv serve` process on loopback with the real
+default model and a real redis-server, driven by the official `openai` client and raw HTTP."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import signal
+import time
+
+import openai
+import pytest
+import requests
+
+from infinikv.evaluation.passkey import QUESTION, found, passkey_document
+
+from .redis_server import redis_server
+from .server_process import infinikv_server
+
+pytestmark = [pytest.mark.slow, pytest.mark.redis]
+
+KEY_A, KEY_B = "key-a-secret", "key-b-secret"
+# A small resident window, so ingested documents and long conversations go through memory.
+LONG_CONTEXT = ["--resident", "512", "--window", "128"]
+LIMITS = ["--max-tokens-limit", "64", "--max-body-bytes", "1000000", "--slots", "3"]
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    with redis_server(tmp_path_factory.mktemp("redis")) as port:
+        yield f"redis://127.0.0.1:{port}/0"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, redis_url):
+    args = [*LONG_CONTEXT, *LIMITS, "--redis-url", redis_url, "--api-keys", f"{KEY_A},{KEY_B}"]
+    with infinikv_server(tmp_path_factory.mktemp("server"), *args) as base:
+        yield base
+
+
+def client(base: str, key: str = KEY_A) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def auth(key: str = KEY_A) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def new_session(base: str, key: str = KEY_A) -> str:
+    r = requests.post(f"{base}/v1/sessions", headers=auth(key), timeout=30)
+    assert r.status_code == 201, r.text
+    return str(r.json()["id"])
+
+
+def ingest(base: str, session: str, text: str, key: str = KEY_A, as_file: bool = True) -> dict:
+    """Upload a document and wait (bounded) for its ingestion job to finish."""
+    url = f"{base}/v1/sessions/{session}/documents"
+    if as_file:
+        r = requests.post(url, headers=auth(key), files={"file": ("book.txt", text.encode())}, timeout=30)
+    else:
+        r = requests.post(url, headers=auth(key), json={"text": text, "name": "notes"}, timeout=30)
+    assert r.status_code == 202, r.text
+    job = r.json()
+    for _ in range(600):
+        job = requests.get(f"{base}/v1/jobs/{job['id']}", headers=auth(key), timeout=30).json()
+        if job["status"] not in ("queued", "running"):
+            break
+        time.sleep(0.2)
+    assert job["status"] == "succeeded", job
+    return job
+
+
+def ask_passkey(base: str, session: str, key: str = KEY_A) -> str:
+    out = client(base, key).completions.create(
+        model="SmolLM2-135M-Instruct",
+        prompt=QUESTION,
+        max_tokens=8,
+        temperature=0,
+        extra_body={"session_id": session},
+    )
+    return out.choices[0].text
+
+
+def test_openai_client_chat_and_completions_stream_and_not(server) -> None:
+    c = client(server)
+    assert [m.id for m in c.models.list().data] == ["SmolLM2-135M-Instruct"]
+    chat = c.chat.completions.create(
+        model="SmolLM2-135M-Instruct",
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=16,
+        temperature=0,
+    )
+    assert chat.object == "chat.completion" and chat.choices[0].message.role == "assistant"
+    assert "Paris" in chat.choices[0].message.content
+    assert chat.usage.completion_tokens <= 16 and chat.usage.prompt_tokens > 5
+
+    chunks = list(
+        c.chat.completions.create(
+            model="SmolLM2-135M-Instruct",
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=16,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert streamed == chat.choices[0].message.content  # greedy: same text, streamed or not
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == chat.usage.total_tokens
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == chat.choices[0].finish_reason
+
+    capital = dict(model="SmolLM2-135M-Instruct", prompt="The capital of France is", max_tokens=4)
+    text = c.completions.create(**capital, temperature=0, stop=["."])
+    assert text.choices[0].text.strip().startswith("Paris") and "." not in text.choices[0].text
+    assert text.choices[0].finish_reason == "stop"
+    pieces = c.completions.create(**capital, temperature=0, stream=True)
+    assert "".join(p.choices[0].text for p in pieces).strip().startswith("Paris")
+
+
+def test_bad_requests_get_clear_4xx_and_the_server_keeps_serving(server) -> None:
+    url = f"{server}/v1/chat/completions"
+    ok_body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    as_json = {**auth(), "content-type": "application/json"}
+    cases = [
+        (dict(data=b"{not json", headers=as_json), 400, "not valid JSON"),
+        (dict(json={"messages": "hi"}), 400, "messages"),
+        (dict(json={**ok_body, "temperature": "hot"}), 400, "temperature"),
+        (dict(json={**ok_body, "max_tokens": 10_000}), 400, "exceeds this server's limit of 64"),
+        (dict(json={**ok_body, "n": 2}), 400, "n"),
+        (dict(json={**ok_body, "model": "gpt-9"}), 404, "not served here"),
+        (dict(json={**ok_body, "session_id": "sess_nope"}), 404, "not found"),
+        (dict(data=b"x" * 2_000_000, headers=as_json), 413, "limit"),
+    ]
+    for kwargs, status, words in cases:
+        kwargs.setdefault("headers", auth())
+        r = requests.post(url, timeout=30, **kwargs)
+        assert r.status_code == status, (kwargs.get("json"), r.text)
+        assert words in r.json()["error"]["message"]
+    r = requests.post(f"{server}/v1/completions", json={"prompt": "hi"}, timeout=30)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert requests.get(f"{server}/v1/sessions/sess_nope", headers=auth(), timeout=30).status_code == 404
+    assert requests.post(url, json=ok_body, headers=auth(), timeout=60).status_code == 200
+    assert requests.get(f"{server}/health", timeout=5).json()["status"] == "ok"
+
+
+def test_sessions_belong_to_their_key_and_delete_really_deletes(server, redis_url) -> None:
+    import redis
+
+    session = new_session(server)
+    ingest(server, session, "The secret color is teal. " * 60, as_file=False)
+    stats = requests.get(f"{server}/v1/sessions/{session}", headers=auth(), timeout=30).json()
+    assert stats["tokens"] > 300 and stats["documents"][0]["name"] == "notes"
+    listed = requests.get(f"{server}/v1/sessions", headers=auth(), timeout=30).json()["data"]
+    assert session in [s["id"] for s in listed]
+
+    for method in ("get", "delete"):
+        r = requests.request(method, f"{server}/v1/sessions/{session}", headers=auth(KEY_B), timeout=30)
+        assert r.status_code == 404
+    with pytest.raises(openai.NotFoundError):
+        client(server, KEY_B).chat.completions.create(
+            model="SmolLM2-135M-Instruct",
+            messages=[{"role": "user", "content": "What is the secret color?"}],
+            extra_body={"session_id": session},
+        )
+    assert session not in [
+        s["id"] for s in requests.get(f"{server}/v1/sessions", headers=auth(KEY_B), timeout=30).json()["data"]
+    ]
+
+    r_client = redis.Redis.from_url(redis_url)
+    assert list(r_client.scan_iter(match=f"ikv:session:{session}:*"))  # blocks, tokens, record
+    deleted = requests.delete(f"{server}/v1/sessions/{session}", headers=auth(), timeout=30).json()
+    assert deleted["deleted"] and deleted["store_keys_deleted"] > 3
+    assert list(r_client.scan_iter(match=f"ikv:session:{session}:*")) == []
+    assert requests.get(f"{server}/v1/sessions/{session}", headers=auth(), timeout=30).status_code == 404
+
+
+def test_a_book_ingested_into_a_session_is_answered_from_memory(server, tokenizer) -> None:
+    """~3000 tokens through a 512-token resident window: the key is only in the kNN memory."""
+    hits = 0
+    depths = [0.1, 0.4, 0.7]
+    for seed, depth in enumerate(depths):
+        text, key = passkey_document(tokenizer, 3000, depth, seed=100 + seed)
+        session = new_session(server)
+        job = ingest(server, session, text)
+        assert job["total_tokens"] > 2800 and job["done_tokens"] == job["total_tokens"]
+        stats = requests.get(f"{server}/v1/sessions/{session}", headers=auth(), timeout=30).json()
+        assert stats["memory_tokens"] > 2000 and stats["resident_tokens"] <= 512
+        hits += found(key, ask_passkey(server, session))
+    assert hits == len(depths)
+
+
+def test_concurrent_clients_do_not_leak_across_sessions(server, tokenizer) -> None:
+    """Four clients at once, more than the pool's 3 slots: sessions park and come back."""
+    docs = [passkey_document(tokenizer, 1500, 0.3, seed=200 + i) for i in range(4)]
+    sessions = [new_session(server) for _ in docs]
+
+    def one(i: int) -> tuple[str, str]:
+        ingest(server, sessions[i], docs[i][0])
+        return docs[i][1], ask_passkey(server, sessions[i])
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(one, range(4)))
+    keys = [key for key, _ in results]
+    for key, answer in results:
+        assert found(key, answer), (key, answer)
+        assert not any(other in answer for other in keys if other != key)
+
+
+def test_a_thirty_turn_conversation_recalls_its_first_turn(server) -> None:
+    """Only each new turn is sent; the first one has left the 512-token window long before the
+    question, so the fact comes back through the session's memory."""
+    c, session = client(server), new_session(server)
+
+    def turn(text: str, max_tokens: int = 24) -> str:
+        out = c.completions.create(
+            model="SmolLM2-135M-Instruct",
+            prompt=text,
+            max_tokens=max_tokens,
+            temperature=0,
+            stop=["\n"],
+            extra_body={"session_id": session},
+        )
+        return out.choices[0].text
+
+    turn("User: Remember this: my pass key is 48213.\nAssistant:")
+    topics = ["the weather", "pasta", "Rome", "the piano", "my cat", "gardening", "running"]
+    for i in range(28):
+        turn(f"\nUser: Tell me something about {topics[i % len(topics)]}.\nAssistant:")
+    stats = requests.get(f"{server}/v1/sessions/{session}", headers=auth(), timeout=30).json()
+    assert stats["evicted_blocks"] > 0 and stats["tokens"] > 1024
+    assert found("48213", turn("\nUser: What is my pass key?\nAssistant: Your pass key is", 8))
+
+
+def test_restart_recovers_sessions_from_redis(tmp_path, redis_url, tokenizer) -> None:
+    """Kill -9 after ingestion and a turn; a new process answers from the session's memory."""
+    args = [*LONG_CONTEXT, *LIMITS, "--redis-url", redis_url]
+    text, key = passkey_document(tokenizer, 2000, 0.2, seed=300)
+    with infinikv_server(tmp_path, *args, stop_signal=signal.SIGKILL) as base:
+        session = new_session(base, key="")
+        ingest(base, session, text, key="")
+        client(base, "none").completions.create(
+            model="SmolLM2-135M-Instruct",
+            prompt="\nThe weather today is",
+            max_tokens=4,
+            extra_body={"session_id": session},
+        )
+        before = requests.get(f"{base}/v1/sessions/{session}", timeout=30).json()
+    with infinikv_server(tmp_path, *args) as base:
+        after = requests.get(f"{base}/v1/sessions/{session}", timeout=30).json()
+        assert after["tokens"] == before["tokens"] and not after["loaded"]
+        assert found(key, ask_passkey(base, session, key="none"))
+        assert requests.get(f"{base}/v1/sessions/{session}", timeout=30).json()["memory_tokens"] > 1000
