@@ -122,7 +122,7 @@ def run_ingest(job: IngestJob, text: str) -> StepFn:
         session = engine.session(job.session_id, task.owner)
         assert session.seq is not None, "the scheduler loads a session before its task runs"
         seq = task.seq = session.seq
-        ids = session.completion_prompt(gen, text.rstrip() + "\n\n")
+        ids = session.completion_prompt(gen, text)
         gen.check_fits(len(seq), ids)
         job.status, job.total_tokens = "running", len(ids)
         start = len(seq)

@@ -61,7 +61,7 @@ class GenerationRequest(BaseModel):
         return v
 
     def sampling(self, default_max_tokens: int, limit: int) -> SamplingParams:
-        wanted = self.max_completion_tokens or self.max_tokens or default_max_tokens
+        wanted = self.max_completion_tokens or self.max_tokens or min(default_max_tokens, limit)
         if wanted > limit:
             raise ValueError(f"max_tokens={wanted} exceeds this server's limit of {limit}")
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
