@@ -119,3 +119,11 @@ def test_redis_cluster_three_nodes(tmp_path) -> None:
         )
         assert mem.delete() == 42 and store.keys("sess:c:") == []
         store.close()
+
+
+def test_a_redis_that_goes_away_is_a_clear_store_error(tmp_path) -> None:
+    with redis_server(tmp_path) as port:
+        store = RedisBlockStore(f"redis://127.0.0.1:{port}/0")
+        store.put_many({"k": b"v"})
+    with pytest.raises(StoreUnavailableError, match=f"Redis at redis://127.0.0.1:{port}/0 failed"):
+        store.get_many(["k"])

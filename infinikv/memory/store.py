@@ -4,7 +4,9 @@ attention never reads it per token; it takes evicted blocks and snapshots."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 from typing import Protocol
 
 from infinikv.errors import InfinikvError
@@ -88,7 +90,33 @@ class RedisBlockStore:
             raise StoreUnavailableError(f"cannot reach Redis at {url}: {e}") from e
         self._cluster = cluster
 
+    @contextlib.contextmanager
+    def _reachable(self) -> Iterator[None]:
+        """Redis failures (after the retries) as StoreUnavailableError naming the URL."""
+        import redis
+
+        try:
+            yield
+        except (redis.RedisError, OSError) as e:
+            raise StoreUnavailableError(f"Redis at {self.url} failed: {e}") from e
+
     def put_many(self, items: dict[str, bytes]) -> None:
+        with self._reachable():
+            self._put_many(items)
+
+    def get_many(self, keys: list[str]) -> list[bytes | None]:
+        with self._reachable():
+            return self._get_many(keys)
+
+    def keys(self, prefix: str) -> list[str]:
+        with self._reachable():
+            return self._keys(prefix)
+
+    def delete_prefix(self, prefix: str) -> int:
+        with self._reachable():
+            return self._delete_prefix(prefix)
+
+    def _put_many(self, items: dict[str, bytes]) -> None:
         names = list(items)
         for i in range(0, len(names), REDIS_BATCH):
             pipe = self._client.pipeline(transaction=False)
@@ -96,7 +124,7 @@ class RedisBlockStore:
                 pipe.set(name, items[name])
             pipe.execute()
 
-    def get_many(self, keys: list[str]) -> list[bytes | None]:
+    def _get_many(self, keys: list[str]) -> list[bytes | None]:
         out: list[bytes | None] = []
         for i in range(0, len(keys), REDIS_BATCH):
             pipe = self._client.pipeline(transaction=False)
@@ -105,12 +133,12 @@ class RedisBlockStore:
             out.extend(pipe.execute())
         return out
 
-    def keys(self, prefix: str) -> list[str]:
+    def _keys(self, prefix: str) -> list[str]:
         found = self._client.scan_iter(match=_glob_escape(prefix) + "*", count=REDIS_BATCH)
         return [k.decode() if isinstance(k, bytes) else k for k in found]
 
-    def delete_prefix(self, prefix: str) -> int:
-        names = self.keys(prefix)
+    def _delete_prefix(self, prefix: str) -> int:
+        names = self._keys(prefix)
         for i in range(0, len(names), REDIS_BATCH):
             pipe = self._client.pipeline(transaction=False)
             for name in names[i : i + REDIS_BATCH]:
