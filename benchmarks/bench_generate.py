@@ -30,7 +30,8 @@ def prompt_ids(tokenizer, length: int) -> list[int]:
 
 
 def run_infinikv(lengths: list[int], new_tokens: int, dtype: str, quantize: str) -> list[dict]:
-    from infinikv.engine import Generator, SamplingParams
+    from infinikv.engine.generator import Generator
+    from infinikv.engine.sampling import SamplingParams
     from infinikv.service.runtime import build_generator
     from infinikv.service.settings import Settings
 

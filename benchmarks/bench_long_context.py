@@ -78,7 +78,8 @@ def run_cell(mode: str, length: int, depths: int) -> dict:
             hits += found(case.key, answer)
             decode.append((NEW_TOKENS - 1) / max(1e-9, (t2 - t1) - (t1 - t0)))
     else:
-        from infinikv.engine import Generator, SamplingParams
+        from infinikv.engine.generator import Generator
+        from infinikv.engine.sampling import SamplingParams
         from infinikv.model.loader import load_model
 
         loaded = load_model(None, settings.cache_dir)

@@ -72,6 +72,10 @@ def _build_parser() -> ArgumentParser:
     lc.add_argument(
         "--redis-cluster", action="store_true", default=None, help="--redis-url is a Redis Cluster node"
     )
+    sp = common.add_argument_group("speculative decoding")
+    sp.add_argument("--draft", help="lookup | self:N (the first N layers) | model (with --draft-model)")
+    sp.add_argument("--draft-model", help="draft model sharing the tokenizer (directory, .gguf, hub id)")
+    sp.add_argument("--num-draft", type=_positive_int, help="most tokens drafted per step (default 8)")
     common.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sampling = ArgumentParser(add_help=False)
     s = sampling.add_argument_group("sampling")

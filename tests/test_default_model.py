@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from infinikv.engine import Generator, SamplingParams
+from infinikv.engine.generator import Generator
+from infinikv.engine.sampling import SamplingParams
 from infinikv.engine.sequence import Sequence, feed
 
 pytestmark = pytest.mark.slow

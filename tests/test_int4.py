@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from infinikv.engine import Generator, SamplingParams
+from infinikv.engine.generator import Generator
+from infinikv.engine.sampling import SamplingParams
 from infinikv.engine.sequence import Sequence, feed
 from infinikv.errors import UnsupportedModelError
 from infinikv.model.linear import INT4_GROUP, DenseLinear, Int4Linear

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from infinikv.engine import Generator, SamplingParams
+from infinikv.engine.generator import Generator
 from infinikv.engine.long_context import LongContextConfig
+from infinikv.engine.sampling import SamplingParams
 from infinikv.evaluation.passkey import found, passkey_case
 
 pytestmark = pytest.mark.slow

@@ -1,6 +1,2 @@
-"""Decoding: sampling, detokenization with stop strings, and the generation loop."""
-
-from infinikv.engine.generator import Generation, GenerationEvent, Generator
-from infinikv.engine.sampling import SamplingParams
-
-__all__ = ["Generation", "GenerationEvent", "Generator", "SamplingParams"]
+"""Decoding: sampling, detokenization with stop strings, sequences, the generation loop, and the
+worker that serves requests. Import from the submodules (this package imports nothing)."""

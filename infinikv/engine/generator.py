@@ -6,7 +6,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from infinikv.engine.detokenize import TextStream
@@ -16,6 +16,8 @@ from infinikv.engine.sequence import ProgressFn, Sequence, feed
 from infinikv.errors import InfinikvError
 from infinikv.memory.store import BlockStore
 from infinikv.model.loader import LoadedModel
+from infinikv.speculative.decoder import SpeculativeDecoder
+from infinikv.speculative.drafter import Drafter
 
 # With long-context memory a sequence has no length limit.
 UNBOUNDED = sys.maxsize
@@ -26,6 +28,7 @@ class GenerationEvent:
     text: str  # text that became final at this step (may be empty)
     token_id: int | None  # the token sampled at this step; None for the closing event
     finish_reason: str | None = None  # "stop" | "length" on the closing event
+    speculation: dict[str, float | int] | None = None  # drafting stats, on the closing event
 
 
 # Yielded by Generator.run between prefill chunks: no text, no token, not finished.
@@ -40,6 +43,7 @@ class Generation:
     prompt_tokens: int
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    speculation: dict[str, float | int] | None = None
 
 
 class Generator:
@@ -55,6 +59,8 @@ class Generator:
         long_context: LongContextConfig | None = None,
         store: BlockStore | None = None,
         slots: int = 1,
+        drafter_factory: Callable[[], Drafter] | None = None,
+        max_draft: int = 8,
     ):
         """max_seq_len bounds a sequence's length; with `long_context` there is no bound and a
         sequence holds at most its resident window plus one prefill chunk in pages. The pool
@@ -75,6 +81,8 @@ class Generator:
         self.chunk_size = chunk_size
         self.max_seq_len = max_seq_len
         self.slots = slots
+        # Speculative decoding: a fresh drafter per generation (it keeps per-sequence state).
+        self.drafter_factory, self.max_draft = drafter_factory, max_draft
         self.pool = self.model.new_page_pool(slots * pool_tokens, page_size, fill_value)
         self._lock = threading.Lock()
 
@@ -140,20 +148,39 @@ class Generator:
             if start + len(chunk) < len(prompt):
                 yield PREFILL_TICK
         budget = min(params.max_tokens, self.capacity - len(seq))
-        for step in range(budget):
-            token = int(sampler(logits)[0])
-            if token in eos:
-                yield GenerationEvent(text.flush(), None, "stop")
-                return
-            delta = text.push(token)
-            if text.stopped:
-                yield GenerationEvent(delta, token, None)
-                yield GenerationEvent("", None, "stop")
-                return
-            yield GenerationEvent(delta, token, None)
-            if step + 1 < budget:
-                logits = feed(self.model, self.pool, seq, [token], 1)
-        yield GenerationEvent(text.flush(), None, "length")
+        decoder = None
+        if self.drafter_factory is not None:
+            decoder = SpeculativeDecoder(self.model, self.drafter_factory(), sampler, params, self.max_draft)
+        # Sampled, not yet emitted: all but the last are already fed (accepted drafts).
+        pending = [int(sampler(logits)[0])]
+        emitted = 0
+        try:
+            while True:
+                for i, token in enumerate(pending):
+                    unneeded = len(pending) - 1 - i  # fed tokens after this one, if it ends the run
+                    finish = None
+                    if token in eos:
+                        seq.truncate(len(seq) - unneeded)
+                        yield GenerationEvent(text.flush(), None, "stop", _stats(decoder))
+                        return
+                    delta = text.push(token)
+                    emitted += 1
+                    yield GenerationEvent(delta, token, None)
+                    if text.stopped:
+                        finish, delta = "stop", ""
+                    elif emitted == budget:
+                        finish, delta = "length", text.flush()
+                    if finish is not None:
+                        seq.truncate(len(seq) - unneeded)
+                        yield GenerationEvent(delta, None, finish, _stats(decoder))
+                        return
+                if decoder is not None:
+                    pending = decoder.step(seq, pending[-1])
+                else:
+                    pending = [int(sampler(feed(self.model, self.pool, seq, [pending[-1]], 1))[0])]
+        finally:
+            if decoder is not None:
+                decoder.release()
 
     def generate(
         self, prompt: list[int], params: SamplingParams, progress: ProgressFn | None = None
@@ -164,6 +191,7 @@ class Generator:
         pieces: list[str] = []
         ids: list[int] = []
         reason = "length"
+        speculation = None
         for event in self.stream(prompt, params, progress):
             if first is None:
                 first = time.perf_counter()
@@ -171,7 +199,7 @@ class Generator:
             if event.token_id is not None:
                 ids.append(event.token_id)
             if event.finish_reason:
-                reason = event.finish_reason
+                reason, speculation = event.finish_reason, event.speculation
         end = time.perf_counter()
         first = first or end
         return Generation(
@@ -181,4 +209,9 @@ class Generator:
             prompt_tokens=len(prompt),
             prefill_seconds=first - t0,
             decode_seconds=end - first,
+            speculation=speculation,
         )
+
+
+def _stats(decoder: SpeculativeDecoder | None) -> dict[str, float | int] | None:
+    return None if decoder is None else decoder.stats.view()

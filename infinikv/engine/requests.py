@@ -32,6 +32,7 @@ class TurnResult:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    speculation: dict[str, float | int] | None = None  # drafting stats when a drafter ran
 
 
 def run_turn(turn: Turn) -> StepFn:
@@ -55,6 +56,7 @@ def run_turn(turn: Turn) -> StepFn:
         ids: list[int] = []
         pieces: list[str] = []
         reason = "length"
+        speculation = None
         try:
             event: GenerationEvent
             for event in gen.run(seq, prompt, turn.params):
@@ -62,13 +64,14 @@ def run_turn(turn: Turn) -> StepFn:
                     ids.append(event.token_id)
                 pieces.append(event.text)
                 reason = event.finish_reason or reason
+                speculation = event.speculation or speculation
                 yield event
         finally:
             if session is None:
                 seq.release()
             elif len(seq) > before:  # record the turn as far as it went (even if cancelled)
                 _record(engine, session, turn, ids, "".join(pieces))
-        return TurnResult("".join(pieces), reason, len(prompt), len(ids))
+        return TurnResult("".join(pieces), reason, len(prompt), len(ids), speculation)
 
     return run
 

@@ -193,17 +193,20 @@ def feed(
     chunk_size: int,
     all_logits: bool = False,
     progress: ProgressFn | None = None,
+    evict: bool = True,
 ) -> torch.Tensor:
     """Run `tokens` through the model in chunks of at most `chunk_size` (bounded activation
     memory for any length). Returns float32 logits: (len(tokens), V) if all_logits else (1, V)
-    for the last token."""
+    for the last token. `evict=False` for uncommitted (drafted) tokens: the caller truncates
+    the rejected ones, then calls `evict_overflow`."""
     if not tokens:
         raise ValueError("no tokens to feed")
     outs = []
     for start in range(0, len(tokens), chunk_size):
         chunk = tokens[start : start + chunk_size]
         outs.append(model(seq.extend_batch(chunk, all_logits), pool))
-        seq.evict_overflow()
+        if evict:
+            seq.evict_overflow()
         if progress is not None:
             progress(start + len(chunk), len(tokens))
     return torch.cat(outs) if all_logits else outs[-1]

@@ -106,15 +106,18 @@ class LlamaModel(nn.Module):
         )
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, pool: PagePool) -> torch.Tensor:
-        """Write the batch's keys/values into `pool` and return float32 logits (S, V)."""
+    def forward(self, batch: ForwardBatch, pool: PagePool, num_layers: int | None = None) -> torch.Tensor:
+        """Write the batch's keys/values into `pool` and return float32 logits (S, V).
+
+        With `num_layers`, only the first layers run, then the final norm and head: the
+        self-draft (it writes those layers' keys/values only)."""
         cfg = self.cfg
         N = batch.tokens.shape[0]
         Hq, Hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         D, eps = cfg.hidden_size, cfg.rms_norm_eps
         x = F.embedding(batch.tokens, self.embed)  # (N, D)
         phases = self.rope.at(batch.positions)  # (N, d/2), shared by all layers
-        for i, module in enumerate(self.layers):
+        for i, module in enumerate(self.layers[:num_layers]):
             layer = cast(DecoderLayer, module)
             h = F.rms_norm(x, (D,), layer.input_norm, eps)  # (N, D)
             qkv = layer.qkv(h)  # (N, (Hq + 2Hkv) d)

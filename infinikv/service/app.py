@@ -306,7 +306,9 @@ def _response(kind: str, rid: str, created: int, model: str, result: TurnResult)
     else:
         choice, obj = {"index": 0, "text": result.text, "logprobs": None}, "text_completion"
     choice["finish_reason"] = result.finish_reason
+    extra = {} if result.speculation is None else {"speculation": result.speculation}
     return {
+        **extra,
         "id": rid,
         "object": obj,
         "created": created,
@@ -322,6 +324,9 @@ def _account(metrics: Metrics, result: TurnResult, arrived: float, first_token: 
     metrics.prompt_tokens.inc(result.prompt_tokens)
     metrics.generated_tokens.inc(result.completion_tokens)
     metrics.ttft.observe(first_token - arrived)
+    if result.speculation is not None:
+        metrics.drafted_tokens.inc(result.speculation["drafted"])
+        metrics.accepted_tokens.inc(result.speculation["accepted"])
     if result.completion_tokens > 1 and now > first_token:
         metrics.decode_rate.observe((result.completion_tokens - 1) / (now - first_token))
 

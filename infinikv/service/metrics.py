@@ -22,6 +22,11 @@ class Metrics:
         self.prompt_tokens = Counter("infinikv_prompt_tokens", "prompt tokens processed", registry=r)
         self.generated_tokens = Counter("infinikv_generated_tokens", "tokens generated", registry=r)
         self.ingested_tokens = Counter("infinikv_ingested_tokens", "document tokens prefilled", registry=r)
+        # acceptance rate = rate(accepted) / rate(drafted)
+        self.drafted_tokens = Counter("infinikv_draft_tokens", "tokens proposed by the drafter", registry=r)
+        self.accepted_tokens = Counter(
+            "infinikv_draft_accepted_tokens", "drafted tokens accepted", registry=r
+        )
         self.ttft = Histogram(
             "infinikv_time_to_first_token_seconds",
             "request arrival to first token",

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
 from infinikv.engine.generator import Generator
 from infinikv.memory.store import open_store
-from infinikv.model.loader import load_model
+from infinikv.model.loader import LoadedModel, load_model
 from infinikv.service.settings import Settings
+from infinikv.speculative.draft_model import DraftModelDrafter, check_same_vocabulary
+from infinikv.speculative.drafter import Drafter
+from infinikv.speculative.lookup import LookupDrafter
+from infinikv.speculative.self_draft import SelfDrafter
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +36,8 @@ def build_generator(settings: Settings, slots: int = 1) -> Generator:
     )
     return Generator(
         loaded,
+        drafter_factory=_drafter_factory(settings, loaded),
+        max_draft=settings.num_draft,
         max_seq_len=settings.max_seq_len,
         page_size=settings.page_size,
         chunk_size=settings.chunk_size,
@@ -38,3 +45,22 @@ def build_generator(settings: Settings, slots: int = 1) -> Generator:
         store=store,
         slots=slots,
     )
+
+
+def _drafter_factory(settings: Settings, target: LoadedModel) -> Callable[[], Drafter] | None:
+    """What drafts tokens for each generation (None: no speculation), loaded once here."""
+    draft = settings.draft or ("model" if settings.draft_model else None)
+    if draft is None:
+        return None
+    if draft == "lookup":
+        return LookupDrafter
+    if draft.startswith("self:"):
+        layers = int(draft.removeprefix("self:"))
+        SelfDrafter(target.model, layers)  # refuse a bad layer count now, not per request
+        return lambda: SelfDrafter(target.model, layers)
+    spec = settings.draft_model or settings.model  # the default model drafts for itself if unset
+    small = load_model(spec, settings.cache_dir, torch.float32, settings.device, settings.draft_quantize)
+    check_same_vocabulary(small, target)
+    log.info("draft model %s (quantize=%s)", small.path, settings.draft_quantize)
+    page, chunk = settings.page_size, settings.chunk_size
+    return lambda: DraftModelDrafter(small.model, page_size=page, chunk_size=chunk)

@@ -49,6 +49,14 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     redis_cluster: bool = False
 
+    # Speculative decoding: "lookup" (n-grams of the context), "self:N" (the target's first N
+    # layers), "model" (a separate draft model, `draft_model`); unset: off.
+    draft: str | None = Field(None, pattern=r"^(lookup|model|self:\d+)$")
+    draft_model: str | None = Field(None, description="draft model: directory, .gguf or hub id")
+    # The draft model at a lower cost setting than the target (its own weights' precision).
+    draft_quantize: Literal["none", "int4"] = "int4"
+    num_draft: int = Field(8, ge=1, le=16, description="most tokens drafted per step (adapted down)")
+
     # The HTTP server (infinikv serve).
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)

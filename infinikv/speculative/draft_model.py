@@ -1,0 +1,80 @@
+"""A separate, smaller draft model sharing the target's tokenizer, with a cache of its own.
+
+The draft reads a bounded window of the most recent tokens (plain attention, positions from
+the window's start): its cost per token stays flat however long the target's context is.
+When the window fills, it restarts from the last half of it (one re-prefill per W/2 tokens).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from infinikv.engine.sampling import SamplingParams, target_probs
+from infinikv.engine.sequence import Sequence, feed
+from infinikv.errors import InfinikvError
+from infinikv.model.llama import LlamaModel
+from infinikv.model.loader import LoadedModel
+from infinikv.speculative.drafter import Draft
+
+# 1024 recent tokens: enough local context to predict the next few tokens well, and cheap
+# to re-prefill (once per 512 generated tokens).
+DRAFT_WINDOW = 1024
+MAX_DRAFT = 16
+
+
+class DraftModelDrafter:
+    name = "model"
+
+    def __init__(
+        self, model: LlamaModel, window: int = DRAFT_WINDOW, page_size: int = 16, chunk_size: int = 512
+    ):
+        self.model, self.window, self.chunk_size = model, window, chunk_size
+        self.pool = model.new_page_pool(window + MAX_DRAFT + 2 * page_size, page_size)
+        self.seq = Sequence(self.pool)
+        self.offset = 0  # target position of the draft sequence's first token
+
+    def _catch_up(self, history: list[int]) -> torch.Tensor:
+        """Feed the draft what the target committed since last time; logits after history[-1]."""
+        if len(history) - self.offset > self.window:
+            self.seq.release()
+            self.offset = len(history) - self.window // 2
+        missing = history[self.offset + len(self.seq) :]
+        return feed(self.model, self.pool, self.seq, missing, self.chunk_size)
+
+    def propose(
+        self, seq: Sequence, last: int, k: int, params: SamplingParams, generator: torch.Generator | None
+    ) -> Draft:
+        k = min(k, MAX_DRAFT)
+        logits = self._catch_up([*seq.tokens, last])
+        start = len(self.seq)
+        tokens: list[int] = []
+        probs: list[torch.Tensor] = []
+        try:
+            for i in range(k):
+                if params.greedy:
+                    token = int(logits[0].argmax())
+                else:
+                    p = target_probs(logits, params)[0]
+                    token = int(torch.multinomial(p.cpu(), 1, generator=generator))
+                    probs.append(p)
+                tokens.append(token)
+                if i + 1 < k:
+                    logits = feed(self.model, self.pool, self.seq, [token], 1)
+        finally:
+            self.seq.truncate(start)
+        return Draft(tokens, torch.stack(probs) if probs else None)
+
+    def release(self) -> None:
+        self.seq.release()
+        self.offset = 0
+
+
+def check_same_vocabulary(draft: LoadedModel, target: LoadedModel) -> None:
+    """A draft model must share the target's tokenizer; refuse a mismatch, saying how."""
+    d, t = draft.tokenizer.get_vocab(), target.tokenizer.get_vocab()
+    if d != t:
+        differ = sum(1 for tok, i in t.items() if d.get(tok) != i)
+        raise InfinikvError(
+            f"the draft model's vocabulary ({len(d)} tokens) differs from the target's ({len(t)} tokens, "
+            f"{differ} missing or numbered differently): a draft model must share the target's tokenizer"
+        )
