@@ -77,6 +77,13 @@ class Sequence:
         if self.long_state is not None and self.long_state.memory is not None:
             self.long_state.memory.delete()
 
+    def tokens_before_eviction(self) -> int | None:
+        """How many more tokens can be fed before `evict_overflow` would evict (the eviction
+        falls after the last of them); None when this sequence never evicts."""
+        if self.long_config is None:
+            return None
+        return self.long_config.resident + self.pool.page_size - self.table.resident
+
     def evict_overflow(self) -> None:
         """Move whole blocks beyond the resident budget (oldest first, never sinks) to memory.
 

@@ -12,10 +12,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import torch
+
 from infinikv.engine.sampling import Sampler, SamplingParams
 from infinikv.engine.sequence import Sequence, feed
 from infinikv.model.llama import LlamaModel
-from infinikv.speculative.drafter import Drafter
+from infinikv.speculative.drafter import Draft, Drafter
 from infinikv.speculative.verify import accept_greedy, accept_sampled
 
 EMA = 0.3  # weight of the newest timing
@@ -82,18 +84,34 @@ class SpeculativeDecoder:
             self._plain_s = _ema(self._plain_s, time.perf_counter() - t0)
             return out
         start = len(seq)
-        logits = feed(
-            self.model, seq.pool, seq, [last, *draft.tokens], len(draft.tokens) + 1, True, evict=False
-        )
-        if self.params.greedy:
-            n, bonus = accept_greedy(logits, draft.tokens)
-        else:
-            n, bonus = accept_sampled(logits, draft.tokens, draft.probs, self.params, self.sampler.generator)
+        n, bonus = self._verify(seq, last, draft)
         seq.truncate(start + 1 + n)  # rejected drafts leave the cache before any eviction
         seq.evict_overflow()
         out = [*draft.tokens[:n], bonus]
         self._account(len(draft.tokens), n, (time.perf_counter() - t0) / len(out))
         return out
+
+    def _verify(self, seq: Sequence, last: int, draft: Draft) -> tuple[int, int]:
+        """Feed [last, *draft] and decide the drafts. The forward is split where plain decoding
+        would evict, and the eviction happens only once the tokens before it are accepted, so
+        every token sees the same resident blocks as in plain decoding (greedy stays exact)."""
+        window = [last, *draft.tokens]
+        rows: list[torch.Tensor] = []
+        n = 0
+        while True:
+            fed = sum(r.shape[0] for r in rows)
+            room = seq.tokens_before_eviction()
+            segment = window[fed : fed + (len(window) if room is None else room)]
+            rows.append(feed(self.model, seq.pool, seq, segment, len(segment), all_logits=True, evict=False))
+            logits = torch.cat(rows)
+            gen = self.sampler.generator
+            if self.params.greedy:
+                n, token = accept_greedy(logits, draft.tokens, n)
+            else:
+                n, token = accept_sampled(logits, draft.tokens, draft.probs, self.params, gen, n)
+            if token is not None:
+                return n, token
+            seq.evict_overflow()  # every fed token is accepted: plain decoding evicts here too
 
     def _account(self, drafted: int, accepted: int, seconds_per_token: float) -> None:
         s = self.stats
