@@ -72,7 +72,7 @@ def test_greedy_output_is_identical_to_plain_greedy_across_eviction(model, other
         else:
             d = SelfDrafter(model, int(drafter.split(":")[1]))
         dec = SpeculativeDecoder(model, d, sampler, GREEDY, max_draft=6)
-        dec._plain_s = 1e9  # always worth drafting here: exercise verification on every step
+        dec._plain_s, dec._per_draft_s = 1e9, 0.0  # drafting looks free: verify on every step
         made.append(dec)
         return dec
 
@@ -107,7 +107,7 @@ def test_rollback_leaves_the_cache_as_if_the_rejected_tokens_were_never_seen(mod
             pass
 
     dec = SpeculativeDecoder(model, Fixed(), Sampler(GREEDY), GREEDY, max_draft=5)
-    dec._plain_s, dec.k = 1e9, 5
+    dec._plain_s, dec._per_draft_s, dec._accept = 1e9, 0.0, 0.99  # draft the full 5
     out = dec.step(seq, last)
     n = len(out) - 1
     assert n < 5, "random drafts are rejected somewhere"
@@ -193,7 +193,7 @@ def test_speculative_sampling_on_a_tiny_model_follows_the_target(model) -> None:
     dec = SpeculativeDecoder(model, SelfDrafter(model, 1), sampler, params, max_draft=3)
     counts = torch.zeros(target.shape[0])
     for _ in range(3000):
-        dec._plain_s, dec._paused, dec.k = 1e9, 0, 3
+        dec._plain_s, dec._per_draft_s, dec._accept = 1e9, 0.0, 0.99
         counts[dec.step(seq, 9)[0]] += 1
         seq.truncate(start)
     assert dec.stats.drafted > 0 and 0 < dec.stats.accepted < dec.stats.drafted

@@ -1,10 +1,12 @@
 """One decode step with speculation: draft, verify in one target forward, roll back the rest.
 
-The draft length adapts to acceptance (grown after a fully accepted draft, cut to what was
-accepted otherwise), and speculation switches itself off when it does not pay: the
-seconds per emitted token with drafts are compared with plain decode steps (an EMA of
-each); when drafting is slower it pauses for a back-off of plain steps that doubles each
-time it is found slower again.
+The draft length is chosen by a cost model, and speculation switches itself off where it does
+not pay. With a per-token acceptance rate a (estimated from recent steps, geometric model), a
+draft of k tokens yields E(k) = (1 - a^(k+1)) / (1 - a) tokens per step, and a step costs
+t(k) = t0 + b k: t0 a plain decode step, b the measured extra seconds per drafted token
+(drafting plus the wider verification; on CPU a 7-token verification costs about two plain
+steps). The decoder picks the k with the best E(k) t0 / t(k); when even that is below 1 it
+decodes plainly for a back-off that doubles each time (16 .. 256 steps), then probes again.
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ from infinikv.model.llama import LlamaModel
 from infinikv.speculative.drafter import Draft, Drafter
 from infinikv.speculative.verify import accept_greedy, accept_sampled
 
-EMA = 0.3  # weight of the newest timing
-PAUSE = 16  # plain steps after speculation was found slower (doubled each time, up to 256)
+EMA = 0.3  # weight of the newest observation (timings, acceptance)
+PAUSE = 16  # plain steps when drafting does not pay (doubled each time, up to MAX_PAUSE)
+MAX_PAUSE = 256
+PRIOR_ACCEPTANCE = 0.6  # before any observation: worth a first short probe
+PROBE = 1  # draft length of a probe (cheap when it fails)
 
 
 @dataclass
@@ -60,22 +65,36 @@ class SpeculativeDecoder:
     ):
         self.model, self.drafter, self.sampler, self.params = model, drafter, sampler, params
         self.max_draft = max_draft
-        self.k = min(4, max_draft)
         self.stats = SpeculationStats()
-        self._plain_s: float | None = None  # seconds per token, plain steps
-        self._spec_s: float | None = None  # seconds per emitted token, speculative steps
+        self._plain_s: float | None = None  # t0: seconds of a plain decode step
+        self._per_draft_s: float | None = None  # b: extra seconds per drafted token
+        self._accept = PRIOR_ACCEPTANCE
         self._paused = 0
         self._pause_len = PAUSE
+
+    def _draft_length(self) -> int:
+        """The k with the best expected speed-up, or 0 when none beats plain decoding."""
+        if self._paused > 0 or self._plain_s is None:
+            return 0
+        if self._per_draft_s is None:
+            return min(PROBE, self.max_draft)
+        a, t0, b = min(self._accept, 0.99), self._plain_s, self._per_draft_s
+        speedup = {k: (1 - a ** (k + 1)) / (1 - a) * t0 / (t0 + b * k) for k in range(1, self.max_draft + 1)}
+        best = max(speedup, key=lambda k: speedup[k])
+        if speedup[best] > 1.0:
+            return best
+        self._paused, self._pause_len = self._pause_len, min(MAX_PAUSE, 2 * self._pause_len)
+        self._per_draft_s = None  # probe again after the pause
+        self._accept = max(self._accept, PRIOR_ACCEPTANCE)
+        return 0
 
     def step(self, seq: Sequence, last: int) -> list[int]:
         """Feed `last` and return the next tokens (at least one). Every returned token but the
         last is fed to `seq`; the last one is sampled and not fed (like a plain step)."""
         t0 = time.perf_counter()
-        draft = None
-        if self._paused > 0 or self._plain_s is None:
-            self._paused = max(0, self._paused - 1)
-        else:
-            draft = self.drafter.propose(seq, last, self.k, self.params, self.sampler.generator)
+        k = self._draft_length()
+        self._paused = max(0, self._paused - 1)
+        draft = self.drafter.propose(seq, last, k, self.params, self.sampler.generator) if k else None
         if draft is None or not draft.tokens:
             logits = feed(self.model, seq.pool, seq, [last], 1)
             out = [int(self.sampler(logits)[0])]
@@ -88,7 +107,7 @@ class SpeculativeDecoder:
         seq.truncate(start + 1 + n)  # rejected drafts leave the cache before any eviction
         seq.evict_overflow()
         out = [*draft.tokens[:n], bonus]
-        self._account(len(draft.tokens), n, (time.perf_counter() - t0) / len(out))
+        self._account(len(draft.tokens), n, time.perf_counter() - t0)
         return out
 
     def _verify(self, seq: Sequence, last: int, draft: Draft) -> tuple[int, int]:
@@ -113,18 +132,17 @@ class SpeculativeDecoder:
                 return n, token
             seq.evict_overflow()  # every fed token is accepted: plain decoding evicts here too
 
-    def _account(self, drafted: int, accepted: int, seconds_per_token: float) -> None:
+    def _account(self, drafted: int, accepted: int, seconds: float) -> None:
         s = self.stats
         s.drafted += drafted
         s.accepted += accepted
         s.target_forwards += 1
         s.emitted += accepted + 1
-        self.k = min(self.max_draft, self.k + 2) if accepted == drafted else max(1, accepted + 1)
-        self._spec_s = _ema(self._spec_s, seconds_per_token)
-        if self._plain_s is not None and self._spec_s > self._plain_s:
-            self._paused, self._pause_len = self._pause_len, min(256, 2 * self._pause_len)
-            self._spec_s = None
-            self._plain_s = None  # re-measured after the pause
+        # Geometric model: `accepted` successes, then one failure unless all were kept.
+        trials = accepted + (accepted < drafted)
+        self._accept = (1 - EMA) * self._accept + EMA * (accepted / trials if trials else 1.0)
+        assert self._plain_s is not None
+        self._per_draft_s = _ema(self._per_draft_s, max(0.0, seconds - self._plain_s) / drafted)
 
     def release(self) -> None:
         self.drafter.release()

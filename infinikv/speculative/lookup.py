@@ -13,7 +13,7 @@ from infinikv.speculative.drafter import Draft
 # Longest suffix matched first: a 3-token match predicts a continuation much better than
 # a 1-token one, which is tried only when nothing longer matches.
 MAX_NGRAM = 3
-MIN_NGRAM = 1
+MIN_NGRAM = 2
 
 
 class LookupDrafter:
