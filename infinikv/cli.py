@@ -139,12 +139,24 @@ def _progress_bar(total_hint: int):  # noqa: ANN202 - a tqdm-backed callback
     return update if total_hint else None
 
 
-def _stream(generator: Generator, prompt: list[int], params: SamplingParams) -> None:
+def _stream(generator: Generator, prompt: list[int], params: SamplingParams) -> str:
+    """Write the generation to stdout as it comes (and drafting stats to stderr); return it."""
     progress = _progress_bar(len(prompt) > generator.chunk_size)
+    pieces = []
     for event in generator.stream(prompt, params, progress):
+        pieces.append(event.text)
         sys.stdout.write(event.text)
         sys.stdout.flush()
+        if event.speculation:
+            s = event.speculation
+            print(
+                f"\n[speculation: {s['accepted']}/{s['drafted']} drafts accepted, "
+                f"{s['tokens_per_forward']:.2f} tokens per target forward]",
+                file=sys.stderr,
+                end="",
+            )
     sys.stdout.write("\n")
+    return "".join(pieces)
 
 
 def _prompt_text(args: argparse.Namespace) -> str:
@@ -184,14 +196,8 @@ def _chat(generator: Generator, params: SamplingParams) -> None:
         if not line:
             continue
         messages.append({"role": "user", "content": line})
-        reply: list[str] = []
-        prompt = generator.encode_chat(messages)
-        for event in generator.stream(prompt, params, _progress_bar(len(prompt) > generator.chunk_size)):
-            reply.append(event.text)
-            sys.stdout.write(event.text)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        messages.append({"role": "assistant", "content": "".join(reply)})
+        reply = _stream(generator, generator.encode_chat(messages), params)
+        messages.append({"role": "assistant", "content": reply})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -36,6 +36,15 @@ def run_cli(argv: list[str]) -> int:
         ),
         (["generate", "hi", "--sinks", "5"], 1, "sinks S=5 must be a multiple of the page size"),
         (["generate", "hi", "--file", "/no/such/book.txt"], 1, "cannot read --file /no/such/book.txt"),
+        (["generate", "hi", "--draft", "ngram"], 2, "invalid draft"),
+        pytest.param(
+            ["generate", "hi", "--draft", "self:30"],
+            1,
+            "self-draft layers must be in [1, 29]",
+            marks=pytest.mark.slow,  # checked once the model is loaded
+        ),
+        (["generate", "hi", "--num-draft", "40"], 2, "invalid num_draft"),
+        (["serve", "--port", "99999"], 2, "invalid port"),
     ],
 )
 def test_errors_print_one_line(capsys, argv, status, message) -> None:

@@ -238,20 +238,27 @@ class Engine:
     # ---- the worker -------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        while True:
-            if not self._running:  # idle: wait for work (waiting tasks can always start now)
-                item = self._inbox.get()
-                if item is None:
-                    return self._shutdown()
-                self._waiting.append(item)
-            while not self._inbox.empty():
-                item = self._inbox.get_nowait()
-                if item is None:
-                    return self._shutdown()
-                self._waiting.append(item)
+        while self._drain(block=not self._running and not self._waiting):
             self._admit()
             if self._running:
                 self._step(self._running.popleft())
+            elif self._waiting:  # none can start yet (not expected): wait for news, briefly
+                if not self._drain(block=True, timeout=0.05):
+                    break
+        self._shutdown()
+
+    def _drain(self, block: bool, timeout: float | None = None) -> bool:
+        """Move submitted tasks to the waiting list (waiting for one if `block`); False once
+        the engine is told to stop."""
+        try:
+            item = self._inbox.get(timeout=timeout) if block else self._inbox.get_nowait()
+            while True:
+                if item is None:
+                    return False
+                self._waiting.append(item)
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            return True
 
     def _shutdown(self) -> None:
         for task in [*self._running, *self._waiting]:
@@ -281,6 +288,7 @@ class Engine:
         for task in list(self._waiting):
             if task.handle.cancelled:
                 self._dequeue(task)
+                task.handle.emit(Failed(InfinikvError("cancelled")))
                 continue
             if task.session_id is not None and task.session_id in self._busy:
                 continue
