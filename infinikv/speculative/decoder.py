@@ -6,7 +6,8 @@ draft of k tokens yields E(k) = (1 - a^(k+1)) / (1 - a) tokens per step, and a s
 t(k) = t0 + b k: t0 a plain decode step, b the measured extra seconds per drafted token
 (drafting plus the wider verification; on CPU a 7-token verification costs about two plain
 steps). The decoder picks the k with the best E(k) t0 / t(k); when even that is below 1 it
-decodes plainly for a back-off that doubles each time (16 .. 256 steps), then probes again.
+decodes plainly for a back-off that doubles each time (32 .. 256 steps; 256 at once when a
+drafted token costs as much as a plain step), then probes again.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from infinikv.speculative.drafter import Draft, Drafter
 from infinikv.speculative.verify import accept_greedy, accept_sampled
 
 EMA = 0.3  # weight of the newest observation (timings, acceptance)
-PAUSE = 16  # plain steps when drafting does not pay (doubled each time, up to MAX_PAUSE)
+PAUSE = 32  # plain steps when drafting does not pay (doubled each time, up to MAX_PAUSE)
 MAX_PAUSE = 256
 PRIOR_ACCEPTANCE = 0.6  # before any observation: worth a first short probe
 PROBE = 1  # draft length of a probe (cheap when it fails)
@@ -79,6 +80,8 @@ class SpeculativeDecoder:
         if self._per_draft_s is None:
             return min(PROBE, self.max_draft)
         a, t0, b = min(self._accept, 0.99), self._plain_s, self._per_draft_s
+        if b >= t0:  # a drafted token costs a plain step: no acceptance rate can make it pay
+            self._pause_len = MAX_PAUSE
         speedup = {k: (1 - a ** (k + 1)) / (1 - a) * t0 / (t0 + b * k) for k in range(1, self.max_draft + 1)}
         best = max(speedup, key=lambda k: speedup[k])
         if speedup[best] > 1.0:
