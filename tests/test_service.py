@@ -32,7 +32,17 @@ def redis_url(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, redis_url):
-    args = [*LONG_CONTEXT, *LIMITS, "--redis-url", redis_url, "--api-keys", f"{KEY_A},{KEY_B}"]
+    # Lookup drafting on: lossless, so every answer below is what plain decoding gives.
+    args = [
+        *LONG_CONTEXT,
+        *LIMITS,
+        "--redis-url",
+        redis_url,
+        "--api-keys",
+        f"{KEY_A},{KEY_B}",
+        "--draft",
+        "lookup",
+    ]
     with infinikv_server(tmp_path_factory.mktemp("server"), *args) as base:
         yield base
 
@@ -138,7 +148,11 @@ def test_bad_requests_get_clear_4xx_and_the_server_keeps_serving(server) -> None
     r = requests.post(f"{server}/v1/completions", json={"prompt": "hi"}, timeout=30)
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     assert requests.get(f"{server}/v1/sessions/sess_nope", headers=auth(), timeout=30).status_code == 404
-    assert requests.post(url, json=ok_body, headers=auth(), timeout=60).status_code == 200
+    ok = requests.post(url, json=ok_body, headers=auth(), timeout=60)
+    assert ok.status_code == 200 and set(ok.json()["speculation"]) >= {
+        "acceptance_rate",
+        "tokens_per_forward",
+    }
     assert requests.get(f"{server}/health", timeout=5).json()["status"] == "ok"
 
 
