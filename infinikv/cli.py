@@ -66,7 +66,9 @@ def _build_parser() -> ArgumentParser:
     lc.add_argument("--memory-distance", type=_positive_int, help="relative position memory is read at")
     lc.add_argument("--index", choices=["flat", "hnsw"], help="FAISS index for the memory")
     lc.add_argument(
-        "--granularity", choices=["token", "block"], help="memory retrieval: top-k tokens or whole blocks"
+        "--granularity",
+        choices=["token", "block"],
+        help="memory retrieval: top-k tokens, or whole blocks ranked by a per-block summary",
     )
     lc.add_argument("--redis-url", help="block store for evicted blocks (default: in-process)")
     lc.add_argument(

@@ -42,8 +42,8 @@ def test_batched_put_get_and_prefix_delete(store) -> None:
     assert store.keys("s1:") == [] and store.keys("s2:") == ["s2:block:0"]
 
 
-def memory_with_blocks(store, prefix: str, nblocks: int = 5) -> EvictedMemory:
-    mem = EvictedMemory(2, 3, 16, 4, store=store, prefix=prefix)
+def memory_with_blocks(store, prefix: str, nblocks: int = 5, granularity: str = "token") -> EvictedMemory:
+    mem = EvictedMemory(2, 3, 16, 4, store=store, prefix=prefix, granularity=granularity)
     g = torch.Generator().manual_seed(0)
     k = torch.randn(2, nblocks, 4, 3, 16, generator=g)
     v = torch.randn(2, nblocks, 4, 3, 16, generator=g)
@@ -51,13 +51,18 @@ def memory_with_blocks(store, prefix: str, nblocks: int = 5) -> EvictedMemory:
     return mem
 
 
-def test_snapshot_round_trip_gives_identical_retrieval(store) -> None:
-    mem = memory_with_blocks(store, "sess:a:")
+@pytest.mark.parametrize("granularity", ["token", "block"])
+def test_snapshot_round_trip_gives_identical_retrieval(store, granularity) -> None:
+    mem = memory_with_blocks(store, "sess:a:", granularity=granularity)
     mem.save()
     back = EvictedMemory.load(store, "sess:a:")
+    assert back.granularity == granularity
     q = torch.randn(3, 4, 16, generator=torch.Generator().manual_seed(1))
     for layer in range(2):
-        got, want = back.retrieve(layer, q, 6), mem.retrieve(layer, q, 6)
+        if granularity == "token":
+            got, want = back.retrieve(layer, q, 6), mem.retrieve(layer, q, 6)
+        else:
+            got, want = back.retrieve_block_tokens(layer, q, 2), mem.retrieve_block_tokens(layer, q, 2)
         for a, b in zip(got, want, strict=True):
             assert torch.equal(a, b)
     assert back.tokens == mem.tokens == 20

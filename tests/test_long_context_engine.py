@@ -130,16 +130,35 @@ def test_block_and_token_granularity_agree_when_covering_all_memory(model) -> No
 def test_retrieve_blocks_returns_the_blocks_of_the_best_hits() -> None:
     from infinikv.memory.evicted import EvictedMemory
 
-    mem = EvictedMemory(1, 1, 8, 4)
+    mem = EvictedMemory(1, 1, 8, 4, granularity="block")
     k = torch.zeros(1, 6, 4, 1, 8)
     k[0, 4, 2, 0, 0] = 5.0  # block 14 (the 5th evicted block), offset 2, matches the query best
     k[0, 1, 0, 0, 0] = 3.0  # block 11 second best
     mem.add_blocks(list(range(10, 16)), k, torch.randn(1, 6, 4, 1, 8))
+    assert mem.index.ntotal == 6  # one summary per block
     q = torch.zeros(1, 1, 8)
     q[0, 0, 0] = 1.0
-    keys, _ = mem.retrieve_blocks(0, q, top_k=3, max_blocks=2)
+    keys, _ = mem.retrieve_blocks(0, q, max_blocks=2)
     assert keys.shape == (1, 8, 8)
     assert torch.equal(keys[0, :4], k[0, 1, :, 0]) and torch.equal(keys[0, 4:], k[0, 4, :, 0])  # oldest first
+    per_query, _, valid = mem.retrieve_block_tokens(0, q, max_blocks=1)
+    assert per_query.shape == (1, 1, 4, 8) and valid.all()
+    assert torch.equal(per_query[0, 0], k[0, 4, :, 0])
+
+
+def test_shared_blocks_give_every_query_its_favourite_first() -> None:
+    """A query with large logits everywhere must not take all the shared blocks."""
+    from infinikv.memory.evicted import EvictedMemory
+
+    mem = EvictedMemory(1, 1, 8, 4, granularity="block")
+    k = torch.zeros(1, 5, 4, 1, 8)
+    k[0, :4, 0, 0, 0] = torch.tensor([10.0, 9.0, 8.0, 7.0])  # loud query's blocks 0..3
+    k[0, 4, 0, 0, 1] = 1.0  # the quiet query's only match: block 4
+    mem.add_blocks(list(range(5)), k, torch.randn(1, 5, 4, 1, 8))
+    q = torch.zeros(1, 2, 8)
+    q[0, 0, 0], q[0, 1, 1] = 1.0, 1.0
+    keys, _ = mem.retrieve_blocks(0, q, max_blocks=2)
+    assert torch.equal(keys[0, :4], k[0, 0, :, 0]) and torch.equal(keys[0, 4:], k[0, 4, :, 0])
 
 
 def test_memory_refuses_blocks_out_of_order() -> None:

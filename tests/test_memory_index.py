@@ -88,3 +88,16 @@ def test_wrong_key_shape_names_the_shape() -> None:
     index = MemoryIndex(1, 3, 64)
     with pytest.raises(ValueError, match=r"\(M, 3, 64\), got \(5, 64\)"):
         index.add(0, torch.randn(5, 64), torch.arange(5))
+
+
+def test_block_summary_bounds_every_logit_of_its_block() -> None:
+    from infinikv.memory.summary import block_summary, summary_query
+
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(50, 16, 64, generator=g)  # 50 blocks of 16 keys
+    q = torch.randn(7, 64, generator=g)
+    bound = summary_query(q) @ block_summary(keys).T  # (7, 50)
+    best = torch.einsum("qd,btd->qbt", q, keys).amax(-1)
+    assert (bound >= best - 1e-4).all()
+    one = keys[:, :1]  # a block of one key: the bound is its logit
+    torch.testing.assert_close(summary_query(q) @ block_summary(one).T, q @ one[:, 0].T)

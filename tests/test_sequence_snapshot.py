@@ -3,6 +3,8 @@ had never left: same logits, same memory, on tiny random models with NaN-filled 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -28,11 +30,13 @@ def ids(n: int, seed: int) -> list[int]:
 CFG = LongContextConfig.derive(256, PAGE, resident=32, sinks=8, window=12, group=2, top_k=8)
 
 
+@pytest.mark.parametrize("granularity", ["token", "block"])
 @pytest.mark.parametrize("snapshots", ["every save", "first save only"])
-def test_restored_sequence_continues_bit_identically(model, snapshots) -> None:
+def test_restored_sequence_continues_bit_identically(model, snapshots, granularity) -> None:
+    cfg = replace(CFG, granularity=granularity, max_blocks=3)
     store = InProcessBlockStore()
     pool = nan_pool(model, max_tokens=200, page_size=PAGE)
-    seq = Sequence(pool, CFG, model.cfg, store, "s:1:")
+    seq = Sequence(pool, cfg, model.cfg, store, "s:1:")
     feed(model, pool, seq, ids(50, 0), 7)
     seq.save(store, "s:1:", index_snapshot=True)
     feed(model, pool, seq, ids(23, 1), 5)  # more evictions after the first snapshot
@@ -41,7 +45,7 @@ def test_restored_sequence_continues_bit_identically(model, snapshots) -> None:
 
     other_pool = nan_pool(model, max_tokens=200, page_size=PAGE)
     other_pool.allocate(3)  # different page ids than the original
-    back = Sequence.restore(model, other_pool, CFG, store, "s:1:")
+    back = Sequence.restore(model, other_pool, cfg, store, "s:1:")
     assert back.tokens == seq.tokens and back.table.blocks == seq.table.blocks
     assert back.long_state is not None and back.long_state.memory is not None
     assert back.long_state.memory.tokens == seq.table.evicted_blocks * PAGE

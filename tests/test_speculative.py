@@ -4,6 +4,8 @@ and rollback that leaves the cache as if the rejected tokens were never seen."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -45,9 +47,11 @@ def repetitive(n: int, seed: int) -> list[int]:
 LONG = LongContextConfig.derive(256, PAGE, resident=40, sinks=8, window=16, group=2, top_k=8)
 
 
-def greedy_run(model, prompt: list[int], n: int, decoder_for=None) -> tuple[list[int], Sequence]:
+def greedy_run(
+    model, prompt: list[int], n: int, decoder_for=None, long: LongContextConfig = LONG
+) -> tuple[list[int], Sequence]:
     pool = nan_pool(model, max_tokens=400, page_size=PAGE)
-    seq = Sequence(pool, LONG, model.cfg)
+    seq = Sequence(pool, long, model.cfg)
     sampler = Sampler(GREEDY)
     out = [int(sampler(feed(model, pool, seq, prompt, 16))[0])]
     decoder = decoder_for(sampler) if decoder_for is not None else None
@@ -59,10 +63,16 @@ def greedy_run(model, prompt: list[int], n: int, decoder_for=None) -> tuple[list
     return out[:n], seq
 
 
-@pytest.mark.parametrize("drafter", ["lookup", "self:1", "self:2", "model"])
-def test_greedy_output_is_identical_to_plain_greedy_across_eviction(model, other_model, drafter) -> None:
+@pytest.mark.parametrize(
+    "drafter, granularity",
+    [("lookup", "token"), ("self:1", "token"), ("self:2", "token"), ("model", "token"), ("lookup", "block")],
+)
+def test_greedy_output_is_identical_to_plain_greedy_across_eviction(
+    model, other_model, drafter, granularity
+) -> None:
+    long = replace(LONG, granularity=granularity, max_blocks=2)
     prompt = repetitive(30, seed=1)
-    want, plain_seq = greedy_run(model, prompt, 80)
+    want, plain_seq = greedy_run(model, prompt, 80, long=long)
 
     def make(sampler):
         if drafter == "lookup":
@@ -77,7 +87,7 @@ def test_greedy_output_is_identical_to_plain_greedy_across_eviction(model, other
         return dec
 
     made: list[SpeculativeDecoder] = []
-    got, seq = greedy_run(model, prompt, 80, make)
+    got, seq = greedy_run(model, prompt, 80, make, long)
     assert got == want
     assert seq.table.evicted_blocks > 0 and seq.long_state is not None
     assert (

@@ -21,6 +21,12 @@ from infinikv.memory.pages import LayerKV, PageList
 from infinikv.model.rope import RotaryEmbedding, rotate
 
 
+# Trailing positions of a forward that retrieve memory blocks for themselves at block
+# granularity: the last one predicts the next token; a speculative verification reads the
+# logits of up to 1 + num_draft positions (num_draft <= 16).
+OWN_BLOCK_POSITIONS = 17
+
+
 @dataclass
 class LongContextState:
     """What one sequence's attention needs beyond its pages."""
@@ -29,10 +35,8 @@ class LongContextState:
     top_k: int
     distance: int
     memory: EvictedMemory | None  # None: evicted blocks are dropped (sliding window)
-    # "token": each query head attends to its own top-k tokens; "block": for prefill chunks,
-    # the blocks of the best hits, whole, shared by all queries of a kv-head (at most
-    # max_blocks of them); single-token decode steps always use token top-k.
-    granularity: str = "token"
+    # Block granularity: whole blocks a query attends to, by summary bound (memory.granularity
+    # "block"): a single-token step's query heads each their own, a prefill chunk's shared.
     max_blocks: int = 0
 
 
@@ -67,14 +71,7 @@ def paged_long_context_attention(
         g = Hq // Hkv
         qd = at_memory_distance(q, rope, state.distance)  # (n, Hq, d)
         queries = qd.view(n, Hkv, g, d).transpose(0, 1).reshape(Hkv, n * g, d)  # rows (i, j)
-        if state.granularity == "block" and n > 1:
-            k_mem, v_mem = memory.retrieve_blocks(
-                layer, queries, state.top_k, state.max_blocks
-            )  # (Hkv, M, d)
-            out, lse = folded_partial(queries, k_mem, v_mem)
-        else:
-            k_mem, v_mem, valid = memory.retrieve(layer, queries, state.top_k)  # (Hkv, n*g, K, ...)
-            out, lse = memory_partial(queries, k_mem, v_mem, valid)  # (Hkv, n*g, d), (Hkv, n*g)
+        out, lse = memory_attention(memory, layer, queries, state, g)  # (Hkv, n*g, d), (Hkv, n*g)
         parts.append(
             (
                 out.view(Hkv, n, g, d).transpose(0, 1).reshape(n, Hq, d),
@@ -82,6 +79,32 @@ def paged_long_context_attention(
             )
         )
     return merge_partials(parts)[0]
+
+
+def memory_attention(
+    memory: EvictedMemory, layer: int, queries: torch.Tensor, state: LongContextState, g: int
+) -> Partial:
+    """Attention of queries (Hkv, n * g, d), rows (position, head in group), rotated by the
+    memory distance, to what the memory retrieves for them; out (Hkv, n * g, d), lse (Hkv, n * g).
+
+    Token granularity: each query its top-k tokens. Block granularity: the last
+    OWN_BLOCK_POSITIONS positions (those whose logits are read: the next token, a draft's
+    verification) each choose their own blocks, as a decode step does; earlier positions of
+    a prefill chunk share one set of blocks.
+    """
+    if memory.granularity == "token":
+        k_mem, v_mem, valid = memory.retrieve(layer, queries, state.top_k)  # (Hkv, n*g, K, d)
+        return memory_partial(queries, k_mem, v_mem, valid)
+    split = max(0, queries.shape[1] - OWN_BLOCK_POSITIONS * g)
+    own = queries[:, split:]
+    k_mem, v_mem, valid = memory.retrieve_block_tokens(layer, own, state.max_blocks)
+    out, lse = memory_partial(own, k_mem, v_mem, valid)
+    if not split:
+        return out, lse
+    shared = queries[:, :split]
+    k_mem, v_mem = memory.retrieve_blocks(layer, shared, state.max_blocks)  # (Hkv, M, d)
+    shared_out, shared_lse = folded_partial(shared, k_mem, v_mem)
+    return torch.cat([shared_out, out], 1), torch.cat([shared_lse, lse], 1)
 
 
 def banded_resident_partials(

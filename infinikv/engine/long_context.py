@@ -118,12 +118,12 @@ class LongContextConfig:
                 self.index,
                 store=store,
                 prefix=prefix,
+                granularity=self.granularity,
             )
         return LongContextState(
             SelfExtend(self.window, self.group),
             self.top_k,
             self.distance,
             memory,
-            self.granularity,
             self.max_blocks,
         )

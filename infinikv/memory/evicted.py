@@ -1,6 +1,7 @@
-"""One sequence's evicted tokens: the kNN index over their keys plus their payloads in
-host RAM (tier 2), addressed by the same (block, offset) ids; optionally written through
-to a block store (tier 3) under a key prefix, with snapshots to reload after a restart."""
+"""One sequence's evicted tokens: the kNN index over their keys (granularity "token") or over
+one summary per block (granularity "block", see summary.py) plus their payloads in host RAM
+(tier 2), addressed by block and offset; optionally written through to a block store
+(tier 3) under a key prefix, with snapshots to reload after a restart."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ import torch
 from infinikv.memory.index import CorruptSnapshotError, MemoryIndex, entry_id, split_id
 from infinikv.memory.payload import block_key, from_bytes, to_bytes
 from infinikv.memory.store import BlockStore
+from infinikv.memory.summary import block_summary, summary_query
+
+GRANULARITIES = ("token", "block")
 
 
 class EvictedMemory:
@@ -31,8 +35,13 @@ class EvictedMemory:
         dtype: torch.dtype = torch.float32,
         store: BlockStore | None = None,
         prefix: str = "",
+        granularity: str = "token",
     ):
-        self.index = MemoryIndex(num_layers, num_kv_heads, head_dim, index_kind)
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity {granularity!r} is not one of {', '.join(GRANULARITIES)}")
+        self.granularity = granularity
+        index_dim = head_dim if granularity == "token" else 2 * head_dim
+        self.index = MemoryIndex(num_layers, num_kv_heads, index_dim, index_kind)
         self.page_size = page_size
         self.store, self.prefix = store, prefix
         shape = (num_layers, 0, num_kv_heads, head_dim)
@@ -89,6 +98,7 @@ class EvictedMemory:
             "page_size": self.page_size,
             "dtype": str(self.keys.dtype).removeprefix("torch."),
             "index_kind": self.index.kind,
+            "granularity": self.granularity,
             "first_block": self.first_block,
             "blocks": self.tokens // self.page_size,
             "snapshot_blocks": self.snapshot_blocks,
@@ -108,7 +118,7 @@ class EvictedMemory:
             meta = json.loads(meta_raw)
             L, H, d = meta["shape"]
             B, dtype = int(meta["page_size"]), getattr(torch, meta["dtype"])
-            made = cls(L, H, d, B, meta["index_kind"], dtype=dtype, store=store, prefix=prefix)
+            made = cls(L, H, d, B, meta["index_kind"], dtype, store, prefix, meta.get("granularity", "token"))
             total, indexed = int(meta["blocks"]), int(meta["snapshot_blocks"])
             if not 0 <= indexed <= total:
                 raise ValueError(f"{indexed} indexed blocks of {total}")
@@ -134,49 +144,95 @@ class EvictedMemory:
                 made._index_rows(range(first + indexed, first + total))
         except (CorruptSnapshotError, ValueError, KeyError, TypeError, RuntimeError, AttributeError) as e:
             raise CorruptSnapshotError(f"memory snapshot under {prefix!r} is corrupt: {e}") from e
-        if made.index.ntotal != made.tokens:
+        entries = made.tokens if made.granularity == "token" else made.tokens // B
+        if made.index.ntotal != entries:
             raise CorruptSnapshotError(
                 f"memory snapshot under {prefix!r} is inconsistent: "
-                f"{made.index.ntotal} indexed, {made.tokens} stored"
+                f"{made.index.ntotal} index entries for {made.tokens} stored tokens"
             )
         return made
 
     def _index_rows(self, blocks: range) -> None:
-        """Add the keys of stored `blocks` to the index."""
+        """Add the keys (or block summaries) of stored `blocks` to the index."""
         if not blocks:
             return
-        B = self.page_size
-        rows = slice(
-            (blocks[0] - (self.first_block or 0)) * B, (blocks[-1] + 1 - (self.first_block or 0)) * B
-        )
-        ids = entry_id(torch.tensor(blocks).repeat_interleave(B), torch.arange(B).repeat(len(blocks)))
+        B, H, d = self.page_size, self.keys.shape[2], self.keys.shape[3]
+        first = blocks[0] - (self.first_block or 0)
+        rows = slice(first * B, (first + len(blocks)) * B)
+        block_ids = torch.tensor(blocks, dtype=torch.long)
+        if self.granularity == "token":
+            ids = entry_id(block_ids.repeat_interleave(B), torch.arange(B).repeat(len(blocks)))
         for layer in range(self.keys.shape[0]):
-            self.index.add(layer, self.keys[layer, rows], ids)
+            keys = self.keys[layer, rows]  # (nb * B, H, d)
+            if self.granularity == "token":
+                self.index.add(layer, keys, ids)
+            else:
+                summaries = block_summary(keys.view(len(blocks), B, H, d).transpose(1, 2))  # (nb, H, 2d)
+                self.index.add(layer, summaries, block_ids)
+
+    def retrieve(
+        self, layer: int, queries: torch.Tensor, top_k: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Token granularity: the top-k entries by inner product for each query.
+
+        queries: (Hkv, nq, d), already rotated by the memory distance.
+        Returns keys, values (Hkv, nq, K, d) and valid (Hkv, nq, K) bool (an approximate
+        index may return fewer than K hits; those slots are invalid).
+        """
+        _, ids = self._search(layer, queries, top_k)  # (Hkv, nq, K)
+        valid = ids >= 0
+        block, offset = split_id(ids.clamp_min(0))
+        rows = ((block - (self.first_block or 0)) * self.page_size + offset).where(valid, 0)
+        k, v = self._gather(layer, rows)
+        return k, v, valid
+
+    def retrieve_block_tokens(
+        self, layer: int, queries: torch.Tensor, max_blocks: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Block granularity, each query its own blocks: the tokens of its `max_blocks` best
+        blocks by summary bound. Shapes as `retrieve`, with K = max_blocks * B."""
+        _, ids = self._search(layer, summary_query(queries), max_blocks)  # (Hkv, nq, nb)
+        B = self.page_size
+        valid = (ids >= 0)[..., None].expand(*ids.shape, B).flatten(-2)  # (Hkv, nq, nb * B)
+        rel = (ids - (self.first_block or 0)).clamp_min(0)
+        rows = (rel[..., None] * B + torch.arange(B)).flatten(-2)
+        k, v = self._gather(layer, rows)
+        return k, v, valid
 
     def retrieve_blocks(
-        self, layer: int, queries: torch.Tensor, top_k: int, max_blocks: int
+        self, layer: int, queries: torch.Tensor, max_blocks: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Blocks for a group of queries: each kv-head's queries search their top-k tokens; the
-        blocks holding the best hits (ranked by their best score over all the queries) are
-        returned whole, shared by every query of that head.
+        """Block granularity, blocks shared by a group of queries (a prefill chunk): every
+        query ranks blocks by summary bound; a block's priority is its best rank over the
+        queries (then its best bound), so each query's favourites come before any query's
+        runners-up and no single large-norm query decides alone.
 
         queries: (Hkv, nq, d), rotated by the memory distance. Returns keys, values
         (Hkv, nb * B, d), nb = min(max_blocks, blocks in memory), oldest block first.
         """
-        scores, ids = self._search(layer, queries, top_k)  # (Hkv, nq, K)
-        H, B, d = queries.shape[0], self.page_size, queries.shape[2]
-        nblocks = self.tokens // B
-        rel_block = (split_id(ids.clamp_min(0))[0] - (self.first_block or 0)).where(ids >= 0, 0)
-        best = torch.full((H, nblocks), float("-inf"))
-        best.scatter_reduce_(
-            1, rel_block.flatten(1), scores.where(ids >= 0, float("-inf")).flatten(1), "amax"
+        scores, ids = self._search(layer, summary_query(queries), max_blocks)  # (Hkv, nq, K)
+        H, _, K = ids.shape
+        B, nblocks = self.page_size, self.tokens // self.page_size
+        valid = ids >= 0
+        rel = (ids - (self.first_block or 0)).where(valid, 0).flatten(1)
+        rank = torch.arange(K).expand_as(ids).where(valid, K).flatten(1)
+        best_rank = torch.full((H, nblocks), K).scatter_reduce_(1, rel, rank, "amin")
+        best_score = torch.full((H, nblocks), float("-inf")).scatter_reduce_(
+            1, rel, scores.where(valid, float("-inf")).flatten(1), "amax"
         )
-        nb = min(max_blocks, nblocks)
-        chosen = best.topk(nb, dim=1).indices.sort(dim=1).values  # (H, nb)
+        order = best_score.argsort(dim=1, descending=True, stable=True)
+        order = order.gather(1, best_rank.gather(1, order).argsort(dim=1, stable=True))
+        chosen = order[:, : min(max_blocks, nblocks)].sort(dim=1).values  # (H, nb)
         rows = (chosen[..., None] * B + torch.arange(B)).flatten(1)  # (H, nb * B)
-        flat = (rows * H + torch.arange(H)[:, None]).flatten()
-        k = self.keys[layer].view(-1, d).index_select(0, flat).view(H, nb * B, d)
-        v = self.values[layer].view(-1, d).index_select(0, flat).view(H, nb * B, d)
+        return self._gather(layer, rows)
+
+    def _gather(self, layer: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of memory rows: rows (Hkv, ...) -> (Hkv, ..., d) each."""
+        H, d = self.keys.shape[2], self.keys.shape[3]
+        # Row r of head h is row r * H + h of the (rows * H, d) view: one index_select each.
+        flat = (rows * H + torch.arange(H).view(H, *[1] * (rows.dim() - 1))).flatten()
+        k = self.keys[layer].view(-1, d).index_select(0, flat).view(*rows.shape, d)
+        v = self.values[layer].view(-1, d).index_select(0, flat).view(*rows.shape, d)
         return k, v
 
     def _search(self, layer: int, queries: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,23 +256,3 @@ class EvictedMemory:
             new = torch.empty(old.shape[0], size, *old.shape[2:], dtype=old.dtype)
             new[:, :have] = old
             setattr(self, name, new)
-
-    def retrieve(
-        self, layer: int, queries: torch.Tensor, top_k: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The top-k entries by inner product for each query.
-
-        queries: (Hkv, nq, d), already rotated by the memory distance.
-        Returns keys, values (Hkv, nq, K, d) and valid (Hkv, nq, K) bool (an approximate
-        index may return fewer than K hits; those slots are invalid).
-        """
-        _, ids = self._search(layer, queries, top_k)  # (Hkv, nq, K)
-        valid = ids >= 0
-        block, offset = split_id(ids.clamp_min(0))
-        rows = ((block - (self.first_block or 0)) * self.page_size + offset).where(valid, 0)
-        H, d = self.keys.shape[2], self.keys.shape[3]
-        # Row r of head h is row r * H + h of the (rows * H, d) view: one index_select each.
-        flat = (rows * H + torch.arange(H)[:, None, None]).flatten()  # (Hkv * nq * K,)
-        k = self.keys[layer].view(-1, d).index_select(0, flat).view(*rows.shape, d)
-        v = self.values[layer].view(-1, d).index_select(0, flat).view(*rows.shape, d)
-        return k, v, valid
