@@ -20,7 +20,6 @@ from infinikv.memory.evicted import EvictedMemory
 from infinikv.memory.pages import LayerKV, PageList
 from infinikv.model.rope import RotaryEmbedding, rotate
 
-
 # Trailing positions of a forward that retrieve memory blocks for themselves at block
 # granularity: the last one predicts the next token; a speculative verification reads the
 # logits of up to 1 + num_draft positions (num_draft <= 16).
