@@ -62,7 +62,14 @@ def _build_parser() -> ArgumentParser:
         default=None,
         help="drop evicted blocks (sliding window) instead of searching them",
     )
-    lc.add_argument("--memory-top-k", type=_positive_int, help="memory entries per query head")
+    lc.add_argument(
+        "--memory-top-k", type=_positive_int, help="memory entries per query head (token granularity)"
+    )
+    lc.add_argument(
+        "--memory-blocks",
+        type=_positive_int,
+        help="memory blocks per position and kv-head (block granularity)",
+    )
     lc.add_argument("--memory-distance", type=_positive_int, help="relative position memory is read at")
     lc.add_argument("--index", choices=["flat", "hnsw"], help="FAISS index for the memory")
     lc.add_argument(

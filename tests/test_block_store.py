@@ -62,7 +62,7 @@ def test_snapshot_round_trip_gives_identical_retrieval(store, granularity) -> No
         if granularity == "token":
             got, want = back.retrieve(layer, q, 6), mem.retrieve(layer, q, 6)
         else:
-            got, want = back.retrieve_block_tokens(layer, q, 2), mem.retrieve_block_tokens(layer, q, 2)
+            got, want = back.retrieve_blocks(layer, q[:, None], 2), mem.retrieve_blocks(layer, q[:, None], 2)
         for a, b in zip(got, want, strict=True):
             assert torch.equal(a, b)
     assert back.tokens == mem.tokens == 20

@@ -136,14 +136,13 @@ def test_retrieve_blocks_returns_the_blocks_of_the_best_hits() -> None:
     k[0, 1, 0, 0, 0] = 3.0  # block 11 second best
     mem.add_blocks(list(range(10, 16)), k, torch.randn(1, 6, 4, 1, 8))
     assert mem.index.ntotal == 6  # one summary per block
-    q = torch.zeros(1, 1, 8)
-    q[0, 0, 0] = 1.0
+    q = torch.zeros(1, 1, 1, 8)
+    q[..., 0] = 1.0
     keys, _ = mem.retrieve_blocks(0, q, max_blocks=2)
-    assert keys.shape == (1, 8, 8)
-    assert torch.equal(keys[0, :4], k[0, 1, :, 0]) and torch.equal(keys[0, 4:], k[0, 4, :, 0])  # oldest first
-    per_query, _, valid = mem.retrieve_block_tokens(0, q, max_blocks=1)
-    assert per_query.shape == (1, 1, 4, 8) and valid.all()
-    assert torch.equal(per_query[0, 0], k[0, 4, :, 0])
+    assert keys.shape == (1, 1, 8, 8)
+    assert torch.equal(keys[0, 0, :4], k[0, 1, :, 0]) and torch.equal(keys[0, 0, 4:], k[0, 4, :, 0])
+    best, _ = mem.retrieve_blocks(0, q, max_blocks=1)
+    assert torch.equal(best[0, 0], k[0, 4, :, 0])
 
 
 def test_shared_blocks_give_every_query_its_favourite_first() -> None:
@@ -155,10 +154,12 @@ def test_shared_blocks_give_every_query_its_favourite_first() -> None:
     k[0, :4, 0, 0, 0] = torch.tensor([10.0, 9.0, 8.0, 7.0])  # loud query's blocks 0..3
     k[0, 4, 0, 0, 1] = 1.0  # the quiet query's only match: block 4
     mem.add_blocks(list(range(5)), k, torch.randn(1, 5, 4, 1, 8))
-    q = torch.zeros(1, 2, 8)
-    q[0, 0, 0], q[0, 1, 1] = 1.0, 1.0
+    q = torch.zeros(1, 2, 2, 8)  # two groups of two queries
+    q[0, 0, 0, 0], q[0, 0, 1, 1] = 1.0, 1.0  # group 0: a loud and a quiet query
+    q[0, 1, :, 0] = 1.0  # group 1: two loud queries
     keys, _ = mem.retrieve_blocks(0, q, max_blocks=2)
-    assert torch.equal(keys[0, :4], k[0, 0, :, 0]) and torch.equal(keys[0, 4:], k[0, 4, :, 0])
+    assert torch.equal(keys[0, 0, :4], k[0, 0, :, 0]) and torch.equal(keys[0, 0, 4:], k[0, 4, :, 0])
+    assert torch.equal(keys[0, 1, :4], k[0, 0, :, 0]) and torch.equal(keys[0, 1, 4:], k[0, 1, :, 0])
 
 
 def test_memory_refuses_blocks_out_of_order() -> None:

@@ -86,24 +86,24 @@ def memory_attention(
     """Attention of queries (Hkv, n * g, d), rows (position, head in group), rotated by the
     memory distance, to what the memory retrieves for them; out (Hkv, n * g, d), lse (Hkv, n * g).
 
-    Token granularity: each query its top-k tokens. Block granularity: the last
-    OWN_BLOCK_POSITIONS positions (those whose logits are read: the next token, a draft's
-    verification) each choose their own blocks, as a decode step does; earlier positions of
-    a prefill chunk share one set of blocks.
+    Token granularity: each query its top-k tokens. Block granularity: the query heads of
+    each of the last OWN_BLOCK_POSITIONS positions (those whose logits are read: the next
+    token, a draft's verification) choose their blocks together, as in a decode step;
+    earlier positions of a prefill chunk share one set of blocks.
     """
     if memory.granularity == "token":
         k_mem, v_mem, valid = memory.retrieve(layer, queries, state.top_k)  # (Hkv, n*g, K, d)
         return memory_partial(queries, k_mem, v_mem, valid)
-    split = max(0, queries.shape[1] - OWN_BLOCK_POSITIONS * g)
-    own = queries[:, split:]
-    k_mem, v_mem, valid = memory.retrieve_block_tokens(layer, own, state.max_blocks)
-    out, lse = memory_partial(own, k_mem, v_mem, valid)
-    if not split:
-        return out, lse
-    shared = queries[:, :split]
-    k_mem, v_mem = memory.retrieve_blocks(layer, shared, state.max_blocks)  # (Hkv, M, d)
-    shared_out, shared_lse = folded_partial(shared, k_mem, v_mem)
-    return torch.cat([shared_out, out], 1), torch.cat([shared_lse, lse], 1)
+    Hkv, rows, d = queries.shape
+    split = max(0, rows - OWN_BLOCK_POSITIONS * g)
+    groups = [queries[:, split:].view(Hkv, -1, g, d)]  # (Hkv, positions, g, d)
+    if split:
+        groups.insert(0, queries[:, None, :split])  # (Hkv, 1, split, d)
+    parts = [
+        folded_partial(group, *memory.retrieve_blocks(layer, group, state.max_blocks)) for group in groups
+    ]
+    out = torch.cat([o.reshape(Hkv, -1, d) for o, _ in parts], 1)
+    return out, torch.cat([lse.reshape(Hkv, -1) for _, lse in parts], 1)
 
 
 def banded_resident_partials(

@@ -61,17 +61,17 @@ def flash_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
 
 
 def folded_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Partial:
-    """Each kv-head's query rows over that head's own keys, no mask.
+    """Each group's query rows over that group's own keys, no mask.
 
-    q: (Hkv, m, d); k, v: (Hkv, T, d). Returns out (Hkv, m, d), lse (Hkv, m) float32.
+    q: (Hkv, P, m, d); k, v: (Hkv, P, T, d). Returns out (Hkv, P, m, d), lse (Hkv, P, m) float32.
     """
     if q.device.type != "cpu":
-        scores = torch.einsum("hmd,htd->hmt", q.float(), k.float()) * q.shape[-1] ** -0.5
+        scores = torch.einsum("hpmd,hptd->hpmt", q.float(), k.float()) * q.shape[-1] ** -0.5
         lse = scores.logsumexp(-1)
-        out = torch.einsum("hmt,htd->hmd", torch.exp(scores - lse[..., None]), v.float())
+        out = torch.einsum("hpmt,hptd->hpmd", torch.exp(scores - lse[..., None]), v.float())
         return out.to(q.dtype), lse
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q[None], k[None], v[None])[:2]
-    return out[0], lse[0]
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[:2]
+    return out, lse
 
 
 def merge_partials(parts: list[Partial]) -> Partial:

@@ -24,16 +24,17 @@ class LongContextConfig:
     sinks: int  # S: first tokens, never evicted (a multiple of the page size)
     window: int  # W: neighbor window at exact positions
     group: int  # G: Self-Extend group size for older resident tokens
-    top_k: int  # memory entries retrieved per query head and layer
+    top_k: int  # token granularity: memory entries retrieved per query head and layer
     distance: int  # D: the relative position every memory entry is read at
     memory: bool = True  # False: evicted blocks are dropped (sliding window)
     index: str = "flat"
-    # "token": every query head its own top-k tokens (exact top-k; passkey 6/6 in
-    # tests/test_passkey.py). "block": prefill chunks attend to the best hits' whole blocks,
-    # shared by the chunk's queries: ~1.4x faster long prefill, but 1/6 on the same test.
-    granularity: str = "token"
-    # Memory blocks a chunk's queries attend to per kv-head and layer: 16 blocks of 16
-    # tokens = 256 tokens, a quarter of the default window's worth of extra keys.
+    # "block": one summary per evicted block in the index (summary.py), whole blocks attended
+    # to: passkey 5/6 in tests/test_passkey.py, ~2.6x faster prefill than "token" at 8k
+    # tokens and an 8x smaller index, so it scales to long inputs. "token": every query head
+    # its own exact top-k tokens (6/6), but every prefill chunk searches every evicted key.
+    granularity: str = "block"
+    # Block granularity: memory blocks attended to per position (or prefill chunk), kv-head
+    # and layer: 16 blocks of 16 tokens = 256 keys, a quarter of the default window's worth.
     max_blocks: int = 16
 
     @classmethod

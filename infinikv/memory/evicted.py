@@ -186,44 +186,33 @@ class EvictedMemory:
         k, v = self._gather(layer, rows)
         return k, v, valid
 
-    def retrieve_block_tokens(
-        self, layer: int, queries: torch.Tensor, max_blocks: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Block granularity, each query its own blocks: the tokens of its `max_blocks` best
-        blocks by summary bound. Shapes as `retrieve`, with K = max_blocks * B."""
-        _, ids = self._search(layer, summary_query(queries), max_blocks)  # (Hkv, nq, nb)
-        B = self.page_size
-        valid = (ids >= 0)[..., None].expand(*ids.shape, B).flatten(-2)  # (Hkv, nq, nb * B)
-        rel = (ids - (self.first_block or 0)).clamp_min(0)
-        rows = (rel[..., None] * B + torch.arange(B)).flatten(-2)
-        k, v = self._gather(layer, rows)
-        return k, v, valid
-
     def retrieve_blocks(
         self, layer: int, queries: torch.Tensor, max_blocks: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Block granularity, blocks shared by a group of queries (a prefill chunk): every
-        query ranks blocks by summary bound; a block's priority is its best rank over the
-        queries (then its best bound), so each query's favourites come before any query's
-        runners-up and no single large-norm query decides alone.
+        """Block granularity: whole blocks, one set per group of queries. Every query ranks
+        blocks by summary bound; a block's priority in a group is its best rank over the
+        group's queries (then its best bound), so each query's favourites come before any
+        query's runners-up and no single large-norm query decides alone.
 
-        queries: (Hkv, nq, d), rotated by the memory distance. Returns keys, values
-        (Hkv, nb * B, d), nb = min(max_blocks, blocks in memory), oldest block first.
+        queries: (Hkv, P, m, d), rotated by the memory distance; group p's m queries share.
+        Returns keys, values (Hkv, P, nb * B, d), nb = min(max_blocks, blocks in memory),
+        oldest block first.
         """
-        scores, ids = self._search(layer, summary_query(queries), max_blocks)  # (Hkv, nq, K)
-        H, _, K = ids.shape
+        H, P, m, d = queries.shape
+        scores, ids = self._search(layer, summary_query(queries).view(H, P * m, 2 * d), max_blocks)
+        K = ids.shape[-1]
         B, nblocks = self.page_size, self.tokens // self.page_size
         valid = ids >= 0
-        rel = (ids - (self.first_block or 0)).where(valid, 0).flatten(1)
-        rank = torch.arange(K).expand_as(ids).where(valid, K).flatten(1)
-        best_rank = torch.full((H, nblocks), K).scatter_reduce_(1, rel, rank, "amin")
-        best_score = torch.full((H, nblocks), float("-inf")).scatter_reduce_(
-            1, rel, scores.where(valid, float("-inf")).flatten(1), "amax"
+        rel = (ids - (self.first_block or 0)).where(valid, 0).view(H * P, m * K)
+        rank = torch.arange(K).expand_as(ids).where(valid, K).reshape(H * P, m * K)
+        best_rank = torch.full((H * P, nblocks), K).scatter_reduce_(1, rel, rank, "amin")
+        best_score = torch.full((H * P, nblocks), float("-inf")).scatter_reduce_(
+            1, rel, scores.where(valid, float("-inf")).view(H * P, m * K), "amax"
         )
         order = best_score.argsort(dim=1, descending=True, stable=True)
         order = order.gather(1, best_rank.gather(1, order).argsort(dim=1, stable=True))
-        chosen = order[:, : min(max_blocks, nblocks)].sort(dim=1).values  # (H, nb)
-        rows = (chosen[..., None] * B + torch.arange(B)).flatten(1)  # (H, nb * B)
+        chosen = order[:, : min(max_blocks, nblocks)].sort(dim=1).values  # (H * P, nb)
+        rows = (chosen[..., None] * B + torch.arange(B)).view(H, P, -1)  # (H, P, nb * B)
         return self._gather(layer, rows)
 
     def _gather(self, layer: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

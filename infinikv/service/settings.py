@@ -42,9 +42,10 @@ class Settings(BaseSettings):
     group: int | None = Field(None, ge=1, description="Self-Extend group size")
     memory: bool = True
     memory_top_k: int | None = Field(None, ge=1)
+    memory_blocks: int | None = Field(None, ge=1)
     memory_distance: int | None = Field(None, ge=1)
     index: Literal["flat", "hnsw"] = "flat"
-    granularity: Literal["token", "block"] = "token"
+    granularity: Literal["token", "block"] = "block"
     # Block store for evicted blocks and snapshots: in-process when unset.
     redis_url: str | None = None
     redis_cluster: bool = False
@@ -96,6 +97,7 @@ class Settings(BaseSettings):
             group=self.group,
             memory=self.memory,
             top_k=self.memory_top_k,
+            max_blocks=self.memory_blocks,
             distance=self.memory_distance,
             index=self.index,
             granularity=self.granularity,
