@@ -5,12 +5,10 @@
   same request, so the HTTP + scheduling overhead shows as a ratio.
 * Ingestion of a document into a session (POST /v1/sessions/{id}/documents, polled to
   completion): tokens/s, beside prefilling the same tokens into an in-process sequence.
-  20k tokens by default: prefill with token top-k memory search costs O(N^2) in the
-  document length (every chunk's queries search all evicted keys), 60 tok/s at 22k tokens
-  on this 2-core CPU, so 100k tokens (`--ingest-tokens 100000`) would take hours here.
 
 Run from the repository root (it starts `infinikv serve` through tests/server_process.py):
-    python benchmarks/bench_service.py [--ingest-tokens 20000] [--out benchmarks/results/service.json]
+    python benchmarks/bench_service.py [--ingest-tokens 100000] [--parts concurrency ingestion]
+The parts measured replace theirs in benchmarks/results/service.json; the others stay.
 """
 
 from __future__ import annotations
@@ -107,7 +105,7 @@ def ingest(base: str, text: str) -> dict:
     return {"tokens": job["total_tokens"], "seconds": elapsed, "tokens_per_s": job["total_tokens"] / elapsed}
 
 
-def in_process(settings: Settings, text: str) -> dict:
+def in_process(settings: Settings, text: str, parts: list[str]) -> dict:
     """The reference: the same chat request and the same document prefill without HTTP."""
     gen = build_generator(settings)
     prompt = gen.encode_chat(MESSAGES)
@@ -115,6 +113,13 @@ def in_process(settings: Settings, text: str) -> dict:
     t0 = time.perf_counter()
     out = gen.generate(prompt, SamplingParams(max_tokens=MAX_TOKENS))
     request_s = time.perf_counter() - t0
+    request = {
+        "ttft_s": out.prefill_seconds,
+        "request_s": request_s,
+        "generated_tokens_per_s": len(out.token_ids) / request_s,
+    }
+    if "ingestion" not in parts:
+        return request
     ids = gen.tokenizer(text, add_special_tokens=False)["input_ids"]
     seq = gen.new_sequence("bench:")
     t0 = time.perf_counter()
@@ -122,51 +127,53 @@ def in_process(settings: Settings, text: str) -> dict:
         feed(gen.model, gen.pool, seq, ids[start : start + gen.chunk_size], gen.chunk_size)
     ingest_s = time.perf_counter() - t0
     seq.release()
-    return {
-        "ttft_s": out.prefill_seconds,
-        "request_s": request_s,
-        "generated_tokens_per_s": len(out.token_ids) / request_s,
-        "ingest_tokens": len(ids),
-        "ingest_tokens_per_s": len(ids) / ingest_s,
-    }
+    return {**request, "ingest_tokens": len(ids), "ingest_tokens_per_s": len(ids) / ingest_s}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--ingest-tokens", type=int, default=20_000)
+    ap.add_argument("--ingest-tokens", type=int, default=100_000)
     ap.add_argument("--per-client", type=int, default=2, help="requests per client")
+    ap.add_argument(
+        "--parts", nargs="+", choices=["concurrency", "ingestion"], default=["concurrency", "ingestion"]
+    )
     ap.add_argument("--out", default="benchmarks/results/service.json")
     args = ap.parse_args()
 
     # ~22 tokens per FILLER repetition for the default tokenizer.
     text = FILLER * (args.ingest_tokens // 22)
-    settings = Settings()
-    reference = in_process(settings, text)
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.exists() else {}
+    reference = in_process(Settings(), text, args.parts)
     print(f"in-process: {json.dumps(reference)}", flush=True)
     with tempfile.TemporaryDirectory() as logs, infinikv_server(Path(logs)) as base:
-        one_stream(openai.OpenAI(base_url=f"{base}/v1", api_key="bench"))  # warm-up
-        rows = [concurrency(base, n, args.per_client) for n in (1, 4, 16)]
-        for row in rows:
-            print(json.dumps(row), flush=True)
-        ingestion = ingest(base, text)
-        print(f"ingestion: {json.dumps(ingestion)}", flush=True)
+        if "concurrency" in args.parts:
+            one_stream(openai.OpenAI(base_url=f"{base}/v1", api_key="bench"))  # warm-up
+            results["concurrency"] = [concurrency(base, n, args.per_client) for n in (1, 4, 16)]
+            results["in_process"] = reference
+        if "ingestion" in args.parts:
+            results["ingestion"] = ingest(base, text)
+            results["ingestion_in_process"] = {
+                "tokens": reference["ingest_tokens"],
+                "tokens_per_s": reference["ingest_tokens_per_s"],
+            }
+    out.write_text(json.dumps(results, indent=2))
 
     print(f"\n| clients | req/s | TTFT p50 | TTFT p95 | gen tok/s | vs in-process ({MAX_TOKENS} tokens) |")
     print("|---|---|---|---|---|---|")
-    for r in rows:
-        ratio = r["generated_tokens_per_s"] / reference["generated_tokens_per_s"]
+    for r in results.get("concurrency", []):
+        ratio = r["generated_tokens_per_s"] / results["in_process"]["generated_tokens_per_s"]
         print(
             f"| {r['clients']} | {r['requests_per_s']:.2f} | {r['ttft_p50_s'] * 1000:.0f} ms | "
             f"{r['ttft_p95_s'] * 1000:.0f} ms | {r['generated_tokens_per_s']:.1f} | {ratio:.2f}x |"
         )
-    print(
-        f"\ningestion of {ingestion['tokens']} tokens: {ingestion['tokens_per_s']:.0f} tok/s over HTTP, "
-        f"{reference['ingest_tokens_per_s']:.0f} tok/s in-process "
-        f"({ingestion['tokens_per_s'] / reference['ingest_tokens_per_s']:.2f}x)"
-    )
-    Path(args.out).write_text(
-        json.dumps({"in_process": reference, "concurrency": rows, "ingestion": ingestion}, indent=2)
-    )
+    if "ingestion" in results:
+        http, local = results["ingestion"], results["ingestion_in_process"]
+        ratio = http["tokens_per_s"] / local["tokens_per_s"]
+        print(
+            f"\ningestion of {http['tokens']} tokens: {http['tokens_per_s']:.0f} tok/s over HTTP, "
+            f"{local['tokens_per_s']:.0f} tok/s in-process ({ratio:.2f}x)"
+        )
 
 
 if __name__ == "__main__":
