@@ -77,6 +77,9 @@ def _build_parser() -> ArgumentParser:
         choices=["token", "block"],
         help="memory retrieval: top-k tokens, or whole blocks ranked by a per-block summary",
     )
+    lc.add_argument(
+        "--ram-budget-mb", type=_positive_int, help="host RAM for evicted blocks (block granularity)"
+    )
     lc.add_argument("--redis-url", help="block store for evicted blocks (default: in-process)")
     lc.add_argument(
         "--redis-cluster", action="store_true", default=None, help="--redis-url is a Redis Cluster node"

@@ -132,3 +132,50 @@ def test_a_redis_that_goes_away_is_a_clear_store_error(tmp_path) -> None:
         store.put_many({"k": b"v"})
     with pytest.raises(StoreUnavailableError, match=f"Redis at redis://127.0.0.1:{port}/0 failed"):
         store.get_many(["k"])
+
+
+def test_block_cache_keeps_the_most_recently_used_within_its_capacity() -> None:
+    from infinikv.memory.cache import BlockCache
+
+    payload = {b: torch.full((2, 1, 1, 2, 1, 1), float(b)) for b in range(10)}  # (2, L, n, B, H, d)
+    calls: list[list[int]] = []
+
+    def fetch(blocks: list[int]) -> torch.Tensor:
+        calls.append(blocks)
+        return torch.cat([payload[b] for b in blocks], 2)
+
+    cache = BlockCache((1, 2, 1, 1), torch.float32, fetch, capacity=3)
+    cache.put(list(range(5)), torch.cat([payload[b] for b in range(5)], 2))
+    assert len(cache) == 3 and calls == []  # blocks 2, 3, 4 stay
+    slots = cache.slots([2, 0, 4])  # 0 is fetched; 3, the least recently used, leaves
+    assert calls == [[0]] and len(cache) == 3
+    k, _ = cache.layer(0)
+    assert k.view(-1, 2)[slots, 0].tolist() == [2.0, 0.0, 4.0]
+    cache.slots([3])
+    assert calls == [[0], [3]]  # 3 was gone; 2 (least recent) leaves for it
+    with pytest.raises(ValueError, match="4 blocks needed at once, the cache holds 3"):
+        cache.slots([0, 1, 3, 4])
+
+
+def test_a_memory_bounded_in_ram_retrieves_what_an_unbounded_one_does(store) -> None:
+    """Block granularity: at most 3 of 8 blocks in RAM, the rest read back from the store."""
+    g = torch.Generator().manual_seed(3)
+    k, v = torch.randn(2, 8, 4, 3, 16, generator=g), torch.randn(2, 8, 4, 3, 16, generator=g)
+    bounded = EvictedMemory(2, 3, 16, 4, store=store, prefix="sess:ram:", granularity="block", ram_blocks=3)
+    everything = EvictedMemory(2, 3, 16, 4, granularity="block")
+    for mem in (bounded, everything):
+        mem.add_blocks(list(range(8)), k, v)
+    for step in range(6):
+        q = torch.randn(3, 1, 2, 16, generator=g)
+        layer = step % 2
+        for got, want in zip(
+            bounded.retrieve_blocks(layer, q, 1), everything.retrieve_blocks(layer, q, 1), strict=True
+        ):
+            assert torch.equal(got, want)
+    assert len(bounded.cache) <= 3 and bounded.cache.fetched > 0
+    bounded.save()
+    back = EvictedMemory.load(store, "sess:ram:", ram_blocks=3)
+    assert len(back.cache) == 3 and back.tokens == 32
+    q = torch.randn(3, 2, 2, 16, generator=g)
+    for got, want in zip(back.retrieve_blocks(0, q, 1), everything.retrieve_blocks(0, q, 1), strict=True):
+        assert torch.equal(got, want)

@@ -69,7 +69,7 @@ def test_eviction_keeps_sinks_bounds_residency_and_fills_memory(model, memory) -
     assert evicted == 150 - table.resident > 0
     if memory:
         assert seq.long_state.memory.tokens == evicted
-        assert seq.long_state.memory.index.ntotal == evicted
+        assert seq.long_state.memory.index.ntotal == evicted // PAGE  # one summary per block
     else:
         assert seq.long_state.memory is None
     with pytest.raises(ValueError, match="cannot truncate"):
@@ -171,3 +171,10 @@ def test_memory_refuses_blocks_out_of_order() -> None:
     with pytest.raises(ValueError, match="consecutive from 5, got \\[6, 7\\]"):
         mem.add_blocks([6, 7], kv, kv)
     assert mem.tokens == 8 and mem.index.ntotal == 8  # nothing half-added
+
+
+def test_a_ram_budget_too_small_for_one_retrieval_is_refused(model) -> None:
+    cfg = config(granularity="block", max_blocks=100_000, ram_budget_mb=1)
+    with pytest.raises(ValueError, match=re.escape("ram_budget_mb=1 holds")):
+        cfg.validate(256, PAGE, model.cfg)
+    config(granularity="token", max_blocks=100_000, ram_budget_mb=1).validate(256, PAGE, model.cfg)

@@ -74,7 +74,7 @@ class Generator:
         self.store = store
         pool_tokens = max_seq_len
         if long_context is not None:
-            long_context.validate(loaded.config.max_position_embeddings, page_size)
+            long_context.validate(loaded.config.max_position_embeddings, page_size, loaded.config)
             # Self-Extend's banded attention takes chunks of at most W queries.
             chunk_size = min(chunk_size, long_context.window)
             pool_tokens = long_context.resident + chunk_size + 2 * page_size

@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
-from infinikv.attention.long_context import LongContextState
+from infinikv.attention.long_context import OWN_BLOCK_POSITIONS, LongContextState
 from infinikv.attention.self_extend import SelfExtend
 from infinikv.memory.evicted import EvictedMemory
 from infinikv.memory.index import INDEX_KINDS
@@ -36,6 +36,10 @@ class LongContextConfig:
     # Block granularity: memory blocks attended to per position (or prefill chunk), kv-head
     # and layer: 16 blocks of 16 tokens = 256 keys, a quarter of the default window's worth.
     max_blocks: int = 16
+    # Block granularity: host RAM for evicted blocks' keys and values (the block store holds
+    # them all; the least recently used leave RAM first). Must hold what one retrieval reads
+    # at once (`ram_blocks_needed`); 1 GiB holds 1,456 SmolLM2-135M blocks (23k tokens).
+    ram_budget_mb: int = 1024
 
     @classmethod
     def derive(
@@ -64,8 +68,19 @@ class LongContextConfig:
         )
         return replace(base, **given)
 
-    def validate(self, trained_len: int, page_size: int) -> None:
-        """Refuse impossible combinations, naming the rule that failed."""
+    def ram_blocks(self, model: ModelConfig, page_size: int) -> int:
+        """Evicted blocks (float32 keys and values of every layer) the RAM budget holds."""
+        block_bytes = 2 * model.num_layers * page_size * model.num_kv_heads * model.head_dim * 4
+        return self.ram_budget_mb * 2**20 // block_bytes
+
+    def ram_blocks_needed(self, model: ModelConfig) -> int:
+        """Blocks one layer's retrieval may read at once: per kv-head, max_blocks for each of
+        the OWN_BLOCK_POSITIONS trailing positions and for the chunk's shared set."""
+        return model.num_kv_heads * (OWN_BLOCK_POSITIONS + 1) * self.max_blocks
+
+    def validate(self, trained_len: int, page_size: int, model: ModelConfig | None = None) -> None:
+        """Refuse impossible combinations, naming the rule that failed (with `model`, also
+        the RAM budget's)."""
         R, S, W, G, L, B = self.resident, self.sinks, self.window, self.group, trained_len, page_size
         rules = [
             (S >= 0 and S % B == 0, f"sinks S={S} must be a multiple of the page size B={B}"),
@@ -93,6 +108,15 @@ class LongContextConfig:
             ),
             (self.max_blocks >= 1, f"max_blocks={self.max_blocks} must be >= 1"),
         ]
+        if model is not None and self.memory and self.granularity == "block":
+            held, needed = self.ram_blocks(model, page_size), self.ram_blocks_needed(model)
+            rules.append(
+                (
+                    held >= needed,
+                    f"ram_budget_mb={self.ram_budget_mb} holds {held} blocks, one retrieval reads up to "
+                    f"kv-heads x {OWN_BLOCK_POSITIONS + 1} x max_blocks = {needed}",
+                )
+            )
         for ok, message in rules:
             if not ok:
                 raise ValueError(f"invalid long-context settings: {message}")
@@ -120,6 +144,7 @@ class LongContextConfig:
                 store=store,
                 prefix=prefix,
                 granularity=self.granularity,
+                ram_blocks=self.ram_blocks(model, page_size),
             )
         return LongContextState(
             SelfExtend(self.window, self.group),

@@ -173,7 +173,8 @@ class Sequence:
             raise ValueError("a resident block payload is missing")
         state = self.long_state
         if evicted and state is not None and state.memory is not None:
-            state.memory = EvictedMemory.load(store, prefix)
+            assert self.long_config is not None
+            state.memory = EvictedMemory.load(store, prefix, self.long_config.ram_blocks(model.cfg, B))
             if state.memory.tokens != evicted * B:
                 raise ValueError(f"memory holds {state.memory.tokens} tokens, {evicted * B} were evicted")
         pages = self.table.adopt(blocks, length, evicted, int(meta["evicted_until"]))

@@ -158,10 +158,7 @@ class Session:
             per_page = 3 * pool.k[:, 0].numel() * pool.k.element_size()
             nbytes = len(seq.table.pages) * per_page
         if memory is not None:
-            # keys and values in host RAM, plus the index's copy of the keys (float32)
-            L, _, H, d = memory.keys.shape
-            per_token = L * H * d
-            nbytes += memory.tokens * per_token * (2 * memory.keys.element_size() + 4)
+            nbytes += memory.nbytes
         return {
             "id": self.id,
             "object": "session",

@@ -1,7 +1,8 @@
 """One sequence's evicted tokens: the kNN index over their keys (granularity "token") or over
-one summary per block (granularity "block", see summary.py) plus their payloads in host RAM
-(tier 2), addressed by block and offset; optionally written through to a block store
-(tier 3) under a key prefix, with snapshots to reload after a restart."""
+one summary per block (granularity "block", see summary.py), and their payloads: the
+recently used blocks in host RAM (tier 2, cache.py) in front of a block store (tier 3) that
+holds every block under the sequence's key prefix, with index snapshots to reload the
+memory after a restart."""
 
 from __future__ import annotations
 
@@ -10,19 +11,25 @@ import time
 
 import torch
 
+from infinikv.memory.cache import BlockCache
 from infinikv.memory.index import CorruptSnapshotError, MemoryIndex, entry_id, split_id
 from infinikv.memory.payload import block_key, from_bytes, to_bytes
 from infinikv.memory.store import BlockStore
 from infinikv.memory.summary import block_summary, summary_query
 
 GRANULARITIES = ("token", "block")
+# Blocks read per store call when a memory is loaded (bounds the memory a load needs).
+LOAD_BATCH = 256
 
 
 class EvictedMemory:
     """Keys (before RoPE) and values of evicted blocks, for every layer.
 
     Blocks arrive oldest first with consecutive block numbers (eviction takes the oldest
-    resident block after the sinks), so block b, offset o lives at row (b - first) * B + o.
+    resident block after the sinks), so token row r is offset r % B of block first + r // B.
+    With a store and `ram_blocks`, at most that many blocks stay in host RAM (block
+    granularity: a token index holds every key in RAM anyway, and any step may read any
+    block, so token granularity keeps them all).
     """
 
     def __init__(
@@ -36,6 +43,7 @@ class EvictedMemory:
         store: BlockStore | None = None,
         prefix: str = "",
         granularity: str = "token",
+        ram_blocks: int | None = None,
     ):
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity {granularity!r} is not one of {', '.join(GRANULARITIES)}")
@@ -44,13 +52,24 @@ class EvictedMemory:
         self.index = MemoryIndex(num_layers, num_kv_heads, index_dim, index_kind)
         self.page_size = page_size
         self.store, self.prefix = store, prefix
-        shape = (num_layers, 0, num_kv_heads, head_dim)
-        self.keys = torch.empty(shape, dtype=dtype)  # (L, rows, Hkv, d), grown by doubling
-        self.values = torch.empty(shape, dtype=dtype)
+        self.dtype = dtype
+        self.shape = (num_layers, page_size, num_kv_heads, head_dim)
+        bounded = store is not None and granularity == "block" and ram_blocks is not None
+        self.cache = BlockCache(
+            self.shape, dtype, self._fetch if store is not None else None, ram_blocks if bounded else None
+        )
+        self.ram_blocks = ram_blocks
         self.first_block: int | None = None
         self.tokens = 0
         self.snapshot_blocks = 0  # blocks in the index snapshot last saved to the store
         self.search_seconds = 0.0  # time spent in index searches, for metrics
+
+    @property
+    def nbytes(self) -> int:
+        """Host RAM this memory holds: the cached payloads plus the index's vectors."""
+        return self.cache.nbytes + self.index.ntotal * self.index.num_layers * self.index.num_kv_heads * (
+            self.index.head_dim * 4
+        )
 
     def add_blocks(self, blocks: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
         """blocks: consecutive block numbers; k, v: (L, nb, B, Hkv, d) of those blocks."""
@@ -62,25 +81,14 @@ class EvictedMemory:
             raise ValueError(f"evicted blocks must be consecutive from {start}, got {blocks}")
         if self.first_block is None:
             self.first_block = start
-        n = len(blocks) * B
-        self._grow(self.tokens + n)
-        k_rows = k.flatten(1, 2).to(self.keys.device, self.keys.dtype)  # (L, n, Hkv, d)
-        self.keys[:, self.tokens : self.tokens + n] = k_rows
-        self.values[:, self.tokens : self.tokens + n] = v.flatten(1, 2).to(
-            self.values.device, self.values.dtype
-        )
-        self._index_rows(range(blocks[0], blocks[-1] + 1))
+        kv = torch.stack([k, v]).to("cpu", self.dtype)  # (2, L, nb, B, Hkv, d)
         if self.store is not None:
-            rows = slice(self.tokens, self.tokens + n)
-            kb = self.keys[:, rows].unflatten(1, (len(blocks), B))  # (L, nb, B, Hkv, d)
-            vb = self.values[:, rows].unflatten(1, (len(blocks), B))
             self.store.put_many(
-                {
-                    block_key(self.prefix, b): to_bytes(torch.stack([kb[:, i], vb[:, i]]))
-                    for i, b in enumerate(blocks)
-                }
+                {block_key(self.prefix, b): to_bytes(kv[:, :, i]) for i, b in enumerate(blocks)}
             )
-        self.tokens += n
+        self._index_blocks(blocks, kv[0])
+        self.cache.put(blocks, kv)
+        self.tokens += len(blocks) * B
 
     def save(self, index: bool = True) -> None:
         """Write the layout to the store (the blocks are already there) and, with `index`, a
@@ -92,11 +100,11 @@ class EvictedMemory:
         if index:
             items[f"{self.prefix}index"] = self.index.serialize()
             self.snapshot_blocks = self.tokens // self.page_size
-        L, _, H, d = self.keys.shape
+        L, _, H, d = self.shape
         meta = {
             "shape": [L, H, d],
             "page_size": self.page_size,
-            "dtype": str(self.keys.dtype).removeprefix("torch."),
+            "dtype": str(self.dtype).removeprefix("torch."),
             "index_kind": self.index.kind,
             "granularity": self.granularity,
             "first_block": self.first_block,
@@ -107,10 +115,11 @@ class EvictedMemory:
         self.store.put_many(items)
 
     @classmethod
-    def load(cls, store: BlockStore, prefix: str) -> EvictedMemory:
+    def load(cls, store: BlockStore, prefix: str, ram_blocks: int | None = None) -> EvictedMemory:
         """Rebuild a saved memory from the store: the index snapshot plus the blocks evicted
-        after it. A missing or damaged part is a CorruptSnapshotError naming the prefix
-        (nothing else is touched)."""
+        after it. Every block is read once (in batches) to check it; the most recent stay in
+        RAM. A missing or damaged part is a CorruptSnapshotError naming the prefix (nothing
+        else is touched)."""
         (meta_raw,) = store.get_many([f"{prefix}meta"])
         if meta_raw is None:
             raise CorruptSnapshotError(f"no memory snapshot under {prefix!r}")
@@ -118,7 +127,18 @@ class EvictedMemory:
             meta = json.loads(meta_raw)
             L, H, d = meta["shape"]
             B, dtype = int(meta["page_size"]), getattr(torch, meta["dtype"])
-            made = cls(L, H, d, B, meta["index_kind"], dtype, store, prefix, meta.get("granularity", "token"))
+            made = cls(
+                L,
+                H,
+                d,
+                B,
+                meta["index_kind"],
+                dtype,
+                store,
+                prefix,
+                meta.get("granularity", "token"),
+                ram_blocks,
+            )
             total, indexed = int(meta["blocks"]), int(meta["snapshot_blocks"])
             if not 0 <= indexed <= total:
                 raise ValueError(f"{indexed} indexed blocks of {total}")
@@ -130,18 +150,14 @@ class EvictedMemory:
                 made.snapshot_blocks = indexed
             if total:
                 first = int(meta["first_block"])
-                payloads = store.get_many([block_key(prefix, b) for b in range(first, first + total)])
-                if any(p is None for p in payloads):
-                    raise ValueError("a block payload is missing")
-                kv = torch.stack(
-                    [from_bytes(p, dtype, (2, L, B, H, d)) for p in payloads if p is not None], 2
-                )
                 made.first_block = first
-                made._grow(total * B)
-                made.keys[:, : total * B] = kv[0].flatten(1, 2)
-                made.values[:, : total * B] = kv[1].flatten(1, 2)
+                for start in range(first, first + total, LOAD_BATCH):
+                    blocks = list(range(start, min(start + LOAD_BATCH, first + total)))
+                    kv = made._fetch(blocks)
+                    new = [i for i, b in enumerate(blocks) if b >= first + indexed]  # not in the snapshot
+                    made._index_blocks([blocks[i] for i in new], kv[0][:, new])
+                    made.cache.put(blocks, kv)
                 made.tokens = total * B
-                made._index_rows(range(first + indexed, first + total))
         except (CorruptSnapshotError, ValueError, KeyError, TypeError, RuntimeError, AttributeError) as e:
             raise CorruptSnapshotError(f"memory snapshot under {prefix!r} is corrupt: {e}") from e
         entries = made.tokens if made.granularity == "token" else made.tokens // B
@@ -152,23 +168,28 @@ class EvictedMemory:
             )
         return made
 
-    def _index_rows(self, blocks: range) -> None:
-        """Add the keys (or block summaries) of stored `blocks` to the index."""
+    def _fetch(self, blocks: list[int]) -> torch.Tensor:
+        """Payloads (2, L, n, B, Hkv, d) of stored blocks, in one store call."""
+        assert self.store is not None
+        payloads = self.store.get_many([block_key(self.prefix, b) for b in blocks])
+        missing = [b for b, p in zip(blocks, payloads, strict=True) if p is None]
+        if missing:
+            raise CorruptSnapshotError(f"memory blocks {missing[:5]} are missing under {self.prefix!r}")
+        L, B, H, d = self.shape
+        return torch.stack([from_bytes(p, self.dtype, (2, L, B, H, d)) for p in payloads if p is not None], 2)
+
+    def _index_blocks(self, blocks: list[int], k: torch.Tensor) -> None:
+        """Add the keys (or block summaries) of `blocks` to the index; k (L, nb, B, Hkv, d)."""
         if not blocks:
             return
-        B, H, d = self.page_size, self.keys.shape[2], self.keys.shape[3]
-        first = blocks[0] - (self.first_block or 0)
-        rows = slice(first * B, (first + len(blocks)) * B)
+        L, B, H, d = self.shape
         block_ids = torch.tensor(blocks, dtype=torch.long)
-        if self.granularity == "token":
-            ids = entry_id(block_ids.repeat_interleave(B), torch.arange(B).repeat(len(blocks)))
-        for layer in range(self.keys.shape[0]):
-            keys = self.keys[layer, rows]  # (nb * B, H, d)
+        ids = entry_id(block_ids.repeat_interleave(B), torch.arange(B).repeat(len(blocks)))
+        for layer in range(L):
             if self.granularity == "token":
-                self.index.add(layer, keys, ids)
+                self.index.add(layer, k[layer].reshape(-1, H, d), ids)
             else:
-                summaries = block_summary(keys.view(len(blocks), B, H, d).transpose(1, 2))  # (nb, H, 2d)
-                self.index.add(layer, summaries, block_ids)
+                self.index.add(layer, block_summary(k[layer].transpose(1, 2)), block_ids)  # (nb, H, 2d)
 
     def retrieve(
         self, layer: int, queries: torch.Tensor, top_k: int
@@ -216,13 +237,19 @@ class EvictedMemory:
         return self._gather(layer, rows)
 
     def _gather(self, layer: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of memory rows: rows (Hkv, ...) -> (Hkv, ..., d) each."""
-        H, d = self.keys.shape[2], self.keys.shape[3]
+        """Keys and values of memory rows (row r: offset r % B of the (r // B)-th evicted
+        block): rows (Hkv, ...) -> (Hkv, ..., d) each. Blocks not in RAM are read first."""
+        B, H, d = self.page_size, self.shape[2], self.shape[3]
+        needed, which = torch.unique(rows.div(B, rounding_mode="floor"), return_inverse=True)
+        slots = self.cache.slots([(self.first_block or 0) + b for b in needed.tolist()])
+        cached = slots[which] * B + rows % B  # rows of the cache slab
         # Row r of head h is row r * H + h of the (rows * H, d) view: one index_select each.
-        flat = (rows * H + torch.arange(H).view(H, *[1] * (rows.dim() - 1))).flatten()
-        k = self.keys[layer].view(-1, d).index_select(0, flat).view(*rows.shape, d)
-        v = self.values[layer].view(-1, d).index_select(0, flat).view(*rows.shape, d)
-        return k, v
+        flat = (cached * H + torch.arange(H).view(H, *[1] * (rows.dim() - 1))).flatten()
+        k_slab, v_slab = self.cache.layer(layer)
+        return (
+            k_slab.index_select(0, flat).view(*rows.shape, d),
+            v_slab.index_select(0, flat).view(*rows.shape, d),
+        )
 
     def _search(self, layer: int, queries: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
         t0 = time.perf_counter()
@@ -234,14 +261,3 @@ class EvictedMemory:
     def delete(self) -> int:
         """Remove everything this memory wrote to the store; returns the number of keys."""
         return 0 if self.store is None else self.store.delete_prefix(self.prefix)
-
-    def _grow(self, rows: int) -> None:
-        have = self.keys.shape[1]
-        if rows <= have:
-            return
-        size = max(rows, 2 * have)
-        for name in ("keys", "values"):
-            old = getattr(self, name)
-            new = torch.empty(old.shape[0], size, *old.shape[2:], dtype=old.dtype)
-            new[:, :have] = old
-            setattr(self, name, new)
