@@ -70,6 +70,11 @@ def _build_parser() -> ArgumentParser:
         type=_positive_int,
         help="memory blocks per position and kv-head (block granularity)",
     )
+    lc.add_argument(
+        "--sketch-channels",
+        type=_positive_int,
+        help="query channels that rank memory blocks for decoding (block granularity)",
+    )
     lc.add_argument("--memory-distance", type=_positive_int, help="relative position memory is read at")
     lc.add_argument("--index", choices=["flat", "hnsw"], help="FAISS index for the memory")
     lc.add_argument(

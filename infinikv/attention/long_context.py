@@ -34,8 +34,8 @@ class LongContextState:
     top_k: int
     distance: int
     memory: EvictedMemory | None  # None: evicted blocks are dropped (sliding window)
-    # Block granularity: whole blocks a query attends to, by summary bound (memory.granularity
-    # "block"): a single-token step's query heads each their own, a prefill chunk's shared.
+    # Block granularity (memory.granularity "block"): whole blocks a query attends to; the
+    # query heads of each trailing position choose together, a prefill chunk's others share.
     max_blocks: int = 0
 
 
@@ -88,19 +88,21 @@ def memory_attention(
 
     Token granularity: each query its top-k tokens. Block granularity: the query heads of
     each of the last OWN_BLOCK_POSITIONS positions (those whose logits are read: the next
-    token, a draft's verification) choose their blocks together, as in a decode step;
-    earlier positions of a prefill chunk share one set of blocks.
+    token, a draft's verification) choose their blocks together, as in a decode step, by
+    approximate logits over the key sketch; earlier positions of a prefill chunk share one
+    set of blocks, by summary bound.
     """
     if memory.granularity == "token":
         k_mem, v_mem, valid = memory.retrieve(layer, queries, state.top_k)  # (Hkv, n*g, K, d)
         return memory_partial(queries, k_mem, v_mem, valid)
     Hkv, rows, d = queries.shape
     split = max(0, rows - OWN_BLOCK_POSITIONS * g)
-    groups = [queries[:, split:].view(Hkv, -1, g, d)]  # (Hkv, positions, g, d)
+    groups = [(queries[:, split:].view(Hkv, -1, g, d), "sketch")]  # (Hkv, positions, g, d)
     if split:
-        groups.insert(0, queries[:, None, :split])  # (Hkv, 1, split, d)
+        groups.insert(0, (queries[:, None, :split], "bound"))  # (Hkv, 1, split, d)
     parts = [
-        folded_partial(group, *memory.retrieve_blocks(layer, group, state.max_blocks)) for group in groups
+        folded_partial(group, *memory.retrieve_blocks(layer, group, state.max_blocks, ranking))
+        for group, ranking in groups
     ]
     out = torch.cat([o.reshape(Hkv, -1, d) for o, _ in parts], 1)
     return out, torch.cat([lse.reshape(Hkv, -1) for _, lse in parts], 1)

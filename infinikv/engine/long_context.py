@@ -28,14 +28,19 @@ class LongContextConfig:
     distance: int  # D: the relative position every memory entry is read at
     memory: bool = True  # False: evicted blocks are dropped (sliding window)
     index: str = "flat"
-    # "block": one summary per evicted block in the index (summary.py), whole blocks attended
-    # to: passkey 5/6 in tests/test_passkey.py, ~2.6x faster prefill than "token" at 8k
-    # tokens and an 8x smaller index, so it scales to long inputs. "token": every query head
-    # its own exact top-k tokens (6/6), but every prefill chunk searches every evicted key.
+    # "block": one summary per evicted block in the index (summary.py) plus a key sketch
+    # (sketch.py), whole blocks attended to: passkey 6/6 in tests/test_passkey.py, ~2.6x
+    # faster prefill than "token" at 8k tokens, so it scales to long inputs. "token": every
+    # query head its own exact top-k tokens (6/6), but every prefill chunk searches every
+    # evicted key.
     granularity: str = "block"
     # Block granularity: memory blocks attended to per position (or prefill chunk), kv-head
     # and layer: 16 blocks of 16 tokens = 256 keys, a quarter of the default window's worth.
     max_blocks: int = 16
+    # Block granularity: channels per query the trailing positions rank blocks with over the
+    # key sketch (sketch.py, SparQ's r; at most head_dim). 16 of SmolLM2's 64 recalled the
+    # 16k-token passkeys that summary bounds lost.
+    sketch_channels: int = 16
     # Block granularity: host RAM for evicted blocks' keys and values (the block store holds
     # them all; the least recently used leave RAM first). Must hold what one retrieval reads
     # at once (`ram_blocks_needed`); 1 GiB holds 1,456 SmolLM2-135M blocks (23k tokens).
@@ -62,9 +67,12 @@ class LongContextConfig:
             # 64 entries per head: a few blocks' worth, enough for a passkey-sized fact.
             top_k=64,
             # Memory reads as older than every resident token: beyond the farthest Self-Extend
-            # distance, and at least L/8 (1024 for an 8k model). Just beyond the groups (448
-            # for R=1024, W=256, G=4) lost an 8k-token passkey that D=1024 recalled.
-            distance=max(window + math.ceil((resident - window) / group), trained_len // 8),
+            # distance, and at least 3L/16 (1536 for an 8k model). Measured on SmolLM2: just
+            # beyond the groups (448 for R=1024, W=256, G=4) lost an 8k-token passkey that
+            # D=1024 recalled; D=1024 lost a 16k-token one (key 1.5k tokens back) that 1536
+            # and 2048 recalled; 2048 lost the 30-turn conversation's fact (tests/test_service.py)
+            # that 1024 and 1536 recalled.
+            distance=max(window + math.ceil((resident - window) / group), 3 * trained_len // 16),
         )
         return replace(base, **given)
 
@@ -107,6 +115,7 @@ class LongContextConfig:
                 f"granularity {self.granularity!r} is not token or block",
             ),
             (self.max_blocks >= 1, f"max_blocks={self.max_blocks} must be >= 1"),
+            (self.sketch_channels >= 1, f"sketch_channels={self.sketch_channels} must be >= 1"),
         ]
         if model is not None and self.memory and self.granularity == "block":
             held, needed = self.ram_blocks(model, page_size), self.ram_blocks_needed(model)
@@ -145,6 +154,7 @@ class LongContextConfig:
                 prefix=prefix,
                 granularity=self.granularity,
                 ram_blocks=self.ram_blocks(model, page_size),
+                sketch_channels=self.sketch_channels,
             )
         return LongContextState(
             SelfExtend(self.window, self.group),

@@ -174,7 +174,10 @@ class Sequence:
         state = self.long_state
         if evicted and state is not None and state.memory is not None:
             assert self.long_config is not None
-            state.memory = EvictedMemory.load(store, prefix, self.long_config.ram_blocks(model.cfg, B))
+            config = self.long_config
+            state.memory = EvictedMemory.load(
+                store, prefix, config.ram_blocks(model.cfg, B), config.sketch_channels
+            )
             if state.memory.tokens != evicted * B:
                 raise ValueError(f"memory holds {state.memory.tokens} tokens, {evicted * B} were evicted")
         pages = self.table.adopt(blocks, length, evicted, int(meta["evicted_until"]))

@@ -1,5 +1,6 @@
 """One sequence's evicted tokens: the kNN index over their keys (granularity "token") or over
-one summary per block (granularity "block", see summary.py), and their payloads: the
+one summary per block plus a key sketch (granularity "block", see summary.py and
+sketch.py), and their payloads: the
 recently used blocks in host RAM (tier 2, cache.py) in front of a block store (tier 3) that
 holds every block under the sequence's key prefix, with index snapshots to reload the
 memory after a restart."""
@@ -14,10 +15,14 @@ import torch
 from infinikv.memory.cache import BlockCache
 from infinikv.memory.index import CorruptSnapshotError, MemoryIndex, entry_id, split_id
 from infinikv.memory.payload import block_key, from_bytes, to_bytes
+from infinikv.memory.sketch import KeySketch
 from infinikv.memory.store import BlockStore
 from infinikv.memory.summary import block_summary, summary_query
 
 GRANULARITIES = ("token", "block")
+# How block granularity ranks blocks for a group of queries: by summary bound through the
+# index, or by approximate logits over the key sketch.
+RANKINGS = ("bound", "sketch")
 # Blocks read per store call when a memory is loaded (bounds the memory a load needs).
 LOAD_BATCH = 256
 
@@ -44,6 +49,7 @@ class EvictedMemory:
         prefix: str = "",
         granularity: str = "token",
         ram_blocks: int | None = None,
+        sketch_channels: int = 16,
     ):
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity {granularity!r} is not one of {', '.join(GRANULARITIES)}")
@@ -59,6 +65,11 @@ class EvictedMemory:
             self.shape, dtype, self._fetch if store is not None else None, ram_blocks if bounded else None
         )
         self.ram_blocks = ram_blocks
+        self.sketch = (
+            KeySketch(num_layers, num_kv_heads, head_dim, page_size, sketch_channels)
+            if granularity == "block"
+            else None
+        )
         self.first_block: int | None = None
         self.tokens = 0
         self.snapshot_blocks = 0  # blocks in the index snapshot last saved to the store
@@ -66,10 +77,10 @@ class EvictedMemory:
 
     @property
     def nbytes(self) -> int:
-        """Host RAM this memory holds: the cached payloads plus the index's vectors."""
-        return self.cache.nbytes + self.index.ntotal * self.index.num_layers * self.index.num_kv_heads * (
-            self.index.head_dim * 4
-        )
+        """Host RAM this memory holds: the cached payloads, the key sketch and the index's vectors."""
+        index = self.index
+        vectors = index.ntotal * index.num_layers * index.num_kv_heads * index.head_dim * 4
+        return self.cache.nbytes + (0 if self.sketch is None else self.sketch.nbytes) + vectors
 
     def add_blocks(self, blocks: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
         """blocks: consecutive block numbers; k, v: (L, nb, B, Hkv, d) of those blocks."""
@@ -87,6 +98,8 @@ class EvictedMemory:
                 {block_key(self.prefix, b): to_bytes(kv[:, :, i]) for i, b in enumerate(blocks)}
             )
         self._index_blocks(blocks, kv[0])
+        if self.sketch is not None:
+            self.sketch.append(kv[0])
         self.cache.put(blocks, kv)
         self.tokens += len(blocks) * B
 
@@ -115,7 +128,9 @@ class EvictedMemory:
         self.store.put_many(items)
 
     @classmethod
-    def load(cls, store: BlockStore, prefix: str, ram_blocks: int | None = None) -> EvictedMemory:
+    def load(
+        cls, store: BlockStore, prefix: str, ram_blocks: int | None = None, sketch_channels: int = 16
+    ) -> EvictedMemory:
         """Rebuild a saved memory from the store: the index snapshot plus the blocks evicted
         after it. Every block is read once (in batches) to check it; the most recent stay in
         RAM. A missing or damaged part is a CorruptSnapshotError naming the prefix (nothing
@@ -138,6 +153,7 @@ class EvictedMemory:
                 prefix,
                 meta.get("granularity", "token"),
                 ram_blocks,
+                sketch_channels,
             )
             total, indexed = int(meta["blocks"]), int(meta["snapshot_blocks"])
             if not 0 <= indexed <= total:
@@ -156,6 +172,8 @@ class EvictedMemory:
                     kv = made._fetch(blocks)
                     new = [i for i, b in enumerate(blocks) if b >= first + indexed]  # not in the snapshot
                     made._index_blocks([blocks[i] for i in new], kv[0][:, new])
+                    if made.sketch is not None:
+                        made.sketch.append(kv[0])
                     made.cache.put(blocks, kv)
                 made.tokens = total * B
         except (CorruptSnapshotError, ValueError, KeyError, TypeError, RuntimeError, AttributeError) as e:
@@ -208,21 +226,38 @@ class EvictedMemory:
         return k, v, valid
 
     def retrieve_blocks(
-        self, layer: int, queries: torch.Tensor, max_blocks: int
+        self, layer: int, queries: torch.Tensor, max_blocks: int, ranking: str = "bound"
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Block granularity: whole blocks, one set per group of queries. Every query ranks
-        blocks by summary bound; a block's priority in a group is its best rank over the
-        group's queries (then its best bound), so each query's favourites come before any
-        query's runners-up and no single large-norm query decides alone.
+        """Block granularity: whole blocks, one set per group of queries.
 
         queries: (Hkv, P, m, d), rotated by the memory distance; group p's m queries share.
+        ranking "bound": by summary bound through the index (cheap for large groups, such as
+        a prefill chunk's positions); "sketch": by approximate logits over the key sketch
+        (closer to the truth; for the few positions whose logits are read).
         Returns keys, values (Hkv, P, nb * B, d), nb = min(max_blocks, blocks in memory),
         oldest block first.
         """
+        if ranking not in RANKINGS:
+            raise ValueError(f"ranking {ranking!r} is not one of {', '.join(RANKINGS)}")
+        H, P = queries.shape[:2]
+        nb = min(max_blocks, self.tokens // self.page_size)
+        if ranking == "sketch" and self.sketch is not None:
+            order = self.sketch.block_scores(layer, queries).view(H * P, -1).argsort(dim=1, descending=True)
+        else:
+            order = self._order_by_bound(layer, queries, max_blocks)
+        chosen = order[:, :nb].sort(dim=1).values  # (H * P, nb)
+        B = self.page_size
+        return self._gather(layer, (chosen[..., None] * B + torch.arange(B)).view(H, P, -1))
+
+    def _order_by_bound(self, layer: int, queries: torch.Tensor, max_blocks: int) -> torch.Tensor:
+        """Blocks (relative numbers) in the order group (Hkv, P) prefers them, (Hkv * P, blocks).
+        Every query ranks its top max_blocks by summary bound; a block's priority in a group
+        is its best rank over the group's queries (then its best bound), so each query's
+        favourites come before any query's runners-up and no large-norm query decides alone."""
         H, P, m, d = queries.shape
         scores, ids = self._search(layer, summary_query(queries).view(H, P * m, 2 * d), max_blocks)
         K = ids.shape[-1]
-        B, nblocks = self.page_size, self.tokens // self.page_size
+        nblocks = self.tokens // self.page_size
         valid = ids >= 0
         rel = (ids - (self.first_block or 0)).where(valid, 0).view(H * P, m * K)
         rank = torch.arange(K).expand_as(ids).where(valid, K).reshape(H * P, m * K)
@@ -231,10 +266,7 @@ class EvictedMemory:
             1, rel, scores.where(valid, float("-inf")).view(H * P, m * K), "amax"
         )
         order = best_score.argsort(dim=1, descending=True, stable=True)
-        order = order.gather(1, best_rank.gather(1, order).argsort(dim=1, stable=True))
-        chosen = order[:, : min(max_blocks, nblocks)].sort(dim=1).values  # (H * P, nb)
-        rows = (chosen[..., None] * B + torch.arange(B)).view(H, P, -1)  # (H, P, nb * B)
-        return self._gather(layer, rows)
+        return order.gather(1, best_rank.gather(1, order).argsort(dim=1, stable=True))
 
     def _gather(self, layer: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of memory rows (row r: offset r % B of the (r // B)-th evicted

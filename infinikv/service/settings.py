@@ -43,6 +43,7 @@ class Settings(BaseSettings):
     memory: bool = True
     memory_top_k: int | None = Field(None, ge=1)
     memory_blocks: int | None = Field(None, ge=1)
+    sketch_channels: int | None = Field(None, ge=1, description="query channels ranking blocks")
     ram_budget_mb: int | None = Field(None, ge=1, description="host RAM for evicted blocks")
     memory_distance: int | None = Field(None, ge=1)
     index: Literal["flat", "hnsw"] = "flat"
@@ -99,6 +100,7 @@ class Settings(BaseSettings):
             memory=self.memory,
             top_k=self.memory_top_k,
             max_blocks=self.memory_blocks,
+            sketch_channels=self.sketch_channels,
             ram_budget_mb=self.ram_budget_mb,
             distance=self.memory_distance,
             index=self.index,

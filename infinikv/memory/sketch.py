@@ -1,0 +1,88 @@
+"""A channel-major copy of every evicted key, for ranking memory blocks by approximate
+attention logits (SparQ, Ribar et al. 2024): a query's r largest-magnitude channels carry
+most of its inner products, so reading those r rows of the keys (r/d of them) ranks blocks
+almost as the exact logits do.
+
+Block summaries (summary.py) bound a block's best logit, and for a few heads the bound is
+far from the truth (a passkey's block ranked 400th by bound, 1st by logit, on SmolLM2 at 16k
+tokens); the few positions whose logits are read (decode, the end of a prompt) rank with
+this sketch instead. Kept in bfloat16: a quarter of the keys' and values' float32 bytes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# The sketch grows one segment at a time, never by copying what it holds: the first holds
+# FIRST_SEGMENT_BLOCKS blocks, each next one as many as all before it, so a decode step
+# loops over a few segments (4 at 32k tokens of 16-token pages).
+FIRST_SEGMENT_BLOCKS = 256
+
+
+class KeySketch:
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, page_size: int, channels: int):
+        if channels < 1:
+            raise ValueError(f"sketch channels={channels} must be >= 1")
+        self.shape = (num_layers, num_kv_heads, head_dim)
+        self.channels = min(channels, head_dim)
+        self.page_size = page_size
+        self.segments: list[torch.Tensor] = []  # (L, Hkv, d, tokens it holds) bfloat16 each
+        self.tokens = 0
+        self.workspace: dict[str, torch.Tensor] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.numel() * s.element_size() for s in self.segments)
+
+    def append(self, k: torch.Tensor) -> None:
+        """k (L, nb, B, Hkv, d): keys of the next evicted blocks."""
+        L, nb, B, H, d = k.shape
+        keys = k.permute(0, 3, 4, 1, 2).reshape(L, H, d, nb * B).to(torch.bfloat16)
+        done = 0
+        while done < keys.shape[-1]:
+            held = sum(s.shape[-1] for s in self.segments)
+            if self.tokens == held:
+                size = max(held, FIRST_SEGMENT_BLOCKS * self.page_size)
+                self.segments.append(torch.empty(L, H, d, size, dtype=torch.bfloat16))
+                held += size
+            used = self.tokens - (held - self.segments[-1].shape[-1])
+            n = min(self.segments[-1].shape[-1] - used, keys.shape[-1] - done)
+            self.segments[-1][..., used : used + n] = keys[..., done : done + n]
+            done += n
+            self.tokens += n
+
+    def block_scores(self, layer: int, queries: torch.Tensor) -> torch.Tensor:
+        """queries (Hkv, P, m, d), rotated by the memory distance; each group of m queries
+        scores with the r channels where its |q| is largest. Returns (Hkv, P, blocks): each
+        block's best approximate logit over its tokens and the group's queries."""
+        H, P, m, d = queries.shape
+        r = self.channels
+        picked = queries.abs().sum(2).topk(r, dim=-1).indices  # (Hkv, P, r)
+        q = queries.float().gather(3, picked[:, :, None].expand(H, P, m, r))  # (Hkv, P, m, r)
+        q = q.view(H * P, m, r)
+        rows_of = (torch.arange(H)[:, None] * d + picked.view(H, P * r)).flatten()  # in (Hkv * d, n)
+        scores, start = [], 0
+        for segment in self.segments:
+            n = min(segment.shape[-1], self.tokens - start)
+            start += n
+            keys = segment[layer].view(H * d, -1)[:, :n]
+            picked_rows = self._work("rows", (H * P * r, n), torch.bfloat16)
+            torch.index_select(keys, 0, rows_of, out=picked_rows)
+            rows = self._work("rows32", (H * P, r, n), torch.float32)
+            rows.view(-1, n).copy_(picked_rows)
+            logits = self._work("logits", (H * P, m, n), torch.float32)
+            torch.bmm(q, rows, out=logits)
+            best = logits.amax(1).view(H, P, n // self.page_size, self.page_size)  # over the group
+            scores.append(best.amax(-1))
+        return torch.cat(scores, -1)
+
+    def _work(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A scratch tensor kept between calls: fresh multi-MB tensors every decode step cost
+        more in page faults than the arithmetic."""
+        size = math.prod(shape)
+        buffer = self.workspace.get(name)
+        if buffer is None or buffer.numel() < size:
+            buffer = self.workspace[name] = torch.empty(size, dtype=dtype)
+        return buffer[:size].view(shape)
