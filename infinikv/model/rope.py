@@ -60,6 +60,11 @@ class RotaryEmbedding:
         self._ensure(length)
         return self._table[:length]
 
+    def cos_sin(self, length: int) -> torch.Tensor:
+        """(cos, sin) of positions 0..length-1: (length, d/2, 2) float32, a view of the table
+        (what a kernel that rotates in place reads)."""
+        return torch.view_as_real(self.phases(length))
+
     def at(self, positions: torch.Tensor) -> torch.Tensor:
         """Phases of arbitrary positions (n,) long -> (n, d/2) complex64."""
         if positions.numel():
