@@ -38,6 +38,11 @@ def _build_parser() -> ArgumentParser:
     g.add_argument("--dtype", choices=["float32", "bfloat16"])
     g.add_argument("--quantize", choices=["none", "int4"], help="int4: 4-bit weight matrices (CPU)")
     g.add_argument("--device", help="torch device (default: cpu)")
+    g.add_argument(
+        "--attention-backend",
+        choices=["auto", "torch", "triton"],
+        help="auto: the Triton kernels on CUDA, plain PyTorch elsewhere",
+    )
     g.add_argument("--cache-dir", help="where converted GGUF weights are cached")
     g.add_argument("--page-size", type=_positive_int, help="KV cache page size in tokens")
     g.add_argument("--chunk-size", type=_positive_int, help="prefill chunk size in tokens")

@@ -3,6 +3,7 @@ Self-Extend groups) plus kNN memory over its evicted blocks, merged by log-sum-e
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,9 @@ class LongContextState:
     # Block granularity (memory.granularity "block"): whole blocks a query attends to; the
     # query heads of each trailing position choose together, a prefill chunk's others share.
     max_blocks: int = 0
+    # "torch": the plain-PyTorch path below; "triton": the fused kernels (CUDA), see
+    # `infinikv.attention.backends`.
+    backend: str = "torch"
 
 
 def paged_long_context_attention(
@@ -51,6 +55,10 @@ def paged_long_context_attention(
 ) -> torch.Tensor:
     """q (n, Hq, d) before RoPE at q_positions (n,); `resident` tokens in `pages`.
     Returns (n, Hq, d)."""
+    if state.backend == "triton":
+        from infinikv.attention.long_context_triton import triton_long_context_attention
+
+        return triton_long_context_attention(q, q_positions, kv, pages, resident, layer, rope, state)
     n, Hq, d = q.shape
     if int(q_positions[-1]) < state.self_extend.window:
         # The whole sequence is inside the neighbor window (so nothing was evicted either,
@@ -68,8 +76,7 @@ def paged_long_context_attention(
     if memory is not None and memory.tokens:
         Hkv = k.shape[1]
         g = Hq // Hkv
-        qd = at_memory_distance(q, rope, state.distance)  # (n, Hq, d)
-        queries = qd.view(n, Hkv, g, d).transpose(0, 1).reshape(Hkv, n * g, d)  # rows (i, j)
+        queries = memory_queries(q, rope, state.distance, Hkv)  # (Hkv, n*g, d)
         out, lse = memory_attention(memory, layer, queries, state, g)  # (Hkv, n*g, d), (Hkv, n*g)
         parts.append(
             (
@@ -80,30 +87,56 @@ def paged_long_context_attention(
     return merge_partials(parts)[0]
 
 
+def memory_queries(q: torch.Tensor, rope: RotaryEmbedding, distance: int, num_kv_heads: int) -> torch.Tensor:
+    """q (n, Hq, d) before RoPE -> (Hkv, n * g, d) rotated by the memory distance, rows
+    (position, head in group): what the memory is searched with and attends with."""
+    n, Hq, d = q.shape
+    qd = at_memory_distance(q, rope, distance)  # (n, Hq, d)
+    return qd.view(n, num_kv_heads, Hq // num_kv_heads, d).transpose(0, 1).reshape(num_kv_heads, -1, d)
+
+
+def memory_selections(
+    memory: EvictedMemory, layer: int, queries: torch.Tensor, state: LongContextState, g: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """What each group of query rows attends to, in row order: (group (Hkv, P, m, d), slab
+    rows (Hkv, P, T) of `memory.slab(layer)`, -1 for an empty slot). A selection may move
+    blocks into the RAM tier, so each group's rows are valid until the next is drawn.
+
+    Token granularity: each query row its top-k tokens (P = rows, m = 1). Block
+    granularity: the query heads of each of the last OWN_BLOCK_POSITIONS positions (those
+    whose logits are read: the next token, a draft's verification) choose their blocks
+    together, as in a decode step, by approximate logits over the key sketch; earlier
+    positions of a prefill chunk share one set of blocks, by summary bound.
+    """
+    search = queries.float().cpu()  # FAISS and the key sketch live in host RAM
+    if memory.granularity == "token":
+        rows, valid = memory.select(layer, search, state.top_k)  # (Hkv, n*g, K)
+        yield queries[:, :, None], rows.where(valid.to(rows.device), -1)
+        return
+    Hkv, n_rows, d = queries.shape
+    split = max(0, n_rows - OWN_BLOCK_POSITIONS * g)
+    if split:
+        group = search[:, None, :split]  # (Hkv, 1, split, d)
+        yield queries[:, None, :split], memory.select_blocks(layer, group, state.max_blocks, "bound")
+    group = search[:, split:].view(Hkv, -1, g, d)  # (Hkv, positions, g, d)
+    rows = memory.select_blocks(layer, group, state.max_blocks, "sketch")
+    yield queries[:, split:].view(Hkv, -1, g, d), rows
+
+
 def memory_attention(
     memory: EvictedMemory, layer: int, queries: torch.Tensor, state: LongContextState, g: int
 ) -> Partial:
     """Attention of queries (Hkv, n * g, d), rows (position, head in group), rotated by the
-    memory distance, to what the memory retrieves for them; out (Hkv, n * g, d), lse (Hkv, n * g).
-
-    Token granularity: each query its top-k tokens. Block granularity: the query heads of
-    each of the last OWN_BLOCK_POSITIONS positions (those whose logits are read: the next
-    token, a draft's verification) choose their blocks together, as in a decode step, by
-    approximate logits over the key sketch; earlier positions of a prefill chunk share one
-    set of blocks, by summary bound.
-    """
-    if memory.granularity == "token":
-        k_mem, v_mem, valid = memory.retrieve(layer, queries, state.top_k)  # (Hkv, n*g, K, d)
-        return memory_partial(queries, k_mem, v_mem, valid)
-    Hkv, rows, d = queries.shape
-    split = max(0, rows - OWN_BLOCK_POSITIONS * g)
-    groups = [(queries[:, split:].view(Hkv, -1, g, d), "sketch")]  # (Hkv, positions, g, d)
-    if split:
-        groups.insert(0, (queries[:, None, :split], "bound"))  # (Hkv, 1, split, d)
-    parts = [
-        folded_partial(group, *memory.retrieve_blocks(layer, group, state.max_blocks, ranking))
-        for group, ranking in groups
-    ]
+    memory distance, to what `memory_selections` picks for them; out (Hkv, n * g, d),
+    lse (Hkv, n * g)."""
+    Hkv, _, d = queries.shape
+    parts = []
+    for group, rows in memory_selections(memory, layer, queries, state, g):
+        k, v = memory.gather(layer, rows.clamp_min(0))  # (Hkv, P, T, d)
+        if memory.granularity == "token":  # m = 1, each row its own entries, some empty
+            parts.append(memory_partial(group, k[:, :, None], v[:, :, None], (rows >= 0)[:, :, None]))
+        else:
+            parts.append(folded_partial(group, k, v))
     out = torch.cat([o.reshape(Hkv, -1, d) for o, _ in parts], 1)
     return out, torch.cat([lse.reshape(Hkv, -1) for _, lse in parts], 1)
 

@@ -8,6 +8,8 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
+import torch
+
 from infinikv.attention.long_context import OWN_BLOCK_POSITIONS, LongContextState
 from infinikv.attention.self_extend import SelfExtend
 from infinikv.memory.evicted import EvictedMemory
@@ -45,6 +47,8 @@ class LongContextConfig:
     # them all; the least recently used leave RAM first). Must hold what one retrieval reads
     # at once (`ram_blocks_needed`); 1 GiB holds 1,456 SmolLM2-135M blocks (23k tokens).
     ram_budget_mb: int = 1024
+    # A resolved attention backend (`infinikv.attention.backends`): "torch" or "triton".
+    backend: str = "torch"
 
     @classmethod
     def derive(
@@ -116,6 +120,7 @@ class LongContextConfig:
             ),
             (self.max_blocks >= 1, f"max_blocks={self.max_blocks} must be >= 1"),
             (self.sketch_channels >= 1, f"sketch_channels={self.sketch_channels} must be >= 1"),
+            (self.backend in ("torch", "triton"), f"backend={self.backend!r} must be 'torch' or 'triton'"),
         ]
         if model is not None and self.memory and self.granularity == "block":
             held, needed = self.ram_blocks(model, page_size), self.ram_blocks_needed(model)
@@ -139,9 +144,15 @@ class LongContextConfig:
             )
 
     def new_state(
-        self, model: ModelConfig, page_size: int, store: BlockStore | None = None, prefix: str = ""
+        self,
+        model: ModelConfig,
+        page_size: int,
+        store: BlockStore | None = None,
+        prefix: str = "",
+        device: torch.device | str = "cpu",
     ) -> LongContextState:
-        """A fresh sequence's state; with a store, evicted blocks are written through under prefix."""
+        """A fresh sequence's state; with a store, evicted blocks are written through under
+        prefix; the RAM tier's slab lives on `device` (the KV pool's)."""
         memory = None
         if self.memory:
             memory = EvictedMemory(
@@ -155,6 +166,7 @@ class LongContextConfig:
                 granularity=self.granularity,
                 ram_blocks=self.ram_blocks(model, page_size),
                 sketch_channels=self.sketch_channels,
+                device=device,
             )
         return LongContextState(
             SelfExtend(self.window, self.group),
@@ -162,4 +174,5 @@ class LongContextConfig:
             self.distance,
             memory,
             self.max_blocks,
+            self.backend,
         )

@@ -44,7 +44,7 @@ class Sequence:
         if long_context is not None:
             if model is None:
                 raise ValueError("a long-context sequence needs the model config")
-            self.long_state = long_context.new_state(model, pool.page_size, store, prefix)
+            self.long_state = long_context.new_state(model, pool.page_size, store, prefix, pool.k.device)
 
         self.saved_blocks = 0  # blocks [0, saved_blocks) are full and written to the store
 
@@ -176,7 +176,7 @@ class Sequence:
             assert self.long_config is not None
             config = self.long_config
             state.memory = EvictedMemory.load(
-                store, prefix, config.ram_blocks(model.cfg, B), config.sketch_channels
+                store, prefix, config.ram_blocks(model.cfg, B), config.sketch_channels, self.pool.k.device
             )
             if state.memory.tokens != evicted * B:
                 raise ValueError(f"memory holds {state.memory.tokens} tokens, {evicted * B} were evicted")

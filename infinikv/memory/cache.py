@@ -22,14 +22,16 @@ class BlockCache:
         dtype: torch.dtype,
         fetch: Fetch | None,
         capacity: int | None,
+        device: torch.device | str = "cpu",
     ):
         """shape (L, B, Hkv, d) of one block per k and v; `fetch` reads blocks from the store;
-        capacity: most blocks held (None: unbounded, nothing ever leaves: no store behind)."""
+        capacity: most blocks held (None: unbounded, nothing ever leaves: no store behind);
+        device: where the slab lives (the GPU's memory when the kernels read it there)."""
         if capacity is not None and (capacity < 1 or fetch is None):
             raise ValueError(f"a bounded cache needs a capacity >= 1 and a store, got {capacity}")
         self.shape, self.capacity, self._fetch = shape, capacity, fetch
         L, B, H, d = shape
-        self.slab = torch.empty(2, L, 0, B, H, d, dtype=dtype)  # (k|v, L, slot, B, Hkv, d)
+        self.slab = torch.empty(2, L, 0, B, H, d, dtype=dtype, device=device)  # (k|v, L, slot, B, Hkv, d)
         self._slot: OrderedDict[int, int] = OrderedDict()  # block -> slot, least recent first
         self._free: list[int] = []
         self.fetched = 0  # blocks read back from the store
@@ -47,7 +49,7 @@ class BlockCache:
         slots = self._take(len(keep), protected=set())
         for block, slot in zip(keep, slots, strict=True):
             self._slot[block] = slot
-        self.slab[:, :, slots] = kv[:, :, len(blocks) - len(keep) :].to(self.slab.dtype)
+        self.slab[:, :, slots] = kv[:, :, len(blocks) - len(keep) :].to(self.slab)
 
     def slots(self, blocks: list[int]) -> torch.Tensor:
         """Slots holding `blocks` (distinct), reading the missing ones from the store."""
@@ -65,7 +67,7 @@ class BlockCache:
             fresh = self._take(len(missing), protected=set(blocks))
             for block, slot in zip(missing, fresh, strict=True):
                 self._slot[block] = slot
-            self.slab[:, :, fresh] = kv.to(self.slab.dtype)
+            self.slab[:, :, fresh] = kv.to(self.slab)
         return torch.tensor([self._slot[b] for b in blocks], dtype=torch.long)
 
     def _take(self, n: int, protected: set[int]) -> list[int]:
@@ -80,7 +82,7 @@ class BlockCache:
                 if self.capacity is None
                 else min(self.capacity, max(have + grow, 2 * have))
             )
-            slab = torch.empty(*self.slab.shape[:2], size, *self.slab.shape[3:], dtype=self.slab.dtype)
+            slab = self.slab.new_empty(*self.slab.shape[:2], size, *self.slab.shape[3:])
             slab[:, :, :have] = self.slab
             self.slab = slab
             taken += list(range(have, have + grow))

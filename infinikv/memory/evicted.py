@@ -50,6 +50,7 @@ class EvictedMemory:
         granularity: str = "token",
         ram_blocks: int | None = None,
         sketch_channels: int = 16,
+        device: torch.device | str = "cpu",
     ):
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity {granularity!r} is not one of {', '.join(GRANULARITIES)}")
@@ -62,7 +63,11 @@ class EvictedMemory:
         self.shape = (num_layers, page_size, num_kv_heads, head_dim)
         bounded = store is not None and granularity == "block" and ram_blocks is not None
         self.cache = BlockCache(
-            self.shape, dtype, self._fetch if store is not None else None, ram_blocks if bounded else None
+            self.shape,
+            dtype,
+            self._fetch if store is not None else None,
+            ram_blocks if bounded else None,
+            device,
         )
         self.ram_blocks = ram_blocks
         self.sketch = (
@@ -129,7 +134,12 @@ class EvictedMemory:
 
     @classmethod
     def load(
-        cls, store: BlockStore, prefix: str, ram_blocks: int | None = None, sketch_channels: int = 16
+        cls,
+        store: BlockStore,
+        prefix: str,
+        ram_blocks: int | None = None,
+        sketch_channels: int = 16,
+        device: torch.device | str = "cpu",
     ) -> EvictedMemory:
         """Rebuild a saved memory from the store: the index snapshot plus the blocks evicted
         after it. Every block is read once (in batches) to check it; the most recent stay in
@@ -154,6 +164,7 @@ class EvictedMemory:
                 meta.get("granularity", "token"),
                 ram_blocks,
                 sketch_channels,
+                device,
             )
             total, indexed = int(meta["blocks"]), int(meta["snapshot_blocks"])
             if not 0 <= indexed <= total:
@@ -218,12 +229,18 @@ class EvictedMemory:
         Returns keys, values (Hkv, nq, K, d) and valid (Hkv, nq, K) bool (an approximate
         index may return fewer than K hits; those slots are invalid).
         """
+        rows, valid = self.select(layer, queries, top_k)
+        k, v = self.gather(layer, rows)
+        return k, v, valid
+
+    def select(self, layer: int, queries: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`retrieve` without the gather: slab rows (Hkv, nq, K) of `slab(layer)` and valid
+        (Hkv, nq, K); an invalid slot names a real row (read, then masked)."""
         _, ids = self._search(layer, queries, top_k)  # (Hkv, nq, K)
         valid = ids >= 0
         block, offset = split_id(ids.clamp_min(0))
         rows = ((block - (self.first_block or 0)) * self.page_size + offset).where(valid, 0)
-        k, v = self._gather(layer, rows)
-        return k, v, valid
+        return self._slab_rows(rows), valid
 
     def retrieve_blocks(
         self, layer: int, queries: torch.Tensor, max_blocks: int, ranking: str = "bound"
@@ -237,6 +254,10 @@ class EvictedMemory:
         Returns keys, values (Hkv, P, nb * B, d), nb = min(max_blocks, blocks in memory),
         oldest block first.
         """
+        return self.gather(layer, self.select_blocks(layer, queries, max_blocks, ranking))
+
+    def select_blocks(self, layer: int, queries: torch.Tensor, max_blocks: int, ranking: str) -> torch.Tensor:
+        """`retrieve_blocks` without the gather: slab rows (Hkv, P, nb * B) of `slab(layer)`."""
         if ranking not in RANKINGS:
             raise ValueError(f"ranking {ranking!r} is not one of {', '.join(RANKINGS)}")
         H, P = queries.shape[:2]
@@ -247,7 +268,7 @@ class EvictedMemory:
             order = self._order_by_bound(layer, queries, max_blocks)
         chosen = order[:, :nb].sort(dim=1).values  # (H * P, nb)
         B = self.page_size
-        return self._gather(layer, (chosen[..., None] * B + torch.arange(B)).view(H, P, -1))
+        return self._slab_rows((chosen[..., None] * B + torch.arange(B)).view(H, P, -1))
 
     def _order_by_bound(self, layer: int, queries: torch.Tensor, max_blocks: int) -> torch.Tensor:
         """Blocks (relative numbers) in the order group (Hkv, P) prefers them, (Hkv * P, blocks).
@@ -268,19 +289,29 @@ class EvictedMemory:
         order = best_score.argsort(dim=1, descending=True, stable=True)
         return order.gather(1, best_rank.gather(1, order).argsort(dim=1, stable=True))
 
-    def _gather(self, layer: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of memory rows (row r: offset r % B of the (r // B)-th evicted
-        block): rows (Hkv, ...) -> (Hkv, ..., d) each. Blocks not in RAM are read first."""
-        B, H, d = self.page_size, self.shape[2], self.shape[3]
+    def _slab_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Memory rows (Hkv, ...) -> rows of the `slab` views, reading the blocks not in RAM
+        first. Memory row r of head h is offset r % B of the (r // B)-th evicted block."""
+        B, H = self.page_size, self.shape[2]
         needed, which = torch.unique(rows.div(B, rounding_mode="floor"), return_inverse=True)
         slots = self.cache.slots([(self.first_block or 0) + b for b in needed.tolist()])
         cached = slots[which] * B + rows % B  # rows of the cache slab
-        # Row r of head h is row r * H + h of the (rows * H, d) view: one index_select each.
-        flat = (cached * H + torch.arange(H).view(H, *[1] * (rows.dim() - 1))).flatten()
-        k_slab, v_slab = self.cache.layer(layer)
+        # Row r of head h is row r * H + h of the (rows * H, d) slab view.
+        flat = cached * H + torch.arange(H).view(H, *[1] * (rows.dim() - 1))
+        return flat.to(self.cache.slab.device)
+
+    def slab(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (before RoPE) and values of `layer` in RAM: (rows, d) views that `select`
+        and `select_blocks` index. Valid until the next selection (it may evict blocks)."""
+        return self.cache.layer(layer)
+
+    def gather(self, layer: int, slab_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of slab rows (Hkv, ...) -> (Hkv, ..., d) each: one index_select each."""
+        k_slab, v_slab = self.slab(layer)
+        flat = slab_rows.flatten()
         return (
-            k_slab.index_select(0, flat).view(*rows.shape, d),
-            v_slab.index_select(0, flat).view(*rows.shape, d),
+            k_slab.index_select(0, flat).view(*slab_rows.shape, -1),
+            v_slab.index_select(0, flat).view(*slab_rows.shape, -1),
         )
 
     def _search(self, layer: int, queries: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
+from infinikv.attention.backends import causal_attention, resolve_backend
 from infinikv.engine.generator import Generator
 from infinikv.memory.store import open_store
 from infinikv.model.loader import LoadedModel, load_model
@@ -34,6 +36,9 @@ def build_generator(settings: Settings, slots: int = 1) -> Generator:
         settings.quantize,
         loaded.path,
     )
+    backend = resolve_backend(settings.attention_backend, loaded.model.device)
+    loaded.model.attention = causal_attention(backend)
+    long_context = settings.long_context_config(loaded.config.max_position_embeddings)
     return Generator(
         loaded,
         drafter_factory=_drafter_factory(settings, loaded),
@@ -41,7 +46,7 @@ def build_generator(settings: Settings, slots: int = 1) -> Generator:
         max_seq_len=settings.max_seq_len,
         page_size=settings.page_size,
         chunk_size=settings.chunk_size,
-        long_context=settings.long_context_config(loaded.config.max_position_embeddings),
+        long_context=None if long_context is None else replace(long_context, backend=backend),
         store=store,
         slots=slots,
     )

@@ -23,6 +23,8 @@ class Settings(BaseSettings):
     # int4: decoder weight matrices as 4-bit groups of 32 (exact for GGUF Q4_1 weights).
     quantize: Literal["none", "int4"] = "none"
     device: str = "cpu"
+    # "auto": the Triton kernels on CUDA (when triton is installed), plain PyTorch elsewhere.
+    attention_backend: Literal["auto", "torch", "triton"] = "auto"
     cache_dir: Path = Path.home() / ".cache" / "infinikv"
     # 16-token pages: small enough that the unused tail of a sequence's last page is cheap,
     # large enough that a block table of an 8k sequence is 512 entries.

@@ -1,0 +1,80 @@
+"""The Triton backend end to end against the PyTorch one: the whole model's logits over
+chunked prefill, eviction into memory and decode steps (Triton's interpreter on CPU; the
+same on CUDA, marked gpu), and the backend choice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from infinikv.attention.backends import resolve_backend
+from infinikv.attention.long_context_triton import triton_causal_attention
+from infinikv.engine.long_context import LongContextConfig
+from infinikv.engine.sequence import Sequence, feed
+
+from .conftest import nan_pool, ours_from_hf, tiny_hf_model
+
+PAGE = 4
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    # head_dim 64: the kernels' dot products need a rotary half-width of at least 16.
+    sizes = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return tiny_hf_model("llama", seed=7, **sizes)
+
+
+def config(backend: str, **kw) -> LongContextConfig:
+    cfg = LongContextConfig.derive(256, PAGE, resident=32, sinks=8, window=12, group=2, backend=backend, **kw)
+    cfg.validate(256, PAGE)
+    return cfg
+
+
+def logits_of(model, cfg, ids, prefill_chunk=7, decode_steps=5):
+    """Chunked prefill of all but the last tokens, then one token per forward (decode)."""
+    pool = nan_pool(model, max_tokens=400, page_size=PAGE)
+    seq = Sequence(pool, cfg, model.cfg)
+    head, tail = ids[:-decode_steps], ids[-decode_steps:]
+    logits = [feed(model, pool, seq, head, prefill_chunk, all_logits=True)]
+    logits += [feed(model, pool, seq, [t], 1) for t in tail]
+    return torch.cat(logits), seq
+
+
+def device_param():
+    return pytest.mark.parametrize(
+        "device", [pytest.param(d, marks=[pytest.mark.gpu] if d == "cuda" else []) for d in DEVICES]
+    )
+
+
+@device_param()
+@pytest.mark.parametrize("granularity", ["token", "block"])
+def test_long_context_logits_match_torch_backend(hf_model, device, granularity) -> None:
+    model = ours_from_hf(hf_model).to(device)
+    ids = torch.randint(0, 160, (90,), generator=torch.Generator().manual_seed(3)).tolist()
+    kw = dict(granularity=granularity, top_k=6, max_blocks=3)
+    want, _ = logits_of(model, config("torch", **kw), ids)
+    got, seq = logits_of(model, config("triton", **kw), ids)
+    assert seq.table.evicted_blocks > 5  # memory in play at prefill and decode
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+
+
+@device_param()
+def test_plain_causal_logits_match_torch_backend(hf_model, device) -> None:
+    ids = torch.randint(0, 160, (40,), generator=torch.Generator().manual_seed(4)).tolist()
+    want, _ = logits_of(ours_from_hf(hf_model).to(device), None, ids)
+    model = ours_from_hf(hf_model).to(device)
+    model.attention = triton_causal_attention
+    got, _ = logits_of(model, None, ids)
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+
+
+def test_backend_choice() -> None:
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert resolve_backend("torch", torch.device("cpu")) == "torch"
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        resolve_backend("triton", torch.device("cpu"))
+    with pytest.raises(ValueError, match="not one of"):
+        resolve_backend("cuda", torch.device("cpu"))
+    with pytest.raises(ValueError, match="backend='tpu'"):
+        config("tpu")
