@@ -103,12 +103,15 @@ def redis_cluster(workdir: Path, nodes: int = 3) -> Iterator[list[int]]:
             stderr=subprocess.DEVNULL,
             timeout=30,
         )
+        # Every node must see the whole cluster: a node whose gossip has not converged yet
+        # answers "The cluster is down" (seen when only the first node was checked).
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            info = subprocess.run(
-                [cli, "-p", str(ports[0]), "cluster", "info"], capture_output=True, text=True
-            )
-            if "cluster_state:ok" in info.stdout:
+            infos = [
+                subprocess.run([cli, "-p", str(p), "cluster", "info"], capture_output=True, text=True)
+                for p in ports
+            ]
+            if all("cluster_state:ok" in info.stdout for info in infos):
                 break
             time.sleep(0.2)
         else:
