@@ -6,8 +6,8 @@ transformers (sdpa), at 8k / 32k / 128k tokens of context.
 
 Part `kernels` (Llama-3-8B attention shapes: 32 query heads, 8 kv-heads, head_dim 128,
 bfloat16, 16-token pages): per call, in ms,
-  * Self-Extend over N resident tokens (W=1024, G=8): the kernel (`self_extend_decode` for one
-    query, `self_extend_chunk` for a 512-query chunk), the PyTorch path (`self_extend_naive`)
+  * Self-Extend over N resident tokens (W=1024, G=8): the kernel (`self_extend_attention`: split-K
+    for one query, 64-row tiles for a 512-query chunk), the PyTorch path (`self_extend_naive`)
     and torch SDPA with the flash backend on plain attention over the same N keys (the
     chunk's SDPA call sees every key, no mask: a lower bound on a causal prefix call);
   * memory attention for one decode step (16 blocks of 16 entries per kv-head): the kernel
@@ -68,7 +68,7 @@ def kernel_rows(length: int, device: str, repeats: int) -> list[dict]:
     from infinikv.attention.self_extend import SelfExtend
     from infinikv.kernels.memory.ops import memory_merge_
     from infinikv.kernels.self_extend.naive import self_extend_naive
-    from infinikv.kernels.self_extend.ops import self_extend_chunk, self_extend_decode
+    from infinikv.kernels.self_extend.ops import self_extend_attention
     from infinikv.memory.pages import PageList
     from infinikv.model.config import RopeConfig
     from infinikv.model.rope import RotaryEmbedding
@@ -86,7 +86,6 @@ def kernel_rows(length: int, device: str, repeats: int) -> list[dict]:
     for n in (1, min(CHUNK, length)):
         q = torch.randn(n, HQ, D, dtype=dtype, device=device)
         q_pos = torch.arange(length - n, length, device=device)
-        launch = self_extend_decode if n == 1 else self_extend_chunk
         args = (q, q_pos, k_pages, v_pages, table, length, rope, se)
         qt = q.transpose(0, 1)[None]  # (1, Hq, n, d)
 
@@ -98,7 +97,7 @@ def kernel_rows(length: int, device: str, repeats: int) -> list[dict]:
             {
                 "op": "self_extend " + ("decode" if n == 1 else f"chunk {n}"),
                 "length": length,
-                "kernel_ms": timed_ms(lambda args=args, launch=launch: launch(*args), device, repeats),
+                "kernel_ms": timed_ms(lambda args=args: self_extend_attention(*args), device, repeats),
                 "torch_ms": or_oom(lambda args=args: self_extend_naive(*args), device),
                 "sdpa_flash_ms": or_oom(sdpa, device) if device == "cuda" else None,
             }

@@ -8,7 +8,7 @@ import torch
 
 from infinikv.attention.self_extend import SelfExtend
 from infinikv.kernels.self_extend.naive import self_extend_naive
-from infinikv.kernels.self_extend.ops import self_extend_chunk, self_extend_decode
+from infinikv.kernels.self_extend.ops import self_extend_attention
 from infinikv.memory.pages import PageList
 from infinikv.model.config import RopeConfig
 from infinikv.model.rope import RotaryEmbedding
@@ -39,7 +39,7 @@ def paged_case(T, page, Hq, Hkv, d, n, evicted, dtype, device, seed=0):
     q = wide[..., :d]  # (n, Hq, d), row stride 2d
     q_pos = table.positions[T - n : T].clone()
     to = dict(device=device)
-    table = PageList(table.ids.to(**to), None, table.positions.to(**to))
+    table = PageList(table.ids.to(**to), None, table.positions.to(**to), table.end)
     return q.to(**to), q_pos.to(**to), pool_k.to(**to), pool_v.to(**to), table
 
 
@@ -61,19 +61,21 @@ def test_chunk_matches_reference_fp32(case):
     T, page, Hq, Hkv, d, n, evicted, W, G = case
     q, q_pos, k, v, table = paged_case(T, page, Hq, Hkv, d, n, evicted, torch.float32, "cpu")
     se, rope = SelfExtend(W, G), rope_for(d, "cpu")
-    out, lse = self_extend_chunk(q, q_pos, k, v, table, T, rope, se)
+    out, lse = self_extend_attention(q, q_pos, k, v, table, T, rope, se)
     ref_out, ref_lse = self_extend_naive(q, q_pos, k, v, table, T, rope, se)
     assert not out.isnan().any()
     torch.testing.assert_close(out, ref_out, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("n", [1, 6])
 @pytest.mark.parametrize("splits", [1, 3, 8])
-def test_decode_split_k_matches_reference(splits):
-    T, page, Hq, Hkv, d = 63, 16, 6, 2, 64
-    q, q_pos, k, v, table = paged_case(T, page, Hq, Hkv, d, 1, 4, torch.float32, "cpu", seed=1)
+def test_split_k_matches_reference(splits, n):
+    # 300 keys: ranges are whole 64-key tiles, so 3 and 8 splits give 3 and 5 ranges.
+    T, page, Hq, Hkv, d = 300, 16, 6, 2, 64
+    q, q_pos, k, v, table = paged_case(T, page, Hq, Hkv, d, n, 4, torch.float32, "cpu", seed=1)
     se, rope = SelfExtend(16, 4), rope_for(d, "cpu")
-    out, lse = self_extend_decode(q, q_pos, k, v, table, T, rope, se, splits=splits)
+    out, lse = self_extend_attention(q, q_pos, k, v, table, T, rope, se, splits=splits)
     ref_out, ref_lse = self_extend_naive(q, q_pos, k, v, table, T, rope, se)
     torch.testing.assert_close(out, ref_out, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-4)
@@ -87,8 +89,7 @@ def low_precision_budget(dtype, device, T, page, Hq, Hkv, d, n, se):
     rope = rope_for(d, device)
     exact = self_extend_naive(q.float(), q_pos, k.float(), v.float(), table, T, rope, se)[0]
     low = self_extend_naive(q, q_pos, k, v, table, T, rope, se)[0]
-    fn = self_extend_decode if n == 1 else self_extend_chunk
-    ours = fn(q, q_pos, k, v, table, T, rope, se)[0]
+    ours = self_extend_attention(q, q_pos, k, v, table, T, rope, se)[0]
     assert ours.dtype == dtype
     kernel_err = (ours.float() - exact).abs().max().item()
     torch_err = (low.float() - exact).abs().max().item()
@@ -105,12 +106,10 @@ def test_half_precision_within_budget(n):
 def test_shapes_are_checked():
     q, q_pos, k, v, table = paged_case(20, 8, 4, 2, 64, 1, 0, torch.float32, "cpu")
     rope = rope_for(64, "cpu")
-    with pytest.raises(ValueError, match="one query position"):
-        self_extend_decode(q.expand(2, -1, -1), q_pos.expand(2), k, v, table, 20, rope, SelfExtend(8, 2))
     with pytest.raises(ValueError, match="k/v pages"):
-        self_extend_chunk(q, q_pos, k[..., :32], v, table, 20, rope, SelfExtend(8, 2))
+        self_extend_attention(q, q_pos, k[..., :32], v, table, 20, rope, SelfExtend(8, 2))
     with pytest.raises(ValueError, match="num_keys"):
-        self_extend_chunk(q, q_pos, k, v, table, 500, rope, SelfExtend(8, 2))
+        self_extend_attention(q, q_pos, k, v, table, 500, rope, SelfExtend(8, 2))
 
 
 @pytest.mark.gpu

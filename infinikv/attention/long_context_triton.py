@@ -9,7 +9,7 @@ import torch
 from infinikv.attention.long_context import LongContextState, memory_queries, memory_selections
 from infinikv.attention.self_extend import SelfExtend
 from infinikv.kernels.memory.ops import memory_merge_
-from infinikv.kernels.self_extend.ops import self_extend_chunk, self_extend_decode
+from infinikv.kernels.self_extend.ops import self_extend_attention
 from infinikv.memory.pages import LayerKV, PageList
 from infinikv.model.rope import RotaryEmbedding
 
@@ -25,8 +25,7 @@ def triton_long_context_attention(
     state: LongContextState,
 ) -> torch.Tensor:
     """See `paged_long_context_attention`: q (n, Hq, d) before RoPE; returns (n, Hq, d)."""
-    launch = self_extend_decode if q.shape[0] == 1 else self_extend_chunk
-    out, lse = launch(q, q_positions, kv.k, kv.v, pages, resident, rope, state.self_extend)
+    out, lse = self_extend_attention(q, q_positions, kv.k, kv.v, pages, resident, rope, state.self_extend)
     memory = state.memory
     if memory is not None and memory.tokens:
         Hkv = kv.k.shape[2]
@@ -48,5 +47,4 @@ def triton_causal_attention(
 ) -> torch.Tensor:
     """See `AttentionBackend`: plain causal attention is Self-Extend with one group and a
     window wider than every distance (kv_len > every query position)."""
-    launch = self_extend_decode if q.shape[0] == 1 else self_extend_chunk
-    return launch(q, q_positions, kv.k, kv.v, pages, kv_len, rope, SelfExtend(kv_len, 1))[0]
+    return self_extend_attention(q, q_positions, kv.k, kv.v, pages, kv_len, rope, SelfExtend(kv_len, 1))[0]

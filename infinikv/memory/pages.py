@@ -113,6 +113,7 @@ class PageList:
     ids: torch.Tensor  # (n_pages,) long, on the pool's device
     first: int | None  # when not None, ids == first, first + 1, ... (one contiguous run)
     positions: torch.Tensor  # (n_pages * B,) long: the absolute position of every slot
+    end: int  # one past the last slot's position, known on the host (no device read)
 
     @classmethod
     def of(cls, pages: list[int], blocks: list[int], page_size: int, device: torch.device) -> PageList:
@@ -120,7 +121,8 @@ class PageList:
         ids = torch.tensor(pages, dtype=torch.long, device=device)
         starts = torch.tensor(blocks, dtype=torch.long, device=device) * page_size  # (n_pages,)
         positions = (starts[:, None] + torch.arange(page_size, device=device)).flatten()
-        return cls(ids, pages[0] if run else None, positions)
+        end = (blocks[-1] + 1) * page_size if blocks else 0
+        return cls(ids, pages[0] if run else None, positions, end)
 
     def gather(self, cache: torch.Tensor, length: int) -> torch.Tensor:
         """The first `length` resident tokens: cache (P, B, H, d) -> (length, H, d).

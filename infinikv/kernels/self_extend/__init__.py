@@ -1,2 +1,2 @@
 """Self-Extend attention over the paged, pre-RoPE cache: the Triton kernel (`kernel.py`),
-its launchers (`ops.py`) and the plain-PyTorch reference they are tested against (`naive.py`)."""
+its launcher (`ops.py`) and the plain-PyTorch reference they are tested against (`naive.py`)."""

@@ -20,7 +20,7 @@ def self_extend_naive(
     rope: RotaryEmbedding,
     se: SelfExtend,
 ) -> Partial:
-    """What `self_extend_chunk` computes (same arguments): the pages gathered, then the
+    """What `self_extend_attention` computes (same arguments): the pages gathered, then the
     neighbor and grouped partial attentions of `resident_partials`, merged."""
     k, v = pages.gather(k_pages, num_keys), pages.gather(v_pages, num_keys)  # (T, Hkv, d)
     k_pos = pages.positions[:num_keys]  # (T,)

@@ -1,5 +1,5 @@
-"""Launchers for the Self-Extend kernel: a multi-query chunk (prefill, draft verification)
-and a single-token decode step split over the keys (split-K)."""
+"""The launcher of the Self-Extend kernel: a multi-query chunk (prefill, draft verification)
+or a single-token decode step split over the keys (split-K)."""
 
 from __future__ import annotations
 
@@ -24,27 +24,7 @@ CHUNK_BLOCK_M, DECODE_BLOCK_M, BLOCK_N = 64, 16, 64
 MIN_KEYS_PER_SPLIT, MAX_SPLITS = 256, 64
 
 
-def self_extend_chunk(
-    q: torch.Tensor,
-    q_pos: torch.Tensor,
-    k_pages: torch.Tensor,
-    v_pages: torch.Tensor,
-    pages: PageList,
-    num_keys: int,
-    rope: RotaryEmbedding,
-    se: SelfExtend,
-) -> Partial:
-    """Self-Extend attention (neighbor + grouped regions) of a chunk of queries over the
-    first num_keys resident tokens of `pages`.
-
-    q: (n, Hq, d) before RoPE at absolute positions q_pos (n,) long; k_pages, v_pages:
-    (P, B, Hkv, d), keys before RoPE (any strides). Returns out (n, Hq, d) in q's dtype and
-    lse (n, Hq) float32, as `infinikv.attention.self_extend.resident_partials` merged.
-    """
-    return _launch(q, q_pos, k_pages, v_pages, pages, num_keys, rope, se, CHUNK_BLOCK_M, 1)
-
-
-def self_extend_decode(
+def self_extend_attention(
     q: torch.Tensor,
     q_pos: torch.Tensor,
     k_pages: torch.Tensor,
@@ -55,10 +35,20 @@ def self_extend_decode(
     se: SelfExtend,
     splits: int | None = None,
 ) -> Partial:
-    """`self_extend_chunk` for one query position (n == 1), its keys cut into `splits`
-    ranges that run in parallel and are merged by log-sum-exp (default: by length)."""
-    if q.shape[0] != 1:
-        raise ValueError(f"decode takes one query position, got q of shape {tuple(q.shape)}")
+    """Self-Extend attention (neighbor + grouped regions) of a chunk of queries over the
+    first num_keys resident tokens of `pages`.
+
+    q: (n, Hq, d) before RoPE at absolute positions q_pos (n,) long, resident tokens of
+    `pages`; k_pages, v_pages: (P, B, Hkv, d), keys before RoPE (any strides). Returns out
+    (n, Hq, d) in q's dtype and lse (n, Hq) float32, as
+    `infinikv.attention.self_extend.resident_partials` merged.
+
+    A chunk (n > 1: prefill, draft verification) runs 64-row query tiles over all its keys.
+    One position (decode) runs one 16-row tile per kv-head with its keys cut into `splits`
+    ranges (default: by length) that run in parallel and are merged by log-sum-exp.
+    """
+    if q.shape[0] > 1:
+        return _launch(q, q_pos, k_pages, v_pages, pages, num_keys, rope, se, CHUNK_BLOCK_M, splits or 1)
     if splits is None:
         splits = max(1, min(MAX_SPLITS, num_keys // MIN_KEYS_PER_SPLIT))
     return _launch(q, q_pos, k_pages, v_pages, pages, num_keys, rope, se, DECODE_BLOCK_M, splits)
@@ -93,7 +83,9 @@ def _launch(
         )
     g = Hq // Hkv
     rows = n * g
-    cs = rope.cos_sin(int(q_pos.max()) + 1)  # (L, d/2, 2); grouped positions are smaller
+    # (L, d/2, 2): the queries are resident tokens, so pages.end bounds their positions
+    # without reading them from the device; grouped positions are smaller.
+    cs = rope.cos_sin(pages.end)
     per_split = triton.cdiv(triton.cdiv(num_keys, splits), BLOCK_N) * BLOCK_N
     splits = triton.cdiv(num_keys, per_split)
     out = torch.empty(splits, Hkv, rows, d, dtype=torch.float32, device=q.device)
