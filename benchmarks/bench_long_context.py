@@ -9,9 +9,12 @@
     python benchmarks/bench_long_context.py --lengths 2048 4096 8192 16384 32768 --depths 5
 
 Every (mode, length) runs in its own process (peak RSS is its own). Rows replace the rows of
-the same (mode, length) in benchmarks/results/long_context.json, so a run can measure some
-cells with fewer depths (`--depths`); the charts docs/long_context_{accuracy,speed}.png are
-drawn from the whole file.
+the same (mode, length, variant) in benchmarks/results/long_context.json, so a run can measure
+some cells with fewer depths (`--depths`); the charts docs/long_context_{accuracy,speed}.png
+are drawn from the default variant's rows. A variant changes the memory modes' index,
+granularity or block store:
+
+    python benchmarks/bench_long_context.py --modes se+memory --lengths 32768 --redis-url redis://127.0.0.1:6379
 """
 
 from __future__ import annotations
@@ -25,23 +28,26 @@ import sys
 import time
 from pathlib import Path
 
+from infinikv.memory.index import INDEX_KINDS
+
 MODES = ["transformers", "sliding", "selfextend", "memory", "se+memory"]
 RESIDENT, WINDOW, GROUP = 1024, 256, 4  # the resident budget every infinikv mode shares
 NEW_TOKENS = 16
 TRAINED = 8192  # SmolLM2-135M's trained length
 
 
-def long_context_config(mode: str, length: int):
+def long_context_config(mode: str, length: int, index: str = "flat", granularity: str = "block"):
     from infinikv.engine.long_context import LongContextConfig
 
+    memory = {"index": index, "granularity": granularity, "resident": RESIDENT}
     if mode == "sliding":
         return LongContextConfig.derive(
             TRAINED, 16, resident=RESIDENT, window=RESIDENT // 2, group=1, memory=False
         )
     if mode == "memory":
-        return LongContextConfig.derive(TRAINED, 16, resident=RESIDENT, window=RESIDENT // 2, group=1)
+        return LongContextConfig.derive(TRAINED, 16, window=RESIDENT // 2, group=1, **memory)
     if mode == "se+memory":
-        return LongContextConfig.derive(TRAINED, 16, resident=RESIDENT, window=WINDOW, group=GROUP)
+        return LongContextConfig.derive(TRAINED, 16, window=WINDOW, group=GROUP, **memory)
     # Self-Extend only: all of the prompt resident, W = 1024 and the smallest G with
     # (L - W) * G + W >= N (LongLM's rule), at least 2.
     n = length + NEW_TOKENS + 64
@@ -50,7 +56,15 @@ def long_context_config(mode: str, length: int):
     return LongContextConfig.derive(TRAINED, 16, resident=n, window=w, group=g, memory=False)
 
 
-def run_cell(mode: str, length: int, depths: int) -> dict:
+def variant(args: argparse.Namespace) -> str:
+    """The options that differ from the defaults, e.g. "index=ivf store=redis"; "" for none."""
+    parts = [f"index={args.index}"] * (args.index != "flat")
+    parts += [f"granularity={args.granularity}"] * (args.granularity != "block")
+    parts += ["store=redis"] * bool(args.redis_url)
+    return " ".join(parts)
+
+
+def run_cell(mode: str, length: int, args: argparse.Namespace) -> dict:
     import torch
 
     from infinikv.evaluation.passkey import found, passkey_case
@@ -58,6 +72,7 @@ def run_cell(mode: str, length: int, depths: int) -> dict:
 
     settings = Settings()
     tokenizer = _tokenizer(settings)
+    depths = args.depths
     cases = [passkey_case(tokenizer, length, (i + 0.5) / depths, seed=i) for i in range(depths)]
     hits, decode = 0, []
     if mode == "transformers":
@@ -82,10 +97,13 @@ def run_cell(mode: str, length: int, depths: int) -> dict:
     else:
         from infinikv.engine.generator import Generator
         from infinikv.engine.sampling import SamplingParams
+        from infinikv.memory.store import open_store
         from infinikv.model.loader import load_model
 
         loaded = load_model(None, settings.cache_dir)
-        gen = Generator(loaded, max_seq_len=64, long_context=long_context_config(mode, length))
+        config = long_context_config(mode, length, args.index, args.granularity)
+        store = open_store(args.redis_url, cluster=False) if args.redis_url else None
+        gen = Generator(loaded, max_seq_len=64, long_context=config, store=store)
         for case in cases:
             result = gen.generate(case.prompt, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))
             hits += found(case.key, result.text)
@@ -93,6 +111,7 @@ def run_cell(mode: str, length: int, depths: int) -> dict:
     return {
         "mode": mode,
         "length": length,
+        "variant": variant(args),
         "cases": len(cases),
         "accuracy": hits / len(cases),
         "decode_tok_s": sum(decode) / len(decode),
@@ -139,6 +158,7 @@ def charts(rows: list[dict], out_dir: Path) -> None:
 
     out_dir.mkdir(exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 4))
+    rows = [r for r in rows if not r.get("variant")]
     for mode in MODES:
         pts = sorted((r["length"], r["accuracy"] * 100) for r in rows if r["mode"] == mode)
         if pts:
@@ -172,23 +192,27 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768])
     ap.add_argument("--depths", type=int, default=5)
     ap.add_argument("--modes", nargs="+", choices=MODES, default=MODES)
+    ap.add_argument("--index", choices=INDEX_KINDS, default="flat", help="memory modes' FAISS index")
+    ap.add_argument("--granularity", choices=["block", "token"], default="block")
+    ap.add_argument("--redis-url", help="memory modes' block store (default: in-process)")
     ap.add_argument("--cell", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.cell:
-        print(json.dumps(run_cell(args.cell[0], int(args.cell[1]), args.depths)))
+        print(json.dumps(run_cell(args.cell[0], int(args.cell[1]), args)))
         return
     root = Path(__file__).resolve().parent
     results = root / "results" / "long_context.json"
     rows = json.loads(results.read_text()) if results.exists() else []
     for length in args.lengths:
         for mode in args.modes:
-            cmd = [sys.executable, __file__, "--depths", str(args.depths), "--cell", mode, str(length)]
+            cmd = [sys.executable, *sys.argv, "--cell", mode, str(length)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             row = json.loads(out.stdout.strip().splitlines()[-1])
-            rows = [r for r in rows if (r["mode"], r["length"]) != (mode, length)] + [row]
-            rows.sort(key=lambda r: (r["length"], MODES.index(r["mode"])))
+            key = (mode, length, row["variant"])
+            rows = [r for r in rows if (r["mode"], r["length"], r.get("variant", "")) != key] + [row]
+            rows.sort(key=lambda r: (r["length"], MODES.index(r["mode"]), r.get("variant", "")))
             print(
-                f"{mode:>12} {length:>6}: accuracy {row['accuracy']:.0%} of {row['cases']}  "
+                f"{mode:>12} {length:>6} {row['variant']}: accuracy {row['accuracy']:.0%} of {row['cases']}  "
                 f"decode {row['decode_tok_s']:.1f} tok/s  peak RSS {row['peak_rss_mb']:.0f} MB",
                 flush=True,
             )

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from infinikv.engine.generator import Generator
 from infinikv.engine.sampling import SamplingParams
 from infinikv.errors import InfinikvError
+from infinikv.memory.index import INDEX_KINDS
 from infinikv.service.settings import Settings
 
 PROG = "infinikv"
@@ -81,7 +82,7 @@ def _build_parser() -> ArgumentParser:
         help="query channels that rank memory blocks for decoding (block granularity)",
     )
     lc.add_argument("--memory-distance", type=_positive_int, help="relative position memory is read at")
-    lc.add_argument("--index", choices=["flat", "hnsw"], help="FAISS index for the memory")
+    lc.add_argument("--index", choices=INDEX_KINDS, help="FAISS index for the memory")
     lc.add_argument(
         "--granularity",
         choices=["token", "block"],

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import logging
+
+import faiss
 import pytest
 import torch
 
-from infinikv.memory.index import CorruptSnapshotError, MemoryIndex, entry_id, split_id
+from infinikv.memory.index import (
+    IVF_TRAIN_KEYS,
+    CorruptSnapshotError,
+    MemoryIndex,
+    entry_id,
+    gpu_resources,
+    split_id,
+)
+
+FAISS_GPU = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
 def filled(
@@ -26,13 +38,20 @@ def brute_force(keys: torch.Tensor, ids: torch.Tensor, q: torch.Tensor, k: int):
     return top.values, ids[top.indices]
 
 
+def recall(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Share of the wanted ids (H, nq, k) found among the got ids of the same query."""
+    pairs = zip(got.flatten(0, 1), want.flatten(0, 1), strict=True)
+    return sum(len(set(a.tolist()) & set(b.tolist())) for a, b in pairs) / want.numel()
+
+
 def test_ids_round_trip() -> None:
     block, offset = split_id(entry_id(torch.tensor([7, 123456]), torch.tensor([0, 65535])))
     assert block.tolist() == [7, 123456] and offset.tolist() == [0, 65535]
 
 
-def test_flat_search_is_the_brute_force_top_k() -> None:
-    index, keys, ids = filled()
+@pytest.mark.parametrize("kind", ["flat", "ivf"])  # ivf below IVF_TRAIN_KEYS is flat
+def test_flat_search_is_the_brute_force_top_k(kind) -> None:
+    index, keys, ids = filled(kind)
     q = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(1))
     scores, got = index.search(1, q, 10)
     want_scores, want_ids = brute_force(keys[1], ids, q, 10)
@@ -51,11 +70,53 @@ def test_hnsw_recall() -> None:
     q = torch.randn(3, 20, 64, generator=torch.Generator().manual_seed(2))
     _, got = index.search(0, q, 10)
     _, want = brute_force(keys[0], ids, q, 10)
-    recall = sum(
-        len(set(a.tolist()) & set(b.tolist()))
-        for a, b in zip(got.flatten(0, 1), want.flatten(0, 1), strict=True)
-    )
-    assert recall / want.numel() > 0.95
+    assert recall(got, want) > 0.95
+
+
+def clustered_ivf(M: int = IVF_TRAIN_KEYS + 700) -> tuple[MemoryIndex, torch.Tensor, torch.Tensor]:
+    """An ivf index past its training point (crossed inside the second add), over keys in
+    clusters as real keys are (0.6 recall@10 on structureless Gaussian keys)."""
+    g = torch.Generator().manual_seed(4)
+    centers = 3 * torch.randn(64, 2, 32, generator=g)
+    cluster = torch.randint(0, 64, (M, 1), generator=g)
+    keys = centers[cluster, torch.arange(2)] + torch.randn(M, 2, 32, generator=g)
+    ids = entry_id(torch.arange(M) // 16, torch.arange(M) % 16)
+    index = MemoryIndex(1, 2, 32, "ivf")
+    third = M // 3
+    for part in (slice(0, third), slice(third, M - 100), slice(M - 100, M)):  # trains in the 2nd
+        index.add(0, keys[part], ids[part])
+    return index, keys, ids
+
+
+def test_ivf_trains_once_large_and_keeps_every_entry() -> None:
+    index, keys, ids = clustered_ivf()
+    assert index.ntotal == len(ids) and index.ntotal > IVF_TRAIN_KEYS
+    q = torch.randn(2, 30, 32, generator=torch.Generator().manual_seed(5))
+    scores, got = index.search(0, q, 10)
+    want_scores, want = brute_force(keys, ids, q, 10)
+    assert recall(got, want) > 0.95
+    # what it returns are the true inner products of the ids it names
+    row = {int(i): n for n, i in enumerate(ids.tolist())}
+    for h in range(2):
+        found = torch.tensor([[row[int(i)] for i in per_q] for per_q in got[h]])
+        true = torch.einsum("qd,qkd->qk", q[h], keys[found, h])
+        torch.testing.assert_close(scores[h], true, rtol=1e-4, atol=1e-3)
+    far = 50 * keys[:1] / keys[:1].norm(dim=-1, keepdim=True)  # added after training: the top hit
+    index.add(0, far, entry_id(9999, 0)[None])
+    _, top = index.search(0, far.transpose(0, 1), 1)
+    assert (top == entry_id(9999, 0)).all()
+
+
+def test_ivf_removal_and_snapshot_after_training() -> None:
+    index, _, ids = clustered_ivf()
+    q = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(6))
+    restored = MemoryIndex.deserialize(index.serialize())
+    a, b = index.search(0, q, 12), restored.search(0, q, 12)
+    assert restored.kind == "ivf" and torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    restored.remove(ids[:5000])
+    assert restored.ntotal == len(ids) - 5000
+    _, got = restored.search(0, q, 12)
+    assert not set(got.flatten().tolist()) & set(ids[:5000].tolist())
 
 
 def test_remove_deletes_from_every_index() -> None:
@@ -101,3 +162,33 @@ def test_block_summary_bounds_every_logit_of_its_block() -> None:
     assert (bound >= best - 1e-4).all()
     one = keys[:, :1]  # a block of one key: the bound is its logit
     torch.testing.assert_close(summary_query(q) @ block_summary(one).T, q @ one[:, 0].T)
+
+
+@pytest.mark.skipif(hasattr(faiss, "StandardGpuResources"), reason="a faiss GPU build is installed")
+def test_a_cpu_faiss_build_keeps_a_cuda_sequence_s_index_in_host_ram(caplog) -> None:
+    gpu_resources.cache_clear()
+    with caplog.at_level(logging.INFO, logger="infinikv.memory.index"):
+        index = MemoryIndex(1, 2, 32, "flat", device="cuda")
+    assert not index.on_gpu
+    assert "host RAM: the installed faiss has no GPU support" in caplog.text
+    index.add(0, torch.randn(10, 2, 32), torch.arange(10))
+    assert index.search(0, torch.randn(2, 3, 32), 4)[1].shape == (2, 3, 4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not FAISS_GPU, reason="needs a faiss GPU build and a GPU")
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_gpu_index_matches_the_host_index(kind) -> None:
+    on_host, keys, ids = clustered_ivf() if kind == "ivf" else filled("flat", M=5000, L=1, H=2, d=32)
+    on_gpu = MemoryIndex.deserialize(on_host.serialize(), device="cuda")
+    assert on_gpu.on_gpu and on_gpu.ntotal == on_host.ntotal
+    q = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(7))
+    (s1, i1), (s2, i2) = on_host.search(0, q, 10), on_gpu.search(0, q, 10)
+    assert recall(i2, i1) > 0.99
+    torch.testing.assert_close(s2, s1, rtol=1e-4, atol=1e-3)
+    more = torch.randn(300, 2, 32)
+    for index in (on_host, on_gpu):
+        index.add(0, more, torch.arange(300) + 10**9)
+    back = MemoryIndex.deserialize(on_gpu.serialize())  # a GPU index snapshots to host form
+    assert not back.on_gpu and back.ntotal == on_host.ntotal
+    assert recall(back.search(0, q, 10)[1], on_host.search(0, q, 10)[1]) > 0.99

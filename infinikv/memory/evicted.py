@@ -56,7 +56,7 @@ class EvictedMemory:
             raise ValueError(f"granularity {granularity!r} is not one of {', '.join(GRANULARITIES)}")
         self.granularity = granularity
         index_dim = head_dim if granularity == "token" else 2 * head_dim
-        self.index = MemoryIndex(num_layers, num_kv_heads, index_dim, index_kind)
+        self.index = MemoryIndex(num_layers, num_kv_heads, index_dim, index_kind, device)
         self.page_size = page_size
         self.store, self.prefix = store, prefix
         self.dtype = dtype
@@ -82,7 +82,8 @@ class EvictedMemory:
 
     @property
     def nbytes(self) -> int:
-        """Host RAM this memory holds: the cached payloads, the key sketch and the index's vectors."""
+        """Bytes this memory holds: the cached payloads, the key sketch (host RAM) and the
+        index's vectors (host RAM, or the GPU's with a faiss GPU build)."""
         index = self.index
         vectors = index.ntotal * index.num_layers * index.num_kv_heads * index.head_dim * 4
         return self.cache.nbytes + (0 if self.sketch is None else self.sketch.nbytes) + vectors
@@ -173,7 +174,7 @@ class EvictedMemory:
                 (index_raw,) = store.get_many([f"{prefix}index"])
                 if index_raw is None:
                     raise ValueError("the index snapshot is missing")
-                made.index = MemoryIndex.deserialize(index_raw)
+                made.index = MemoryIndex.deserialize(index_raw, device)
                 made.snapshot_blocks = indexed
             if total:
                 first = int(meta["first_block"])

@@ -10,6 +10,7 @@ import torch
 
 from infinikv.attention.backends import causal_attention, resolve_backend
 from infinikv.engine.generator import Generator
+from infinikv.memory.index import gpu_resources
 from infinikv.memory.store import open_store
 from infinikv.model.loader import LoadedModel, load_model
 from infinikv.service.settings import Settings
@@ -39,6 +40,8 @@ def build_generator(settings: Settings, slots: int = 1) -> Generator:
     backend = resolve_backend(settings.attention_backend, loaded.model.device)
     loaded.model.attention = causal_attention(backend)
     long_context = settings.long_context_config(loaded.config.max_position_embeddings)
+    if long_context is not None and long_context.memory:
+        gpu_resources(loaded.model.device)  # decides (and logs) where the FAISS indexes live
     return Generator(
         loaded,
         drafter_factory=_drafter_factory(settings, loaded),

@@ -48,7 +48,7 @@ class Settings(BaseSettings):
     sketch_channels: int | None = Field(None, ge=1, description="query channels ranking blocks")
     ram_budget_mb: int | None = Field(None, ge=1, description="host RAM for evicted blocks")
     memory_distance: int | None = Field(None, ge=1)
-    index: Literal["flat", "hnsw"] = "flat"
+    index: Literal["flat", "ivf", "hnsw"] = "flat"
     granularity: Literal["token", "block"] = "block"
     # Block store for evicted blocks and snapshots: in-process when unset.
     redis_url: str | None = None
