@@ -149,8 +149,11 @@ def test_block_cache_keeps_the_most_recently_used_within_its_capacity() -> None:
         return torch.cat([payload[b] for b in blocks], 2)
 
     cache = BlockCache((1, 2, 1, 1), torch.float32, fetch, capacity=3)
+    slab = cache.slab.data_ptr()  # allocated once, at its capacity: never copied
+    assert cache.nbytes == 0
     cache.put(list(range(5)), torch.cat([payload[b] for b in range(5)], 2))
     assert len(cache) == 3 and calls == []  # blocks 2, 3, 4 stay
+    assert cache.nbytes == 3 * 2 * 2 * 4
     slots = cache.slots([2, 0, 4])  # 0 is fetched; 3, the least recently used, leaves
     assert calls == [[0]] and len(cache) == 3
     k, _ = cache.layer(0)
@@ -159,6 +162,22 @@ def test_block_cache_keeps_the_most_recently_used_within_its_capacity() -> None:
     assert calls == [[0], [3]]  # 3 was gone; 2 (least recent) leaves for it
     with pytest.raises(ValueError, match="4 blocks needed at once, the cache holds 3"):
         cache.slots([0, 1, 3, 4])
+    assert cache.slab.data_ptr() == slab
+
+
+def test_an_unbounded_block_cache_grows_and_keeps_every_block() -> None:
+    from infinikv.memory.cache import BlockCache
+
+    cache = BlockCache((1, 2, 1, 1), torch.float32, None, capacity=None)
+    for b in range(7):  # one block at a time: the slab doubles, copying what it holds
+        cache.put([b], torch.full((2, 1, 1, 2, 1, 1), float(b)))
+    k, v = cache.layer(0)
+    slots = cache.slots(list(range(7)))
+    every = [float(b) for b in range(7)]
+    assert k.view(-1, 2)[slots, 1].tolist() == v.view(-1, 2)[slots, 0].tolist() == every
+    assert cache.nbytes == 7 * 2 * 2 * 4 and cache.slab.shape[2] == 8
+    with pytest.raises(KeyError, match="not in memory"):
+        cache.slots([7])
 
 
 def test_a_memory_bounded_in_ram_retrieves_what_an_unbounded_one_does(store) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import weakref
 
 import pytest
 import torch
@@ -94,7 +95,7 @@ def test_memory_changes_the_output_once_blocks_are_evicted(model) -> None:
         ({"resident": 20, "window": 12}, "R >= S + W + 2B"),
         ({"resident": 600, "window": 16, "group": 1}, "Self-Extend cannot cover"),
         ({"distance": 300}, "inside the trained range"),
-        ({"index": "ivf"}, "is not one of"),
+        ({"index": "lsh"}, "is not one of"),
     ],
 )
 def test_impossible_settings_name_the_rule(overrides, rule) -> None:
@@ -114,8 +115,10 @@ def test_evicted_blocks_are_written_through_and_deleted_on_release(model) -> Non
     feed(model, pool, seq, tokens(100, seed=4), 6)
     blocks = seq.table.evicted_blocks
     assert blocks > 0 and len(store.keys("ikv:test:block:")) == blocks
+    memory = weakref.ref(seq.long_state.memory)
     seq.release()
     assert store.keys("ikv:test:") == []
+    assert memory() is None  # its RAM is freed at release, not at the next cyclic collection
 
 
 def test_block_and_token_granularity_agree_when_covering_all_memory(model) -> None:

@@ -71,11 +71,14 @@ class Sequence:
         del self.tokens[length:]
 
     def release(self) -> None:
-        """Free the pages and forget the memory, in the block store too."""
+        """Free the pages and forget the memory, in the block store too. The memory's RAM
+        (cache slab, key sketch, index) goes now, not when a reference cycle holding this
+        sequence is collected: a finished 32k-token generation's 1.5 GB outlived it."""
         self.table.release()
         self.tokens.clear()
         if self.long_state is not None and self.long_state.memory is not None:
             self.long_state.memory.delete()
+            self.long_state.memory = None
 
     def tokens_before_eviction(self) -> int | None:
         """How many more tokens can be fed before `evict_overflow` would evict (the eviction

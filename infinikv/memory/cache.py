@@ -31,14 +31,18 @@ class BlockCache:
             raise ValueError(f"a bounded cache needs a capacity >= 1 and a store, got {capacity}")
         self.shape, self.capacity, self._fetch = shape, capacity, fetch
         L, B, H, d = shape
-        self.slab = torch.empty(2, L, 0, B, H, d, dtype=dtype, device=device)  # (k|v, L, slot, B, Hkv, d)
+        # A bounded cache allocates its whole slab at once, never to be copied: host pages
+        # become resident only when a slot is first written. An unbounded one doubles.
+        slots = capacity or 0
+        self.slab = torch.empty(2, L, slots, B, H, d, dtype=dtype, device=device)  # (k|v, L, slot, B, Hkv, d)
         self._slot: OrderedDict[int, int] = OrderedDict()  # block -> slot, least recent first
-        self._free: list[int] = []
+        self._used = 0  # slots ever handed out: slots [0, _used) hold blocks
         self.fetched = 0  # blocks read back from the store
 
     @property
     def nbytes(self) -> int:
-        return self.slab.numel() * self.slab.element_size()
+        """Bytes of the slots in use (the slab beyond them is not touched yet)."""
+        return self._used * self.slab[:, :, 0].numel() * self.slab.element_size()
 
     def __len__(self) -> int:
         return len(self._slot)
@@ -71,22 +75,18 @@ class BlockCache:
         return torch.tensor([self._slot[b] for b in blocks], dtype=torch.long)
 
     def _take(self, n: int, protected: set[int]) -> list[int]:
-        """n free slots: unused ones, then new ones up to the capacity, then the least
-        recently used blocks' (never a protected block's)."""
-        taken = [self._free.pop() for _ in range(min(n, len(self._free)))]
+        """n free slots: never used ones (up to the capacity), then the least recently used
+        blocks' (never a protected block's)."""
+        fresh = n if self.capacity is None else min(n, self.capacity - self._used)
         have = self.slab.shape[2]
-        grow = n - len(taken) if self.capacity is None else min(n - len(taken), self.capacity - have)
-        if grow > 0:
-            size = (
-                max(have + grow, 2 * have)
-                if self.capacity is None
-                else min(self.capacity, max(have + grow, 2 * have))
+        if self._used + fresh > have:  # unbounded: grow by doubling
+            slab = self.slab.new_empty(
+                *self.slab.shape[:2], max(self._used + fresh, 2 * have), *self.slab.shape[3:]
             )
-            slab = self.slab.new_empty(*self.slab.shape[:2], size, *self.slab.shape[3:])
             slab[:, :, :have] = self.slab
             self.slab = slab
-            taken += list(range(have, have + grow))
-            self._free += list(range(have + grow, size))
+        taken = list(range(self._used, self._used + fresh))
+        self._used += fresh
         victims = (b for b in list(self._slot) if b not in protected)
         while len(taken) < n:
             taken.append(self._slot.pop(next(victims)))

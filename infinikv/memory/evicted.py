@@ -7,6 +7,7 @@ memory after a restart."""
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 
@@ -65,7 +66,7 @@ class EvictedMemory:
         self.cache = BlockCache(
             self.shape,
             dtype,
-            self._fetch if store is not None else None,
+            None if store is None else functools.partial(read_blocks, store, prefix, dtype, self.shape),
             ram_blocks if bounded else None,
             device,
         )
@@ -181,7 +182,7 @@ class EvictedMemory:
                 made.first_block = first
                 for start in range(first, first + total, LOAD_BATCH):
                     blocks = list(range(start, min(start + LOAD_BATCH, first + total)))
-                    kv = made._fetch(blocks)
+                    kv = read_blocks(store, prefix, dtype, made.shape, blocks)
                     new = [i for i, b in enumerate(blocks) if b >= first + indexed]  # not in the snapshot
                     made._index_blocks([blocks[i] for i in new], kv[0][:, new])
                     if made.sketch is not None:
@@ -197,16 +198,6 @@ class EvictedMemory:
                 f"{made.index.ntotal} index entries for {made.tokens} stored tokens"
             )
         return made
-
-    def _fetch(self, blocks: list[int]) -> torch.Tensor:
-        """Payloads (2, L, n, B, Hkv, d) of stored blocks, in one store call."""
-        assert self.store is not None
-        payloads = self.store.get_many([block_key(self.prefix, b) for b in blocks])
-        missing = [b for b, p in zip(blocks, payloads, strict=True) if p is None]
-        if missing:
-            raise CorruptSnapshotError(f"memory blocks {missing[:5]} are missing under {self.prefix!r}")
-        L, B, H, d = self.shape
-        return torch.stack([from_bytes(p, self.dtype, (2, L, B, H, d)) for p in payloads if p is not None], 2)
 
     def _index_blocks(self, blocks: list[int], k: torch.Tensor) -> None:
         """Add the keys (or block summaries) of `blocks` to the index; k (L, nb, B, Hkv, d)."""
@@ -325,3 +316,17 @@ class EvictedMemory:
     def delete(self) -> int:
         """Remove everything this memory wrote to the store; returns the number of keys."""
         return 0 if self.store is None else self.store.delete_prefix(self.prefix)
+
+
+def read_blocks(
+    store: BlockStore, prefix: str, dtype: torch.dtype, shape: tuple[int, int, int, int], blocks: list[int]
+) -> torch.Tensor:
+    """Payloads (2, L, n, B, Hkv, d) of a memory's stored blocks, in one store call. A
+    function of the store and prefix, not a method: the RAM tier calls it, and a bound
+    method would make memory and tier a reference cycle that only the cyclic GC frees."""
+    payloads = store.get_many([block_key(prefix, b) for b in blocks])
+    missing = [b for b, p in zip(blocks, payloads, strict=True) if p is None]
+    if missing:
+        raise CorruptSnapshotError(f"memory blocks {missing[:5]} are missing under {prefix!r}")
+    L, B, H, d = shape
+    return torch.stack([from_bytes(p, dtype, (2, L, B, H, d)) for p in payloads if p is not None], 2)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 # The sketch grows one segment at a time, never by copying what it holds: the first holds
 # FIRST_SEGMENT_BLOCKS blocks, each next one as many as all before it, so a decode step
@@ -74,8 +75,8 @@ class KeySketch:
             rows.view(-1, n).copy_(picked_rows)
             logits = self._work("logits", (H * P, m, n), torch.float32)
             torch.bmm(q, rows, out=logits)
-            best = logits.amax(1).view(H, P, n // self.page_size, self.page_size)  # over the group
-            scores.append(best.amax(-1))
+            best = F.max_pool1d(logits, self.page_size)  # (H * P, m, blocks): over each block's tokens
+            scores.append(best.amax(1).view(H, P, -1))  # and over the group
         return torch.cat(scores, -1)
 
     def _work(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
