@@ -29,6 +29,13 @@ log = logging.getLogger(__name__)
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 # HNSW graph degree: faiss's commonly used default for 64-128-dim vectors.
 HNSW_M = 32
+# HNSW walks an L2 graph, and greedy search by inner product over keys whose norms vary
+# (attention keys do) recalled 0.19-0.39 of the true top-32 on SmolLM2 (bench_index.py).
+# So keys go in as [k, sqrt(N^2 - |k|^2)] and queries as [q, 0], whose L2 distance is
+# |q|^2 + N^2 - 2 q.k: nearest = largest inner product (Bachrach et al. 2014). N, the norm
+# bound, is HNSW_NORM_MARGIN x the largest norm of an index's first keys; a later key above
+# N gets 0 for its extra coordinate (ranked as if its norm were N).
+HNSW_NORM_MARGIN = 2.0
 # HNSW search beam: faiss's default 16 gave 0.89 recall@10 on random 64-dim keys in
 # tests/test_memory_index.py; 128 gives > 0.95 at a few times the search cost.
 HNSW_EF_SEARCH = 128
@@ -81,8 +88,8 @@ def _new_index(kind: str, dim: int) -> faiss.Index:
     base: faiss.Index
     if kind in ("flat", "ivf"):  # an IVF index starts flat (see _trained_ivf)
         base = faiss.IndexFlatIP(dim)
-    elif kind == "hnsw":
-        hnsw = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+    elif kind == "hnsw":  # L2 over keys with one extra coordinate (see HNSW_NORM_MARGIN)
+        hnsw = faiss.IndexHNSWFlat(dim + 1, HNSW_M)
         hnsw.hnsw.efSearch = HNSW_EF_SEARCH
         base = hnsw
     else:
@@ -118,6 +125,7 @@ class MemoryIndex:
         self._indexes = [
             [self._placed(_new_index(kind, head_dim)) for _ in range(num_kv_heads)] for _ in range(num_layers)
         ]
+        self._norm_bounds = [[0.0] * num_kv_heads for _ in range(num_layers)]  # hnsw; 0: no keys yet
         self._lock = threading.Lock()
 
     @property
@@ -149,7 +157,7 @@ class MemoryIndex:
         with self._lock:
             per_head = self._indexes[layer]
             for h, index in enumerate(per_head):
-                index.add_with_ids(np.ascontiguousarray(x[:, h]), id_arr)
+                index.add_with_ids(self._stored_form(layer, h, x[:, h]), id_arr)
                 if self.kind != "ivf" or not isinstance(index, faiss.IndexIDMap2):  # trained, or no IVF
                     continue
                 if index.ntotal >= IVF_TRAIN_KEYS:
@@ -163,11 +171,28 @@ class MemoryIndex:
             )
         k = min(k, self.ntotal)
         x = queries.detach().float().cpu().numpy()
-        scores, ids = zip(
-            *(index.search(np.ascontiguousarray(x[h]), k) for h, index in enumerate(self._indexes[layer])),
-            strict=True,
-        )
+        per_head = [self._search_head(layer, h, x[h], k) for h in range(self.num_kv_heads)]
+        scores, ids = zip(*per_head, strict=True)
         return torch.from_numpy(np.stack(scores)), torch.from_numpy(np.stack(ids))
+
+    def _stored_form(self, layer: int, head: int, keys: np.ndarray) -> np.ndarray:
+        """Keys (M, d) as the index holds them: as they are, or with the hnsw coordinate."""
+        if self.kind != "hnsw":
+            return np.ascontiguousarray(keys)
+        sq = np.einsum("md,md->m", keys, keys)
+        if not self._norm_bounds[layer][head]:
+            self._norm_bounds[layer][head] = HNSW_NORM_MARGIN * float(np.sqrt(sq.max(initial=0.0))) or 1.0
+        extra = np.sqrt(np.maximum(self._norm_bounds[layer][head] ** 2 - sq, 0.0))
+        return np.ascontiguousarray(np.concatenate([keys, extra[:, None]], 1), dtype=np.float32)
+
+    def _search_head(self, layer: int, head: int, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Inner products and ids of the top-k of one (layer, head) for queries (nq, d)."""
+        index = self._indexes[layer][head]
+        if self.kind != "hnsw":
+            return index.search(np.ascontiguousarray(q), k)
+        q_sq = np.einsum("qd,qd->q", q, q)[:, None]
+        dist, ids = index.search(np.ascontiguousarray(np.pad(q, ((0, 0), (0, 1)))), k)
+        return (q_sq + self._norm_bounds[layer][head] ** 2 - dist) / 2, ids
 
     def remove(self, ids: torch.Tensor) -> None:
         """Delete entries from every index (HNSW graphs do not support removal)."""
@@ -188,6 +213,7 @@ class MemoryIndex:
             "kind": self.kind,
             "shape": [self.num_layers, self.num_kv_heads, self.head_dim],
             "sizes": [len(b) for b in blobs],
+            "norm_bounds": self._norm_bounds,
         }
         out = io.BytesIO()
         out.write(json.dumps(header).encode() + b"\n")
@@ -205,6 +231,8 @@ class MemoryIndex:
             if len(sizes) != L * H or sum(sizes) != len(body):
                 raise ValueError("payload sizes do not match the header")
             made = cls(L, H, d, header["kind"], device)
+            if made.kind == "hnsw":
+                made._norm_bounds = [[float(b) for b in per_layer] for per_layer in header["norm_bounds"]]
             start = 0
             for i, size in enumerate(sizes):
                 blob = np.frombuffer(body, dtype=np.uint8, count=size, offset=start)
