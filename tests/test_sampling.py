@@ -57,6 +57,16 @@ def test_greedy_is_argmax() -> None:
     assert torch.equal(Sampler(SamplingParams())(logits), logits.argmax(-1))
 
 
+def test_a_vanishing_temperature_samples_the_argmax() -> None:
+    """Found by the service fuzz test: temperature ~1e-76 made every logit +-inf (NaN probs)."""
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1)) * 10
+    for temperature in (1e-76, 1e-30, 1e-6):
+        params = SamplingParams(temperature=temperature, seed=0)
+        probs = target_probs(logits, params)
+        assert torch.equal(probs, torch.nn.functional.one_hot(logits.argmax(-1), 50).float())
+        assert torch.equal(Sampler(params)(logits), logits.argmax(-1))
+
+
 def test_seeded_runs_reproduce_and_seeds_differ() -> None:
     logits = torch.randn(1, 1000, generator=torch.Generator().manual_seed(0))
     params = SamplingParams(temperature=1.0, seed=7)

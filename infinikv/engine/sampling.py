@@ -56,7 +56,11 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 
 def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """The distribution sampling draws from: (B, V) logits -> (B, V) probabilities."""
-    scaled = logits.float() / params.temperature
+    logits = logits.float()
+    # Shifted so the largest is 0 first, and the temperature kept a float32 number: a tiny
+    # one then sends the rest to -inf instead of every logit to +-inf (softmax NaN).
+    temperature = max(params.temperature, torch.finfo(torch.float32).tiny)
+    scaled = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     return filter_logits(scaled, params.top_k, params.top_p).softmax(dim=-1)
 
 
