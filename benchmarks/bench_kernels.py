@@ -12,11 +12,15 @@ bfloat16, 16-token pages): per call, in ms,
     chunk's SDPA call sees every key, no mask: a lower bound on a causal prefix call);
   * memory attention for one decode step (16 blocks of 16 entries per kv-head): the kernel
     (`memory_merge_`) vs the PyTorch path (gather, attend, merge).
-Part `decode`: the default model (SmolLM2-135M, bfloat16) on an N-token prompt, 32 new
-tokens: infinikv (long context, Triton backend) vs transformers `generate` with sdpa and
-everything resident; decode tokens/s.
-Writes benchmarks/results/kernels_gpu.json. With `--device cpu` (and TRITON_INTERPRET=1)
-the kernels part runs through Triton's interpreter: a smoke test of this script, not a timing.
+Part `decode`: the default model (SmolLM2-135M, bfloat16; `--model DIR` for another, e.g.
+its config and tokenizer with random weights where the GGUF cannot travel: decode speed does
+not depend on the weights' values) on an N-token prompt, 32 new tokens: infinikv (long
+context, Triton backend) vs transformers `generate` with sdpa and everything resident;
+decode tokens/s.
+Rows print as they are measured; benchmarks/results/kernels_gpu.json (or --out) is rewritten
+after each length. With `--device cpu` (and TRITON_INTERPRET=1) the kernels run through
+Triton's interpreter and the decode part on the PyTorch backend: a smoke test of this
+script, not a timing.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ WINDOW, GROUP = 1024, 8
 CHUNK = 512  # prefill chunk (the engine's default)
 MEMORY_BLOCKS = 16  # the default --memory-blocks
 NEW_TOKENS = 32
+WARMUP_TOKENS = 6144
 
 
 def timed_ms(fn, device: str, repeats: int = 20) -> float:
@@ -134,7 +139,7 @@ def kernel_rows(length: int, device: str, repeats: int) -> list[dict]:
     return rows
 
 
-def decode_rows(length: int) -> list[dict]:
+def decode_rows(length: int, device: str, model: str | None) -> list[dict]:
     from bench_long_context import _model_dir, _TokenClock
     from transformers import AutoModelForCausalLM
 
@@ -142,29 +147,41 @@ def decode_rows(length: int) -> list[dict]:
     from infinikv.service.runtime import build_generator
     from infinikv.service.settings import Settings
 
-    settings = Settings(device="cuda", dtype="bfloat16")
+    settings = Settings(model=model, device=device, dtype="bfloat16")
     prompt = torch.randint(100, 40000, (length,), generator=torch.Generator().manual_seed(0)).tolist()
+    gen = build_generator(settings)  # resolves the backend: Triton on CUDA
+    # Warm-up past the resident window (4096 tokens for SmolLM2), so every kernel variant
+    # (chunk, decode, memory) is compiled before the timed run.
+    gen.generate(prompt[:WARMUP_TOKENS], SamplingParams(max_tokens=4, ignore_eos=True))
+    result = gen.generate(prompt, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))
+    row = {
+        "op": "decode tok/s",
+        "length": length,
+        "infinikv": (len(result.token_ids) - 1) / result.decode_seconds,
+        "infinikv_prefill_s": result.prefill_seconds,
+    }
+    tok_s, prefill_s = row["infinikv"], result.prefill_seconds
+    print(f"  infinikv at {length}: {tok_s:.1f} tok/s, prefill {prefill_s:.1f} s", flush=True)
+    del gen
+    if device == "cuda":
+        torch.cuda.empty_cache()
     hf = AutoModelForCausalLM.from_pretrained(
         _model_dir(settings), dtype=torch.bfloat16, attn_implementation="sdpa"
     )
-    hf = hf.to("cuda").eval()
+    hf = hf.to(device).eval()
     clock = _TokenClock()
     with torch.no_grad():
+        hf.generate(torch.tensor([prompt[:64]], device=device), max_new_tokens=4)  # warm-up
         hf.generate(
-            torch.tensor([prompt], device="cuda"),
+            torch.tensor([prompt], device=device),
             max_new_tokens=NEW_TOKENS,
             min_new_tokens=NEW_TOKENS,
             do_sample=False,
             streamer=clock,
         )
-    del hf
-    torch.cuda.empty_cache()
-    gen = build_generator(settings)  # resolves the backend: Triton on CUDA
-    result = gen.generate(prompt, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))
-    ours = (len(result.token_ids) - 1) / result.decode_seconds
-    return [
-        {"op": "decode tok/s", "length": length, "infinikv": ours, "transformers_sdpa": clock.decode_tok_s()}
-    ]
+    row["transformers_sdpa"] = clock.decode_tok_s()
+    row["transformers_prefill_s"] = clock.times[1] - clock.times[0]
+    return [row]
 
 
 def main() -> None:
@@ -172,6 +189,7 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072])
     ap.add_argument("--parts", nargs="+", choices=["kernels", "decode"], default=["kernels", "decode"])
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--model", help="model directory for the decode part (default: the default model)")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "kernels_gpu.json")
     args = ap.parse_args()
@@ -179,14 +197,19 @@ def main() -> None:
         raise SystemExit("bench_kernels: no CUDA device here (run it on a GPU machine, or --device cpu)")
     rows = []
     for length in args.lengths:
+        measured = []
         if "kernels" in args.parts:
-            rows += kernel_rows(length, args.device, args.repeats)
-        if "decode" in args.parts and args.device == "cuda":
-            rows += decode_rows(length)
-    for r in rows:
-        print("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
-    if args.device == "cuda":
-        args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+            measured += kernel_rows(length, args.device, args.repeats)
+        if "decode" in args.parts:
+            measured += decode_rows(length, args.device, args.model)
+        for r in measured:
+            print(
+                "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()),
+                flush=True,
+            )
+        rows += measured
+        device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+        args.out.write_text(json.dumps({"device": device_name, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -39,15 +39,17 @@ TRAINED = 8192  # SmolLM2-135M's trained length
 def long_context_config(mode: str, length: int, index: str = "flat", granularity: str = "block"):
     from infinikv.engine.long_context import LongContextConfig
 
-    memory = {"index": index, "granularity": granularity, "resident": RESIDENT}
+    memory = {"index": index, "granularity": granularity}
     if mode == "sliding":
         return LongContextConfig.derive(
             TRAINED, 16, resident=RESIDENT, window=RESIDENT // 2, group=1, memory=False
         )
     if mode == "memory":
-        return LongContextConfig.derive(TRAINED, 16, window=RESIDENT // 2, group=1, **memory)
+        return LongContextConfig.derive(
+            TRAINED, 16, resident=RESIDENT, window=RESIDENT // 2, group=1, **memory
+        )
     if mode == "se+memory":
-        return LongContextConfig.derive(TRAINED, 16, window=WINDOW, group=GROUP, **memory)
+        return LongContextConfig.derive(TRAINED, 16, resident=RESIDENT, window=WINDOW, group=GROUP, **memory)
     # Self-Extend only: all of the prompt resident, W = 1024 and the smallest G with
     # (L - W) * G + W >= N (LongLM's rule), at least 2.
     n = length + NEW_TOKENS + 64
@@ -138,10 +140,9 @@ class _TokenClock:
 
 
 def _model_dir(settings):
-    from infinikv.model.default import default_gguf
-    from infinikv.model.loader import convert_gguf
+    from infinikv.model.loader import resolve_model_dir
 
-    return convert_gguf(default_gguf(settings.cache_dir), settings.cache_dir)
+    return resolve_model_dir(settings.model, settings.cache_dir)
 
 
 def _tokenizer(settings):

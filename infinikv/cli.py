@@ -10,6 +10,7 @@ from typing import NoReturn
 
 from pydantic import ValidationError
 
+from infinikv.attention.backends import BACKENDS
 from infinikv.engine.generator import Generator
 from infinikv.engine.sampling import SamplingParams
 from infinikv.errors import InfinikvError
@@ -41,7 +42,7 @@ def _build_parser() -> ArgumentParser:
     g.add_argument("--device", help="torch device (default: cpu)")
     g.add_argument(
         "--attention-backend",
-        choices=["auto", "torch", "triton"],
+        choices=BACKENDS,
         help="auto: the Triton kernels on CUDA, plain PyTorch elsewhere",
     )
     g.add_argument("--cache-dir", help="where converted GGUF weights are cached")

@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
     # variable must be set before the first kernel module is imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from infinikv.memory.evicted import EvictedMemory
 from infinikv.model.config import ModelConfig
 from infinikv.model.llama import LlamaModel
 from infinikv.model.loader import LoadedModel, load_model
@@ -71,3 +72,14 @@ def ours_from_hf(hf_model, dtype: torch.dtype = torch.float32) -> LlamaModel:
 def nan_pool(model: LlamaModel, max_tokens: int = 512, page_size: int = 5):
     """A page pool whose fresh pages are NaN: any read of an unwritten slot shows up."""
     return model.new_page_pool(max_tokens, page_size, fill_value=float("nan"))
+
+
+def retrieve(mem: EvictedMemory, layer: int, q: torch.Tensor, top_k: int):
+    """Token granularity: keys, values (Hkv, nq, K, d) and valid (Hkv, nq, K) of a memory's top-k."""
+    rows, valid = mem.select(layer, q, top_k)
+    return (*mem.gather(layer, rows), valid)
+
+
+def retrieve_blocks(mem: EvictedMemory, layer: int, q: torch.Tensor, max_blocks: int, ranking: str = "bound"):
+    """Block granularity: keys, values (Hkv, P, nb * B, d) of the blocks a memory selects."""
+    return mem.gather(layer, mem.select_blocks(layer, q, max_blocks, ranking))

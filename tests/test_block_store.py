@@ -9,6 +9,7 @@ from infinikv.memory.evicted import EvictedMemory
 from infinikv.memory.index import CorruptSnapshotError
 from infinikv.memory.store import InProcessBlockStore, RedisBlockStore, StoreUnavailableError, open_store
 
+from .conftest import retrieve, retrieve_blocks
 from .redis_server import free_port, redis_server
 
 
@@ -60,10 +61,10 @@ def test_snapshot_round_trip_gives_identical_retrieval(store, granularity) -> No
     q = torch.randn(3, 4, 16, generator=torch.Generator().manual_seed(1))
     for layer in range(2):
         if granularity == "token":
-            pairs = [(back.retrieve(layer, q, 6), mem.retrieve(layer, q, 6))]
+            pairs = [(retrieve(back, layer, q, 6), retrieve(mem, layer, q, 6))]
         else:  # the sketch is rebuilt from the stored blocks
             pairs = [
-                (back.retrieve_blocks(layer, q[:, None], 2, r), mem.retrieve_blocks(layer, q[:, None], 2, r))
+                tuple(retrieve_blocks(m, layer, q[:, None], 2, r) for m in (back, mem))
                 for r in ("bound", "sketch")
             ]
         for got, want in pairs:
@@ -82,7 +83,7 @@ def test_blocks_evicted_after_the_last_snapshot_are_indexed_again_on_load(store)
     back = EvictedMemory.load(store, "sess:t:")
     assert back.tokens == mem.tokens == 20 and back.index.ntotal == 20 and back.snapshot_blocks == 3
     q = torch.randn(3, 4, 16, generator=g)
-    for got, want in zip(back.retrieve(1, q, 20), mem.retrieve(1, q, 20), strict=True):
+    for got, want in zip(retrieve(back, 1, q, 20), retrieve(mem, 1, q, 20), strict=True):
         assert torch.equal(got, want)
 
 
@@ -122,7 +123,7 @@ def test_redis_cluster_three_nodes(tmp_path) -> None:
         mem.save()
         back = EvictedMemory.load(store, "sess:c:")
         q = torch.randn(3, 2, 16)
-        assert torch.equal(back.retrieve(1, q, 5)[0], mem.retrieve(1, q, 5)[0])
+        assert torch.equal(retrieve(back, 1, q, 5)[0], retrieve(mem, 1, q, 5)[0])
         assert sorted(store.keys("sess:c:")) == sorted(
             [f"sess:c:block:{b}" for b in range(2, 42)] + ["sess:c:meta", "sess:c:index"]
         )
@@ -169,6 +170,7 @@ def test_an_unbounded_block_cache_grows_and_keeps_every_block() -> None:
     from infinikv.memory.cache import BlockCache
 
     cache = BlockCache((1, 2, 1, 1), torch.float32, None, capacity=None)
+    assert cache.nbytes == 0  # an empty slab has no slot to measure
     for b in range(7):  # one block at a time: the slab doubles, copying what it holds
         cache.put([b], torch.full((2, 1, 1, 2, 1, 1), float(b)))
     k, v = cache.layer(0)
@@ -192,8 +194,8 @@ def test_a_memory_bounded_in_ram_retrieves_what_an_unbounded_one_does(store) -> 
         q = torch.randn(3, 1, 2, 16, generator=g)
         layer, ranking = step % 2, ("bound", "sketch")[step // 2 % 2]
         for got, want in zip(
-            bounded.retrieve_blocks(layer, q, 1, ranking),
-            everything.retrieve_blocks(layer, q, 1, ranking),
+            retrieve_blocks(bounded, layer, q, 1, ranking),
+            retrieve_blocks(everything, layer, q, 1, ranking),
             strict=True,
         ):
             assert torch.equal(got, want)
@@ -203,7 +205,6 @@ def test_a_memory_bounded_in_ram_retrieves_what_an_unbounded_one_does(store) -> 
     assert len(back.cache) == 3 and back.tokens == 32
     q = torch.randn(3, 1, 2, 16, generator=g)  # at most 3 blocks at once
     for ranking in ("bound", "sketch"):
-        for got, want in zip(
-            back.retrieve_blocks(0, q, 1, ranking), everything.retrieve_blocks(0, q, 1, ranking), strict=True
-        ):
+        got_want = (retrieve_blocks(m, 0, q, 1, ranking) for m in (back, everything))
+        for got, want in zip(*got_want, strict=True):
             assert torch.equal(got, want)

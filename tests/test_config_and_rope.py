@@ -72,3 +72,16 @@ def test_rotation_preserves_relative_scores() -> None:
     s1 = (at(q, 500) * at(k, 480)).sum()
     s2 = (at(q, 20) * at(k, 0)).sum()
     torch.testing.assert_close(s1, s2, rtol=1e-4, atol=1e-4)
+
+
+def test_rotary_table_follows_the_model_to_a_device() -> None:
+    """The table is no buffer: `.to(device)` must still move it (a CUDA model read CPU phases)."""
+    from infinikv.model.llama import LlamaModel
+
+    cfg = LlamaConfig(hidden_size=64, num_attention_heads=2, num_hidden_layers=1)
+    model = LlamaModel(ModelConfig.from_hf(cfg))
+    model.to("meta")
+    assert model.rope.inv_freq.device.type == "meta"
+    assert model.rope.phases(3).device.type == "meta"
+    model.to(torch.float16)  # same device: the table stays
+    assert model.rope.inv_freq.device.type == "meta"

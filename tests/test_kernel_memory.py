@@ -14,7 +14,7 @@ def memory_case(n, Hq, Hkv, d, P, m, T, row_offset, dtype, device, empty=0.2, se
     """A resident partial for n positions, P groups of m query rows per kv-head, and a
     NaN-filled slab of which only the rows named by the table are written."""
     gen = torch.Generator().manual_seed(seed)
-    slab_rows = 4 * P * T + 7
+    slab_rows = 2 * Hkv * P * T + 7
     k_slab = torch.full((slab_rows, d), float("nan"))
     v_slab = torch.full((slab_rows, d), float("nan"))
     rows = torch.randperm(slab_rows, generator=gen)[: Hkv * P * T].view(Hkv, P, T)

@@ -108,6 +108,10 @@ def test_shapes_are_checked():
     rope = rope_for(64, "cpu")
     with pytest.raises(ValueError, match="k/v pages"):
         self_extend_attention(q, q_pos, k[..., :32], v, table, 20, rope, SelfExtend(8, 2))
+    with pytest.raises(ValueError, match="k/v pages"):  # a flattened q is named, not unpacked
+        self_extend_attention(q.flatten(1), q_pos, k, v, table, 20, rope, SelfExtend(8, 2))
+    with pytest.raises(ValueError, match="one even head_dim"):
+        self_extend_attention(q, q_pos, k[..., :32], v[..., :32], table, 20, rope, SelfExtend(8, 2))
     with pytest.raises(ValueError, match="num_keys"):
         self_extend_attention(q, q_pos, k, v, table, 500, rope, SelfExtend(8, 2))
 

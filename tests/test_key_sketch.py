@@ -8,6 +8,8 @@ import torch
 from infinikv.memory.evicted import EvictedMemory
 from infinikv.memory.sketch import FIRST_SEGMENT_BLOCKS, KeySketch
 
+from .conftest import retrieve_blocks
+
 
 def brute_force_block_scores(q: torch.Tensor, keys: torch.Tensor, r: int, B: int) -> torch.Tensor:
     """q (H, P, m, d), keys (H, N, d): each group scores on the r channels where the sum of
@@ -49,6 +51,6 @@ def test_sketch_ranking_finds_the_block_a_summary_bound_overrates_another_for() 
     k[0, 1, 0, 0, :2] = 4.0
     mem.add_blocks([0, 1], k, torch.randn(1, 2, 2, 1, 4))
     q = torch.tensor([1.0, 1.0, 0.0, 0.0]).view(1, 1, 1, 4)
-    by_bound, _ = mem.retrieve_blocks(0, q, max_blocks=1, ranking="bound")
-    by_sketch, _ = mem.retrieve_blocks(0, q, max_blocks=1, ranking="sketch")
+    by_bound, _ = retrieve_blocks(mem, 0, q, max_blocks=1, ranking="bound")
+    by_sketch, _ = retrieve_blocks(mem, 0, q, max_blocks=1, ranking="sketch")
     assert torch.equal(by_bound[0, 0], k[0, 0, :, 0]) and torch.equal(by_sketch[0, 0], k[0, 1, :, 0])

@@ -11,7 +11,7 @@ import torch
 from infinikv.engine.long_context import LongContextConfig
 from infinikv.engine.sequence import Sequence, feed
 
-from .conftest import nan_pool, ours_from_hf, tiny_hf_model
+from .conftest import nan_pool, ours_from_hf, retrieve_blocks, tiny_hf_model
 
 PAGE = 4
 
@@ -141,10 +141,10 @@ def test_retrieve_blocks_returns_the_blocks_of_the_best_hits() -> None:
     assert mem.index.ntotal == 6  # one summary per block
     q = torch.zeros(1, 1, 1, 8)
     q[..., 0] = 1.0
-    keys, _ = mem.retrieve_blocks(0, q, max_blocks=2)
+    keys, _ = retrieve_blocks(mem, 0, q, max_blocks=2)
     assert keys.shape == (1, 1, 8, 8)
     assert torch.equal(keys[0, 0, :4], k[0, 1, :, 0]) and torch.equal(keys[0, 0, 4:], k[0, 4, :, 0])
-    best, _ = mem.retrieve_blocks(0, q, max_blocks=1)
+    best, _ = retrieve_blocks(mem, 0, q, max_blocks=1)
     assert torch.equal(best[0, 0], k[0, 4, :, 0])
 
 
@@ -160,7 +160,7 @@ def test_shared_blocks_give_every_query_its_favourite_first() -> None:
     q = torch.zeros(1, 2, 2, 8)  # two groups of two queries
     q[0, 0, 0, 0], q[0, 0, 1, 1] = 1.0, 1.0  # group 0: a loud and a quiet query
     q[0, 1, :, 0] = 1.0  # group 1: two loud queries
-    keys, _ = mem.retrieve_blocks(0, q, max_blocks=2)
+    keys, _ = retrieve_blocks(mem, 0, q, max_blocks=2)
     assert torch.equal(keys[0, 0, :4], k[0, 0, :, 0]) and torch.equal(keys[0, 0, 4:], k[0, 4, :, 0])
     assert torch.equal(keys[0, 1, :4], k[0, 0, :, 0]) and torch.equal(keys[0, 1, 4:], k[0, 1, :, 0])
 

@@ -137,8 +137,13 @@ def test_hnsw_ranks_by_inner_product_over_keys_of_varying_norms() -> None:
     assert recall(got, want) > 0.9
     true = torch.einsum("hqd,hqkd->hqk", q, keys[got, torch.arange(2)[:, None, None]])
     torch.testing.assert_close(scores, true, rtol=1e-4, atol=1e-2)
-    restored = MemoryIndex.deserialize(index.serialize())
+    blob = index.serialize()
+    restored = MemoryIndex.deserialize(blob)
     assert torch.equal(restored.search(0, q, 10)[1], got)
+    head, _, body = blob.partition(b"\n")
+    cut = head.replace(b'"norm_bounds": [[', b'"norm_bounds": [[1.0, ', 1)  # 3 bounds for 2 heads
+    with pytest.raises(CorruptSnapshotError, match="norm bounds"):
+        MemoryIndex.deserialize(cut + b"\n" + body)
 
 
 def test_remove_deletes_from_every_index() -> None:

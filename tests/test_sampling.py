@@ -67,6 +67,17 @@ def test_a_vanishing_temperature_samples_the_argmax() -> None:
         assert torch.equal(Sampler(params)(logits), logits.argmax(-1))
 
 
+def test_a_vanishing_top_p_samples_the_argmax() -> None:
+    """Found by the service fuzz test: top_p 5e-117 rounds to 0 in float32, which dropped
+    every token (NaN probabilities, a 500)."""
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(2))
+    for top_p in (5e-117, 1e-45, 1e-6):
+        params = SamplingParams(temperature=1.0, top_p=top_p, seed=0)
+        probs = target_probs(logits, params)
+        assert torch.equal(probs, torch.nn.functional.one_hot(logits.argmax(-1), 50).float())
+        assert torch.equal(Sampler(params)(logits), logits.argmax(-1))
+
+
 def test_seeded_runs_reproduce_and_seeds_differ() -> None:
     logits = torch.randn(1, 1000, generator=torch.Generator().manual_seed(0))
     params = SamplingParams(temperature=1.0, seed=7)

@@ -1,4 +1,5 @@
-"""The attention backend interface: what LlamaModel calls for plain causal attention."""
+"""The attention backend interfaces: what LlamaModel calls for plain causal attention and
+for a long-context sequence (resident regions plus memory)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from typing import Protocol
 
 import torch
 
+from infinikv.attention.long_context import LongContextState
 from infinikv.memory.pages import LayerKV, PageList
 from infinikv.model.rope import RotaryEmbedding
 
@@ -29,4 +31,22 @@ class AttentionBackend(Protocol):
         pages: PageList,
         kv_len: int,
         rope: RotaryEmbedding,
+    ) -> torch.Tensor: ...
+
+
+class LongContextAttentionBackend(Protocol):
+    """Attention of a chunk of queries of a long-context sequence: sinks, neighbor window
+    and Self-Extend groups over its `resident` tokens, plus its memory (`state`); the
+    arguments of AttentionBackend otherwise, and the layer (which memory index to read)."""
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        q_positions: torch.Tensor,
+        kv: LayerKV,
+        pages: PageList,
+        resident: int,
+        layer: int,
+        rope: RotaryEmbedding,
+        state: LongContextState,
     ) -> torch.Tensor: ...

@@ -8,7 +8,8 @@ import logging
 
 import torch
 
-from infinikv.attention.backend import AttentionBackend
+from infinikv.attention.backend import AttentionBackend, LongContextAttentionBackend
+from infinikv.attention.long_context import paged_long_context_attention
 from infinikv.attention.paged_torch import paged_causal_attention
 
 log = logging.getLogger(__name__)
@@ -39,3 +40,12 @@ def causal_attention(backend: str) -> AttentionBackend:
 
         return triton_causal_attention
     return paged_causal_attention
+
+
+def long_context_attention(backend: str) -> LongContextAttentionBackend:
+    """The long-context attention (regions plus memory) of a resolved backend."""
+    if backend == "triton":
+        from infinikv.attention.long_context_triton import triton_long_context_attention
+
+        return triton_long_context_attention
+    return paged_long_context_attention

@@ -38,9 +38,6 @@ class LongContextState:
     # Block granularity (memory.granularity "block"): whole blocks a query attends to; the
     # query heads of each trailing position choose together, a prefill chunk's others share.
     max_blocks: int = 0
-    # "torch": the plain-PyTorch path below; "triton": the fused kernels (CUDA), see
-    # `infinikv.attention.backends`.
-    backend: str = "torch"
 
 
 def paged_long_context_attention(
@@ -55,10 +52,6 @@ def paged_long_context_attention(
 ) -> torch.Tensor:
     """q (n, Hq, d) before RoPE at q_positions (n,); `resident` tokens in `pages`.
     Returns (n, Hq, d)."""
-    if state.backend == "triton":
-        from infinikv.attention.long_context_triton import triton_long_context_attention
-
-        return triton_long_context_attention(q, q_positions, kv, pages, resident, layer, rope, state)
     n, Hq, d = q.shape
     if int(q_positions[-1]) < state.self_extend.window:
         # The whole sequence is inside the neighbor window (so nothing was evicted either,
@@ -108,9 +101,9 @@ def memory_selections(
     together, as in a decode step, by approximate logits over the key sketch; earlier
     positions of a prefill chunk share one set of blocks, by summary bound.
     """
-    search = queries.float().cpu()  # FAISS and the key sketch live in host RAM
+    search = queries.float()  # FAISS searches on the host, the key sketch on the model's device
     if memory.granularity == "token":
-        rows, valid = memory.select(layer, search, state.top_k)  # (Hkv, n*g, K)
+        rows, valid = memory.select(layer, search.cpu(), state.top_k)  # (Hkv, n*g, K)
         yield queries[:, :, None], rows.where(valid.to(rows.device), -1)
         return
     Hkv, n_rows, d = queries.shape
@@ -118,7 +111,7 @@ def memory_selections(
     if split:
         group = search[:, None, :split]  # (Hkv, 1, split, d)
         yield queries[:, None, :split], memory.select_blocks(layer, group, state.max_blocks, "bound")
-    group = search[:, split:].view(Hkv, -1, g, d)  # (Hkv, positions, g, d)
+    group = search[:, split:].reshape(Hkv, -1, g, d)  # (Hkv, positions, g, d)
     rows = memory.select_blocks(layer, group, state.max_blocks, "sketch")
     yield queries[:, split:].view(Hkv, -1, g, d), rows
 

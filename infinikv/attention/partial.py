@@ -78,8 +78,14 @@ def merge_partials(parts: list[Partial]) -> Partial:
     """Combine attentions over disjoint key sets into the attention over their union."""
     if len(parts) == 1:
         return parts[0]
-    lses = torch.stack([lse for _, lse in parts])  # (P, n, Hq)
-    lse = lses.logsumexp(dim=0)  # (n, Hq)
-    weights = torch.exp(lses - lse).nan_to_num(0.0)  # (P, n, Hq); parts with no keys -> 0
-    out = sum(w[..., None] * o.float() for w, (o, _) in zip(weights, parts, strict=True))  # (n, Hq, d)
+    out, lse = merge_stacked(torch.stack([o.float() for o, _ in parts]), torch.stack([s for _, s in parts]))
     return out.to(parts[0][0].dtype), lse
+
+
+def merge_stacked(out: torch.Tensor, lse: torch.Tensor) -> Partial:
+    """`merge_partials` of parts stacked on dim 0: out (P, ..., d) float32, lse (P, ...)."""
+    if out.shape[0] == 1:
+        return out[0], lse[0]
+    total = lse.logsumexp(dim=0)
+    weights = torch.exp(lse - total).nan_to_num(0.0)  # parts with no keys -> 0
+    return (weights[..., None] * out).sum(0), total

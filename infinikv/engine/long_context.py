@@ -47,8 +47,6 @@ class LongContextConfig:
     # them all; the least recently used leave RAM first). Must hold what one retrieval reads
     # at once (`ram_blocks_needed`); 1 GiB holds 1,456 SmolLM2-135M blocks (23k tokens).
     ram_budget_mb: int = 1024
-    # A resolved attention backend (`infinikv.attention.backends`): "torch" or "triton".
-    backend: str = "torch"
 
     @classmethod
     def derive(
@@ -120,7 +118,6 @@ class LongContextConfig:
             ),
             (self.max_blocks >= 1, f"max_blocks={self.max_blocks} must be >= 1"),
             (self.sketch_channels >= 1, f"sketch_channels={self.sketch_channels} must be >= 1"),
-            (self.backend in ("torch", "triton"), f"backend={self.backend!r} must be 'torch' or 'triton'"),
         ]
         if model is not None and self.memory and self.granularity == "block":
             held, needed = self.ram_blocks(model, page_size), self.ram_blocks_needed(model)
@@ -174,5 +171,4 @@ class LongContextConfig:
             self.distance,
             memory,
             self.max_blocks,
-            self.backend,
         )

@@ -49,6 +49,8 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
         probs = sorted_logits.softmax(dim=-1)
         # Drop a token when the mass strictly before it already reaches top_p.
         drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p  # (B, V)
+        # The first never, not even for a top_p that float32 rounds to 0 (then 0 >= 0).
+        drop_sorted[:, 0] = False
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits

@@ -7,6 +7,7 @@ retrieval gathers its rows with one index_select per layer, as from a plain tens
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -42,7 +43,7 @@ class BlockCache:
     @property
     def nbytes(self) -> int:
         """Bytes of the slots in use (the slab beyond them is not touched yet)."""
-        return self._used * self.slab[:, :, 0].numel() * self.slab.element_size()
+        return self._used * 2 * math.prod(self.shape) * self.slab.element_size()  # k and v per slot
 
     def __len__(self) -> int:
         return len(self._slot)

@@ -72,7 +72,7 @@ class EvictedMemory:
         )
         self.ram_blocks = ram_blocks
         self.sketch = (
-            KeySketch(num_layers, num_kv_heads, head_dim, page_size, sketch_channels)
+            KeySketch(num_layers, num_kv_heads, head_dim, page_size, sketch_channels, device)
             if granularity == "block"
             else None
         )
@@ -212,44 +212,29 @@ class EvictedMemory:
             else:
                 self.index.add(layer, block_summary(k[layer].transpose(1, 2)), block_ids)  # (nb, H, 2d)
 
-    def retrieve(
-        self, layer: int, queries: torch.Tensor, top_k: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def select(self, layer: int, queries: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Token granularity: the top-k entries by inner product for each query.
 
         queries: (Hkv, nq, d), already rotated by the memory distance.
-        Returns keys, values (Hkv, nq, K, d) and valid (Hkv, nq, K) bool (an approximate
-        index may return fewer than K hits; those slots are invalid).
-        """
-        rows, valid = self.select(layer, queries, top_k)
-        k, v = self.gather(layer, rows)
-        return k, v, valid
-
-    def select(self, layer: int, queries: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """`retrieve` without the gather: slab rows (Hkv, nq, K) of `slab(layer)` and valid
-        (Hkv, nq, K); an invalid slot names a real row (read, then masked)."""
+        Returns slab rows (Hkv, nq, K) of `slab(layer)` (`gather` reads them) and valid
+        (Hkv, nq, K) bool: an approximate index may return fewer than K hits; an invalid
+        slot names a real row (read, then masked)."""
         _, ids = self._search(layer, queries, top_k)  # (Hkv, nq, K)
         valid = ids >= 0
         block, offset = split_id(ids.clamp_min(0))
         rows = ((block - (self.first_block or 0)) * self.page_size + offset).where(valid, 0)
         return self._slab_rows(rows), valid
 
-    def retrieve_blocks(
-        self, layer: int, queries: torch.Tensor, max_blocks: int, ranking: str = "bound"
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def select_blocks(self, layer: int, queries: torch.Tensor, max_blocks: int, ranking: str) -> torch.Tensor:
         """Block granularity: whole blocks, one set per group of queries.
 
-        queries: (Hkv, P, m, d), rotated by the memory distance; group p's m queries share.
+        queries: (Hkv, P, m, d) float32, rotated by the memory distance; group p's m queries
+        share. The index searches on the host, the sketch on its own device.
         ranking "bound": by summary bound through the index (cheap for large groups, such as
         a prefill chunk's positions); "sketch": by approximate logits over the key sketch
         (closer to the truth; for the few positions whose logits are read).
-        Returns keys, values (Hkv, P, nb * B, d), nb = min(max_blocks, blocks in memory),
-        oldest block first.
-        """
-        return self.gather(layer, self.select_blocks(layer, queries, max_blocks, ranking))
-
-    def select_blocks(self, layer: int, queries: torch.Tensor, max_blocks: int, ranking: str) -> torch.Tensor:
-        """`retrieve_blocks` without the gather: slab rows (Hkv, P, nb * B) of `slab(layer)`."""
+        Returns slab rows (Hkv, P, nb * B) of `slab(layer)` (`gather` reads them), nb =
+        min(max_blocks, blocks in memory), oldest block first."""
         if ranking not in RANKINGS:
             raise ValueError(f"ranking {ranking!r} is not one of {', '.join(RANKINGS)}")
         H, P = queries.shape[:2]
@@ -257,8 +242,8 @@ class EvictedMemory:
         if ranking == "sketch" and self.sketch is not None:
             order = self.sketch.block_scores(layer, queries).view(H * P, -1).argsort(dim=1, descending=True)
         else:
-            order = self._order_by_bound(layer, queries, max_blocks)
-        chosen = order[:, :nb].sort(dim=1).values  # (H * P, nb)
+            order = self._order_by_bound(layer, queries.cpu(), max_blocks)
+        chosen = order[:, :nb].sort(dim=1).values.cpu()  # (H * P, nb)
         B = self.page_size
         return self._slab_rows((chosen[..., None] * B + torch.arange(B)).view(H, P, -1))
 

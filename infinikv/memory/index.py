@@ -1,13 +1,14 @@
-"""kNN search over evicted keys: one FAISS inner-product index per (layer, kv-head).
+"""kNN search over evicted keys by inner product: one FAISS index per (layer, kv-head).
 
 Keys go in before RoPE; the attention searches with R(D) q (see attention/self_extend.py),
 so the inner product is the true attention logit and the top-k are exact for flat indexes.
-A sequence on a CUDA device keeps its flat and IVF indexes on that GPU when the installed
-faiss is a GPU build (faiss-gpu-cu12; `gpu_resources`); HNSW has no GPU version.
-Ids are int64 and name (block, offset) via `entry_id`. An "ivf" index is exact (flat) until it
-holds IVF_TRAIN_KEYS keys; then k-means over them trains IVF_LISTS lists and every key moves
-into them, so a memory that never grows large never pays for training. Writes take a lock; searches of one
-(layer, head) index run in FAISS without Python-side locking (FAISS searches are thread-safe).
+Ids are int64 and name (block, offset) via `entry_id`. An "ivf" index is exact (flat) until
+it holds IVF_TRAIN_KEYS keys; then k-means over them trains IVF_LISTS lists and every key
+moves into them, so a memory that never grows large never pays for training. A sequence
+on a CUDA device keeps its flat and IVF indexes on that GPU when the installed faiss is a
+GPU build (faiss-gpu-cu12; `gpu_resources`); HNSW has no GPU version. Writes take a lock;
+searches of one (layer, head) index run in FAISS without Python-side locking (FAISS
+searches are thread-safe).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ IVF_LISTS = 256
 # Train once the keys give k-means 39 points per list (faiss warns below that).
 IVF_TRAIN_KEYS = 39 * IVF_LISTS
 # Lists scanned per search (a quarter): recall@32 0.96-0.997 on SmolLM2 keys (4 layers,
-# 11k keys, queries at the memory distance); 32 lists gave 0.91-0.99.
+# 10.5k keys per head, queries at the memory distance); 32 lists gave 0.91-0.99.
 IVF_PROBES = 64
 # Bits for the offset inside a block in an entry id (blocks of up to 65536 tokens).
 OFFSET_BITS = 16
@@ -232,7 +233,10 @@ class MemoryIndex:
                 raise ValueError("payload sizes do not match the header")
             made = cls(L, H, d, header["kind"], device)
             if made.kind == "hnsw":
-                made._norm_bounds = [[float(b) for b in per_layer] for per_layer in header["norm_bounds"]]
+                bounds = [[float(b) for b in per_layer] for per_layer in header["norm_bounds"]]
+                if [len(per_layer) for per_layer in bounds] != [H] * L:
+                    raise ValueError("norm bounds do not match the shape")
+                made._norm_bounds = bounds
             start = 0
             for i, size in enumerate(sizes):
                 blob = np.frombuffer(body, dtype=np.uint8, count=size, offset=start)

@@ -6,7 +6,8 @@ almost as the exact logits do.
 Block summaries (summary.py) bound a block's best logit, and for a few heads the bound is
 far from the truth (a passkey's block ranked 400th by bound, 1st by logit, on SmolLM2 at 16k
 tokens); the few positions whose logits are read (decode, the end of a prompt) rank with
-this sketch instead. Kept in bfloat16: a quarter of the keys' and values' float32 bytes.
+this sketch instead. Kept in bfloat16: a quarter of the keys' and values' float32 bytes;
+on the model's device, so a GPU decode step ranks blocks without a copy to the host.
 """
 
 from __future__ import annotations
@@ -23,12 +24,21 @@ FIRST_SEGMENT_BLOCKS = 256
 
 
 class KeySketch:
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, page_size: int, channels: int):
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        page_size: int,
+        channels: int,
+        device: torch.device | str = "cpu",
+    ):
         if channels < 1:
             raise ValueError(f"sketch channels={channels} must be >= 1")
         self.shape = (num_layers, num_kv_heads, head_dim)
         self.channels = min(channels, head_dim)
         self.page_size = page_size
+        self.device = torch.device(device)
         self.segments: list[torch.Tensor] = []  # (L, Hkv, d, tokens it holds) bfloat16 each
         self.tokens = 0
         self.workspace: dict[str, torch.Tensor] = {}
@@ -46,7 +56,7 @@ class KeySketch:
             held = sum(s.shape[-1] for s in self.segments)
             if self.tokens == held:
                 size = max(held, FIRST_SEGMENT_BLOCKS * self.page_size)
-                self.segments.append(torch.empty(L, H, d, size, dtype=torch.bfloat16))
+                self.segments.append(torch.empty(L, H, d, size, dtype=torch.bfloat16, device=self.device))
                 held += size
             used = self.tokens - (held - self.segments[-1].shape[-1])
             n = min(self.segments[-1].shape[-1] - used, keys.shape[-1] - done)
@@ -63,7 +73,8 @@ class KeySketch:
         picked = queries.abs().sum(2).topk(r, dim=-1).indices  # (Hkv, P, r)
         q = queries.float().gather(3, picked[:, :, None].expand(H, P, m, r))  # (Hkv, P, m, r)
         q = q.view(H * P, m, r)
-        rows_of = (torch.arange(H)[:, None] * d + picked.view(H, P * r)).flatten()  # in (Hkv * d, n)
+        heads = torch.arange(H, device=self.device)[:, None]
+        rows_of = (heads * d + picked.view(H, P * r)).flatten()  # in (Hkv * d, n)
         scores, start = [], 0
         for segment in self.segments:
             n = min(segment.shape[-1], self.tokens - start)
@@ -85,5 +96,5 @@ class KeySketch:
         size = math.prod(shape)
         buffer = self.workspace.get(name)
         if buffer is None or buffer.numel() < size:
-            buffer = self.workspace[name] = torch.empty(size, dtype=dtype)
+            buffer = self.workspace[name] = torch.empty(size, dtype=dtype, device=self.device)
         return buffer[:size].view(shape)

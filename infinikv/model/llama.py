@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from infinikv.attention.backend import AttentionBackend
+from infinikv.attention.backend import AttentionBackend, LongContextAttentionBackend
 from infinikv.attention.long_context import LongContextState, paged_long_context_attention
 from infinikv.attention.paged_torch import paged_causal_attention
 from infinikv.memory.pages import LayerKV, PageList, PagePool
@@ -64,6 +64,7 @@ class LlamaModel(nn.Module):
         cfg: ModelConfig,
         device: torch.device | str = "cpu",
         attention: AttentionBackend = paged_causal_attention,
+        long_context_attention: LongContextAttentionBackend = paged_long_context_attention,
     ):
         super().__init__()
         self.cfg = cfg
@@ -73,6 +74,14 @@ class LlamaModel(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else DenseLinear(cfg.vocab_size, cfg.hidden_size)
         self.rope = RotaryEmbedding(cfg.rope, cfg.head_dim, device=device)
         self.attention = attention
+        self.long_context_attention = long_context_attention
+
+    def _apply(self, fn, recurse=True):
+        """`.to(device)` moves the rotary table (not a buffer) along with the weights."""
+        super()._apply(fn, recurse)
+        if self.rope.inv_freq.device != self.device:
+            self.rope = RotaryEmbedding(self.cfg.rope, self.cfg.head_dim, device=self.device)
+        return self
 
     @property
     def dtype(self) -> torch.dtype:
@@ -101,7 +110,7 @@ class LlamaModel(nn.Module):
         rows = slice(s.start, s.start + s.length)
         if s.long_context is None:
             return self.attention(q[rows], positions[rows], kv, s.pages, s.kv_len, self.rope)
-        return paged_long_context_attention(
+        return self.long_context_attention(
             q[rows], positions[rows], kv, s.pages, s.kv_len, layer, self.rope, s.long_context
         )
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import replace
 
 import torch
 
-from infinikv.attention.backends import causal_attention, resolve_backend
+from infinikv.attention.backends import causal_attention, long_context_attention, resolve_backend
 from infinikv.engine.generator import Generator
 from infinikv.memory.index import gpu_resources
 from infinikv.memory.store import open_store
@@ -39,6 +38,7 @@ def build_generator(settings: Settings, slots: int = 1) -> Generator:
     )
     backend = resolve_backend(settings.attention_backend, loaded.model.device)
     loaded.model.attention = causal_attention(backend)
+    loaded.model.long_context_attention = long_context_attention(backend)
     long_context = settings.long_context_config(loaded.config.max_position_embeddings)
     if long_context is not None and long_context.memory:
         gpu_resources(loaded.model.device)  # decides (and logs) where the FAISS indexes live
@@ -49,7 +49,7 @@ def build_generator(settings: Settings, slots: int = 1) -> Generator:
         max_seq_len=settings.max_seq_len,
         page_size=settings.page_size,
         chunk_size=settings.chunk_size,
-        long_context=None if long_context is None else replace(long_context, backend=backend),
+        long_context=long_context,
         store=store,
         slots=slots,
     )

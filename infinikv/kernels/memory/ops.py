@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 import triton
 
+from infinikv.kernels import LOG2_E
 from infinikv.kernels.memory.kernel import memory_merge_fwd
 
-LOG2_E = 1.4426950408889634
 # Query rows per program (tl.dot's minimum of 16; a decode group has g <= 16 rows) and
 # entries per step (flash-attention's 64-key tiles).
 BLOCK_M, BLOCK_N = 16, 64

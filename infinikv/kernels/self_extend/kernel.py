@@ -6,8 +6,8 @@ Keys are read through the block table, rotated inside the kernel at their exact 
 (neighbor region) and at j // G (grouped region), and the queries at i and at
 i // G + W - W // G: both regions of `infinikv.attention.self_extend` in one pass with an
 online softmax. A key tile that is near (or far) for every row skips the other placement.
-Interleaved rotary pairs (dims 2f, 2f+1) are loaded as two half-width operands, so a
-rotated dot product is two `tl.dot`s.
+Interleaved rotary pairs (dims 2f, 2f+1) are loaded whole (contiguous, vectorized) and split
+into two half-width operands, so a rotated dot product is two `tl.dot`s.
 
 Each program writes its rows' normalized output and log-sum-exp for its key range; with
 several ranges per row (split-K, for decode over long windows) the wrapper merges them.
@@ -20,16 +20,23 @@ import triton.language as tl
 
 
 @triton.jit
-def _rotate(xe, xo, CS, pos, f, f_ok, stride_cs):
-    """Rotate interleaved pairs (xe, xo) (rows, HALF) by the phases of pos (rows,)."""
-    at = CS + pos[:, None] * stride_cs + 2 * f[None, :]
-    ok = f_ok[None, :]
-    cos = tl.load(at, mask=ok, other=1.0)
-    sin = tl.load(at + 1, mask=ok, other=0.0)
-    return xe * cos - xo * sin, xe * sin + xo * cos
+def _pairs(at, ok, ROWS: tl.constexpr, HALF_P: tl.constexpr):
+    """One contiguous (rows, 2 * HALF_P) load split into its even and odd columns (float32)."""
+    x = tl.load(at, mask=ok, other=0.0).to(tl.float32)
+    return tl.split(tl.reshape(x, (ROWS, HALF_P, 2)))
 
 
 @triton.jit
+def _rotate(xe, xo, CS, pos, dims, dims_ok, stride_cs, ROWS: tl.constexpr, HALF_P: tl.constexpr):
+    """Rotate interleaved pairs (xe, xo) (rows, HALF_P) by the phases of pos (rows,); CS holds
+    (cos, sin) pairs per position, so one load gives both."""
+    cos, sin = _pairs(CS + pos[:, None] * stride_cs + dims[None, :], dims_ok[None, :], ROWS, HALF_P)
+    return xe * cos - xo * sin, xe * sin + xo * cos
+
+
+# The lengths change every decode step: specializing on them (divisibility by 16) would
+# compile a second variant in the middle of a generation.
+@triton.jit(do_not_specialize=["n_rows", "keys_per_split", "num_keys"])
 def self_extend_fwd(
     Q, QPOS, K, V, PAGES, KPOS, CS, OUT, LSE,
     n_rows, keys_per_split, num_keys, window, group, group_shift, qk_scale,
@@ -50,19 +57,16 @@ def self_extend_fwd(
     row_ok = rows < n_rows
     i = rows // GQA  # query position index
     head = h * GQA + rows % GQA
-    f = tl.arange(0, HALF_P)
-    f_ok = f < HALF
     dims = tl.arange(0, HEAD_P)
     dims_ok = dims < 2 * HALF
 
-    q_at = Q + i[:, None] * sq_n + head[:, None] * sq_h + 2 * f[None, :] * sq_d
-    q_ok = row_ok[:, None] & f_ok[None, :]
-    qe = tl.load(q_at, mask=q_ok, other=0.0).to(tl.float32)  # (M, HALF)
-    qo = tl.load(q_at + sq_d, mask=q_ok, other=0.0).to(tl.float32)
+    q_at = Q + i[:, None] * sq_n + head[:, None] * sq_h + dims[None, :] * sq_d
+    qe, qo = _pairs(q_at, row_ok[:, None] & dims_ok[None, :], BLOCK_M, HALF_P)  # (M, HALF_P) each
     qpos = tl.load(QPOS + i, mask=row_ok, other=0)  # (M,)
     # qk_scale = d^-0.5 * log2(e): scores come out in base 2, softmax uses exp2.
-    qe_n, qo_n = _rotate(qe * qk_scale, qo * qk_scale, CS, qpos, f, f_ok, stride_cs)
-    qe_g, qo_g = _rotate(qe * qk_scale, qo * qk_scale, CS, qpos // group + group_shift, f, f_ok, stride_cs)
+    qe, qo = qe * qk_scale, qo * qk_scale
+    qe_n, qo_n = _rotate(qe, qo, CS, qpos, dims, dims_ok, stride_cs, BLOCK_M, HALF_P)
+    qe_g, qo_g = _rotate(qe, qo, CS, qpos // group + group_shift, dims, dims_ok, stride_cs, BLOCK_M, HALF_P)
     dot_ty = K.dtype.element_ty
     qe_n, qo_n = qe_n.to(dot_ty), qo_n.to(dot_ty)
     qe_g, qo_g = qe_g.to(dot_ty), qo_g.to(dot_ty)
@@ -79,22 +83,19 @@ def self_extend_fwd(
         t_ok = t < end
         page = tl.load(PAGES + t // PAGE, mask=t_ok, other=0)
         kpos = tl.load(KPOS + t, mask=t_ok, other=0)
-        k_base = K + page * sk_p + (t % PAGE) * sk_b + h * sk_h  # (N,)
-        k_at = k_base[:, None] + 2 * f[None, :] * sk_d
-        k_ok = t_ok[:, None] & f_ok[None, :]
-        ke = tl.load(k_at, mask=k_ok, other=0.0).to(tl.float32)  # (N, HALF)
-        ko = tl.load(k_at + sk_d, mask=k_ok, other=0.0).to(tl.float32)
+        k_at = K + page[:, None] * sk_p + (t % PAGE)[:, None] * sk_b + h * sk_h + dims[None, :] * sk_d
+        ke, ko = _pairs(k_at, t_ok[:, None] & dims_ok[None, :], BLOCK_N, HALF_P)  # (N, HALF_P) each
         k_lo = tl.min(tl.where(t_ok, kpos, 2**62))
         k_hi = tl.max(tl.where(t_ok, kpos, -1))
         rel = qpos[:, None] - kpos[None, :]  # (M, N)
         s = tl.full([BLOCK_M, BLOCK_N], float("-inf"), tl.float32)
         if (q_hi >= k_lo) & (q_lo - k_hi < window):  # some pair in the neighbor window
-            ke_n, ko_n = _rotate(ke, ko, CS, kpos, f, f_ok, stride_cs)
+            ke_n, ko_n = _rotate(ke, ko, CS, kpos, dims, dims_ok, stride_cs, BLOCK_N, HALF_P)
             near = tl.dot(qe_n, tl.trans(ke_n.to(dot_ty)), input_precision=PRECISION)
             near += tl.dot(qo_n, tl.trans(ko_n.to(dot_ty)), input_precision=PRECISION)
             s = tl.where((rel >= 0) & (rel < window), near, s)
         if q_hi - k_lo >= window:  # some pair in the grouped region
-            ke_g, ko_g = _rotate(ke, ko, CS, kpos // group, f, f_ok, stride_cs)
+            ke_g, ko_g = _rotate(ke, ko, CS, kpos // group, dims, dims_ok, stride_cs, BLOCK_N, HALF_P)
             far = tl.dot(qe_g, tl.trans(ke_g.to(dot_ty)), input_precision=PRECISION)
             far += tl.dot(qo_g, tl.trans(ko_g.to(dot_ty)), input_precision=PRECISION)
             s = tl.where(rel >= window, far, s)
