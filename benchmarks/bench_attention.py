@@ -1,10 +1,16 @@
-"""Decode attention over a cold KV cache vs a plain read of the same bytes, per layer.
+"""Attention per layer on CPU: decode over a cold KV cache vs a plain read of the same bytes,
+and a long-context prefill chunk's Self-Extend attention vs its plain-PyTorch reference.
 
-    python benchmarks/bench_attention.py [--lengths 2048 6144]
+    python benchmarks/bench_attention.py [--lengths 2048 6144] [--parts decode prefill]
 
-SmolLM2-135M's shapes (9 query heads, 3 kv-heads, head_dim 64), 30 distinct layers' caches
-so each read comes from memory, not cache. Compares infinikv's decode path (`attend`, two
-batched matmuls), torch SDPA with GQA, and `sum()` over K and V (the bandwidth floor).
+SmolLM2-135M's shapes (9 query heads, 3 kv-heads, head_dim 64).
+Part `decode`: 30 distinct layers' caches so each read comes from memory, not cache.
+Compares infinikv's decode path (`attend`, two batched matmuls), torch SDPA with GQA, and
+`sum()` over K and V (the bandwidth floor).
+Part `prefill`: a 512-query chunk at the end of N resident tokens with the default
+long-context settings (W=2048, G=4): `banded_resident_partials` (fused flash kernel on
+every run of keys, the near/far band masked) vs `resident_partials` (the masked softmax in
+plain PyTorch, the reference the tests hold it to), and the band alone both ways.
 """
 
 from __future__ import annotations
@@ -15,9 +21,15 @@ import time
 import torch
 import torch.nn.functional as F
 
+from infinikv.attention.long_context import banded_resident_partials
 from infinikv.attention.paged_torch import attend
+from infinikv.attention.partial import flash_partial, reference_partial
+from infinikv.attention.self_extend import SelfExtend, resident_partials
+from infinikv.model.config import RopeConfig
+from infinikv.model.rope import RotaryEmbedding, rotate
 
 LAYERS, HQ, HKV, D = 30, 9, 3, 64
+CHUNK, WINDOW, GROUP = 512, 2048, 4
 
 
 def per_layer_us(fn, caches, repeats: int = 10) -> float:
@@ -30,13 +42,11 @@ def per_layer_us(fn, caches, repeats: int = 10) -> float:
     return (time.perf_counter() - t0) / (repeats * len(caches)) * 1e6
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 6144])
-    args = ap.parse_args()
+def decode(lengths: list[int]) -> None:
     q = torch.randn(1, HQ, D)
-    print(f"threads={torch.get_num_threads()}  per-layer microseconds (ratio to a plain read of K and V)")
-    for T in args.lengths:
+    threads = torch.get_num_threads()
+    print(f"decode, threads={threads}: per-layer microseconds (ratio to a plain read of K and V)")
+    for T in lengths:
         caches = [(torch.randn(T, HKV, D), torch.randn(T, HKV, D)) for _ in range(LAYERS)]
         pos = torch.tensor([T - 1])
         read = per_layer_us(lambda k, v: (k.sum(), v.sum()), caches)
@@ -51,6 +61,54 @@ def main() -> None:
             f"T={T:>6}: read {read:7.1f}   attend {ours:7.1f} ({ours / read:.1f}x)   "
             f"sdpa {sdpa:7.1f} ({sdpa / read:.1f}x)"
         )
+
+
+def ms(fn, repeats: int = 5) -> float:
+    fn()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - t0) / repeats * 1e3
+
+
+def prefill_row(T: int, rope: RotaryEmbedding, se: SelfExtend) -> str:
+    q = torch.randn(CHUNK, HQ, D)
+    k, v = torch.randn(T, HKV, D), torch.randn(T, HKV, D)
+    k_pos = torch.arange(T)
+    q_pos = k_pos[-CHUNK:]
+    k_rope = rotate(k, rope.at(k_pos))
+    args = (q, q_pos, k, k_rope, v, k_pos, rope, se)
+    banded, reference = ms(lambda: banded_resident_partials(*args)), ms(lambda: resident_partials(*args))
+    # The band: keys near for some of the chunk's queries and far for the others.
+    band = slice(T - CHUNK - WINDOW + 1, T - WINDOW + 1)
+    qn, kb, vb = rotate(q, rope.at(q_pos)), k_rope[band], v[band]
+    rel = q_pos[:, None] - k_pos[None, band]
+    near = (rel >= 0) & (rel < WINDOW)
+    fused = ms(lambda: flash_partial(qn, kb, vb, False, near))
+    plain = ms(lambda: reference_partial(qn, kb, vb, near))
+    return (
+        f"N={T:>6}: banded {banded:7.1f}  reference {reference:7.1f} ({reference / banded:.1f}x)   "
+        f"band (one placement): fused {fused:6.2f}  plain {plain:6.2f} ({plain / fused:.1f}x)"
+    )
+
+
+def prefill(lengths: list[int]) -> None:
+    rope = RotaryEmbedding(RopeConfig(theta=100000.0), D)
+    se = SelfExtend(WINDOW, GROUP)
+    print(f"prefill chunk of {CHUNK}, W={WINDOW}, G={GROUP}, threads={torch.get_num_threads()}: ms per layer")
+    for T in lengths:
+        print(prefill_row(T, rope, se))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 6144])
+    ap.add_argument("--parts", nargs="+", choices=["decode", "prefill"], default=["decode", "prefill"])
+    args = ap.parse_args()
+    if "decode" in args.parts:
+        decode(args.lengths)
+    if "prefill" in args.parts:
+        prefill([T for T in args.lengths if T > WINDOW + CHUNK] or [4096])
 
 
 if __name__ == "__main__":

@@ -57,6 +57,21 @@ def test_flash_partial_matches_reference(causal, Hq, Hkv, d) -> None:
     torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("Hq,Hkv,d", [(9, 3, 64), (4, 4, 128), (8, 1, 60)])
+def test_masked_flash_partial_matches_reference(Hq, Hkv, d) -> None:
+    """A band's mask: some rows see a few keys, one row sees none (lse -inf, zero output)."""
+    n, T = 37, 45
+    q, k, v = qkv(n, T, Hq, Hkv, d, seed=2)
+    rel = torch.arange(n)[:, None] - torch.arange(T)[None, :] + 20
+    visible = (rel >= 0) & (rel < 30)
+    visible[5] = False
+    out, lse = flash_partial(q, k, v, False, visible)
+    ref_out, ref_lse = reference_partial(q, k, v, visible)
+    assert torch.isinf(lse[5]).all() and (out[5] == 0).all()
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("n", [1, 3, 40])  # bmm decode path, bmm masked path, flash split path
 def test_attend_equals_causal_softmax(n) -> None:
     T = 71

@@ -14,7 +14,6 @@ from infinikv.attention.partial import (
     flash_partial,
     folded_partial,
     merge_partials,
-    reference_partial,
 )
 from infinikv.attention.self_extend import SelfExtend, at_memory_distance, memory_partial
 from infinikv.memory.evicted import EvictedMemory
@@ -146,10 +145,11 @@ def banded_resident_partials(
 ) -> list[Partial]:
     """`resident_partials` for a chunk of n <= W queries that are the last n resident tokens,
     with the keys (sorted by position) cut into three runs so that masks are only needed on
-    a thin band:
+    a thin band (every run through the fused kernel):
 
     * p <= s - W: far from every query: grouped positions, no mask (fused kernel);
-    * s - W < p <= s + n - 1 - W: near for some queries, far for others (masked, n keys);
+    * s - W < p <= s + n - 1 - W: near for some queries, far for others (both placements,
+      each masked to its queries; n keys);
     * p > s + n - 1 - W: near for every query: exact positions, the prefix without a mask,
       the chunk's own keys causal (fused kernel).
     """
@@ -173,6 +173,6 @@ def banded_resident_partials(
         if near_start > far_end:
             band = slice(far_end, near_start)
             rel = q_pos[:, None] - k_pos[None, band]  # (n, band)
-            parts.append(reference_partial(qn, k_rope[band], v[band], (rel >= 0) & (rel < W)))
-            parts.append(reference_partial(qg, kg[band], v[band], rel >= W))
+            parts.append(flash_partial(qn, k_rope[band], v[band], False, (rel >= 0) & (rel < W)))
+            parts.append(flash_partial(qg, kg[band], v[band], False, rel >= W))
     return parts

@@ -34,18 +34,23 @@ def reference_partial(
     return out.reshape(n, Hq, d).to(q.dtype), lse.permute(2, 0, 1).reshape(n, Hq)
 
 
-def flash_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> Partial:
+def flash_partial(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, visible: torch.Tensor | None = None
+) -> Partial:
     """The same through the fused CPU flash kernel (which also returns the LSE); on other
-    devices, `reference_partial`. causal: square causal mask (n == T, query i sees keys <= i).
+    devices, `reference_partial`. causal: square causal mask (n == T, query i sees keys <= i);
+    else `visible` (n, T) bool, if given, masks keys out as in `reference_partial` (a query
+    row with no visible key gets lse = -inf and a zero output).
 
-    Without a mask the query heads of a kv group are folded into the query-length axis, so
-    the keys are read once per kv-head and never copied.
+    Without the causal mask the query heads of a kv group are folded into the query-length
+    axis, so the keys are read once per kv-head and never copied.
     """
     n, Hq, d = q.shape
     T, Hkv = k.shape[0], k.shape[1]
     g = Hq // Hkv
     if q.device.type != "cpu":
-        visible = torch.ones(n, T, dtype=torch.bool, device=q.device).tril() if causal else None
+        if causal:
+            visible = torch.ones(n, T, dtype=torch.bool, device=q.device).tril()
         return reference_partial(q, k, v, visible)
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     kt, vt = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)  # (1, Hkv, T, d)
@@ -55,9 +60,15 @@ def flash_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
         out, lse = flash(qt, kt, vt, is_causal=True)[:2]  # (1, Hq, n, d), (1, Hq, n)
         return out[0].transpose(0, 1), lse[0].transpose(0, 1)
     qf = q.view(n, Hkv, g, d).permute(1, 2, 0, 3).reshape(1, Hkv, g * n, d)  # rows (j, i)
-    out, lse = flash(qf, kt, vt)[:2]  # (1, Hkv, g*n, d), (1, Hkv, g*n)
+    mask = None
+    if visible is not None:  # additive, in q's dtype (the kernel's rule), one copy per head j
+        mask = torch.zeros(n, T, dtype=q.dtype).masked_fill_(~visible, float("-inf")).repeat(g, 1)
+    out, lse = flash(qf, kt, vt, attn_mask=mask)[:2]  # (1, Hkv, g*n, d), (1, Hkv, g*n)
     out = out.reshape(Hkv, g, n, d).permute(2, 0, 1, 3).reshape(n, Hq, d)
-    return out, lse.reshape(Hkv, g, n).permute(2, 0, 1).reshape(n, Hq)
+    lse = lse.reshape(Hkv, g, n).permute(2, 0, 1).reshape(n, Hq)
+    if visible is not None:  # the kernel gives a row that sees nothing lse 0
+        lse = lse.masked_fill(~visible.any(1)[:, None], float("-inf"))
+    return out, lse
 
 
 def folded_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Partial:
