@@ -240,10 +240,10 @@ class EvictedMemory:
         H, P = queries.shape[:2]
         nb = min(max_blocks, self.tokens // self.page_size)
         if ranking == "sketch" and self.sketch is not None:
-            order = self.sketch.block_scores(layer, queries).view(H * P, -1).argsort(dim=1, descending=True)
+            best = self.sketch.block_scores(layer, queries).view(H * P, -1).topk(nb, dim=1).indices
         else:
-            order = self._order_by_bound(layer, queries.cpu(), max_blocks)
-        chosen = order[:, :nb].sort(dim=1).values.cpu()  # (H * P, nb)
+            best = self._order_by_bound(layer, queries.cpu(), max_blocks)[:, :nb]
+        chosen = best.sort(dim=1).values.cpu()  # (H * P, nb)
         B = self.page_size
         return self._slab_rows((chosen[..., None] * B + torch.arange(B)).view(H, P, -1))
 
