@@ -100,9 +100,9 @@ def memory_selections(
     together, as in a decode step, by approximate logits over the key sketch; earlier
     positions of a prefill chunk share one set of blocks, by summary bound.
     """
-    search = queries.float()  # FAISS searches on the host, the key sketch on the model's device
+    search = queries.float()  # the index copies what it searches to the host itself
     if memory.granularity == "token":
-        rows, valid = memory.select(layer, search.cpu(), state.top_k)  # (Hkv, n*g, K)
+        rows, valid = memory.select(layer, search, state.top_k)  # (Hkv, n*g, K)
         yield queries[:, :, None], rows.where(valid.to(rows.device), -1)
         return
     Hkv, n_rows, d = queries.shape

@@ -229,7 +229,7 @@ class EvictedMemory:
         """Block granularity: whole blocks, one set per group of queries.
 
         queries: (Hkv, P, m, d) float32, rotated by the memory distance; group p's m queries
-        share. The index searches on the host, the sketch on its own device.
+        share, on any device (the index searches on the host, the sketch on its own).
         ranking "bound": by summary bound through the index (cheap for large groups, such as
         a prefill chunk's positions); "sketch": by approximate logits over the key sketch
         (closer to the truth; for the few positions whose logits are read).
@@ -242,7 +242,7 @@ class EvictedMemory:
         if ranking == "sketch" and self.sketch is not None:
             best = self.sketch.block_scores(layer, queries).view(H * P, -1).topk(nb, dim=1).indices
         else:
-            best = self._order_by_bound(layer, queries.cpu(), max_blocks)[:, :nb]
+            best = self._order_by_bound(layer, queries, max_blocks)[:, :nb]
         chosen = best.sort(dim=1).values.cpu()  # (H * P, nb)
         B = self.page_size
         return self._slab_rows((chosen[..., None] * B + torch.arange(B)).view(H, P, -1))

@@ -59,9 +59,9 @@ def self_extend_attention(
     (n, Hq, d) in q's dtype and lse (n, Hq) float32, as
     `infinikv.attention.self_extend.resident_partials` merged.
 
-    A chunk (n > 1: prefill, draft verification) runs 64-row query tiles over all its keys.
-    One position (decode) runs one 16-row tile per kv-head with its keys cut into `splits`
-    ranges (default: by length) that run in parallel and are merged by log-sum-exp.
+    A chunk (n > 1: prefill, draft verification) runs CHUNK_LAUNCH's query tiles over all
+    its keys. One position (decode) runs one 16-row tile per kv-head with its keys cut into
+    `splits` ranges (default: by length) that run in parallel and are merged by log-sum-exp.
     `launch` overrides the tile sizes and launch options (default: CHUNK_LAUNCH or
     DECODE_LAUNCH).
     """
