@@ -104,7 +104,7 @@ def run_cell(mode: str, length: int, args: argparse.Namespace) -> dict:
 
         loaded = load_model(None, settings.cache_dir)
         config = long_context_config(mode, length, args.index, args.granularity)
-        store = open_store(args.redis_url, cluster=False) if args.redis_url else None
+        store = open_store(args.redis_url, cluster=False)  # in-process (the default) without a URL
         gen = Generator(loaded, max_seq_len=64, long_context=config, store=store)
         for case in cases:
             result = gen.generate(case.prompt, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))

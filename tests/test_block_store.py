@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import random
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -41,6 +46,17 @@ def test_batched_put_get_and_prefix_delete(store) -> None:
     ]
     assert store.delete_prefix("s1:") == 600
     assert store.keys("s1:") == [] and store.keys("s2:") == ["s2:block:0"]
+
+
+def test_slices_read_part_of_each_value(store) -> None:
+    store.put_many({"s:block:0": b"0123456789", "s:block:1": b"abcdefghij", "s:short": b"abc"})
+    assert store.get_slices(["s:block:1", "s:block:0", "s:short", "s:missing"], 2, 4) == [
+        b"cdef",
+        b"2345",
+        None,  # too short for the slice
+        None,
+    ]
+    assert store.get_slices(["s:block:0"], 6, 4) == [b"6789"]
 
 
 def memory_with_blocks(store, prefix: str, nblocks: int = 5, granularity: str = "token") -> EvictedMemory:
@@ -108,6 +124,82 @@ def test_corrupt_snapshot_is_reported_and_other_sessions_survive(store, damage) 
     assert EvictedMemory.load(store, "sess:good:").tokens == 20
 
 
+def test_in_process_store_reuses_freed_space_and_keeps_values_off_the_heap() -> None:
+    """Values live in the store's file: overwriting, deleting and putting again reuses
+    the freed space, so a service that evicts and forgets sessions does not grow its file."""
+    store = InProcessBlockStore()
+    size = lambda: os.fstat(store._file.fileno()).st_size  # noqa: E731
+    block = bytes(range(256)) * 64
+    store.put_many({f"s{s}:block:{b}": block for s in range(3) for b in range(10)})
+    full = size()
+    assert full == 30 * len(block)
+    store.put_many({"s0:block:3": b"short"})  # overwritten in a hole, the old run freed
+    store.delete_prefix("s1:")
+    store.put_many({f"s3:block:{b}": block[::-1] for b in range(10)})
+    assert size() <= full + len(b"short")
+    assert store.get_many(["s0:block:3", "s0:block:4", "s3:block:9", "s1:block:0"]) == [
+        b"short",
+        block,
+        block[::-1],
+        None,
+    ]
+    for prefix in ("s0:", "s2:", "s3:"):
+        store.delete_prefix(prefix)
+    assert size() == 0 and store.keys("") == []
+    store.close()
+    with pytest.raises(StoreUnavailableError, match="in-process block store"):
+        store.put_many({"s4:block:0": block})
+
+
+def test_a_full_disk_is_a_store_error_that_keeps_the_old_value(tmp_path) -> None:
+    """RLIMIT_FSIZE stands in for a full disk (in a child process: it limits every write)."""
+    script = """
+import resource, signal
+from infinikv.memory.store import InProcessBlockStore, StoreUnavailableError
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+store = InProcessBlockStore()
+store.put_many({"a": b"x" * 1000})
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+try:
+    store.put_many({"a": b"y" * 8192})
+except StoreUnavailableError as e:
+    print("refused:", e)
+assert store.get_many(["a"]) == [b"x" * 1000]
+store.put_many({"b": b"z" * 100})  # what fits still goes in
+assert store.get_many(["b"]) == [b"z" * 100]
+print("ok")
+"""
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "refused: in-process block store file" in out.stdout and "File too large" in out.stdout
+    assert out.stdout.endswith("ok\n")
+
+
+def test_extents_never_overlap_and_shrink_back_to_nothing() -> None:
+    """Random takes and gives against a byte map of what is in use."""
+    from infinikv.memory.extents import Extents
+
+    rng = random.Random(0)
+    space, used, held = Extents(), bytearray(1 << 16), []
+    for _ in range(2000):
+        if held and rng.random() < 0.45:
+            start, n = held.pop(rng.randrange(len(held)))
+            used[start : start + n] = bytes(n)
+            space.give(start, n)
+        else:
+            n = rng.choice([64, 64, 64, 100, 7, 300])
+            start = space.take(n)
+            assert not any(used[start : start + n]), "handed out bytes still in use"
+            used[start : start + n] = b"\x01" * n
+            held.append((start, n))
+        assert space.end == max((s + n for s, n in held), default=0)
+        assert space.free == space.end - sum(n for _, n in held)
+    for start, n in held:
+        space.give(start, n)
+    assert space.end == 0 and space.free == 0
+
+
 def test_unreachable_redis_names_the_url() -> None:
     url = f"redis://127.0.0.1:{free_port()}/0"
     with pytest.raises(StoreUnavailableError, match=f"cannot reach Redis at {url}"):
@@ -139,30 +231,38 @@ def test_a_redis_that_goes_away_is_a_clear_store_error(tmp_path) -> None:
         store.get_many(["k"])
 
 
-def test_block_cache_keeps_the_most_recently_used_within_its_capacity() -> None:
+def test_block_cache_keeps_each_layers_most_recently_used_within_its_capacity() -> None:
     from infinikv.memory.cache import BlockCache
 
-    payload = {b: torch.full((2, 1, 1, 2, 1, 1), float(b)) for b in range(10)}  # (2, L, n, B, H, d)
-    calls: list[list[int]] = []
+    # Block b's payload in layer l holds 10 * l + b: (2, L, n, B, H, d) with L = 2.
+    payload = {
+        b: torch.tensor([float(b), 10.0 + b]).view(1, 2, 1, 1, 1, 1).expand(2, 2, 1, 2, 1, 1)
+        for b in range(10)
+    }
+    calls: list[tuple[int, list[int]]] = []
 
-    def fetch(blocks: list[int]) -> torch.Tensor:
-        calls.append(blocks)
-        return torch.cat([payload[b] for b in blocks], 2)
+    def fetch(layer: int, blocks: list[int]) -> torch.Tensor:
+        calls.append((layer, blocks))
+        return torch.cat([payload[b][:, layer] for b in blocks], 1)
 
-    cache = BlockCache((1, 2, 1, 1), torch.float32, fetch, capacity=3)
+    def values(layer: int, slots: torch.Tensor) -> list[float]:
+        k, _ = cache.layer(layer)
+        return k.view(-1, 2)[slots, 0].tolist()
+
+    cache = BlockCache((2, 2, 1, 1), torch.float32, fetch, capacity=3)
     slab = cache.slab.data_ptr()  # allocated once, at its capacity: never copied
     assert cache.nbytes == 0
     cache.put(list(range(5)), torch.cat([payload[b] for b in range(5)], 2))
-    assert len(cache) == 3 and calls == []  # blocks 2, 3, 4 stay
-    assert cache.nbytes == 3 * 2 * 2 * 4
-    slots = cache.slots([2, 0, 4])  # 0 is fetched; 3, the least recently used, leaves
-    assert calls == [[0]] and len(cache) == 3
-    k, _ = cache.layer(0)
-    assert k.view(-1, 2)[slots, 0].tolist() == [2.0, 0.0, 4.0]
-    cache.slots([3])
-    assert calls == [[0], [3]]  # 3 was gone; 2 (least recent) leaves for it
+    assert cache.held(0) == cache.held(1) == 3 and calls == []  # blocks 2, 3, 4 stay in both
+    assert cache.nbytes == 2 * 3 * 2 * 2 * 4
+    slots = cache.slots(0, [2, 0, 4])  # 0 is fetched for layer 0; 3, its least recently used, leaves
+    assert calls == [(0, [0])] and values(0, slots) == [2.0, 0.0, 4.0]
+    assert values(1, cache.slots(1, [3])) == [13.0]  # layer 1 still holds 3: no read
+    cache.slots(0, [3])
+    assert calls == [(0, [0]), (0, [3])]  # 3 was gone from layer 0; 2 (least recent) leaves for it
+    assert values(1, cache.slots(1, [2, 4])) == [12.0, 14.0] and len(calls) == 2
     with pytest.raises(ValueError, match="4 blocks needed at once, the cache holds 3"):
-        cache.slots([0, 1, 3, 4])
+        cache.slots(0, [0, 1, 3, 4])
     assert cache.slab.data_ptr() == slab
 
 
@@ -174,12 +274,12 @@ def test_an_unbounded_block_cache_grows_and_keeps_every_block() -> None:
     for b in range(7):  # one block at a time: the slab doubles, copying what it holds
         cache.put([b], torch.full((2, 1, 1, 2, 1, 1), float(b)))
     k, v = cache.layer(0)
-    slots = cache.slots(list(range(7)))
+    slots = cache.slots(0, list(range(7)))
     every = [float(b) for b in range(7)]
     assert k.view(-1, 2)[slots, 1].tolist() == v.view(-1, 2)[slots, 0].tolist() == every
     assert cache.nbytes == 7 * 2 * 2 * 4 and cache.slab.shape[2] == 8
     with pytest.raises(KeyError, match="not in memory"):
-        cache.slots([7])
+        cache.slots(0, [7])
 
 
 def test_a_memory_bounded_in_ram_retrieves_what_an_unbounded_one_does(store) -> None:
@@ -199,10 +299,10 @@ def test_a_memory_bounded_in_ram_retrieves_what_an_unbounded_one_does(store) -> 
             strict=True,
         ):
             assert torch.equal(got, want)
-    assert len(bounded.cache) <= 3 and bounded.cache.fetched > 0
+    assert max(bounded.cache.held(layer) for layer in range(2)) <= 3 and bounded.cache.fetched > 0
     bounded.save()
     back = EvictedMemory.load(store, "sess:ram:", ram_blocks=3)
-    assert len(back.cache) == 3 and back.tokens == 32
+    assert back.cache.held(0) == back.cache.held(1) == 3 and back.tokens == 32
     q = torch.randn(3, 1, 2, 16, generator=g)  # at most 3 blocks at once
     for ranking in ("bound", "sketch"):
         got_want = (retrieve_blocks(m, 0, q, 1, ranking) for m in (back, everything))

@@ -12,7 +12,7 @@ from infinikv.engine.long_context import LongContextConfig
 from infinikv.memory.evicted import EvictedMemory
 from infinikv.memory.index import CorruptSnapshotError
 from infinikv.memory.pages import BlockTable, PagePool
-from infinikv.memory.payload import block_key, from_bytes, to_bytes
+from infinikv.memory.payload import block_key, blocks_from_bytes, blocks_to_bytes, from_bytes, to_bytes
 from infinikv.memory.store import BlockStore
 from infinikv.model.config import ModelConfig
 from infinikv.model.llama import ForwardBatch, LlamaModel, SequenceSlice
@@ -119,7 +119,9 @@ class Sequence:
         if fresh:
             idx = torch.tensor([p for _, p in fresh], device=self.pool.k.device)
             kv = torch.stack([self.pool.k[:, idx], self.pool.v[:, idx]]).float().cpu()  # (2, L, n, B, H, d)
-            items.update({block_key(prefix, b): to_bytes(kv[:, :, i]) for i, (b, _) in enumerate(fresh)})
+            items.update(
+                {block_key(prefix, b): p for (b, _), p in zip(fresh, blocks_to_bytes(kv), strict=True)}
+            )
         self.saved_blocks = table.length // B
         meta = {
             "length": table.length,
@@ -185,7 +187,7 @@ class Sequence:
                 raise ValueError(f"memory holds {state.memory.tokens} tokens, {evicted * B} were evicted")
         pages = self.table.adopt(blocks, length, evicted, int(meta["evicted_until"]))
         if pages:
-            kv = torch.stack([from_bytes(p, torch.float32, (2, L, B, H, d)) for p in payloads if p], 2)
+            kv = blocks_from_bytes([p for p in payloads if p], torch.float32, (L, B, H, d))
             idx = torch.tensor(pages, device=self.pool.k.device)
             k = kv[0].to(self.pool.k.device, self.pool.k.dtype)  # (L, n, B, H, d)
             positions = (torch.tensor(blocks)[:, None] * B + torch.arange(B)).flatten().to(k.device)

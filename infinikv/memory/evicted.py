@@ -15,7 +15,13 @@ import torch
 
 from infinikv.memory.cache import BlockCache
 from infinikv.memory.index import CorruptSnapshotError, MemoryIndex, entry_id, split_id
-from infinikv.memory.payload import block_key, from_bytes, to_bytes
+from infinikv.memory.payload import (
+    block_key,
+    blocks_from_bytes,
+    blocks_to_bytes,
+    layer_range,
+    layers_from_bytes,
+)
 from infinikv.memory.sketch import KeySketch
 from infinikv.memory.store import BlockStore
 from infinikv.memory.summary import block_summary, summary_query
@@ -66,7 +72,7 @@ class EvictedMemory:
         self.cache = BlockCache(
             self.shape,
             dtype,
-            None if store is None else functools.partial(read_blocks, store, prefix, dtype, self.shape),
+            None if store is None else functools.partial(read_layer, store, prefix, dtype, self.shape),
             ram_blocks if bounded else None,
             device,
         )
@@ -101,9 +107,8 @@ class EvictedMemory:
             self.first_block = start
         kv = torch.stack([k, v]).to("cpu", self.dtype)  # (2, L, nb, B, Hkv, d)
         if self.store is not None:
-            self.store.put_many(
-                {block_key(self.prefix, b): to_bytes(kv[:, :, i]) for i, b in enumerate(blocks)}
-            )
+            payloads = blocks_to_bytes(kv)
+            self.store.put_many({block_key(self.prefix, b): p for b, p in zip(blocks, payloads, strict=True)})
         self._index_blocks(blocks, kv[0])
         if self.sketch is not None:
             self.sketch.append(kv[0])
@@ -223,7 +228,7 @@ class EvictedMemory:
         valid = ids >= 0
         block, offset = split_id(ids.clamp_min(0))
         rows = ((block - (self.first_block or 0)) * self.page_size + offset).where(valid, 0)
-        return self._slab_rows(rows), valid
+        return self._slab_rows(layer, rows), valid
 
     def select_blocks(self, layer: int, queries: torch.Tensor, max_blocks: int, ranking: str) -> torch.Tensor:
         """Block granularity: whole blocks, one set per group of queries.
@@ -245,7 +250,7 @@ class EvictedMemory:
             best = self._order_by_bound(layer, queries, max_blocks)[:, :nb]
         chosen = best.sort(dim=1).values.cpu()  # (H * P, nb)
         B = self.page_size
-        return self._slab_rows((chosen[..., None] * B + torch.arange(B)).view(H, P, -1))
+        return self._slab_rows(layer, (chosen[..., None] * B + torch.arange(B)).view(H, P, -1))
 
     def _order_by_bound(self, layer: int, queries: torch.Tensor, max_blocks: int) -> torch.Tensor:
         """Blocks (relative numbers) in the order group (Hkv, P) prefers them, (Hkv * P, blocks).
@@ -266,12 +271,12 @@ class EvictedMemory:
         order = best_score.argsort(dim=1, descending=True, stable=True)
         return order.gather(1, best_rank.gather(1, order).argsort(dim=1, stable=True))
 
-    def _slab_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """Memory rows (Hkv, ...) -> rows of the `slab` views, reading the blocks not in RAM
-        first. Memory row r of head h is offset r % B of the (r // B)-th evicted block."""
+    def _slab_rows(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
+        """Memory rows (Hkv, ...) -> rows of the `slab(layer)` views, reading the blocks not
+        in RAM first. Memory row r of head h is offset r % B of the (r // B)-th evicted block."""
         B, H = self.page_size, self.shape[2]
         needed, which = torch.unique(rows.div(B, rounding_mode="floor"), return_inverse=True)
-        slots = self.cache.slots([(self.first_block or 0) + b for b in needed.tolist()])
+        slots = self.cache.slots(layer, [(self.first_block or 0) + b for b in needed.tolist()])
         cached = slots[which] * B + rows % B  # rows of the cache slab
         # Row r of head h is row r * H + h of the (rows * H, d) slab view.
         flat = cached * H + torch.arange(H).view(H, *[1] * (rows.dim() - 1))
@@ -306,12 +311,28 @@ class EvictedMemory:
 def read_blocks(
     store: BlockStore, prefix: str, dtype: torch.dtype, shape: tuple[int, int, int, int], blocks: list[int]
 ) -> torch.Tensor:
-    """Payloads (2, L, n, B, Hkv, d) of a memory's stored blocks, in one store call. A
-    function of the store and prefix, not a method: the RAM tier calls it, and a bound
-    method would make memory and tier a reference cycle that only the cyclic GC frees."""
+    """Payloads (2, L, n, B, Hkv, d) of a memory's stored blocks, in one store call."""
     payloads = store.get_many([block_key(prefix, b) for b in blocks])
+    return blocks_from_bytes(_found(payloads, blocks, prefix), dtype, shape)
+
+
+def read_layer(
+    store: BlockStore,
+    prefix: str,
+    dtype: torch.dtype,
+    shape: tuple[int, int, int, int],
+    layer: int,
+    blocks: list[int],
+) -> torch.Tensor:
+    """One layer (2, n, B, Hkv, d) of a memory's stored blocks, in one store call. A function
+    of the store and prefix, not a method: the RAM tier calls it, and a bound method would
+    make memory and tier a reference cycle that only the cyclic GC frees."""
+    slices = store.get_slices([block_key(prefix, b) for b in blocks], *layer_range(layer, dtype, shape))
+    return layers_from_bytes(_found(slices, blocks, prefix), dtype, shape)
+
+
+def _found(payloads: list[bytes | None], blocks: list[int], prefix: str) -> list[bytes]:
     missing = [b for b, p in zip(blocks, payloads, strict=True) if p is None]
     if missing:
         raise CorruptSnapshotError(f"memory blocks {missing[:5]} are missing under {prefix!r}")
-    L, B, H, d = shape
-    return torch.stack([from_bytes(p, dtype, (2, L, B, H, d)) for p in payloads if p is not None], 2)
+    return [p for p in payloads if p is not None]

@@ -1,6 +1,7 @@
 """Byte encoding of KV blocks for the block store: the raw tensor bytes, read back with the
 dtype and shape recorded beside them (numpy has no bfloat16, so the bytes go through an
-integer view of the same width)."""
+integer view of the same width). A block's payload is layer-major, each layer's keys then
+values, so one layer of a block is one byte range (`layer_range`) a store reads alone."""
 
 from __future__ import annotations
 
@@ -21,6 +22,34 @@ def to_bytes(t: torch.Tensor) -> bytes:
 def from_bytes(data: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
     raw = torch.frombuffer(bytearray(data), dtype=_BITS[dtype])
     return raw.view(dtype).view(shape)
+
+
+def blocks_to_bytes(kv: torch.Tensor) -> list[bytes]:
+    """kv (2, L, n, B, Hkv, d) of n blocks -> their payloads."""
+    return [to_bytes(kv[:, :, i].transpose(0, 1)) for i in range(kv.shape[2])]
+
+
+def blocks_from_bytes(
+    payloads: list[bytes], dtype: torch.dtype, shape: tuple[int, int, int, int]
+) -> torch.Tensor:
+    """Payloads of n blocks of shape (L, B, Hkv, d) -> kv (2, L, n, B, Hkv, d)."""
+    L, B, H, d = shape
+    return torch.stack([from_bytes(p, dtype, (L, 2, B, H, d)) for p in payloads], 2).transpose(0, 1)
+
+
+def layer_range(layer: int, dtype: torch.dtype, shape: tuple[int, int, int, int]) -> tuple[int, int]:
+    """(start, length) of one layer's bytes in a block payload."""
+    _, B, H, d = shape
+    length = 2 * B * H * d * dtype.itemsize
+    return layer * length, length
+
+
+def layers_from_bytes(
+    slices: list[bytes], dtype: torch.dtype, shape: tuple[int, int, int, int]
+) -> torch.Tensor:
+    """One layer's bytes (`layer_range`) of n blocks -> kv (2, n, B, Hkv, d)."""
+    _, B, H, d = shape
+    return torch.stack([from_bytes(p, dtype, (2, B, H, d)) for p in slices], 1)
 
 
 def block_key(prefix: str, block: int) -> str:

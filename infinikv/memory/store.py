@@ -5,11 +5,14 @@ attention never reads it per token; it takes evicted blocks and snapshots."""
 from __future__ import annotations
 
 import contextlib
+import os
+import tempfile
 import threading
 from collections.abc import Iterator
 from typing import Protocol
 
 from infinikv.errors import InfinikvError
+from infinikv.memory.extents import Extents
 
 
 class StoreUnavailableError(InfinikvError):
@@ -21,6 +24,11 @@ class BlockStore(Protocol):
 
     def get_many(self, keys: list[str]) -> list[bytes | None]: ...
 
+    def get_slices(self, keys: list[str], start: int, length: int) -> list[bytes | None]:
+        """Bytes [start, start + length) of each value; None for a missing key or a value too
+        short for the slice."""
+        ...
+
     def delete_prefix(self, prefix: str) -> int:
         """Delete every key that starts with `prefix`; return how many."""
         ...
@@ -31,33 +39,81 @@ class BlockStore(Protocol):
 
 
 class InProcessBlockStore:
-    """A dict behind a lock: nothing to start, gone with the process."""
+    """Nothing to start, gone with the process: values in an anonymous temporary file (in
+    TMPDIR; the OS deletes it when the process ends), their places in a dict behind a lock.
+    The bytes live in the OS page cache, which the kernel writes out and reclaims under
+    pressure, not in this process's memory: host RAM for evicted blocks stays bounded by the
+    RAM tier in front of the store however much a sequence evicts."""
 
     def __init__(self) -> None:
-        self._data: dict[str, bytes] = {}
+        self._file = tempfile.TemporaryFile(prefix="infinikv-store-")
+        self._where: dict[str, tuple[int, int]] = {}  # key -> (offset, length) in the file
+        self._space = Extents()
         self._lock = threading.Lock()
 
     def put_many(self, items: dict[str, bytes]) -> None:
-        with self._lock:
-            self._data.update(items)
+        with self._lock, self._file_errors():
+            for key, value in items.items():
+                start = self._space.take(len(value))
+                try:
+                    self._write(start, value)
+                except OSError:  # the old value, if any, stays
+                    self._space.give(start, len(value))
+                    raise
+                self._free(key)
+                self._where[key] = (start, len(value))
 
     def get_many(self, keys: list[str]) -> list[bytes | None]:
-        with self._lock:
-            return [self._data.get(k) for k in keys]
+        with self._lock, self._file_errors():
+            return [self._read(*self._where[k]) if k in self._where else None for k in keys]
+
+    def get_slices(self, keys: list[str], start: int, length: int) -> list[bytes | None]:
+        with self._lock, self._file_errors():
+            places = [self._where.get(k, (0, -1)) for k in keys]
+            return [self._read(at + start, length) if start + length <= n else None for at, n in places]
 
     def keys(self, prefix: str) -> list[str]:
         with self._lock:
-            return [k for k in self._data if k.startswith(prefix)]
+            return [k for k in self._where if k.startswith(prefix)]
 
     def delete_prefix(self, prefix: str) -> int:
-        with self._lock:
-            doomed = [k for k in self._data if k.startswith(prefix)]
+        with self._lock, self._file_errors():
+            doomed = [k for k in self._where if k.startswith(prefix)]
             for k in doomed:
-                del self._data[k]
+                self._free(k)
+            os.ftruncate(self._file.fileno(), self._space.end)  # give the disk back
         return len(doomed)
 
     def close(self) -> None:
-        pass
+        with self._lock:
+            self._file.close()
+
+    def _write(self, start: int, value: bytes) -> None:
+        view = memoryview(value)
+        while view:  # a regular file takes all of it unless the disk is full
+            written = os.pwrite(self._file.fileno(), view, start)
+            view, start = view[written:], start + written
+
+    def _read(self, start: int, length: int) -> bytes:
+        data = os.pread(self._file.fileno(), length, start)
+        if len(data) != length:
+            raise StoreUnavailableError(f"in-process store file {self._file.name}: short read")
+        return data
+
+    def _free(self, key: str) -> None:
+        place = self._where.pop(key, None)
+        if place is not None:
+            self._space.give(*place)
+
+    @contextlib.contextmanager
+    def _file_errors(self) -> Iterator[None]:
+        """The file's failures (disk full, closed store) as StoreUnavailableError."""
+        try:
+            yield
+        except (OSError, ValueError) as e:
+            raise StoreUnavailableError(
+                f"in-process block store file in {tempfile.gettempdir()} failed: {e}"
+            ) from e
 
 
 # Keys per pipeline / SCAN page: large enough to amortize round trips, small enough to keep
@@ -108,6 +164,10 @@ class RedisBlockStore:
         with self._reachable():
             return self._get_many(keys)
 
+    def get_slices(self, keys: list[str], start: int, length: int) -> list[bytes | None]:
+        with self._reachable():
+            return self._get_slices(keys, start, length)
+
     def keys(self, prefix: str) -> list[str]:
         with self._reachable():
             return self._keys(prefix)
@@ -131,6 +191,15 @@ class RedisBlockStore:
             for name in keys[i : i + REDIS_BATCH]:
                 pipe.get(name)
             out.extend(pipe.execute())
+        return out
+
+    def _get_slices(self, keys: list[str], start: int, length: int) -> list[bytes | None]:
+        out: list[bytes | None] = []
+        for i in range(0, len(keys), REDIS_BATCH):
+            pipe = self._client.pipeline(transaction=False)
+            for name in keys[i : i + REDIS_BATCH]:
+                pipe.getrange(name, start, start + length - 1)  # b"" for a missing key
+            out.extend(s if len(s) == length else None for s in pipe.execute())
         return out
 
     def _keys(self, prefix: str) -> list[str]:
