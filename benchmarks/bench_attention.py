@@ -1,7 +1,8 @@
 """Attention per layer on CPU: decode over a cold KV cache vs a plain read of the same bytes,
-and a long-context prefill chunk's Self-Extend attention vs its plain-PyTorch reference.
+a long-context prefill chunk's Self-Extend attention vs its plain-PyTorch reference, and a
+decode step's memory-block ranking over the key sketch vs the plain-PyTorch path.
 
-    python benchmarks/bench_attention.py [--lengths 2048 6144] [--parts decode prefill]
+    python benchmarks/bench_attention.py [--lengths 2048 6144] [--parts decode prefill sketch]
 
 SmolLM2-135M's shapes (9 query heads, 3 kv-heads, head_dim 64).
 Part `decode`: 30 distinct layers' caches so each read comes from memory, not cache.
@@ -11,6 +12,10 @@ Part `prefill`: a 512-query chunk at the end of N resident tokens with the defau
 long-context settings (W=2048, G=4): `banded_resident_partials` (fused flash kernel on
 every run of keys, the near/far band masked) vs `resident_partials` (the masked softmax in
 plain PyTorch, the reference the tests hold it to), and the band alone both ways.
+Part `sketch`: `KeySketch.block_scores` over N evicted tokens for one decode step (3
+kv-heads x 3 query heads, 16 channels) vs the plain path (gather the picked rows, float32,
+bmm, max-pool over each block, into buffers kept between calls), per layer over 30 layers'
+sketches.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from infinikv.attention.long_context import banded_resident_partials
 from infinikv.attention.paged_torch import attend
 from infinikv.attention.partial import flash_partial, reference_partial
 from infinikv.attention.self_extend import SelfExtend, resident_partials
+from infinikv.memory.sketch import KeySketch
 from infinikv.model.config import RopeConfig
 from infinikv.model.rope import RotaryEmbedding, rotate
 
@@ -100,15 +106,58 @@ def prefill(lengths: list[int]) -> None:
         print(prefill_row(T, rope, se))
 
 
+def plain_block_scores(sketch: KeySketch, layer: int, queries: torch.Tensor, work: dict) -> torch.Tensor:
+    """The sketch's block scores through a gather of the picked rows, a float32 copy, a bmm and a
+    max-pool per block (the path `block_scores` replaced), into buffers kept between calls."""
+    H, P, m, d = queries.shape
+    r = sketch.channels
+    picked = queries.abs().sum(2).topk(r, dim=-1).indices  # (Hkv, P, r)
+    q = queries.gather(3, picked[:, :, None].expand(H, P, m, r)).view(H * P, m, r)
+    rows_of = (torch.arange(H)[:, None] * d + picked.view(H, P * r)).flatten()
+    scores = []
+    for i, segment in enumerate(sketch.segments):
+        keys = segment[layer].view(H * d, -1)
+        if i not in work:
+            n = keys.shape[1]
+            work[i] = (keys.new_empty(H * P * r, n), torch.empty(H * P, r, n), torch.empty(H * P, m, n))
+        picked_rows, rows, logits = work[i]
+        torch.index_select(keys, 0, rows_of, out=picked_rows)
+        rows.view(picked_rows.shape).copy_(picked_rows)
+        torch.bmm(q, rows, out=logits)
+        scores.append(F.max_pool1d(logits, sketch.page_size).amax(1))
+    return torch.cat(scores, -1)[:, : sketch.tokens // sketch.page_size].view(H, P, -1)
+
+
+def sketch_row(N: int) -> str:
+    B, r = 16, 16
+    sketch = KeySketch(LAYERS, HKV, D, B, r)
+    sketch.append(torch.randn(LAYERS, N // B, B, HKV, D))
+    q = torch.randn(HKV, 1, HQ // HKV, D)
+    fused = ms(lambda: [sketch.block_scores(layer, q) for layer in range(LAYERS)]) / LAYERS
+    work: dict = {}
+    plain = ms(lambda: [plain_block_scores(sketch, layer, q, work) for layer in range(LAYERS)]) / LAYERS
+    return f"N={N:>6}: embedding_bag {fused:6.3f}  plain {plain:6.3f} ({plain / fused:.1f}x)"
+
+
+def sketch_scores(lengths: list[int]) -> None:
+    print(f"sketch ranking for one decode step, threads={torch.get_num_threads()}: ms per layer")
+    for N in lengths:
+        print(sketch_row(N))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 6144])
-    ap.add_argument("--parts", nargs="+", choices=["decode", "prefill"], default=["decode", "prefill"])
+    ap.add_argument(
+        "--parts", nargs="+", choices=["decode", "prefill", "sketch"], default=["decode", "prefill", "sketch"]
+    )
     args = ap.parse_args()
     if "decode" in args.parts:
         decode(args.lengths)
     if "prefill" in args.parts:
         prefill([T for T in args.lengths if T > WINDOW + CHUNK] or [4096])
+    if "sketch" in args.parts:
+        sketch_scores(args.lengths)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ gathers its rows with one index_select per layer, as from a plain tensor."""
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -100,9 +101,9 @@ class BlockCache:
         taken = list(range(used, used + fresh))
         self._used[layer] += fresh
         held = self._slot[layer]
-        victims = (b for b in list(held) if b not in protected)
-        while len(taken) < n:
-            taken.append(held.pop(next(victims)))
+        victims = itertools.islice((b for b in held if b not in protected), n - len(taken))  # oldest first
+        for block in list(victims):  # read only as far as needed, not the whole tier
+            taken.append(held.pop(block))
         return taken
 
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
