@@ -200,6 +200,18 @@ def test_extents_never_overlap_and_shrink_back_to_nothing() -> None:
     assert space.end == 0 and space.free == 0
 
 
+def test_a_snapshot_with_another_payload_layout_is_refused_not_scrambled(store) -> None:
+    import json
+
+    memory_with_blocks(store, "sess:old:").save()
+    (raw,) = store.get_many(["sess:old:meta"])
+    meta = json.loads(raw)
+    del meta["layout"]  # as an older build wrote it
+    store.put_many({"sess:old:meta": json.dumps(meta).encode()})
+    with pytest.raises(CorruptSnapshotError, match="laid out .*older build"):
+        EvictedMemory.load(store, "sess:old:")
+
+
 def test_unreachable_redis_names_the_url() -> None:
     url = f"redis://127.0.0.1:{free_port()}/0"
     with pytest.raises(StoreUnavailableError, match=f"cannot reach Redis at {url}"):

@@ -12,7 +12,15 @@ from infinikv.engine.long_context import LongContextConfig
 from infinikv.memory.evicted import EvictedMemory
 from infinikv.memory.index import CorruptSnapshotError
 from infinikv.memory.pages import BlockTable, PagePool
-from infinikv.memory.payload import block_key, blocks_from_bytes, blocks_to_bytes, from_bytes, to_bytes
+from infinikv.memory.payload import (
+    LAYOUT,
+    block_key,
+    blocks_from_bytes,
+    blocks_to_bytes,
+    check_layout,
+    from_bytes,
+    to_bytes,
+)
 from infinikv.memory.store import BlockStore
 from infinikv.model.config import ModelConfig
 from infinikv.model.llama import ForwardBatch, LlamaModel, SequenceSlice
@@ -129,6 +137,7 @@ class Sequence:
             "evicted_blocks": table.evicted_blocks,
             "evicted_until": table.evicted_until,
             "shape": [L, H, d],
+            "layout": LAYOUT,
         }
         items[f"{prefix}sequence"] = json.dumps(meta).encode()
         items[f"{prefix}tokens"] = to_bytes(torch.tensor(self.tokens, dtype=torch.int32))
@@ -165,6 +174,7 @@ class Sequence:
         if meta_raw is None or tokens_raw is None:
             raise CorruptSnapshotError(f"no sequence snapshot under {prefix!r}")
         meta = json.loads(meta_raw)
+        check_layout(meta)
         L, _, B, H, d = self.pool.k.shape
         if meta["shape"] != [L, H, d]:
             raise ValueError(f"saved for a model with KV shape {meta['shape']}, this one has {[L, H, d]}")

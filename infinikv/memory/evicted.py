@@ -16,9 +16,11 @@ import torch
 from infinikv.memory.cache import BlockCache
 from infinikv.memory.index import CorruptSnapshotError, MemoryIndex, entry_id, split_id
 from infinikv.memory.payload import (
+    LAYOUT,
     block_key,
     blocks_from_bytes,
     blocks_to_bytes,
+    check_layout,
     layer_range,
     layers_from_bytes,
 )
@@ -128,6 +130,7 @@ class EvictedMemory:
         L, _, H, d = self.shape
         meta = {
             "shape": [L, H, d],
+            "layout": LAYOUT,
             "page_size": self.page_size,
             "dtype": str(self.dtype).removeprefix("torch."),
             "index_kind": self.index.kind,
@@ -157,6 +160,7 @@ class EvictedMemory:
             raise CorruptSnapshotError(f"no memory snapshot under {prefix!r}")
         try:
             meta = json.loads(meta_raw)
+            check_layout(meta)
             L, H, d = meta["shape"]
             B, dtype = int(meta["page_size"]), getattr(torch, meta["dtype"])
             made = cls(

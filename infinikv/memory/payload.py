@@ -24,6 +24,18 @@ def from_bytes(data: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch
     return raw.view(dtype).view(shape)
 
 
+# Recorded in every snapshot's meta: blocks written by a build with another layout are
+# refused instead of read back scrambled (the bytes would have the same length).
+LAYOUT = "layer-major"
+
+
+def check_layout(meta: dict) -> None:
+    """Refuse (ValueError) a snapshot whose block payloads are not laid out as this build reads them."""
+    found = meta.get("layout", "k|v-major, an older build's")
+    if found != LAYOUT:
+        raise ValueError(f"block payloads are laid out {found!r}, this build reads {LAYOUT!r}")
+
+
 def blocks_to_bytes(kv: torch.Tensor) -> list[bytes]:
     """kv (2, L, n, B, Hkv, d) of n blocks -> their payloads."""
     return [to_bytes(kv[:, :, i].transpose(0, 1)) for i in range(kv.shape[2])]
