@@ -69,3 +69,22 @@ def test_missing_or_corrupt_snapshot_is_refused_and_frees_its_pages(model) -> No
     with pytest.raises(CorruptSnapshotError, match="s:2:"):
         Sequence.restore(model, pool, CFG, store, "s:2:")
     assert pool.num_free == free
+
+
+def test_a_snapshot_an_older_build_laid_out_differently_is_refused(model) -> None:
+    """Its block payloads have the same length in another order: refused, not read scrambled."""
+    import json
+
+    store = InProcessBlockStore()
+    pool = nan_pool(model, max_tokens=200, page_size=PAGE)
+    seq = Sequence(pool, CFG, model.cfg, store, "s:3:")
+    feed(model, pool, seq, ids(20, 4), 8)
+    seq.save(store, "s:3:", index_snapshot=True)
+    (raw,) = store.get_many(["s:3:sequence"])
+    meta = json.loads(raw)
+    del meta["layout"]
+    store.put_many({"s:3:sequence": json.dumps(meta).encode()})
+    free = pool.num_free
+    with pytest.raises(CorruptSnapshotError, match="laid out .*older build"):
+        Sequence.restore(model, pool, CFG, store, "s:3:")
+    assert pool.num_free == free

@@ -50,7 +50,7 @@ class BlockCache:
     @property
     def nbytes(self) -> int:
         """Bytes of the slots in use (the slab beyond them is not touched yet)."""
-        L, B, H, d = self.shape
+        _, B, H, d = self.shape
         return sum(self._used) * 2 * B * H * d * self.slab.element_size()  # k and v per slot
 
     def held(self, layer: int) -> int:

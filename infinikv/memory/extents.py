@@ -15,11 +15,6 @@ class Extents:
         self._starts: list[int] = []  # free runs, sorted by offset
         self._lengths: list[int] = []
 
-    @property
-    def free(self) -> int:
-        """Bytes in free runs before the end."""
-        return sum(self._lengths)
-
     def take(self, n: int) -> int:
         """The offset of n bytes of free space, now in use."""
         fits = [(length, i) for i, length in enumerate(self._lengths) if length >= n]

@@ -67,8 +67,8 @@ class KeySketch:
         block's best approximate logit over its tokens and the group's queries.
 
         One embedding_bag per segment reads each query's r key rows and sums them weighted
-        by its channels in one pass, in bfloat16 with float32 accumulation (1.3x a gather,
-        a float32 copy and a bmm into kept buffers at 32k tokens, 1.1x at 4k-16k:
+        by its channels in one pass, in bfloat16 with float32 accumulation (1.2-1.3x a
+        gather, a float32 copy and a bmm into kept buffers at 32k tokens, 1.0-1.1x at 4k-16k:
         `benchmarks/bench_attention.py --parts sketch`); a segment's unfilled tail is scored
         too (its rows stay contiguous, no copy) and its blocks are cut off after."""
         H, P, m, d = queries.shape
@@ -82,7 +82,6 @@ class KeySketch:
             logits = F.embedding_bag(
                 rows, segment[layer].view(H * d, -1), mode="sum", per_sample_weights=weights
             )
-            scores.append(
-                logits.view(H * P, m, -1).amax(1).view(H * P, -1, B).amax(-1)
-            )  # over queries, tokens
+            best = logits.view(H * P, m, -1).amax(1)  # over the group's queries
+            scores.append(best.view(H * P, -1, B).amax(-1))  # over each block's tokens
         return torch.cat(scores, -1)[:, : self.tokens // B].float().view(H, P, -1)

@@ -8,8 +8,8 @@ import contextlib
 import os
 import tempfile
 import threading
-from collections.abc import Iterator
-from typing import Protocol
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 from infinikv.errors import InfinikvError
 from infinikv.memory.extents import Extents
@@ -176,31 +176,26 @@ class RedisBlockStore:
         with self._reachable():
             return self._delete_prefix(prefix)
 
-    def _put_many(self, items: dict[str, bytes]) -> None:
-        names = list(items)
+    def _pipelined(self, names: list[str], queue: Callable[[Any, str], object]) -> list[Any]:
+        """`queue(pipeline, name)` for every name, REDIS_BATCH commands per round trip; the replies."""
+        out: list[Any] = []
         for i in range(0, len(names), REDIS_BATCH):
             pipe = self._client.pipeline(transaction=False)
             for name in names[i : i + REDIS_BATCH]:
-                pipe.set(name, items[name])
-            pipe.execute()
-
-    def _get_many(self, keys: list[str]) -> list[bytes | None]:
-        out: list[bytes | None] = []
-        for i in range(0, len(keys), REDIS_BATCH):
-            pipe = self._client.pipeline(transaction=False)
-            for name in keys[i : i + REDIS_BATCH]:
-                pipe.get(name)
+                queue(pipe, name)
             out.extend(pipe.execute())
         return out
 
+    def _put_many(self, items: dict[str, bytes]) -> None:
+        self._pipelined(list(items), lambda pipe, name: pipe.set(name, items[name]))
+
+    def _get_many(self, keys: list[str]) -> list[bytes | None]:
+        return self._pipelined(keys, lambda pipe, name: pipe.get(name))
+
     def _get_slices(self, keys: list[str], start: int, length: int) -> list[bytes | None]:
-        out: list[bytes | None] = []
-        for i in range(0, len(keys), REDIS_BATCH):
-            pipe = self._client.pipeline(transaction=False)
-            for name in keys[i : i + REDIS_BATCH]:
-                pipe.getrange(name, start, start + length - 1)  # b"" for a missing key
-            out.extend(s if len(s) == length else None for s in pipe.execute())
-        return out
+        end = start + length - 1  # inclusive; a missing key's reply is b""
+        slices = self._pipelined(keys, lambda pipe, name: pipe.getrange(name, start, end))
+        return [s if len(s) == length else None for s in slices]
 
     def _keys(self, prefix: str) -> list[str]:
         found = self._client.scan_iter(match=_glob_escape(prefix) + "*", count=REDIS_BATCH)
@@ -208,11 +203,7 @@ class RedisBlockStore:
 
     def _delete_prefix(self, prefix: str) -> int:
         names = self._keys(prefix)
-        for i in range(0, len(names), REDIS_BATCH):
-            pipe = self._client.pipeline(transaction=False)
-            for name in names[i : i + REDIS_BATCH]:
-                pipe.unlink(name)
-            pipe.execute()
+        self._pipelined(names, lambda pipe, name: pipe.unlink(name))
         return len(names)
 
     def close(self) -> None:
