@@ -12,7 +12,7 @@ Every (mode, length) runs in its own process (peak RSS is its own). Rows replace
 the same (mode, length, variant) in benchmarks/results/long_context.json, so a run can measure
 some cells with fewer depths (`--depths`); the charts docs/long_context_{accuracy,speed}.png
 are drawn from the default variant's rows. A variant changes the memory modes' index,
-granularity or block store:
+granularity, sketch interval or block store:
 
     python benchmarks/bench_long_context.py --modes se+memory --lengths 32768 --redis-url redis://127.0.0.1:6379
 """
@@ -36,10 +36,12 @@ NEW_TOKENS = 16
 TRAINED = 8192  # SmolLM2-135M's trained length
 
 
-def long_context_config(mode: str, length: int, index: str = "flat", granularity: str = "block"):
+def long_context_config(
+    mode: str, length: int, index: str = "flat", granularity: str = "block", sketch_every: int = 1
+):
     from infinikv.engine.long_context import LongContextConfig
 
-    memory = {"index": index, "granularity": granularity}
+    memory = {"index": index, "granularity": granularity, "sketch_every": sketch_every}
     if mode == "sliding":
         return LongContextConfig.derive(
             TRAINED, 16, resident=RESIDENT, window=RESIDENT // 2, group=1, memory=False
@@ -62,6 +64,7 @@ def variant(args: argparse.Namespace) -> str:
     """The options that differ from the defaults, e.g. "index=ivf store=redis"; "" for none."""
     parts = [f"index={args.index}"] * (args.index != "flat")
     parts += [f"granularity={args.granularity}"] * (args.granularity != "block")
+    parts += [f"sketch_every={args.sketch_every}"] * (args.sketch_every != 1)
     parts += ["store=redis"] * bool(args.redis_url)
     return " ".join(parts)
 
@@ -103,7 +106,7 @@ def run_cell(mode: str, length: int, args: argparse.Namespace) -> dict:
         from infinikv.model.loader import load_model
 
         loaded = load_model(None, settings.cache_dir)
-        config = long_context_config(mode, length, args.index, args.granularity)
+        config = long_context_config(mode, length, args.index, args.granularity, args.sketch_every)
         store = open_store(args.redis_url, cluster=False)  # in-process (the default) without a URL
         gen = Generator(loaded, max_seq_len=64, long_context=config, store=store)
         for case in cases:
@@ -195,6 +198,7 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", choices=MODES, default=MODES)
     ap.add_argument("--index", choices=INDEX_KINDS, default="flat", help="memory modes' FAISS index")
     ap.add_argument("--granularity", choices=["block", "token"], default="block")
+    ap.add_argument("--sketch-every", type=int, default=1, help="memory modes' full sketch rankings interval")
     ap.add_argument("--redis-url", help="memory modes' block store (default: in-process)")
     ap.add_argument("--cell", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -82,6 +82,11 @@ def _build_parser() -> ArgumentParser:
         type=_positive_int,
         help="query channels that rank memory blocks for decoding (block granularity)",
     )
+    lc.add_argument(
+        "--sketch-every",
+        type=_positive_int,
+        help="block rankings per full read of the key sketch; between, favourites only (default 1)",
+    )
     lc.add_argument("--memory-distance", type=_positive_int, help="relative position memory is read at")
     lc.add_argument("--index", choices=INDEX_KINDS, help="FAISS index for the memory")
     lc.add_argument(

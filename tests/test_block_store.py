@@ -319,3 +319,21 @@ def test_a_memory_bounded_in_ram_retrieves_what_an_unbounded_one_does(store) -> 
         got_want = (retrieve_blocks(m, 0, q, 1, ranking) for m in (back, everything))
         for got, want in zip(*got_want, strict=True):
             assert torch.equal(got, want)
+
+
+def test_favourites_are_read_back_through_a_bounded_ram_tier(store) -> None:
+    """Rankings between full ones read their favourites' keys through the RAM tier: 4 of 40
+    blocks per kv-head, the tier holding 12, so favourites leave RAM and come back."""
+    g = torch.Generator().manual_seed(4)
+    k, v = torch.randn(2, 40, 4, 3, 16, generator=g), torch.randn(2, 40, 4, 3, 16, generator=g)
+    kw = dict(granularity="block", sketch_every=3)
+    bounded = EvictedMemory(2, 3, 16, 4, store=store, prefix="sess:fav:", ram_blocks=12, **kw)
+    everything = EvictedMemory(2, 3, 16, 4, **kw)
+    for mem in (bounded, everything):
+        mem.add_blocks(list(range(40)), k, v)
+    for step in range(12):
+        q = torch.randn(3, 1, 2, 16, generator=g)
+        got_want = (retrieve_blocks(m, step % 2, q, 1, "sketch") for m in (bounded, everything))
+        for got, want in zip(*got_want, strict=True):
+            assert torch.equal(got, want)
+    assert bounded.cache.fetched > 0 and max(bounded.cache.held(layer) for layer in range(2)) <= 12

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -70,3 +72,23 @@ def test_chat_answer_and_eos(default_model) -> None:
     result = gen.generate(prompt, SamplingParams(max_tokens=40))
     assert "Paris" in result.text
     assert result.finish_reason == "stop"  # ended on <|im_end|>, not the token budget
+
+
+def test_decode_time_ends_at_the_last_token_not_after_the_release(default_model, monkeypatch) -> None:
+    """A sequence's release (freeing its memory and store keys, ~0.3 s after a 32k prompt)
+    comes after the answer; it is not decoding time."""
+    released = []
+    release = Sequence.release
+
+    def slow_release(self):
+        released.append(time.perf_counter())
+        time.sleep(0.2)
+        release(self)
+
+    monkeypatch.setattr(Sequence, "release", slow_release)
+    gen = Generator(default_model, max_seq_len=1024)
+    start = time.perf_counter()
+    prompt = default_model.tokenizer("Once upon a time")["input_ids"]
+    result = gen.generate(prompt, SamplingParams(max_tokens=4))
+    assert len(released) == 1
+    assert start + result.prefill_seconds + result.decode_seconds <= released[0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from infinikv.memory.evicted import EvictedMemory
+from infinikv.memory.evicted import FAVOURITES_PER_BLOCK, EvictedMemory, favourite_blocks
 from infinikv.memory.sketch import FIRST_SEGMENT_BLOCKS, KeySketch
 
 from .conftest import retrieve_blocks
@@ -56,3 +56,81 @@ def test_sketch_ranking_finds_the_block_a_summary_bound_overrates_another_for() 
     by_bound, _ = retrieve_blocks(mem, 0, q, max_blocks=1, ranking="bound")
     by_sketch, _ = retrieve_blocks(mem, 0, q, max_blocks=1, ranking="sketch")
     assert torch.equal(by_bound[0, 0], k[0, 0, :, 0]) and torch.equal(by_sketch[0, 0], k[0, 1, :, 0])
+
+
+def block_memory(k: torch.Tensor, every: int, channels: int = 2) -> EvictedMemory:
+    """A block-granular memory of keys k (L, n, B, 1, d) whose values name their block
+    (every value channel of block b is b), so what a selection reads says which blocks."""
+    L, n, B, _, d = k.shape
+    mem = EvictedMemory(L, 1, d, B, granularity="block", sketch_channels=channels, sketch_every=every)
+    mem.add_blocks(list(range(n)), k, block_values(L, 0, n, B, d))
+    return mem
+
+
+def block_values(L: int, first: int, n: int, B: int, d: int) -> torch.Tensor:
+    return torch.arange(first, first + n).float().view(1, n, 1, 1, 1).expand(L, n, B, 1, d).clone()
+
+
+def selected(mem: EvictedMemory, layer: int, q: torch.Tensor, nb: int) -> list[set[int]]:
+    """Blocks each position of q (1, P, m, d) selects."""
+    _, v = retrieve_blocks(mem, layer, q, nb, "sketch")  # (1, P, nb * B, d)
+    return [set(v[0, p, :, 0].int().tolist()) for p in range(q.shape[1])]
+
+
+def query(*channels: float) -> torch.Tensor:
+    """One position's one query head (Hkv=1, P=1, m=1, d)."""
+    return torch.tensor(channels).view(1, 1, 1, -1)
+
+
+def test_favourites_are_each_positions_best_before_any_positions_runners_up() -> None:
+    scores = torch.tensor([[[0.0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0]]])  # (Hkv=1, P=2, blocks)
+    assert set(favourite_blocks(scores, 2)[0].tolist()) == {5, 0}
+    assert set(favourite_blocks(scores, 4)[0].tolist()) == {5, 4, 0, 1}
+
+
+def test_rankings_between_full_ones_pick_by_exact_logits_among_favourites_and_blocks_evicted_since() -> None:
+    g = torch.Generator().manual_seed(1)
+    B, d, nb, n = 2, 8, 2, 40
+    k = torch.randn(1, n, B, 1, d, generator=g)
+    mem = block_memory(k, every=4)
+    q = torch.randn(1, 1, 2, d, generator=g)
+    selected(mem, 0, q, nb)  # the first ranking reads the whole sketch
+    favourites = mem.sketch.block_scores(0, q)[0, 0].topk(FAVOURITES_PER_BLOCK * nb).indices.tolist()
+    fresh = torch.randn(1, 1, B, 1, d, generator=g)
+    mem.add_blocks([n], fresh, block_values(1, n, 1, B, d))  # evicted after that ranking
+    k = torch.cat([k, fresh], 1)
+    candidates = sorted({*favourites, n})
+    for _ in range(2):  # rankings 2 and 3 of 4: favourites and the fresh block only
+        other = torch.randn(1, 1, 2, d, generator=g)
+        logits = torch.einsum("md,nbd->nmb", other[0, 0], k[0, :, :, 0]).amax(dim=(1, 2))
+        exact = {candidates[i] for i in logits[candidates].topk(nb).indices.tolist()}
+        assert selected(mem, 0, other, nb) == [exact]
+        assert exact != set(logits.topk(nb).indices.tolist())  # the whole memory would differ
+
+
+def test_a_layer_ranks_in_full_once_in_sketch_every_rankings_staggered_by_layer() -> None:
+    """Block 29 is the worst for the first query and the best for the next: rankings over
+    the first one's favourites miss it; a layer's next full ranking finds it."""
+    g = torch.Generator().manual_seed(2)
+    k = torch.randn(2, 30, 2, 1, 4, generator=g)
+    k[:, 29] = 0
+    k[:, 29, 0, 0, 0] = 100.0
+    mem = block_memory(k, every=3, channels=4)
+    away, toward = query(-1.0, 1, 1, 1), query(1.0, 0, 0, 0)
+    for layer in (0, 1):
+        assert 29 not in selected(mem, layer, away, 1)[0]  # ranking 1: full (nothing to reuse)
+    found = {layer: [29 in selected(mem, layer, toward, 1)[0] for _ in range(5)] for layer in (0, 1)}
+    # Ranking n of layer l is full when (n + l) % 3 == 0: layer 0's third, layer 1's second.
+    assert found == {0: [False, True, True, True, True], 1: [True] * 5}
+
+
+def test_a_memory_grown_by_max_blocks_since_its_last_full_ranking_is_ranked_in_full() -> None:
+    k = torch.zeros(1, 10, 2, 1, 4)
+    k[0, :, :, 0, 1] = 1.0
+    k[0, 3, 0, 0, 0] = 100.0  # best for `toward` only
+    mem = block_memory(k, every=100, channels=4)
+    away, toward = query(-1.0, 1, 0, 0), query(1.0, 0, 0, 0)
+    assert selected(mem, 0, away, 1) != [{3}]
+    assert selected(mem, 0, toward, 1) != [{3}]  # favourites only
+    mem.add_blocks([10], torch.zeros(1, 1, 2, 1, 4), block_values(1, 10, 1, 2, 4))
+    assert selected(mem, 0, toward, 1) == [{3}]  # grown by max_blocks = 1: full

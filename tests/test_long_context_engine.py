@@ -96,6 +96,7 @@ def test_memory_changes_the_output_once_blocks_are_evicted(model) -> None:
         ({"resident": 600, "window": 16, "group": 1}, "Self-Extend cannot cover"),
         ({"distance": 300}, "inside the trained range"),
         ({"index": "lsh"}, "is not one of"),
+        ({"sketch_every": 0}, "sketch_every=0 must be >= 1"),
     ],
 )
 def test_impossible_settings_name_the_rule(overrides, rule) -> None:

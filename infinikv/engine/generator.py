@@ -192,15 +192,18 @@ class Generator:
         ids: list[int] = []
         reason = "length"
         speculation = None
+        end = t0
         for event in self.stream(prompt, params, progress):
+            # Decoding ends at the last event, before the sequence's release (which frees
+            # its memory and store keys after the answer is complete).
+            end = time.perf_counter()
             if first is None:
-                first = time.perf_counter()
+                first = end
             pieces.append(event.text)
             if event.token_id is not None:
                 ids.append(event.token_id)
             if event.finish_reason:
                 reason, speculation = event.finish_reason, event.speculation
-        end = time.perf_counter()
         first = first or end
         return Generation(
             text="".join(pieces),

@@ -191,7 +191,12 @@ class Sequence:
             assert self.long_config is not None
             config = self.long_config
             state.memory = EvictedMemory.load(
-                store, prefix, config.ram_blocks(model.cfg, B), config.sketch_channels, self.pool.k.device
+                store,
+                prefix,
+                config.ram_blocks(model.cfg, B),
+                config.sketch_channels,
+                self.pool.k.device,
+                config.sketch_every,
             )
             if state.memory.tokens != evicted * B:
                 raise ValueError(f"memory holds {state.memory.tokens} tokens, {evicted * B} were evicted")

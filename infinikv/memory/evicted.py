@@ -34,6 +34,9 @@ GRANULARITIES = ("token", "block")
 RANKINGS = ("bound", "sketch")
 # Blocks read per store call when a memory is loaded (bounds the memory a load needs).
 LOAD_BATCH = 256
+# Ranking by logits: the blocks per kv-head, per block selected, that a layer's full ranking
+# over the key sketch keeps as its favourites for the steps until its next one.
+FAVOURITES_PER_BLOCK = 4
 
 
 class EvictedMemory:
@@ -60,6 +63,7 @@ class EvictedMemory:
         ram_blocks: int | None = None,
         sketch_channels: int = 16,
         device: torch.device | str = "cpu",
+        sketch_every: int = 1,
     ):
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity {granularity!r} is not one of {', '.join(GRANULARITIES)}")
@@ -84,6 +88,18 @@ class EvictedMemory:
             if granularity == "block"
             else None
         )
+        # Ranking by logits (block granularity): a layer ranks every block over the sketch
+        # once per `sketch_every` of its rankings, staggered across layers; the rankings
+        # between score only that one's favourites, and the blocks evicted since, by exact
+        # logits (see _rank_by_logits).
+        if sketch_every < 1:
+            raise ValueError(f"sketch_every={sketch_every} must be >= 1")
+        self.sketch_every = sketch_every
+        self._rankings = [0] * num_layers
+        # Per layer: the favourite blocks (Hkv, n), relative numbers, their keys (Hkv, d, n * B)
+        # and the blocks in memory they cover (those evicted after join at the next ranking).
+        self._favourites: list[tuple[torch.Tensor, torch.Tensor, int] | None] = [None] * num_layers
+        self._ranked_blocks = [0] * num_layers  # blocks in memory at the layer's last full ranking
         self.first_block: int | None = None
         self.tokens = 0
         self.snapshot_blocks = 0  # blocks in the index snapshot last saved to the store
@@ -91,11 +107,13 @@ class EvictedMemory:
 
     @property
     def nbytes(self) -> int:
-        """Bytes this memory holds: the cached payloads, the key sketch (host RAM) and the
-        index's vectors (host RAM, or the GPU's with a faiss GPU build)."""
+        """Bytes this memory holds: the cached payloads, the key sketch and the favourites'
+        keys (the device's memory) and the index's vectors (host RAM, or the GPU's with a
+        faiss GPU build)."""
         index = self.index
         vectors = index.ntotal * index.num_layers * index.num_kv_heads * index.head_dim * 4
-        return self.cache.nbytes + (0 if self.sketch is None else self.sketch.nbytes) + vectors
+        favourites = sum(f[1].numel() * f[1].element_size() for f in self._favourites if f is not None)
+        return self.cache.nbytes + (0 if self.sketch is None else self.sketch.nbytes) + favourites + vectors
 
     def add_blocks(self, blocks: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
         """blocks: consecutive block numbers; k, v: (L, nb, B, Hkv, d) of those blocks."""
@@ -150,6 +168,7 @@ class EvictedMemory:
         ram_blocks: int | None = None,
         sketch_channels: int = 16,
         device: torch.device | str = "cpu",
+        sketch_every: int = 1,
     ) -> EvictedMemory:
         """Rebuild a saved memory from the store: the index snapshot plus the blocks evicted
         after it. Every block is read once (in batches) to check it; the most recent stay in
@@ -176,6 +195,7 @@ class EvictedMemory:
                 ram_blocks,
                 sketch_channels,
                 device,
+                sketch_every,
             )
             total, indexed = int(meta["blocks"]), int(meta["snapshot_blocks"])
             if not 0 <= indexed <= total:
@@ -240,8 +260,9 @@ class EvictedMemory:
         queries: (Hkv, P, m, d) float32, rotated by the memory distance; group p's m queries
         share, on any device (the index searches on the host, the sketch on its own).
         ranking "bound": by summary bound through the index (cheap for large groups, such as
-        a prefill chunk's positions); "sketch": by approximate logits over the key sketch
-        (closer to the truth; for the few positions whose logits are read).
+        a prefill chunk's positions); "sketch": by logits, approximate over the key sketch
+        or exact over favourites (closer to the truth; for the few positions whose logits
+        are read).
         Returns slab rows (Hkv, P, nb * B) of `slab(layer)` (`gather` reads them), nb =
         min(max_blocks, blocks in memory), oldest block first."""
         if ranking not in RANKINGS:
@@ -249,12 +270,57 @@ class EvictedMemory:
         H, P = queries.shape[:2]
         nb = min(max_blocks, self.tokens // self.page_size)
         if ranking == "sketch" and self.sketch is not None:
-            best = self.sketch.block_scores(layer, queries).view(H * P, -1).topk(nb, dim=1).indices
+            best = self._rank_by_logits(layer, queries, nb, max_blocks)
         else:
             best = self._order_by_bound(layer, queries, max_blocks)[:, :nb]
         chosen = best.sort(dim=1).values.cpu()  # (H * P, nb)
-        B = self.page_size
-        return self._slab_rows(layer, (chosen[..., None] * B + torch.arange(B)).view(H, P, -1))
+        return self._block_rows(layer, chosen.view(H, P, -1))
+
+    def _rank_by_logits(self, layer: int, queries: torch.Tensor, nb: int, max_blocks: int) -> torch.Tensor:
+        """The nb best blocks (relative numbers, (Hkv * P, nb)) for each group of queries
+        (Hkv, P, m, d) by their best logit over the block's tokens and the group's queries.
+
+        A full ranking scores every block over the sketch (linear in the memory) and keeps
+        each kv-head's FAVOURITES_PER_BLOCK * nb favourites (the blocks its positions rank
+        best) with their keys. The layer's next sketch_every - 1 rankings score only those
+        and the blocks evicted since, by exact logits: consecutive steps' queries favour
+        mostly the same blocks. A memory grown by max_blocks blocks since is ranked in full."""
+        H, P, m, d = queries.shape
+        nblocks = self.tokens // self.page_size
+        self._rankings[layer] += 1
+        favourites = self._favourites[layer]
+        if (
+            favourites is None
+            or (self._rankings[layer] + layer) % self.sketch_every == 0
+            or nblocks - self._ranked_blocks[layer] >= max_blocks
+        ):
+            assert self.sketch is not None
+            scores = self.sketch.block_scores(layer, queries)  # (Hkv, P, blocks)
+            # As many favourites as the RAM tier holds at once (their keys are read together).
+            keep = min(nblocks, FAVOURITES_PER_BLOCK * nb, (self.cache.capacity or nblocks) // H)
+            if self.sketch_every > 1 and keep >= nb:
+                blocks = favourite_blocks(scores, keep).cpu()
+                self._favourites[layer] = (blocks, self._block_keys(layer, blocks), nblocks)
+                self._ranked_blocks[layer] = nblocks
+            return scores.view(H * P, -1).topk(nb, dim=1).indices
+        blocks, keys, covered = favourites
+        if nblocks > covered:  # blocks evicted since join the favourites
+            recent = torch.arange(covered, nblocks).expand(H, -1)
+            blocks = torch.cat([blocks, recent], 1)
+            keys = torch.cat([keys, self._block_keys(layer, recent)], 2)
+            self._favourites[layer] = (blocks, keys, nblocks)
+        scores = best_logits(queries, keys, self.page_size)  # (Hkv, P, n)
+        picked = scores.topk(nb, dim=-1).indices.cpu().view(H, P * nb)
+        return blocks.gather(1, picked).view(H * P, nb)
+
+    def _block_keys(self, layer: int, blocks: torch.Tensor) -> torch.Tensor:
+        """Keys (before RoPE) of blocks (Hkv, n), relative numbers, each head its own ->
+        (Hkv, d, n * B) float32, channel-major (as `best_logits` reads them), from the RAM
+        tier (reading the blocks not there)."""
+        H, n = blocks.shape
+        rows = self._block_rows(layer, blocks)  # (Hkv, n * B)
+        keys = self.slab(layer)[0].index_select(0, rows.flatten()).view(H, rows.shape[1], -1)
+        return keys.transpose(1, 2).float().contiguous()
 
     def _order_by_bound(self, layer: int, queries: torch.Tensor, max_blocks: int) -> torch.Tensor:
         """Blocks (relative numbers) in the order group (Hkv, P) prefers them, (Hkv * P, blocks).
@@ -278,12 +344,26 @@ class EvictedMemory:
     def _slab_rows(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
         """Memory rows (Hkv, ...) -> rows of the `slab(layer)` views, reading the blocks not
         in RAM first. Memory row r of head h is offset r % B of the (r // B)-th evicted block."""
-        B, H = self.page_size, self.shape[2]
-        needed, which = torch.unique(rows.div(B, rounding_mode="floor"), return_inverse=True)
-        slots = self.cache.slots(layer, [(self.first_block or 0) + b for b in needed.tolist()])
-        cached = slots[which] * B + rows % B  # rows of the cache slab
-        # Row r of head h is row r * H + h of the (rows * H, d) slab view.
-        flat = cached * H + torch.arange(H).view(H, *[1] * (rows.dim() - 1))
+        B = self.page_size
+        slots = self._slots(layer, rows.div(B, rounding_mode="floor"))
+        return self._head_rows(slots * B + rows % B)
+
+    def _block_rows(self, layer: int, blocks: torch.Tensor) -> torch.Tensor:
+        """Evicted blocks (Hkv, ..., n), relative numbers -> rows (Hkv, ..., n * B) of the
+        `slab(layer)` views holding their tokens, reading the blocks not in RAM first."""
+        B = self.page_size
+        return self._head_rows((self._slots(layer, blocks)[..., None] * B + torch.arange(B)).flatten(-2))
+
+    def _slots(self, layer: int, blocks: torch.Tensor) -> torch.Tensor:
+        """The RAM tier's slots (same shape) holding `layer` of relative blocks."""
+        needed, which = torch.unique(blocks, return_inverse=True)
+        return self.cache.slots(layer, [(self.first_block or 0) + b for b in needed.tolist()])[which]
+
+    def _head_rows(self, cached: torch.Tensor) -> torch.Tensor:
+        """Rows (Hkv, ...) of the cache slab (slot * B + offset), each head its own -> rows
+        of the (rows * Hkv, d) slab views: row r of head h is r * Hkv + h."""
+        H = self.shape[2]
+        flat = cached * H + torch.arange(H).view(H, *[1] * (cached.dim() - 1))
         return flat.to(self.cache.slab.device)
 
     def slab(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -310,6 +390,25 @@ class EvictedMemory:
     def delete(self) -> int:
         """Remove everything this memory wrote to the store; returns the number of keys."""
         return 0 if self.store is None else self.store.delete_prefix(self.prefix)
+
+
+def best_logits(queries: torch.Tensor, keys: torch.Tensor, page_size: int) -> torch.Tensor:
+    """queries (Hkv, P, m, d), keys (Hkv, d, n * B) of n blocks -> (Hkv, P, n): each block's
+    best logit over its tokens and each group's m queries."""
+    H, P, m, d = queries.shape
+    logits = torch.bmm(queries.reshape(H, P * m, d), keys)  # (Hkv, P * m, n * B)
+    best = logits.view(H * P, m, -1).amax(1)  # over the group's queries
+    return best.view(H, P, -1, page_size).amax(-1)  # over each block's tokens
+
+
+def favourite_blocks(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """scores (Hkv, P, blocks) -> (Hkv, n): each head's n blocks with the best rank over
+    its P positions' orders (each position's favourites before any position's runners-up)."""
+    H, P, _ = scores.shape
+    top = scores.topk(n, dim=-1).indices.view(H, P * n)
+    rank = torch.arange(n, device=scores.device).repeat(P).expand(H, -1)
+    best = torch.full(scores.shape[::2], n, device=scores.device).scatter_reduce_(1, top, rank, "amin")
+    return best.topk(n, dim=1, largest=False).indices
 
 
 def read_blocks(

@@ -46,6 +46,7 @@ class Settings(BaseSettings):
     memory_top_k: int | None = Field(None, ge=1)
     memory_blocks: int | None = Field(None, ge=1)
     sketch_channels: int | None = Field(None, ge=1, description="query channels ranking blocks")
+    sketch_every: int | None = Field(None, ge=1, description="rankings per full read of the key sketch")
     ram_budget_mb: int | None = Field(None, ge=1, description="host RAM for evicted blocks")
     memory_distance: int | None = Field(None, ge=1)
     index: Literal["flat", "ivf", "hnsw"] = "flat"
@@ -103,6 +104,7 @@ class Settings(BaseSettings):
             top_k=self.memory_top_k,
             max_blocks=self.memory_blocks,
             sketch_channels=self.sketch_channels,
+            sketch_every=self.sketch_every,
             ram_budget_mb=self.ram_budget_mb,
             distance=self.memory_distance,
             index=self.index,
