@@ -56,12 +56,19 @@ def test_restored_sequence_continues_bit_identically(model, snapshots, granulari
     assert torch.equal(got, want)
 
 
-def test_missing_or_corrupt_snapshot_is_refused_and_frees_its_pages(model) -> None:
+def saved_sequence(model, prefix: str, prompt: list[int]):
+    """A store holding a sequence fed `prompt` (8-token chunks), saved with its index
+    snapshot; the pool it was fed in; the sequence."""
     store = InProcessBlockStore()
     pool = nan_pool(model, max_tokens=200, page_size=PAGE)
-    seq = Sequence(pool, CFG, model.cfg, store, "s:2:")
-    feed(model, pool, seq, ids(60, 3), 8)
-    seq.save(store, "s:2:", index_snapshot=True)
+    seq = Sequence(pool, CFG, model.cfg, store, prefix)
+    feed(model, pool, seq, prompt, 8)
+    seq.save(store, prefix, index_snapshot=True)
+    return store, pool, seq
+
+
+def test_missing_or_corrupt_snapshot_is_refused_and_frees_its_pages(model) -> None:
+    store, pool, seq = saved_sequence(model, "s:2:", ids(60, 3))
     free = pool.num_free
     with pytest.raises(CorruptSnapshotError, match="no sequence snapshot"):
         Sequence.restore(model, pool, CFG, store, "s:nothing:")
@@ -75,11 +82,7 @@ def test_a_snapshot_an_older_build_laid_out_differently_is_refused(model) -> Non
     """Its block payloads have the same length in another order: refused, not read scrambled."""
     import json
 
-    store = InProcessBlockStore()
-    pool = nan_pool(model, max_tokens=200, page_size=PAGE)
-    seq = Sequence(pool, CFG, model.cfg, store, "s:3:")
-    feed(model, pool, seq, ids(20, 4), 8)
-    seq.save(store, "s:3:", index_snapshot=True)
+    store, pool, _ = saved_sequence(model, "s:3:", ids(20, 4))
     (raw,) = store.get_many(["s:3:sequence"])
     meta = json.loads(raw)
     del meta["layout"]

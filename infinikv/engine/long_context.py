@@ -50,7 +50,7 @@ class LongContextConfig:
     # memory (32k tokens: 12.2 tok/s at 8 vs ~10 at 1, README). 1 (the default): every
     # ranking reads the whole sketch, so a position's blocks depend only on its queries and
     # the memory, and speculative decoding stays identical to plain decoding (with more,
-    # a verification forward's favourites differ from plain steps').
+    # a verification forward's favourites differ from plain steps': refused with a drafter).
     sketch_every: int = 1
     # Block granularity: host RAM for evicted blocks' keys and values (the block store holds
     # them all; the least recently used leave RAM first). Must hold what one retrieval reads
