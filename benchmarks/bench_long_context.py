@@ -28,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+from infinikv.engine.long_context import LongContextConfig
 from infinikv.memory.index import INDEX_KINDS
 
 MODES = ["transformers", "sliding", "selfextend", "memory", "se+memory"]
@@ -36,11 +37,7 @@ NEW_TOKENS = 16
 TRAINED = 8192  # SmolLM2-135M's trained length
 
 
-def long_context_config(
-    mode: str, length: int, index: str = "flat", granularity: str = "block", sketch_every: int = 1
-):
-    from infinikv.engine.long_context import LongContextConfig
-
+def long_context_config(mode: str, length: int, index: str, granularity: str, sketch_every: int):
     memory = {"index": index, "granularity": granularity, "sketch_every": sketch_every}
     if mode == "sliding":
         return LongContextConfig.derive(
@@ -64,7 +61,7 @@ def variant(args: argparse.Namespace) -> str:
     """The options that differ from the defaults, e.g. "index=ivf store=redis"; "" for none."""
     parts = [f"index={args.index}"] * (args.index != "flat")
     parts += [f"granularity={args.granularity}"] * (args.granularity != "block")
-    parts += [f"sketch_every={args.sketch_every}"] * (args.sketch_every != 1)
+    parts += [f"sketch_every={args.sketch_every}"] * (args.sketch_every != LongContextConfig.sketch_every)
     parts += ["store=redis"] * bool(args.redis_url)
     return " ".join(parts)
 
@@ -198,7 +195,12 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", choices=MODES, default=MODES)
     ap.add_argument("--index", choices=INDEX_KINDS, default="flat", help="memory modes' FAISS index")
     ap.add_argument("--granularity", choices=["block", "token"], default="block")
-    ap.add_argument("--sketch-every", type=int, default=1, help="memory modes' full sketch rankings interval")
+    ap.add_argument(
+        "--sketch-every",
+        type=int,
+        default=LongContextConfig.sketch_every,
+        help="memory modes' positions per full read of the key sketch",
+    )
     ap.add_argument("--redis-url", help="memory modes' block store (default: in-process)")
     ap.add_argument("--cell", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -80,6 +80,14 @@ def retrieve(mem: EvictedMemory, layer: int, q: torch.Tensor, top_k: int):
     return (*mem.gather(layer, rows), valid)
 
 
-def retrieve_blocks(mem: EvictedMemory, layer: int, q: torch.Tensor, max_blocks: int, ranking: str = "bound"):
-    """Block granularity: keys, values (Hkv, P, nb * B, d) of the blocks a memory selects."""
-    return mem.gather(layer, mem.select_blocks(layer, q, max_blocks, ranking))
+def retrieve_blocks(
+    mem: EvictedMemory,
+    layer: int,
+    q: torch.Tensor,
+    max_blocks: int,
+    ranking: str = "bound",
+    position: int = 0,
+):
+    """Block granularity: keys, values (Hkv, P, nb * B, d) of the blocks a memory selects
+    for groups q (Hkv, P, m, d), group p at position `position` + p."""
+    return mem.gather(layer, mem.select_blocks(layer, q, max_blocks, ranking, position))

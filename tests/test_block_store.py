@@ -333,7 +333,7 @@ def test_favourites_are_read_back_through_a_bounded_ram_tier(store) -> None:
         mem.add_blocks(list(range(40)), k, v)
     for step in range(12):
         q = torch.randn(3, 1, 2, 16, generator=g)
-        got_want = (retrieve_blocks(m, step % 2, q, 1, "sketch") for m in (bounded, everything))
+        got_want = (retrieve_blocks(m, step % 2, q, 1, "sketch", step // 2) for m in (bounded, everything))
         for got, want in zip(*got_want, strict=True):
             assert torch.equal(got, want)
     assert bounded.cache.fetched > 0 and max(bounded.cache.held(layer) for layer in range(2)) <= 12

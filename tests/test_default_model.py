@@ -92,13 +92,3 @@ def test_decode_time_ends_at_the_last_token_not_after_the_release(default_model,
     result = gen.generate(prompt, SamplingParams(max_tokens=4))
     assert len(released) == 1
     assert start + result.prefill_seconds + result.decode_seconds <= released[0]
-
-
-def test_favourite_rankings_with_speculative_decoding_are_refused_at_start(default_model) -> None:
-    from infinikv.engine.long_context import LongContextConfig
-    from infinikv.speculative.lookup import LookupDrafter
-
-    long = LongContextConfig.derive(8192, 16, sketch_every=8)
-    Generator(default_model, max_seq_len=64, long_context=long)  # without a drafter: fine
-    with pytest.raises(ValueError, match="sketch_every=8 with speculative decoding"):
-        Generator(default_model, max_seq_len=64, long_context=long, drafter_factory=LookupDrafter)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from infinikv.memory.evicted import FAVOURITES_PER_BLOCK, EvictedMemory, favourite_blocks
+from infinikv.memory.evicted import FAVOURITES_PER_BLOCK, EvictedMemory
 from infinikv.memory.sketch import FIRST_SEGMENT_BLOCKS, KeySketch
 
 from .conftest import retrieve_blocks
@@ -71,9 +71,9 @@ def block_values(L: int, first: int, n: int, B: int, d: int) -> torch.Tensor:
     return torch.arange(first, first + n).float().view(1, n, 1, 1, 1).expand(L, n, B, 1, d).clone()
 
 
-def selected(mem: EvictedMemory, layer: int, q: torch.Tensor, nb: int) -> list[set[int]]:
-    """Blocks each position of q (1, P, m, d) selects."""
-    _, v = retrieve_blocks(mem, layer, q, nb, "sketch")  # (1, P, nb * B, d)
+def selected(mem: EvictedMemory, layer: int, q: torch.Tensor, nb: int, position: int = 0) -> list[set[int]]:
+    """Blocks each position of q (1, P, m, d), the first at `position`, selects."""
+    _, v = retrieve_blocks(mem, layer, q, nb, "sketch", position)  # (1, P, nb * B, d)
     return [set(v[0, p, :, 0].int().tolist()) for p in range(q.shape[1])]
 
 
@@ -82,34 +82,34 @@ def query(*channels: float) -> torch.Tensor:
     return torch.tensor(channels).view(1, 1, 1, -1)
 
 
-def test_favourites_are_each_positions_best_before_any_positions_runners_up() -> None:
-    scores = torch.tensor([[[0.0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0]]])  # (Hkv=1, P=2, blocks)
-    assert set(favourite_blocks(scores, 2)[0].tolist()) == {5, 0}
-    assert set(favourite_blocks(scores, 4)[0].tolist()) == {5, 4, 0, 1}
+def exact_best(q: torch.Tensor, k: torch.Tensor, candidates: list[int], nb: int) -> set[int]:
+    """The nb of candidate blocks with the best logit for one group q (m, d), k (n, B, d):
+    logits rounded to bfloat16, ties to the earlier candidate."""
+    logits = torch.einsum("md,nbd->nmb", q, k).amax(dim=(1, 2))[candidates].bfloat16().float()
+    return {candidates[i] for i in logits.argsort(descending=True, stable=True)[:nb].tolist()}
 
 
-def test_rankings_between_full_ones_pick_by_exact_logits_among_favourites_and_blocks_evicted_since() -> None:
+def test_positions_pick_by_exact_logits_among_their_last_full_rankings_favourites_and_later_blocks() -> None:
     g = torch.Generator().manual_seed(1)
     B, d, nb, n = 2, 8, 2, 40
     k = torch.randn(1, n, B, 1, d, generator=g)
     mem = block_memory(k, every=4)
     q = torch.randn(1, 1, 2, d, generator=g)
-    selected(mem, 0, q, nb)  # the first ranking reads the whole sketch
     favourites = mem.sketch.block_scores(0, q)[0, 0].topk(FAVOURITES_PER_BLOCK * nb).indices.tolist()
+    assert selected(mem, 0, q, nb) == [exact_best(q[0, 0], k[0, :, :, 0], favourites, nb)]  # full at 0
     fresh = torch.randn(1, 1, B, 1, d, generator=g)
     mem.add_blocks([n], fresh, block_values(1, n, 1, B, d))  # evicted after that ranking
     k = torch.cat([k, fresh], 1)
-    candidates = sorted({*favourites, n})
-    for _ in range(2):  # rankings 2 and 3 of 4: favourites and the fresh block only
+    candidates = [*favourites, n]
+    for position in (1, 2):  # favourites and the fresh block only
         other = torch.randn(1, 1, 2, d, generator=g)
-        logits = torch.einsum("md,nbd->nmb", other[0, 0], k[0, :, :, 0]).amax(dim=(1, 2))
-        exact = {candidates[i] for i in logits[candidates].topk(nb).indices.tolist()}
-        assert selected(mem, 0, other, nb) == [exact]
-        assert exact != set(logits.topk(nb).indices.tolist())  # the whole memory would differ
+        exact = exact_best(other[0, 0], k[0, :, :, 0], candidates, nb)
+        assert selected(mem, 0, other, nb, position) == [exact]
+        assert exact != exact_best(other[0, 0], k[0, :, :, 0], list(range(n + 1)), nb)  # all would differ
 
 
-def test_a_layer_ranks_in_full_once_in_sketch_every_rankings_staggered_by_layer() -> None:
-    """Block 29 is the worst for the first query and the best for the next: rankings over
+def test_a_layer_ranks_in_full_at_one_position_in_sketch_every_staggered_by_layer() -> None:
+    """Block 29 is the worst for the first query and the best for the next: positions over
     the first one's favourites miss it; a layer's next full ranking finds it."""
     g = torch.Generator().manual_seed(2)
     k = torch.randn(2, 30, 2, 1, 4, generator=g)
@@ -118,10 +118,10 @@ def test_a_layer_ranks_in_full_once_in_sketch_every_rankings_staggered_by_layer(
     mem = block_memory(k, every=3, channels=4)
     away, toward = query(-1.0, 1, 1, 1), query(1.0, 0, 0, 0)
     for layer in (0, 1):
-        assert 29 not in selected(mem, layer, away, 1)[0]  # ranking 1: full (nothing to reuse)
-    found = {layer: [29 in selected(mem, layer, toward, 1)[0] for _ in range(5)] for layer in (0, 1)}
-    # Ranking n of layer l is full when (n + l) % 3 == 0: layer 0's third, layer 1's second.
-    assert found == {0: [False, True, True, True, True], 1: [True] * 5}
+        assert 29 not in selected(mem, layer, away, 1)[0]  # position 0: full (nothing to reuse)
+    found = {layer: [29 in selected(mem, layer, toward, 1, p)[0] for p in range(1, 6)] for layer in (0, 1)}
+    # Position p is full for layer l when (p + l) % 3 == 0: layer 0 at 3, layer 1 at 2.
+    assert found == {0: [False, False, True, True, True], 1: [False, True, True, True, True]}
 
 
 def test_a_memory_grown_by_max_blocks_since_its_last_full_ranking_is_ranked_in_full() -> None:
@@ -130,7 +130,47 @@ def test_a_memory_grown_by_max_blocks_since_its_last_full_ranking_is_ranked_in_f
     k[0, 3, 0, 0, 0] = 100.0  # best for `toward` only
     mem = block_memory(k, every=100, channels=4)
     away, toward = query(-1.0, 1, 0, 0), query(1.0, 0, 0, 0)
-    assert selected(mem, 0, away, 1) != [{3}]
-    assert selected(mem, 0, toward, 1) != [{3}]  # favourites only
+    assert selected(mem, 0, away, 1, 1) != [{3}]
+    assert selected(mem, 0, toward, 1, 2) != [{3}]  # favourites only
     mem.add_blocks([10], torch.zeros(1, 1, 2, 1, 4), block_values(1, 10, 1, 2, 4))
-    assert selected(mem, 0, toward, 1) == [{3}]  # grown by max_blocks = 1: full
+    assert selected(mem, 0, toward, 1, 3) == [{3}]  # grown by max_blocks = 1: full
+
+
+def test_selections_depend_on_positions_not_on_forwards_nor_on_rejected_drafts() -> None:
+    """A speculative decode's forwards (several positions each, drafts rejected and their
+    positions fed again, evictions between forwards) select for each position what plain
+    decoding (one position per forward) selects: favourites are a function of position."""
+    g = torch.Generator().manual_seed(5)
+    L, n, B, H, m, d, nb = 2, 60, 2, 2, 2, 8, 2
+    k = torch.randn(L, n + 2, B, H, d, generator=g)
+    v = torch.arange(n + 2).float().view(1, -1, 1, 1, 1).expand(L, -1, B, H, d).contiguous()
+    queries = torch.randn(30, H, m, d, generator=g)  # the accepted position's queries
+    evict_before = {9: n, 17: n + 1}  # a block evicted before positions 9 and 17
+
+    def picks(mem: EvictedMemory, layer: int, first: int, q: torch.Tensor) -> list[list[set[int]]]:
+        _, values = retrieve_blocks(mem, layer, q.transpose(0, 1), nb, "sketch", first)  # (H, P, nb * B, d)
+        return [[set(values[h, p, :, 0].int().tolist()) for h in range(H)] for p in range(q.shape[0])]
+
+    plain, speculative = (EvictedMemory(L, H, d, B, granularity="block", sketch_every=4) for _ in range(2))
+    for mem in (plain, speculative):
+        mem.add_blocks(list(range(n)), k[:, :n], v[:, :n])
+    want = {}
+    for position in range(30):
+        if position in evict_before:
+            b = evict_before[position]
+            plain.add_blocks([b], k[:, b : b + 1], v[:, b : b + 1])
+        for layer in range(L):
+            want[layer, position] = picks(plain, layer, position, queries[position : position + 1])[0]
+    # (first position, positions fed, of which accepted): a rejected draft's position is fed
+    # again, with other queries first; forwards split where plain decoding evicts.
+    forwards = [(0, 5, 3), (3, 6, 6), (9, 7, 2), (11, 6, 4), (15, 2, 2), (17, 9, 5), (22, 8, 8)]
+    got = {}
+    for first, fed, accepted in forwards:
+        if first in evict_before:
+            b = evict_before[first]
+            speculative.add_blocks([b], k[:, b : b + 1], v[:, b : b + 1])
+        q = torch.cat([queries[first : first + accepted], torch.randn(fed - accepted, H, m, d, generator=g)])
+        for layer in range(L):
+            for p, chosen in enumerate(picks(speculative, layer, first, q)[:accepted]):
+                got[layer, first + p] = chosen
+    assert got == want

@@ -69,7 +69,9 @@ def paged_long_context_attention(
         Hkv = k.shape[1]
         g = Hq // Hkv
         queries = memory_queries(q, rope, state.distance, Hkv)  # (Hkv, n*g, d)
-        out, lse = memory_attention(memory, layer, queries, state, g)  # (Hkv, n*g, d), (Hkv, n*g)
+        out, lse = memory_attention(
+            memory, layer, queries, int(q_positions[0]), state, g
+        )  # (Hkv, n*g, d), (Hkv, n*g)
         parts.append(
             (
                 out.view(Hkv, n, g, d).transpose(0, 1).reshape(n, Hq, d),
@@ -88,7 +90,7 @@ def memory_queries(q: torch.Tensor, rope: RotaryEmbedding, distance: int, num_kv
 
 
 def memory_selections(
-    memory: EvictedMemory, layer: int, queries: torch.Tensor, state: LongContextState, g: int
+    memory: EvictedMemory, layer: int, queries: torch.Tensor, position: int, state: LongContextState, g: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """What each group of query rows attends to, in row order: (group (Hkv, P, m, d), slab
     rows (Hkv, P, T) of `memory.slab(layer)`, -1 for an empty slot). A selection may move
@@ -98,7 +100,8 @@ def memory_selections(
     granularity: the query heads of each of the last OWN_BLOCK_POSITIONS positions (those
     whose logits are read: the next token, a draft's verification) choose their blocks
     together, as in a decode step, by approximate logits over the key sketch; earlier
-    positions of a prefill chunk share one set of blocks, by summary bound.
+    positions of a prefill chunk share one set of blocks, by summary bound. `position`:
+    the first query row's position (the rows' positions are consecutive).
     """
     search = queries.float()  # the index copies what it searches to the host itself
     if memory.granularity == "token":
@@ -111,19 +114,19 @@ def memory_selections(
         group = search[:, None, :split]  # (Hkv, 1, split, d)
         yield queries[:, None, :split], memory.select_blocks(layer, group, state.max_blocks, "bound")
     group = search[:, split:].reshape(Hkv, -1, g, d)  # (Hkv, positions, g, d)
-    rows = memory.select_blocks(layer, group, state.max_blocks, "sketch")
+    rows = memory.select_blocks(layer, group, state.max_blocks, "sketch", position + split // g)
     yield queries[:, split:].view(Hkv, -1, g, d), rows
 
 
 def memory_attention(
-    memory: EvictedMemory, layer: int, queries: torch.Tensor, state: LongContextState, g: int
+    memory: EvictedMemory, layer: int, queries: torch.Tensor, position: int, state: LongContextState, g: int
 ) -> Partial:
-    """Attention of queries (Hkv, n * g, d), rows (position, head in group), rotated by the
-    memory distance, to what `memory_selections` picks for them; out (Hkv, n * g, d),
+    """Attention of queries (Hkv, n * g, d), rows (position, head in group) from `position`
+    on, rotated by the memory distance, to what `memory_selections` picks for them; out (Hkv, n * g, d),
     lse (Hkv, n * g)."""
     Hkv, _, d = queries.shape
     parts = []
-    for group, rows in memory_selections(memory, layer, queries, state, g):
+    for group, rows in memory_selections(memory, layer, queries, position, state, g):
         k, v = memory.gather(layer, rows.clamp_min(0))  # (Hkv, P, T, d)
         if memory.granularity == "token":  # m = 1, each row its own entries, some empty
             parts.append(memory_partial(group, k[:, :, None], v[:, :, None], (rows >= 0)[:, :, None]))

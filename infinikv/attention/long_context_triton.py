@@ -31,7 +31,8 @@ def triton_long_context_attention(
         Hkv = kv.k.shape[2]
         queries = memory_queries(q, rope, state.distance, Hkv)  # (Hkv, n*g, d)
         offset = 0
-        for group, rows in memory_selections(memory, layer, queries, state, q.shape[1] // Hkv):
+        position, g = int(q_positions[0]), q.shape[1] // Hkv
+        for group, rows in memory_selections(memory, layer, queries, position, state, g):
             memory_merge_(out, lse, group, *memory.slab(layer), rows, offset)
             offset += group.shape[1] * group.shape[2]
     return out

@@ -75,12 +75,6 @@ class Generator:
         pool_tokens = max_seq_len
         if long_context is not None:
             long_context.validate(loaded.config.max_position_embeddings, page_size, loaded.config)
-            if drafter_factory is not None and long_context.sketch_every > 1:
-                raise ValueError(
-                    f"sketch_every={long_context.sketch_every} with speculative decoding: a verification's "
-                    "block favourites would differ from plain steps', and so would its output; "
-                    "use sketch_every=1"
-                )
             # Self-Extend's banded attention takes chunks of at most W queries.
             chunk_size = min(chunk_size, long_context.window)
             pool_tokens = long_context.resident + chunk_size + 2 * page_size

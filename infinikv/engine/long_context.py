@@ -43,15 +43,13 @@ class LongContextConfig:
     # key sketch (sketch.py, SparQ's r; at most head_dim). 16 of SmolLM2's 64 recalled the
     # 16k-token passkeys that summary bounds lost.
     sketch_channels: int = 16
-    # Block granularity: a layer ranks every evicted block over the sketch once in this many
-    # rankings (staggered across layers); the ones between rank by exact logits only the
-    # last full ranking's favourites (memory/evicted.py, FAVOURITES_PER_BLOCK x max_blocks per
-    # kv-head) and the blocks evicted since, so a decode step's cost stops growing with the
-    # memory (32k tokens: 12.2 tok/s at 8 vs ~10 at 1, README). 1 (the default): every
-    # ranking reads the whole sketch, so a position's blocks depend only on its queries and
-    # the memory, and speculative decoding stays identical to plain decoding (with more,
-    # a verification forward's favourites differ from plain steps': refused with a drafter).
-    sketch_every: int = 1
+    # Block granularity: a layer ranks every evicted block over the sketch at one position
+    # in this many (staggered across layers); the positions between pick by exact logits
+    # among that ranking's favourites (memory/evicted.py, FAVOURITES_PER_BLOCK x max_blocks
+    # per kv-head) and the blocks evicted since, so a decode step's cost stops growing with
+    # the memory. Favourites are a function of position, so speculative decoding stays
+    # identical to plain decoding. 1: every position reads the whole sketch.
+    sketch_every: int = 8
     # Block granularity: host RAM for evicted blocks' keys and values (the block store holds
     # them all; the least recently used leave RAM first). Must hold what one retrieval reads
     # at once (`ram_blocks_needed`); 1 GiB holds 1,456 SmolLM2-135M blocks (23k tokens).

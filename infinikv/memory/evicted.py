@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -37,6 +38,17 @@ LOAD_BATCH = 256
 # Ranking by logits: the blocks per kv-head, per block selected, that a layer's full ranking
 # over the key sketch keeps as its favourites for the steps until its next one.
 FAVOURITES_PER_BLOCK = 4
+
+
+@dataclass
+class Favourites:
+    """The blocks one layer's full ranking at one position favours (block granularity)."""
+
+    position: int  # the position whose queries ranked every block
+    blocks: torch.Tensor  # (Hkv, n) relative numbers; blocks evicted since are appended
+    keys: torch.Tensor  # (Hkv, d, n * B) float32, channel-major (as `best_logits` reads them)
+    ranked: int  # blocks in memory at the full ranking
+    covered: int  # blocks in memory that `blocks` covers: ranked, then the ones appended
 
 
 class EvictedMemory:
@@ -89,17 +101,14 @@ class EvictedMemory:
             else None
         )
         # Ranking by logits (block granularity): a layer ranks every block over the sketch
-        # once per `sketch_every` of its rankings, staggered across layers; the rankings
-        # between score only that one's favourites, and the blocks evicted since, by exact
-        # logits (see _rank_by_logits).
+        # at one position in `sketch_every`, staggered across layers; the positions between
+        # pick among that one's favourites and the blocks evicted since (_rank_by_logits).
         if sketch_every < 1:
             raise ValueError(f"sketch_every={sketch_every} must be >= 1")
         self.sketch_every = sketch_every
-        self._rankings = [0] * num_layers
-        # Per layer: the favourite blocks (Hkv, n), relative numbers, their keys (Hkv, d, n * B)
-        # and the blocks in memory they cover (those evicted after join at the next ranking).
-        self._favourites: list[tuple[torch.Tensor, torch.Tensor, int] | None] = [None] * num_layers
-        self._ranked_blocks = [0] * num_layers  # blocks in memory at the layer's last full ranking
+        # Per layer: the favourites a position from the next forward on may use (the last
+        # chosen before it, then those the forward chose).
+        self._favourites: list[list[Favourites]] = [[] for _ in range(num_layers)]
         self.first_block: int | None = None
         self.tokens = 0
         self.snapshot_blocks = 0  # blocks in the index snapshot last saved to the store
@@ -112,7 +121,7 @@ class EvictedMemory:
         faiss GPU build)."""
         index = self.index
         vectors = index.ntotal * index.num_layers * index.num_kv_heads * index.head_dim * 4
-        favourites = sum(f[1].numel() * f[1].element_size() for f in self._favourites if f is not None)
+        favourites = sum(f.keys.numel() * f.keys.element_size() for sets in self._favourites for f in sets)
         return self.cache.nbytes + (0 if self.sketch is None else self.sketch.nbytes) + favourites + vectors
 
     def add_blocks(self, blocks: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
@@ -254,7 +263,9 @@ class EvictedMemory:
         rows = ((block - (self.first_block or 0)) * self.page_size + offset).where(valid, 0)
         return self._slab_rows(layer, rows), valid
 
-    def select_blocks(self, layer: int, queries: torch.Tensor, max_blocks: int, ranking: str) -> torch.Tensor:
+    def select_blocks(
+        self, layer: int, queries: torch.Tensor, max_blocks: int, ranking: str, position: int = 0
+    ) -> torch.Tensor:
         """Block granularity: whole blocks, one set per group of queries.
 
         queries: (Hkv, P, m, d) float32, rotated by the memory distance; group p's m queries
@@ -262,7 +273,7 @@ class EvictedMemory:
         ranking "bound": by summary bound through the index (cheap for large groups, such as
         a prefill chunk's positions); "sketch": by logits, approximate over the key sketch
         or exact over favourites (closer to the truth; for the few positions whose logits
-        are read).
+        are read), group p being the queries of position `position` + p.
         Returns slab rows (Hkv, P, nb * B) of `slab(layer)` (`gather` reads them), nb =
         min(max_blocks, blocks in memory), oldest block first."""
         if ranking not in RANKINGS:
@@ -270,48 +281,74 @@ class EvictedMemory:
         H, P = queries.shape[:2]
         nb = min(max_blocks, self.tokens // self.page_size)
         if ranking == "sketch" and self.sketch is not None:
-            best = self._rank_by_logits(layer, queries, nb, max_blocks)
+            best = self._rank_by_logits(layer, queries, nb, max_blocks, position)
         else:
             best = self._order_by_bound(layer, queries, max_blocks)[:, :nb]
         chosen = best.sort(dim=1).values.cpu()  # (H * P, nb)
         return self._block_rows(layer, chosen.view(H, P, -1))
 
-    def _rank_by_logits(self, layer: int, queries: torch.Tensor, nb: int, max_blocks: int) -> torch.Tensor:
+    def _rank_by_logits(
+        self, layer: int, queries: torch.Tensor, nb: int, max_blocks: int, position: int
+    ) -> torch.Tensor:
         """The nb best blocks (relative numbers, (Hkv * P, nb)) for each group of queries
-        (Hkv, P, m, d) by their best logit over the block's tokens and the group's queries.
+        (Hkv, P, m, d), the queries of positions position, position + 1, ..., by their best
+        logit over the block's tokens and the group's queries.
 
-        A full ranking scores every block over the sketch (linear in the memory) and keeps
-        each kv-head's FAVOURITES_PER_BLOCK * nb favourites (the blocks its positions rank
-        best) with their keys. The layer's next sketch_every - 1 rankings score only those
-        and the blocks evicted since, by exact logits: consecutive steps' queries favour
-        mostly the same blocks. A memory grown by max_blocks blocks since is ranked in full."""
+        With sketch_every 1 every group ranks every block over the sketch (linear in the
+        memory). Otherwise a group ranks that way only at its layer's full positions
+        (`_full_ranking`) and keeps its FAVOURITES_PER_BLOCK * nb best per kv-head with
+        their keys; every group picks by exact logits among the favourites of the last full
+        position at or before its own and the blocks evicted since: consecutive positions'
+        queries favour mostly the same blocks. Favourites are a function of position (not
+        of how positions are batched into forwards), so a speculative verification picks
+        what plain decoding picks, and a position fed again (a rejected draft's) replaces
+        the favourites it chose."""
         H, P, m, d = queries.shape
         nblocks = self.tokens // self.page_size
-        self._rankings[layer] += 1
-        favourites = self._favourites[layer]
-        if (
-            favourites is None
-            or (self._rankings[layer] + layer) % self.sketch_every == 0
-            or nblocks - self._ranked_blocks[layer] >= max_blocks
-        ):
+        # As many favourites as the RAM tier holds at once (their keys are read together).
+        keep = min(nblocks, FAVOURITES_PER_BLOCK * nb, (self.cache.capacity or nblocks) // H)
+        if self.sketch_every == 1 or keep < nb:
             assert self.sketch is not None
-            scores = self.sketch.block_scores(layer, queries)  # (Hkv, P, blocks)
-            # As many favourites as the RAM tier holds at once (their keys are read together).
-            keep = min(nblocks, FAVOURITES_PER_BLOCK * nb, (self.cache.capacity or nblocks) // H)
-            if self.sketch_every > 1 and keep >= nb:
-                blocks = favourite_blocks(scores, keep).cpu()
-                self._favourites[layer] = (blocks, self._block_keys(layer, blocks), nblocks)
-                self._ranked_blocks[layer] = nblocks
-            return scores.view(H * P, -1).topk(nb, dim=1).indices
-        blocks, keys, covered = favourites
-        if nblocks > covered:  # blocks evicted since join the favourites
-            recent = torch.arange(covered, nblocks).expand(H, -1)
-            blocks = torch.cat([blocks, recent], 1)
-            keys = torch.cat([keys, self._block_keys(layer, recent)], 2)
-            self._favourites[layer] = (blocks, keys, nblocks)
-        scores = best_logits(queries, keys, self.page_size)  # (Hkv, P, n)
-        picked = scores.topk(nb, dim=-1).indices.cpu().view(H, P * nb)
-        return blocks.gather(1, picked).view(H * P, nb)
+            return self.sketch.block_scores(layer, queries).view(H * P, -1).topk(nb, dim=1).indices
+        # Positions before this forward's first are final: the last favourites chosen
+        # before it are the only earlier ones a position from here on can use.
+        sets = [f for f in self._favourites[layer] if f.position < position][-1:]
+        picked = []
+        start = 0
+        while start < P:
+            at = position + start
+            if not sets or self._full_ranking(layer, at, sets[-1], nblocks, max_blocks):
+                assert self.sketch is not None
+                scores = self.sketch.block_scores(layer, queries[:, start : start + 1])  # (Hkv, 1, blocks)
+                blocks = scores[:, 0].topk(keep, dim=1).indices.cpu()
+                sets.append(Favourites(at, blocks, self._block_keys(layer, blocks), nblocks, nblocks))
+            stop = start + 1
+            while stop < P and (position + stop + layer) % self.sketch_every:
+                stop += 1
+            favourites = sets[-1]
+            if nblocks > favourites.covered:  # blocks evicted since join the favourites
+                recent = torch.arange(favourites.covered, nblocks).expand(H, -1)
+                favourites.blocks = torch.cat([favourites.blocks, recent], 1)
+                favourites.keys = torch.cat([favourites.keys, self._block_keys(layer, recent)], 2)
+                favourites.covered = nblocks
+            scores = best_logits(queries[:, start:stop], favourites.keys, self.page_size)  # (Hkv, n, blocks)
+            # Rounded to bfloat16 (as the sketch's scores), ties to the first favourite: a
+            # forward batching other positions moves the queries by float noise (~1e-7),
+            # which must not reorder blocks with equal logits (repeated text's keys).
+            rounded = scores.bfloat16().float()
+            best = rounded.argsort(dim=-1, descending=True, stable=True)[..., :nb].cpu()  # (Hkv, n, nb)
+            picked.append(favourites.blocks.gather(1, best.flatten(1)).view_as(best))
+            start = stop
+        self._favourites[layer] = sets
+        return torch.cat(picked, 1).view(H * P, nb)
+
+    def _full_ranking(
+        self, layer: int, position: int, last: Favourites, nblocks: int, max_blocks: int
+    ) -> bool:
+        """Whether `layer` ranks every block at `position`: once in sketch_every positions,
+        staggered across layers (a few layers per step), and when the memory grew by
+        max_blocks since its last favourites were chosen."""
+        return (position + layer) % self.sketch_every == 0 or nblocks - last.ranked >= max_blocks
 
     def _block_keys(self, layer: int, blocks: torch.Tensor) -> torch.Tensor:
         """Keys (before RoPE) of blocks (Hkv, n), relative numbers, each head its own ->
@@ -399,16 +436,6 @@ def best_logits(queries: torch.Tensor, keys: torch.Tensor, page_size: int) -> to
     logits = torch.bmm(queries.reshape(H, P * m, d), keys)  # (Hkv, P * m, n * B)
     best = logits.view(H * P, m, -1).amax(1)  # over the group's queries
     return best.view(H, P, -1, page_size).amax(-1)  # over each block's tokens
-
-
-def favourite_blocks(scores: torch.Tensor, n: int) -> torch.Tensor:
-    """scores (Hkv, P, blocks) -> (Hkv, n): each head's n blocks with the best rank over
-    its P positions' orders (each position's favourites before any position's runners-up)."""
-    H, P, _ = scores.shape
-    top = scores.topk(n, dim=-1).indices.view(H, P * n)
-    rank = torch.arange(n, device=scores.device).repeat(P).expand(H, -1)
-    best = torch.full(scores.shape[::2], n, device=scores.device).scatter_reduce_(1, top, rank, "amin")
-    return best.topk(n, dim=1, largest=False).indices
 
 
 def read_blocks(
