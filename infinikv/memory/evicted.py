@@ -40,15 +40,22 @@ LOAD_BATCH = 256
 FAVOURITES_PER_BLOCK = 4
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity (they hold tensors)
 class Favourites:
     """The blocks one layer's full ranking at one position favours (block granularity)."""
 
     position: int  # the position whose queries ranked every block
     blocks: torch.Tensor  # (Hkv, n) relative numbers; blocks evicted since are appended
-    keys: torch.Tensor  # (Hkv, d, n * B) float32, channel-major (as `best_logits` reads them)
+    # (Hkv, room * B, d) float32: the keys of `blocks`, then room for more. A buffer reused
+    # from set to set: long-lived tensors allocated between a step's transient ones would
+    # fragment the heap (glibc kept ~500 MB of freed memory at 8k tokens).
+    buffer: torch.Tensor
     ranked: int  # blocks in memory at the full ranking
     covered: int  # blocks in memory that `blocks` covers: ranked, then the ones appended
+
+    def keys(self, page_size: int) -> torch.Tensor:
+        """(Hkv, n * B, d): the keys of `blocks`."""
+        return self.buffer[:, : self.blocks.shape[1] * page_size]
 
 
 class EvictedMemory:
@@ -107,8 +114,9 @@ class EvictedMemory:
             raise ValueError(f"sketch_every={sketch_every} must be >= 1")
         self.sketch_every = sketch_every
         # Per layer: the favourites a position from the next forward on may use (the last
-        # chosen before it, then those the forward chose).
+        # chosen before it, then those the forward chose), and key buffers of dropped ones.
         self._favourites: list[list[Favourites]] = [[] for _ in range(num_layers)]
+        self._spare_buffers: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
         self.first_block: int | None = None
         self.tokens = 0
         self.snapshot_blocks = 0  # blocks in the index snapshot last saved to the store
@@ -121,7 +129,8 @@ class EvictedMemory:
         faiss GPU build)."""
         index = self.index
         vectors = index.ntotal * index.num_layers * index.num_kv_heads * index.head_dim * 4
-        favourites = sum(f.keys.numel() * f.keys.element_size() for sets in self._favourites for f in sets)
+        buffers = [f.buffer for sets in self._favourites for f in sets] + sum(self._spare_buffers, [])
+        favourites = sum(b.numel() * b.element_size() for b in buffers)
         return self.cache.nbytes + (0 if self.sketch is None else self.sketch.nbytes) + favourites + vectors
 
     def add_blocks(self, blocks: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
@@ -313,6 +322,7 @@ class EvictedMemory:
         # Positions before this forward's first are final: the last favourites chosen
         # before it are the only earlier ones a position from here on can use.
         sets = [f for f in self._favourites[layer] if f.position < position][-1:]
+        self._spare_buffers[layer] += [f.buffer for f in self._favourites[layer] if f not in sets]
         picked = []
         start = 0
         while start < P:
@@ -321,17 +331,24 @@ class EvictedMemory:
                 assert self.sketch is not None
                 scores = self.sketch.block_scores(layer, queries[:, start : start + 1])  # (Hkv, 1, blocks)
                 blocks = scores[:, 0].topk(keep, dim=1).indices.cpu()
-                sets.append(Favourites(at, blocks, self._block_keys(layer, blocks), nblocks, nblocks))
+                # Room for the most favourites and the blocks evicted until the growth rule
+                # ranks in full again: one size, so a dropped set's buffer always fits.
+                rows = (FAVOURITES_PER_BLOCK + 1) * max_blocks * self.page_size
+                buffer = self._favourites_buffer(layer, rows)
+                self._block_keys(layer, blocks, buffer)
+                sets.append(Favourites(at, blocks, buffer, nblocks, nblocks))
             stop = start + 1
             while stop < P and (position + stop + layer) % self.sketch_every:
                 stop += 1
             favourites = sets[-1]
             if nblocks > favourites.covered:  # blocks evicted since join the favourites
                 recent = torch.arange(favourites.covered, nblocks).expand(H, -1)
+                n = favourites.blocks.shape[1] * self.page_size
+                self._block_keys(layer, recent, favourites.buffer[:, n:])
                 favourites.blocks = torch.cat([favourites.blocks, recent], 1)
-                favourites.keys = torch.cat([favourites.keys, self._block_keys(layer, recent)], 2)
                 favourites.covered = nblocks
-            scores = best_logits(queries[:, start:stop], favourites.keys, self.page_size)  # (Hkv, n, blocks)
+            keys = favourites.keys(self.page_size)
+            scores = best_logits(queries[:, start:stop], keys, self.page_size)  # (Hkv, n, blocks)
             # Rounded to bfloat16 (as the sketch's scores), ties to the first favourite: a
             # forward batching other positions moves the queries by float noise (~1e-7),
             # which must not reorder blocks with equal logits (repeated text's keys).
@@ -350,14 +367,24 @@ class EvictedMemory:
         max_blocks since its last favourites were chosen."""
         return (position + layer) % self.sketch_every == 0 or nblocks - last.ranked >= max_blocks
 
-    def _block_keys(self, layer: int, blocks: torch.Tensor) -> torch.Tensor:
-        """Keys (before RoPE) of blocks (Hkv, n), relative numbers, each head its own ->
-        (Hkv, d, n * B) float32, channel-major (as `best_logits` reads them), from the RAM
-        tier (reading the blocks not there)."""
+    def _favourites_buffer(self, layer: int, rows: int) -> torch.Tensor:
+        """A key buffer (Hkv, rows, d) float32 for a new favourites set of `layer`: a
+        dropped set's when one has that size, else a new one (kept for reuse)."""
+        spare = self._spare_buffers[layer]
+        for i, buffer in enumerate(spare):
+            if buffer.shape[1] == rows:
+                return spare.pop(i)
+        _, _, H, d = self.shape
+        return torch.empty(H, rows, d, device=self.cache.slab.device)
+
+    def _block_keys(self, layer: int, blocks: torch.Tensor, out: torch.Tensor) -> None:
+        """Copy the keys (before RoPE) of blocks (Hkv, n), relative numbers, each head its
+        own, into the start of out (Hkv, >= n * B, d), from the RAM tier (reading the blocks
+        not there)."""
         H, n = blocks.shape
         rows = self._block_rows(layer, blocks)  # (Hkv, n * B)
         keys = self.slab(layer)[0].index_select(0, rows.flatten()).view(H, rows.shape[1], -1)
-        return keys.transpose(1, 2).float().contiguous()
+        out[:, : rows.shape[1]].copy_(keys)
 
     def _order_by_bound(self, layer: int, queries: torch.Tensor, max_blocks: int) -> torch.Tensor:
         """Blocks (relative numbers) in the order group (Hkv, P) prefers them, (Hkv * P, blocks).
@@ -430,10 +457,10 @@ class EvictedMemory:
 
 
 def best_logits(queries: torch.Tensor, keys: torch.Tensor, page_size: int) -> torch.Tensor:
-    """queries (Hkv, P, m, d), keys (Hkv, d, n * B) of n blocks -> (Hkv, P, n): each block's
+    """queries (Hkv, P, m, d), keys (Hkv, n * B, d) of n blocks -> (Hkv, P, n): each block's
     best logit over its tokens and each group's m queries."""
     H, P, m, d = queries.shape
-    logits = torch.bmm(queries.reshape(H, P * m, d), keys)  # (Hkv, P * m, n * B)
+    logits = torch.bmm(queries.reshape(H, P * m, d), keys.transpose(1, 2))  # (Hkv, P * m, n * B)
     best = logits.view(H * P, m, -1).amax(1)  # over the group's queries
     return best.view(H, P, -1, page_size).amax(-1)  # over each block's tokens
 

@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     memory_top_k: int | None = Field(None, ge=1)
     memory_blocks: int | None = Field(None, ge=1)
     sketch_channels: int | None = Field(None, ge=1, description="query channels ranking blocks")
-    sketch_every: int | None = Field(None, ge=1, description="rankings per full read of the key sketch")
+    sketch_every: int | None = Field(None, ge=1, description="positions per full read of the key sketch")
     ram_budget_mb: int | None = Field(None, ge=1, description="host RAM for evicted blocks")
     memory_distance: int | None = Field(None, ge=1)
     index: Literal["flat", "ivf", "hnsw"] = "flat"
