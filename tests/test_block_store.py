@@ -103,6 +103,31 @@ def test_blocks_evicted_after_the_last_snapshot_are_indexed_again_on_load(store)
         assert torch.equal(got, want)
 
 
+def test_favourites_survive_a_snapshot_and_damaged_ones_are_refused(store) -> None:
+    """A reloaded block memory picks what the saved one picks from its favourites on; a
+    damaged favourites record is a CorruptSnapshotError for that memory."""
+    g = torch.Generator().manual_seed(5)
+    mem = EvictedMemory(2, 3, 16, 4, store=store, prefix="sess:f:", granularity="block", sketch_every=4)
+    k, v = torch.randn(2, 40, 4, 3, 16, generator=g), torch.randn(2, 40, 4, 3, 16, generator=g)
+    mem.add_blocks(list(range(40)), k, v)
+    for position in range(3):  # the full ranking at 0 chose favourites; 1 and 2 used them
+        retrieve_blocks(mem, 0, torch.randn(3, 1, 2, 16, generator=g), 2, "sketch", position)
+    mem.save()
+    back = EvictedMemory.load(store, "sess:f:", sketch_every=4)
+    q = torch.randn(3, 1, 2, 16, generator=g)
+    for got, want in zip(*(retrieve_blocks(m, 0, q, 2, "sketch", 3) for m in (back, mem)), strict=True):
+        assert torch.equal(got, want)
+    fresh = EvictedMemory(2, 3, 16, 4, granularity="block", sketch_every=4)
+    fresh.add_blocks(list(range(40)), k, v)
+    assert not torch.equal(
+        retrieve_blocks(fresh, 0, q, 2, "sketch", 3)[0], retrieve_blocks(mem, 0, q, 2, "sketch", 3)[0]
+    )
+    for damaged in (b"not json", b"[[[0, [[99]], 40, 40, 64]], []]"):
+        store.put_many({"sess:f:favourites": damaged})
+        with pytest.raises(CorruptSnapshotError, match="sess:f:"):
+            EvictedMemory.load(store, "sess:f:", sketch_every=4)
+
+
 def test_delete_really_deletes_and_leaves_other_sessions(store) -> None:
     a, b = memory_with_blocks(store, "sess:a:"), memory_with_blocks(store, "sess:b:")
     a.save()

@@ -176,6 +176,13 @@ class EvictedMemory:
             "snapshot_blocks": self.snapshot_blocks,
         }
         items[f"{self.prefix}meta"] = json.dumps(meta).encode()
+        if self.sketch is not None:  # block granularity: the ranking's favourites
+            items[f"{self.prefix}favourites"] = json.dumps(
+                [
+                    [[f.position, f.blocks.tolist(), f.ranked, f.covered, f.buffer.shape[1]] for f in sets]
+                    for sets in self._favourites
+                ]
+            ).encode()
         self.store.put_many(items)
 
     @classmethod
@@ -236,6 +243,9 @@ class EvictedMemory:
                         made.sketch.append(kv[0])
                     made.cache.put(blocks, kv)
                 made.tokens = total * B
+            (favourites,) = store.get_many([f"{prefix}favourites"])
+            if favourites is not None:  # (absent from older snapshots: the next ranking is full)
+                made._restore_favourites(json.loads(favourites))
         except (CorruptSnapshotError, ValueError, KeyError, TypeError, RuntimeError, AttributeError) as e:
             raise CorruptSnapshotError(f"memory snapshot under {prefix!r} is corrupt: {e}") from e
         entries = made.tokens if made.granularity == "token" else made.tokens // B
@@ -245,6 +255,30 @@ class EvictedMemory:
                 f"{made.index.ntotal} index entries for {made.tokens} stored tokens"
             )
         return made
+
+    def _restore_favourites(self, saved: list) -> None:
+        """The favourites `save` wrote: per layer [position, blocks, ranked, covered, buffer
+        rows] lists; their keys are read again (a restored sequence then selects what the
+        saved one would)."""
+        L, B, H, _ = self.shape
+        nblocks = self.tokens // B
+        if len(saved) != L:
+            raise ValueError(f"favourites for {len(saved)} layers, the memory has {L}")
+        for layer, sets in enumerate(saved):
+            for position, blocks, ranked, covered, rows in sets:
+                ids = torch.tensor(blocks, dtype=torch.long)
+                if (
+                    ids.dim() != 2
+                    or ids.shape[0] != H
+                    or not 0 <= int(ids.min()) <= int(ids.max()) < nblocks
+                    or rows < ids.numel() // H * B
+                ):
+                    raise ValueError(f"layer {layer}'s favourites are not blocks of this memory")
+                buffer = self._favourites_buffer(layer, rows)
+                self._block_keys(layer, ids, buffer)
+                self._favourites[layer].append(
+                    Favourites(int(position), ids, buffer, int(ranked), int(covered))
+                )
 
     def _index_blocks(self, blocks: list[int], k: torch.Tensor) -> None:
         """Add the keys (or block summaries) of `blocks` to the index; k (L, nb, B, Hkv, d)."""
