@@ -122,6 +122,11 @@ def test_favourites_survive_a_snapshot_and_damaged_ones_are_refused(store) -> No
     assert not torch.equal(
         retrieve_blocks(fresh, 0, q, 2, "sketch", 3)[0], retrieve_blocks(mem, 0, q, 2, "sketch", 3)[0]
     )
+    bigger = EvictedMemory.load(store, "sess:f:", sketch_every=4)  # used with max_blocks 8
+    bigger.add_blocks([40, 41, 42], k[:, :3], v[:, :3])  # more than the saved buffer has room for
+    for position in (3, 4):  # 2's favourites were chosen for max_blocks 2: ranked in full again
+        keys, _ = retrieve_blocks(bigger, 0, torch.randn(3, 1, 2, 16, generator=g), 8, "sketch", position)
+        assert keys.shape == (3, 1, 8 * 4, 16)
     for damaged in (b"not json", b"[[[0, [[99]], 40, 40, 64]], []]"):
         store.put_many({"sess:f:favourites": damaged})
         with pytest.raises(CorruptSnapshotError, match="sess:f:"):

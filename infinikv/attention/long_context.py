@@ -52,7 +52,8 @@ def paged_long_context_attention(
     """q (n, Hq, d) before RoPE at q_positions (n,); `resident` tokens in `pages`.
     Returns (n, Hq, d)."""
     n, Hq, d = q.shape
-    if int(q_positions[-1]) < state.self_extend.window:
+    last = int(q_positions[-1])
+    if last < state.self_extend.window:
         # The whole sequence is inside the neighbor window (so nothing was evicted either,
         # as W < R): the regions reduce to plain causal attention, so take the fast path.
         return attend(
@@ -69,9 +70,8 @@ def paged_long_context_attention(
         Hkv = k.shape[1]
         g = Hq // Hkv
         queries = memory_queries(q, rope, state.distance, Hkv)  # (Hkv, n*g, d)
-        out, lse = memory_attention(
-            memory, layer, queries, int(q_positions[0]), state, g
-        )  # (Hkv, n*g, d), (Hkv, n*g)
+        # (Hkv, n*g, d), (Hkv, n*g); the positions are consecutive, so the first is last - n + 1
+        out, lse = memory_attention(memory, layer, queries, last - n + 1, state, g)
         parts.append(
             (
                 out.view(Hkv, n, g, d).transpose(0, 1).reshape(n, Hq, d),

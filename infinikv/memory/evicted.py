@@ -272,6 +272,7 @@ class EvictedMemory:
                     or ids.shape[0] != H
                     or not 0 <= int(ids.min()) <= int(ids.max()) < nblocks
                     or rows < ids.numel() // H * B
+                    or not 0 <= ranked <= covered <= nblocks
                 ):
                     raise ValueError(f"layer {layer}'s favourites are not blocks of this memory")
                 buffer = self._favourites_buffer(layer, rows)
@@ -365,10 +366,7 @@ class EvictedMemory:
                 assert self.sketch is not None
                 scores = self.sketch.block_scores(layer, queries[:, start : start + 1])  # (Hkv, 1, blocks)
                 blocks = scores[:, 0].topk(keep, dim=1).indices.cpu()
-                # Room for the most favourites and the blocks evicted until the growth rule
-                # ranks in full again: one size, so a dropped set's buffer always fits.
-                rows = (FAVOURITES_PER_BLOCK + 1) * max_blocks * self.page_size
-                buffer = self._favourites_buffer(layer, rows)
+                buffer = self._favourites_buffer(layer, self._favourites_rows(max_blocks))
                 self._block_keys(layer, blocks, buffer)
                 sets.append(Favourites(at, blocks, buffer, nblocks, nblocks))
             stop = start + 1
@@ -397,9 +395,19 @@ class EvictedMemory:
         self, layer: int, position: int, last: Favourites, nblocks: int, max_blocks: int
     ) -> bool:
         """Whether `layer` ranks every block at `position`: once in sketch_every positions,
-        staggered across layers (a few layers per step), and when the memory grew by
-        max_blocks since its last favourites were chosen."""
-        return (position + layer) % self.sketch_every == 0 or nblocks - last.ranked >= max_blocks
+        staggered across layers (a few layers per step), when the memory grew by max_blocks
+        since its last favourites were chosen, and when those were chosen for another
+        max_blocks (restored from a memory with other settings: too few, or no room)."""
+        return (
+            (position + layer) % self.sketch_every == 0
+            or nblocks - last.ranked >= max_blocks
+            or last.buffer.shape[1] != self._favourites_rows(max_blocks)
+        )
+
+    def _favourites_rows(self, max_blocks: int) -> int:
+        """Key rows of a favourites buffer: the most favourites and the blocks evicted until
+        the growth rule ranks in full again (one size, so a dropped set's buffer always fits)."""
+        return (FAVOURITES_PER_BLOCK + 1) * max_blocks * self.page_size
 
     def _favourites_buffer(self, layer: int, rows: int) -> torch.Tensor:
         """A key buffer (Hkv, rows, d) float32 for a new favourites set of `layer`: a
