@@ -26,7 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from infinikv.attention.long_context import banded_resident_partials
+from infinikv.attention.long_context import band_bounds, banded_resident_partials
 from infinikv.attention.paged_torch import attend
 from infinikv.attention.partial import flash_partial, reference_partial
 from infinikv.attention.self_extend import SelfExtend, resident_partials
@@ -83,8 +83,11 @@ def prefill_row(T: int, rope: RotaryEmbedding, se: SelfExtend) -> str:
     k_pos = torch.arange(T)
     q_pos = k_pos[-CHUNK:]
     k_rope = rotate(k, rope.at(k_pos))
-    args = (q, q_pos, k, k_rope, v, k_pos, rope, se)
-    banded, reference = ms(lambda: banded_resident_partials(*args)), ms(lambda: resident_partials(*args))
+    far_end, near_start = band_bounds(q_pos, k_pos, WINDOW)
+    k_group = rotate(k[:near_start], rope.at(se.grouped_key_positions(k_pos[:near_start])))
+    args = (q, q_pos, k_group, k_rope[far_end:], v, k_pos, rope, se)
+    banded = ms(lambda: banded_resident_partials(*args))
+    reference = ms(lambda: resident_partials(q, q_pos, k, k_rope, v, k_pos, rope, se))
     # The band: keys near for some of the chunk's queries and far for the others.
     band = slice(T - CHUNK - WINDOW + 1, T - WINDOW + 1)
     qn, kb, vb = rotate(q, rope.at(q_pos)), k_rope[band], v[band]

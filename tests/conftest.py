@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
     # variable must be set before the first kernel module is imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from infinikv.engine.long_context import LongContextConfig
 from infinikv.memory.evicted import EvictedMemory
 from infinikv.model.config import ModelConfig
 from infinikv.model.llama import LlamaModel
@@ -69,9 +70,16 @@ def ours_from_hf(hf_model, dtype: torch.dtype = torch.float32) -> LlamaModel:
     return build_model(cfg, hf_model.state_dict().__getitem__, dtype=dtype)
 
 
-def nan_pool(model: LlamaModel, max_tokens: int = 512, page_size: int = 5):
-    """A page pool whose fresh pages are NaN: any read of an unwritten slot shows up."""
-    return model.new_page_pool(max_tokens, page_size, fill_value=float("nan"))
+def nan_pool(
+    model: LlamaModel,
+    max_tokens: int = 512,
+    page_size: int = 5,
+    long_context: LongContextConfig | None = None,
+):
+    """A page pool whose fresh pages are NaN: any read of an unwritten slot shows up; for
+    sequences with `long_context` (its Self-Extend group)."""
+    group = 1 if long_context is None else long_context.group
+    return model.new_page_pool(max_tokens, page_size, fill_value=float("nan"), group=group)
 
 
 def retrieve(mem: EvictedMemory, layer: int, q: torch.Tensor, top_k: int):

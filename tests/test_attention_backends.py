@@ -33,7 +33,7 @@ def config(**kw) -> LongContextConfig:
 
 def logits_of(model, cfg, ids, prefill_chunk=7, decode_steps=5):
     """Chunked prefill of all but the last tokens, then one token per forward (decode)."""
-    pool = nan_pool(model, max_tokens=400, page_size=PAGE)
+    pool = nan_pool(model, max_tokens=400, page_size=PAGE, long_context=cfg)
     seq = Sequence(pool, cfg, model.cfg)
     head, tail = ids[:-decode_steps], ids[-decode_steps:]
     logits = [feed(model, pool, seq, head, prefill_chunk, all_logits=True)]

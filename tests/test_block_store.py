@@ -296,14 +296,16 @@ def test_block_cache_keeps_each_layers_most_recently_used_within_its_capacity() 
     cache.put(list(range(5)), torch.cat([payload[b] for b in range(5)], 2))
     assert cache.held(0) == cache.held(1) == 3 and calls == []  # blocks 2, 3, 4 stay in both
     assert cache.nbytes == 2 * 3 * 2 * 2 * 4
-    slots = cache.slots(0, [2, 0, 4])  # 0 is fetched for layer 0; 3, its least recently used, leaves
+    slots = cache.slots(
+        0, torch.tensor([2, 0, 4])
+    )  # 0 is fetched for layer 0; 3, its least recently used, leaves
     assert calls == [(0, [0])] and values(0, slots) == [2.0, 0.0, 4.0]
-    assert values(1, cache.slots(1, [3])) == [13.0]  # layer 1 still holds 3: no read
-    cache.slots(0, [3])
+    assert values(1, cache.slots(1, torch.tensor([3]))) == [13.0]  # layer 1 still holds 3: no read
+    cache.slots(0, torch.tensor([3]))
     assert calls == [(0, [0]), (0, [3])]  # 3 was gone from layer 0; 2 (least recent) leaves for it
-    assert values(1, cache.slots(1, [2, 4])) == [12.0, 14.0] and len(calls) == 2
+    assert values(1, cache.slots(1, torch.tensor([2, 4]))) == [12.0, 14.0] and len(calls) == 2
     with pytest.raises(ValueError, match="4 blocks needed at once, the cache holds 3"):
-        cache.slots(0, [0, 1, 3, 4])
+        cache.slots(0, torch.tensor([0, 1, 3, 4]))
     assert cache.slab.data_ptr() == slab
 
 
@@ -315,12 +317,12 @@ def test_an_unbounded_block_cache_grows_and_keeps_every_block() -> None:
     for b in range(7):  # one block at a time: the slab doubles, copying what it holds
         cache.put([b], torch.full((2, 1, 1, 2, 1, 1), float(b)))
     k, v = cache.layer(0)
-    slots = cache.slots(0, list(range(7)))
+    slots = cache.slots(0, torch.tensor(list(range(7))))
     every = [float(b) for b in range(7)]
     assert k.view(-1, 2)[slots, 1].tolist() == v.view(-1, 2)[slots, 0].tolist() == every
     assert cache.nbytes == 7 * 2 * 2 * 4 and cache.slab.shape[2] == 8
     with pytest.raises(KeyError, match="not in memory"):
-        cache.slots(0, [7])
+        cache.slots(0, torch.tensor([7]))
 
 
 def test_a_memory_bounded_in_ram_retrieves_what_an_unbounded_one_does(store) -> None:

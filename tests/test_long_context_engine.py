@@ -34,7 +34,7 @@ def config(**kw) -> LongContextConfig:
 
 
 def run(model, cfg: LongContextConfig | None, ids: list[int], chunk: int, pool_tokens: int = 400):
-    pool = nan_pool(model, max_tokens=pool_tokens, page_size=PAGE)
+    pool = nan_pool(model, max_tokens=pool_tokens, page_size=PAGE, long_context=cfg)
     seq = Sequence(pool, cfg, model.cfg)
     logits = feed(model, pool, seq, ids, chunk, all_logits=True)
     return logits, seq, pool
@@ -54,6 +54,13 @@ def test_group_one_without_eviction_equals_plain_attention_beyond_the_window(mod
     got, _, _ = run(model, config(resident=64, window=8, group=1), ids, chunk=5)
     want, _, _ = run(model, None, ids, chunk=5)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_a_pool_grouped_for_another_self_extend_is_refused(model) -> None:
+    pool = nan_pool(model, max_tokens=400, page_size=PAGE, long_context=config(group=4))
+    seq = Sequence(pool, config(group=2), model.cfg)
+    with pytest.raises(ValueError, match="the page pool holds keys grouped by 4, Self-Extend groups by 2"):
+        feed(model, pool, seq, tokens(30), 7)
 
 
 @pytest.mark.parametrize("memory", [True, False])
@@ -111,7 +118,7 @@ def test_evicted_blocks_are_written_through_and_deleted_on_release(model) -> Non
     from infinikv.memory.store import InProcessBlockStore
 
     store = InProcessBlockStore()
-    pool = nan_pool(model, max_tokens=400, page_size=PAGE)
+    pool = nan_pool(model, max_tokens=400, page_size=PAGE, long_context=config())
     seq = Sequence(pool, config(), model.cfg, store, prefix="ikv:test:")
     feed(model, pool, seq, tokens(100, seed=4), 6)
     blocks = seq.table.evicted_blocks

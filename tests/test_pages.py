@@ -56,6 +56,32 @@ def test_block_table_slots_and_truncate_frees_pages() -> None:
     assert pool.num_free == 5 and table.pages == []
 
 
+@pytest.mark.parametrize("pages", [[2, 3, 4], [4, 1, 3]], ids=["one run (a view)", "gathered"])
+def test_page_list_gathers_any_range_of_resident_tokens(pages) -> None:
+    from infinikv.memory.pages import PageList
+
+    cache = torch.arange(6 * 4 * 2.0).view(6, 4, 1, 2)  # (P, B, H, d): page p's token t at 8p + 2t
+    page_list = PageList.of(pages, [0, 1, 2], 4, torch.device("cpu"))
+    every = cache[pages].flatten(0, 1)  # (12, 1, 2)
+    for start, stop in [(0, 12), (0, 10), (3, 9), (4, 8), (5, 5), (11, 12)]:
+        assert torch.equal(page_list.gather(cache, stop, start), every[start:stop]), (start, stop)
+
+
+def test_a_grouped_pool_keeps_keys_at_their_grouped_positions(model) -> None:
+    from infinikv.model.rope import rotate
+
+    pool = model.new_page_pool(64, 4, fill_value=float("nan"), group=3)
+    plain = model.new_page_pool(64, 4)
+    assert pool.k_group is not pool.k_rope and plain.k_group is plain.k_rope  # G = 1: one tensor
+    seq = Sequence(pool)
+    feed(model, pool, seq, tokens(21, seed=4), 8)
+    pages = seq.table.page_list()
+    for layer in range(model.cfg.num_layers):
+        k = pages.gather(pool.k[layer], 21)
+        want = rotate(k, model.rope.at(torch.arange(21) // 3))
+        torch.testing.assert_close(pages.gather(pool.k_group[layer], 21), want)
+
+
 def test_freed_pages_are_reused_without_stale_reads(model) -> None:
     pool = nan_pool(model, max_tokens=60, page_size=5)
     first = Sequence(pool)

@@ -112,11 +112,14 @@ def test_memory_covering_everything_equals_one_softmax(rope) -> None:
         (3, 40, 4, False),
         (16, 16, 1, True),
         (7, 30, 5, True),
+        (1, 8, 3, True),  # decode steps: one softmax over the far and near runs
+        (1, 30, 4, False),
+        (1, 70, 2, False),  # nothing far yet
     ],
 )
 def test_banded_paged_regions_equal_the_reference(rope, n, W, G, evicted) -> None:
     """The fast split into far / band / near runs == the masked reference."""
-    from infinikv.attention.long_context import banded_resident_partials
+    from infinikv.attention.long_context import band_bounds, banded_resident_partials
     from infinikv.attention.partial import merge_partials
     from infinikv.attention.self_extend import resident_partials
 
@@ -126,7 +129,9 @@ def test_banded_paged_regions_equal_the_reference(rope, n, W, G, evicted) -> Non
     q, k, v = rand(n, 6, D_HEAD, seed=20), rand(T, 2, D_HEAD, seed=21), rand(T, 2, D_HEAD, seed=22)
     k_rope = rotate(k, rope.at(k_pos))
     se = SelfExtend(W, G)
-    got = merge_partials(banded_resident_partials(q, q_pos, k, k_rope, v, k_pos, rope, se))
+    far_end, near_start = band_bounds(q_pos, k_pos, W)
+    k_group = rotate(k[:near_start], rope.at(se.grouped_key_positions(k_pos[:near_start])))
+    got = merge_partials(banded_resident_partials(q, q_pos, k_group, k_rope[far_end:], v, k_pos, rope, se))
     want = merge_partials(resident_partials(q, q_pos, k, k_rope, v, k_pos, rope, se))
     torch.testing.assert_close(got[0], want[0], atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(got[1], want[1], atol=2e-5, rtol=1e-5)

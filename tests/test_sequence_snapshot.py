@@ -35,7 +35,7 @@ CFG = LongContextConfig.derive(256, PAGE, resident=32, sinks=8, window=12, group
 def test_restored_sequence_continues_bit_identically(model, snapshots, granularity) -> None:
     cfg = replace(CFG, granularity=granularity, max_blocks=3)
     store = InProcessBlockStore()
-    pool = nan_pool(model, max_tokens=200, page_size=PAGE)
+    pool = nan_pool(model, max_tokens=200, page_size=PAGE, long_context=cfg)
     seq = Sequence(pool, cfg, model.cfg, store, "s:1:")
     feed(model, pool, seq, ids(50, 0), 7)
     seq.save(store, "s:1:", index_snapshot=True)
@@ -43,7 +43,7 @@ def test_restored_sequence_continues_bit_identically(model, snapshots, granulari
     seq.save(store, "s:1:", index_snapshot=snapshots == "every save")
     assert seq.table.evicted_blocks > 0 and len(seq) == 73
 
-    other_pool = nan_pool(model, max_tokens=200, page_size=PAGE)
+    other_pool = nan_pool(model, max_tokens=200, page_size=PAGE, long_context=cfg)
     other_pool.allocate(3)  # different page ids than the original
     back = Sequence.restore(model, other_pool, cfg, store, "s:1:")
     assert back.tokens == seq.tokens and back.table.blocks == seq.table.blocks
@@ -60,7 +60,7 @@ def saved_sequence(model, prefix: str, prompt: list[int]):
     """A store holding a sequence fed `prompt` (8-token chunks), saved with its index
     snapshot; the pool it was fed in; the sequence."""
     store = InProcessBlockStore()
-    pool = nan_pool(model, max_tokens=200, page_size=PAGE)
+    pool = nan_pool(model, max_tokens=200, page_size=PAGE, long_context=CFG)
     seq = Sequence(pool, CFG, model.cfg, store, prefix)
     feed(model, pool, seq, prompt, 8)
     seq.save(store, prefix, index_snapshot=True)

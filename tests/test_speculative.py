@@ -50,7 +50,7 @@ LONG = LongContextConfig.derive(256, PAGE, resident=40, sinks=8, window=16, grou
 def greedy_run(
     model, prompt: list[int], n: int, decoder_for=None, long: LongContextConfig = LONG
 ) -> tuple[list[int], Sequence]:
-    pool = nan_pool(model, max_tokens=400, page_size=PAGE)
+    pool = nan_pool(model, max_tokens=400, page_size=PAGE, long_context=long)
     seq = Sequence(pool, long, model.cfg)
     sampler = Sampler(GREEDY)
     out = [int(sampler(feed(model, pool, seq, prompt, 16))[0])]
@@ -101,7 +101,7 @@ def test_greedy_output_is_identical_to_plain_greedy_across_eviction(
 
 def test_rollback_leaves_the_cache_as_if_the_rejected_tokens_were_never_seen(model) -> None:
     prompt = repetitive(26, seed=2)
-    pool = nan_pool(model, max_tokens=300, page_size=PAGE)
+    pool = nan_pool(model, max_tokens=300, page_size=PAGE, long_context=LONG)
     seq = Sequence(pool, LONG, model.cfg)
     feed(model, pool, seq, prompt, 16)
     last = 7
@@ -123,7 +123,7 @@ def test_rollback_leaves_the_cache_as_if_the_rejected_tokens_were_never_seen(mod
     assert n < 5, "random drafts are rejected somewhere"
     assert seq.tokens == [*prompt, last, *wrong[:n]]
 
-    ref_pool = nan_pool(model, max_tokens=300, page_size=PAGE)
+    ref_pool = nan_pool(model, max_tokens=300, page_size=PAGE, long_context=LONG)
     ref = Sequence(ref_pool, LONG, model.cfg)
     feed(model, ref_pool, ref, [*prompt, last, *wrong[:n]], 16)
     assert ref.table.blocks == seq.table.blocks and ref.table.length == seq.table.length

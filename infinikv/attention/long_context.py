@@ -62,12 +62,18 @@ def paged_long_context_attention(
             pages.gather(kv.v, resident),
             q_positions,
         )
+    se = state.self_extend
+    if kv.group != se.group:
+        raise ValueError(f"the page pool holds keys grouped by {kv.group}, Self-Extend groups by {se.group}")
     k_pos = pages.positions[:resident]  # (T,)
-    k, k_rope, v = (pages.gather(cache, resident) for cache in (kv.k, kv.k_rope, kv.v))  # (T, Hkv, d)
-    parts = banded_resident_partials(q, q_positions, k, k_rope, v, k_pos, rope, state.self_extend)
+    far_end, near_start = band_bounds(q_positions, k_pos, se.window)
+    k_group = pages.gather(kv.k_group, near_start)  # (near_start, Hkv, d)
+    k_rope = pages.gather(kv.k_rope, resident, far_end)  # (T - far_end, Hkv, d)
+    v = pages.gather(kv.v, resident)  # (T, Hkv, d)
+    parts = banded_resident_partials(q, q_positions, k_group, k_rope, v, k_pos, rope, se)
     memory = state.memory
     if memory is not None and memory.tokens:
-        Hkv = k.shape[1]
+        Hkv = v.shape[1]
         g = Hq // Hkv
         queries = memory_queries(q, rope, state.distance, Hkv)  # (Hkv, n*g, d)
         # (Hkv, n*g, d), (Hkv, n*g); the positions are consecutive, so the first is last - n + 1
@@ -136,46 +142,82 @@ def memory_attention(
     return out, torch.cat([lse.reshape(Hkv, -1) for _, lse in parts], 1)
 
 
+def band_bounds(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> tuple[int, int]:
+    """(far_end, near_start) for queries q_pos (n,), the last n of the resident keys k_pos
+    (T,), sorted: keys [0, far_end) are far from every query (Self-Extend's grouped
+    placement), [near_start, T) near every query (exact positions), the band between near
+    for some queries and far for the others (n - 1 keys at most; none for one query)."""
+    s, n = int(q_pos[0]), q_pos.shape[0]
+    far_end = int(torch.searchsorted(k_pos, s - window, right=True))
+    near_start = int(torch.searchsorted(k_pos, s + n - 1 - window, right=True))
+    return far_end, near_start
+
+
 def banded_resident_partials(
     q: torch.Tensor,
     q_pos: torch.Tensor,
-    k: torch.Tensor,
+    k_group: torch.Tensor,
     k_rope: torch.Tensor,
     v: torch.Tensor,
     k_pos: torch.Tensor,
     rope: RotaryEmbedding,
     se: SelfExtend,
 ) -> list[Partial]:
-    """`resident_partials` for a chunk of n <= W queries that are the last n resident tokens,
-    with the keys (sorted by position) cut into three runs so that masks are only needed on
-    a thin band (every run through the fused kernel):
+    """`resident_partials` for a chunk of n <= W queries that are the last n of T resident
+    tokens, with the keys (sorted by position) cut by `band_bounds` into three runs so
+    that masks are only needed on a thin band (every run through the fused kernel):
 
     * p <= s - W: far from every query: grouped positions, no mask (fused kernel);
     * s - W < p <= s + n - 1 - W: near for some queries, far for others (both placements,
-      each masked to its queries; n keys);
+      each masked to its queries; n - 1 keys);
     * p > s + n - 1 - W: near for every query: exact positions, the prefix without a mask,
       the chunk's own keys causal (fused kernel).
+
+    k_group: keys [0, near_start) rotated at their grouped positions; k_rope: keys
+    [far_end, T) rotated at their own positions (the page pool keeps both); v: all T.
+    A decode step (n = 1) has no band: one softmax over both runs (`two_run_partial`).
     """
     n, W = q.shape[0], se.window
     if n > W:
         raise ValueError(f"a chunk of {n} queries exceeds the Self-Extend window W={W}")
-    s = int(q_pos[0])
-    far_end = int(torch.searchsorted(k_pos, s - W, right=True))
-    near_start = int(torch.searchsorted(k_pos, s + n - 1 - W, right=True))
-    own = k.shape[0] - n
+    T = v.shape[0]
+    near_start, far_end = k_group.shape[0], T - k_rope.shape[0]
     qn = rotate(q, rope.at(q_pos))  # (n, Hq, d) at exact positions
-    parts = [flash_partial(qn, k_rope[own:], v[own:], causal=True)]
+    qg = rotate(q, rope.at(se.grouped_query_positions(q_pos))) if near_start else qn  # (n, Hq, d)
+    if n == 1:
+        return [two_run_partial(qg, k_group, qn, k_rope, v)]
+    own = T - n
+    parts = [flash_partial(qn, k_rope[own - far_end :], v[own:], causal=True)]
     if own > near_start:
-        parts.append(flash_partial(qn, k_rope[near_start:own], v[near_start:own], causal=False))
-    if near_start:
-        # Grouped placement for every key that is far from some query (far run + band).
-        qg = rotate(q, rope.at(se.grouped_query_positions(q_pos)))  # (n, Hq, d)
-        kg = rotate(k[:near_start], rope.at(se.grouped_key_positions(k_pos[:near_start])))
-        if far_end:
-            parts.append(flash_partial(qg, kg[:far_end], v[:far_end], causal=False))
-        if near_start > far_end:
-            band = slice(far_end, near_start)
-            rel = q_pos[:, None] - k_pos[None, band]  # (n, band)
-            parts.append(flash_partial(qn, k_rope[band], v[band], False, (rel >= 0) & (rel < W)))
-            parts.append(flash_partial(qg, kg[band], v[band], False, rel >= W))
+        parts.append(
+            flash_partial(qn, k_rope[near_start - far_end : own - far_end], v[near_start:own], causal=False)
+        )
+    if far_end:
+        parts.append(flash_partial(qg, k_group[:far_end], v[:far_end], causal=False))
+    if near_start > far_end:
+        band = slice(far_end, near_start)
+        rel = q_pos[:, None] - k_pos[None, band]  # (n, band)
+        parts.append(
+            flash_partial(qn, k_rope[: near_start - far_end], v[band], False, (rel >= 0) & (rel < W))
+        )
+        parts.append(flash_partial(qg, k_group[band], v[band], False, rel >= W))
     return parts
+
+
+def two_run_partial(
+    qa: torch.Tensor, ka: torch.Tensor, qb: torch.Tensor, kb: torch.Tensor, v: torch.Tensor
+) -> Partial:
+    """One query (1, Hq, d) over two runs of keys, each with its own rotation of the query:
+    qa over ka (Ta, Hkv, d), qb over kb (Tb, Hkv, d); v (Ta + Tb, Hkv, d) in the same order.
+    One softmax by batched matmuls: for a single query row that is cheaper than two fused
+    calls and a merge (see SMALL_QUERY_ROWS)."""
+    _, Hq, d = qa.shape
+    Hkv = v.shape[1]
+    g = Hq // Hkv
+    scores = torch.cat(
+        [torch.bmm(q.view(Hkv, g, d), k.permute(1, 2, 0)) for q, k in ((qa, ka), (qb, kb))], -1
+    ).float()  # (Hkv, g, Ta + Tb)
+    scores.mul_(d**-0.5)
+    lse = scores.logsumexp(-1, keepdim=True)
+    out = torch.bmm(scores.sub_(lse).exp_().to(v.dtype), v.transpose(0, 1))  # (Hkv, g, d)
+    return out.view(1, Hq, d).to(qa.dtype), lse.view(1, Hq)

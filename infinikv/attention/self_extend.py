@@ -37,7 +37,12 @@ class SelfExtend:
         return q_pos // self.group + self.window - self.window // self.group
 
     def grouped_key_positions(self, k_pos: torch.Tensor) -> torch.Tensor:
-        return k_pos // self.group
+        return grouped_key_positions(k_pos, self.group)
+
+
+def grouped_key_positions(k_pos: torch.Tensor, group: int) -> torch.Tensor:
+    """Where a key sits in the grouped region (also what the page pool's `k_group` holds)."""
+    return k_pos // group
 
 
 def resident_partials(
@@ -65,7 +70,7 @@ def resident_partials(
 
 def at_memory_distance(q: torch.Tensor, rope: RotaryEmbedding, distance: int) -> torch.Tensor:
     """R(D) q: (n, Hq, d) before RoPE -> the vector to search un-rotated memory keys with."""
-    return rotate(q, rope.at(torch.full((q.shape[0],), distance, device=q.device)))
+    return rotate(q, rope.phases(distance + 1)[distance])  # one phase row, broadcast
 
 
 def memory_partial(

@@ -83,7 +83,8 @@ class Generator:
         self.slots = slots
         # Speculative decoding: a fresh drafter per generation (it keeps per-sequence state).
         self.drafter_factory, self.max_draft = drafter_factory, max_draft
-        self.pool = self.model.new_page_pool(slots * pool_tokens, page_size, fill_value)
+        group = 1 if long_context is None else long_context.group
+        self.pool = self.model.new_page_pool(slots * pool_tokens, page_size, fill_value, group)
         self._lock = threading.Lock()
 
     @property

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 
 from infinikv.attention.long_context import LongContextState
+from infinikv.attention.self_extend import grouped_key_positions
 from infinikv.engine.long_context import LongContextConfig
 from infinikv.memory.evicted import EvictedMemory
 from infinikv.memory.index import CorruptSnapshotError
@@ -206,12 +207,16 @@ class Sequence:
             idx = torch.tensor(pages, device=self.pool.k.device)
             k = kv[0].to(self.pool.k.device, self.pool.k.dtype)  # (L, n, B, H, d)
             positions = (torch.tensor(blocks)[:, None] * B + torch.arange(B)).flatten().to(k.device)
-            phases = model.rope.at(positions)
             self.pool.k[:, idx] = k
             self.pool.v[:, idx] = kv[1].to(self.pool.v.device, self.pool.v.dtype)
-            for layer in range(L):
-                rotated = rotate(k[layer].flatten(0, 1), phases)  # (n * B, H, d)
-                self.pool.k_rope[layer, idx] = rotated.view(len(pages), B, H, d)
+            rotations = [(self.pool.k_rope, positions)]
+            if self.pool.k_group is not self.pool.k_rope:
+                rotations.append((self.pool.k_group, grouped_key_positions(positions, self.pool.group)))
+            for cache, at in rotations:
+                phases = model.rope.at(at)
+                for layer in range(L):
+                    rotated = rotate(k[layer].flatten(0, 1), phases)  # (n * B, H, d)
+                    cache[layer, idx] = rotated.view(len(pages), B, H, d)
         self.tokens = tokens
         self.saved_blocks = length // B
 

@@ -7,8 +7,6 @@ gathers its rows with one index_select per layer, as from a plain tensor."""
 
 from __future__ import annotations
 
-import itertools
-from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
@@ -42,8 +40,14 @@ class BlockCache:
         # become resident only when a slot is first written. An unbounded one doubles.
         slots = capacity or 0
         self.slab = torch.empty(2, L, slots, B, H, d, dtype=dtype, device=device)  # (k|v, L, slot, B, Hkv, d)
-        # Per layer: block -> slot, least recent first; slots [0, used) hold blocks.
-        self._slot: list[OrderedDict[int, int]] = [OrderedDict() for _ in range(L)]
+        # Per layer, as tensors (a lookup is one gather, whatever the number of blocks): the
+        # slot of every block number (-1: not in RAM), the block in every slot (-1: free)
+        # and when every slot was last read (a tick: the least recent leave first). Slots
+        # [0, used) have been written.
+        self._slot_of = torch.full((L, 0), -1, dtype=torch.long)
+        self._block_in = torch.full((L, slots), -1, dtype=torch.long)
+        self._read_at = torch.zeros(L, slots, dtype=torch.long)
+        self._tick = 0
         self._used = [0] * L
         self.fetched = 0  # blocks' layers read back from the store
 
@@ -55,56 +59,84 @@ class BlockCache:
 
     def held(self, layer: int) -> int:
         """Blocks `layer` holds."""
-        return len(self._slot[layer])
+        return int((self._block_in[layer] >= 0).sum())
 
     def put(self, blocks: list[int], kv: torch.Tensor) -> None:
         """Newly evicted blocks with their payloads kv (2, L, n, B, Hkv, d), into every layer."""
         keep = blocks if self.capacity is None else blocks[-self.capacity :]
+        if not keep:
+            return
+        new = torch.tensor(keep, dtype=torch.long)
+        self._grow_map(max(keep) + 1)
         for layer in range(self.shape[0]):
-            slots = self._take(layer, len(keep), protected=set())
-            for block, slot in zip(keep, slots, strict=True):
-                self._slot[layer][block] = slot
+            slots = self._take(layer, len(keep), protected=torch.empty(0, dtype=torch.long))
+            self._assign(layer, new, slots)
             self.slab[:, layer, slots] = kv[:, layer, len(blocks) - len(keep) :].to(self.slab)
 
-    def slots(self, layer: int, blocks: list[int]) -> torch.Tensor:
-        """Slots holding `layer` of `blocks` (distinct), reading the missing ones from the store."""
-        if self.capacity is not None and len(blocks) > self.capacity:
-            raise ValueError(f"{len(blocks)} blocks needed at once, the cache holds {self.capacity}")
-        held = self._slot[layer]
-        missing = [b for b in blocks if b not in held]
-        for b in blocks:
-            if b in held:
-                held.move_to_end(b)
-        if missing:
+    def slots(self, layer: int, blocks: torch.Tensor) -> torch.Tensor:
+        """Slots (blocks' shape) holding `layer` of `blocks` (block numbers on the host,
+        repeats allowed), reading the missing ones from the store in one call."""
+        self._grow_map(int(blocks.max()) + 1 if blocks.numel() else 0)
+        slot = self._slot_of[layer][blocks]
+        absent = slot < 0
+        if bool(absent.any()):
+            needed = blocks.unique()
+            if self.capacity is not None and needed.numel() > self.capacity:
+                raise ValueError(f"{needed.numel()} blocks needed at once, the cache holds {self.capacity}")
             if self._fetch is None:
-                raise KeyError(f"blocks {missing[:5]} are not in memory")
-            kv = self._fetch(layer, missing)
-            self.fetched += len(missing)
-            fresh = self._take(layer, len(missing), protected=set(blocks))
-            for block, slot in zip(missing, fresh, strict=True):
-                held[block] = slot
+                raise KeyError(f"blocks {blocks[absent].unique()[:5].tolist()} are not in memory")
+            missing = blocks[absent].unique()
+            kv = self._fetch(layer, missing.tolist())
+            self.fetched += missing.numel()
+            held = self._slot_of[layer][needed]
+            fresh = self._take(layer, missing.numel(), protected=held[held >= 0])
+            self._assign(layer, missing, fresh)
             self.slab[:, layer, fresh] = kv.to(self.slab)
-        return torch.tensor([held[b] for b in blocks], dtype=torch.long)
+            slot = self._slot_of[layer][blocks]
+        self._tick += 1
+        self._read_at[layer, slot] = self._tick
+        return slot
 
-    def _take(self, layer: int, n: int, protected: set[int]) -> list[int]:
-        """n free slots of `layer`: never used ones (up to the capacity), then the least
-        recently used blocks' (never a protected block's)."""
+    def _grow_map(self, blocks: int) -> None:
+        """Room in the block -> slot map for block numbers below `blocks` (doubling)."""
+        have = self._slot_of.shape[1]
+        if blocks > have:
+            grown = torch.full((self.shape[0], max(blocks, 2 * have)), -1, dtype=torch.long)
+            grown[:, :have] = self._slot_of
+            self._slot_of = grown
+
+    def _assign(self, layer: int, blocks: torch.Tensor, slots: torch.Tensor) -> None:
+        """Record that `slots` now hold `blocks` (read now)."""
+        self._tick += 1
+        self._slot_of[layer, blocks] = slots
+        self._block_in[layer, slots] = blocks
+        self._read_at[layer, slots] = self._tick
+
+    def _take(self, layer: int, n: int, protected: torch.Tensor) -> torch.Tensor:
+        """n free slots of `layer`: never used ones (up to the capacity), then those of the
+        least recently read blocks (never a protected slot's), which leave RAM."""
         used = self._used[layer]
         fresh = n if self.capacity is None else min(n, self.capacity - used)
         have = self.slab.shape[2]
         if used + fresh > have:  # unbounded: grow by doubling
-            slab = self.slab.new_empty(
-                *self.slab.shape[:2], max(used + fresh, 2 * have), *self.slab.shape[3:]
-            )
+            size = max(used + fresh, 2 * have)
+            slab = self.slab.new_empty(*self.slab.shape[:2], size, *self.slab.shape[3:])
             slab[:, :, :have] = self.slab
             self.slab = slab
-        taken = list(range(used, used + fresh))
+            self._block_in = torch.cat(
+                [self._block_in, self._block_in.new_full((self.shape[0], size - have), -1)], 1
+            )
+            self._read_at = torch.cat([self._read_at, self._read_at.new_zeros(self.shape[0], size - have)], 1)
         self._used[layer] += fresh
-        held = self._slot[layer]
-        victims = itertools.islice((b for b in held if b not in protected), n - len(taken))  # oldest first
-        for block in list(victims):  # read only as far as needed, not the whole tier
-            taken.append(held.pop(block))
-        return taken
+        taken = torch.arange(used, used + fresh)
+        if n == fresh:
+            return taken
+        # Oldest read first; among slots read at once, the lowest first (deterministic).
+        age = self._read_at[layer, :used].clone()
+        age[protected] = torch.iinfo(torch.long).max
+        victims = age.argsort(stable=True)[: n - fresh]
+        self._slot_of[layer, self._block_in[layer, victims]] = -1
+        return torch.cat([taken, victims])
 
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of `layer`: (slots * B * Hkv, d) views, row (slot * B + offset) * Hkv + h."""

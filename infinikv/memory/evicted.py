@@ -462,8 +462,7 @@ class EvictedMemory:
 
     def _slots(self, layer: int, blocks: torch.Tensor) -> torch.Tensor:
         """The RAM tier's slots (same shape) holding `layer` of relative blocks."""
-        needed, which = torch.unique(blocks, return_inverse=True)
-        return self.cache.slots(layer, [(self.first_block or 0) + b for b in needed.tolist()])[which]
+        return self.cache.slots(layer, blocks + (self.first_block or 0))
 
     def _head_rows(self, cached: torch.Tensor) -> torch.Tensor:
         """Rows (Hkv, ...) of the cache slab (slot * B + offset), each head its own -> rows

@@ -4,7 +4,9 @@ Keys are stored before RoPE (`k`, see `infinikv.model.rope`): that is the canoni
 which later placements (Self-Extend groups, memory distance) and eviction read. Beside it,
 `k_rope` holds each key rotated at its own position, written once with the key: exact-position
 attention reads it directly instead of re-rotating the whole cache at every decode step
-(measured: that rotation cost ~6 ms per token at 2k context on 2 CPU cores). Page 0 is a reserved null page
+(measured: that rotation cost ~6 ms per token at 2k context on 2 CPU cores). A pool for
+Self-Extend with group G > 1 also keeps `k_group`, each key rotated at its grouped position
+position // G, for the same reason (the same tensor as `k_rope` when G = 1). Page 0 is a reserved null page
 that is never handed out, so a padded block table can point at it safely (vLLM's
 convention). Allocation takes the lowest free page ids (a min-heap) so that a sequence's
 pages tend to form one contiguous run: attention then reads them as a view of the pool
@@ -32,10 +34,13 @@ class LayerKV:
     k: torch.Tensor  # keys before RoPE
     k_rope: torch.Tensor  # keys rotated at their own positions
     v: torch.Tensor
+    k_group: torch.Tensor  # keys rotated at their Self-Extend positions position // group
+    group: int
 
 
 class PagePool:
-    """KV storage for every layer: `k`, `k_rope`, `v` are (L, P, B, Hkv, d), B tokens per page."""
+    """KV storage for every layer: `k`, `k_rope`, `v`, `k_group` are (L, P, B, Hkv, d), B
+    tokens per page; `group` is the Self-Extend group size `k_group` is rotated for."""
 
     def __init__(
         self,
@@ -47,15 +52,18 @@ class PagePool:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         fill_value: float | None = None,
+        group: int = 1,
     ):
-        if page_size < 1:
-            raise ValueError(f"page_size must be >= 1, got {page_size}")
+        if page_size < 1 or group < 1:
+            raise ValueError(f"page_size and group must be >= 1, got {page_size} and {group}")
         if num_pages < 2:
             raise ValueError(f"num_pages must be >= 2 (page 0 is reserved), got {num_pages}")
         shape = (num_layers, num_pages, page_size, num_kv_heads, head_dim)
         # torch.empty leaves memory untouched, so RSS grows only with pages actually written.
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.k_rope = torch.empty(shape, dtype=dtype, device=device)
+        self.group = group
+        self.k_group = self.k_rope if group == 1 else torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)
         self.page_size = page_size
         # Tests set fill_value=NaN: a read of a slot that was never written poisons the output.
@@ -87,18 +95,31 @@ class PagePool:
             )
         pages = [heapq.heappop(self._free) for _ in range(n)]
         if self.fill_value is not None:
-            for cache in (self.k, self.k_rope, self.v):
+            for cache in self._caches():
                 cache[:, pages] = self.fill_value
         return pages
 
     def layer(self, i: int) -> LayerKV:
-        return LayerKV(self.k[i], self.k_rope[i], self.v[i])
+        return LayerKV(self.k[i], self.k_rope[i], self.v[i], self.k_group[i], self.group)
+
+    def _caches(self) -> list[torch.Tensor]:
+        """The distinct cache tensors (`k_group` is `k_rope` when group is 1)."""
+        return [self.k, self.k_rope, self.v] + [self.k_group] * (self.k_group is not self.k_rope)
 
     def write(
-        self, i: int, slots: torch.Tensor, k: torch.Tensor, k_rope: torch.Tensor, v: torch.Tensor
+        self,
+        i: int,
+        slots: torch.Tensor,
+        k: torch.Tensor,
+        k_rope: torch.Tensor,
+        v: torch.Tensor,
+        k_group: torch.Tensor,
     ) -> None:
-        """Store layer i's new tokens: slots (N,) long; k, k_rope, v (N, Hkv, d)."""
-        for cache, new in ((self.k, k), (self.k_rope, k_rope), (self.v, v)):
+        """Store layer i's new tokens: slots (N,) long; k, k_rope, v, k_group (N, Hkv, d)."""
+        news = [(self.k, k), (self.k_rope, k_rope), (self.v, v)]
+        if self.k_group is not self.k_rope:
+            news.append((self.k_group, k_group))
+        for cache, new in news:
             cache[i].view(-1, *new.shape[1:]).index_copy_(0, slots, new)
 
     def free(self, pages: list[int]) -> None:
@@ -124,16 +145,19 @@ class PageList:
         end = (blocks[-1] + 1) * page_size if blocks else 0
         return cls(ids, pages[0] if run else None, positions, end)
 
-    def gather(self, cache: torch.Tensor, length: int) -> torch.Tensor:
-        """The first `length` resident tokens: cache (P, B, H, d) -> (length, H, d).
+    def gather(self, cache: torch.Tensor, stop: int, start: int = 0) -> torch.Tensor:
+        """Resident tokens [start, stop) in page order: cache (P, B, H, d) -> (stop - start, H, d).
 
-        A contiguous run is a view of the pool (no copy); otherwise the pages are gathered.
+        A contiguous run is a view of the pool (no copy); otherwise only the pages that hold
+        those tokens are gathered.
         """
+        B = cache.shape[1]
+        first, last = start // B, -(-stop // B)  # the pages holding [start, stop)
         if self.first is not None:
-            pages = cache[self.first : self.first + self.ids.shape[0]]  # (n, B, H, d) view
+            pages = cache[self.first + first : self.first + last]  # (n, B, H, d) view
         else:
-            pages = cache.index_select(0, self.ids)  # (n, B, H, d) copy
-        return pages.flatten(0, 1)[:length]
+            pages = cache.index_select(0, self.ids[first:last])  # (n, B, H, d) copy
+        return pages.flatten(0, 1)[start - first * B : stop - first * B]
 
 
 class BlockTable:

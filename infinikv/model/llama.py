@@ -17,6 +17,7 @@ from torch import nn
 from infinikv.attention.backend import AttentionBackend, LongContextAttentionBackend
 from infinikv.attention.long_context import LongContextState, paged_long_context_attention
 from infinikv.attention.paged_torch import paged_causal_attention
+from infinikv.attention.self_extend import grouped_key_positions
 from infinikv.memory.pages import LayerKV, PageList, PagePool
 from infinikv.model.config import ModelConfig
 from infinikv.model.linear import DenseLinear
@@ -91,7 +92,11 @@ class LlamaModel(nn.Module):
     def device(self) -> torch.device:
         return self.embed.device
 
-    def new_page_pool(self, max_tokens: int, page_size: int, fill_value: float | None = None) -> PagePool:
+    def new_page_pool(
+        self, max_tokens: int, page_size: int, fill_value: float | None = None, group: int = 1
+    ) -> PagePool:
+        """A pool for this model's keys and values; `group`: the Self-Extend group size of the
+        long-context sequences it will hold (1 for plain attention)."""
         cfg = self.cfg
         return PagePool.for_tokens(
             max_tokens,
@@ -102,6 +107,7 @@ class LlamaModel(nn.Module):
             dtype=self.dtype,
             device=self.device,
             fill_value=fill_value,
+            group=group,
         )
 
     def _attend(
@@ -126,13 +132,18 @@ class LlamaModel(nn.Module):
         D, eps = cfg.hidden_size, cfg.rms_norm_eps
         x = F.embedding(batch.tokens, self.embed)  # (N, D)
         phases = self.rope.at(batch.positions)  # (N, d/2), shared by all layers
+        grouped = (
+            phases if pool.group == 1 else self.rope.at(grouped_key_positions(batch.positions, pool.group))
+        )
         for i, module in enumerate(self.layers[:num_layers]):
             layer = cast(DecoderLayer, module)
             h = F.rms_norm(x, (D,), layer.input_norm, eps)  # (N, D)
             qkv = layer.qkv(h)  # (N, (Hq + 2Hkv) d)
             q, k, v = qkv.split([Hq * d, Hkv * d, Hkv * d], dim=-1)
             k = k.view(N, Hkv, d)
-            pool.write(i, batch.slots, k, rotate(k, phases), v.view(N, Hkv, d))
+            k_rope = rotate(k, phases)
+            k_group = k_rope if pool.group == 1 else rotate(k, grouped)
+            pool.write(i, batch.slots, k, k_rope, v.view(N, Hkv, d), k_group)
             kv = pool.layer(i)
             q = q.view(N, Hq, d)
             outs = [self._attend(i, q, batch.positions, kv, s) for s in batch.seqs]  # each (n_s, Hq, d)
