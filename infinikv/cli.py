@@ -85,7 +85,7 @@ def _build_parser() -> ArgumentParser:
     lc.add_argument(
         "--sketch-every",
         type=_positive_int,
-        help="positions per full read of the key sketch; between, its favourites only (default 8)",
+        help="positions per full read of the key sketch; between, its favourites only (default 1)",
     )
     lc.add_argument("--memory-distance", type=_positive_int, help="relative position memory is read at")
     lc.add_argument("--index", choices=INDEX_KINDS, help="FAISS index for the memory")
