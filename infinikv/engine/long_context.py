@@ -50,8 +50,9 @@ class LongContextConfig:
     # the memory. Favourites are a function of position, so speculative decoding stays
     # identical to plain decoding. 1 (the default): every position reads the whole sketch.
     # 8 decodes 1.17x faster at 32k tokens but recalled less: the 30-turn conversation of
-    # tests/test_service.py found its fact in 3 of 7 runs on a CPU without AMX (7 of 7 with
-    # 1 or exact logits over every block), and one more 32k passkey depth was lost.
+    # tests/test_service.py found its fact in 3 of 7 runs on a CPU without AMX (in every
+    # run with 1: 4 of 4, and with exact logits over every block: 2 of 2), and one more 32k
+    # passkey depth was lost.
     sketch_every: int = 1
     # Block granularity: host RAM for evicted blocks' keys and values (the block store holds
     # them all; the least recently used leave RAM first). Must hold what one retrieval reads
