@@ -8,7 +8,6 @@ from collections.abc import Callable
 import torch
 
 from infinikv.attention.long_context import LongContextState
-from infinikv.attention.self_extend import grouped_key_positions
 from infinikv.engine.long_context import LongContextConfig
 from infinikv.memory.evicted import EvictedMemory
 from infinikv.memory.index import CorruptSnapshotError
@@ -25,7 +24,6 @@ from infinikv.memory.payload import (
 from infinikv.memory.store import BlockStore
 from infinikv.model.config import ModelConfig
 from infinikv.model.llama import ForwardBatch, LlamaModel, SequenceSlice
-from infinikv.model.rope import rotate
 
 ProgressFn = Callable[[int, int], None]  # (tokens done, tokens total)
 
@@ -204,19 +202,13 @@ class Sequence:
         pages = self.table.adopt(blocks, length, evicted, int(meta["evicted_until"]))
         if pages:
             kv = blocks_from_bytes([p for p in payloads if p], torch.float32, (L, B, H, d))
-            idx = torch.tensor(pages, device=self.pool.k.device)
-            k = kv[0].to(self.pool.k.device, self.pool.k.dtype)  # (L, n, B, H, d)
-            positions = (torch.tensor(blocks)[:, None] * B + torch.arange(B)).flatten().to(k.device)
-            self.pool.k[:, idx] = k
-            self.pool.v[:, idx] = kv[1].to(self.pool.v.device, self.pool.v.dtype)
-            rotations = [(self.pool.k_rope, positions)]
-            if self.pool.k_group is not self.pool.k_rope:
-                rotations.append((self.pool.k_group, grouped_key_positions(positions, self.pool.group)))
-            for cache, at in rotations:
-                phases = model.rope.at(at)
-                for layer in range(L):
-                    rotated = rotate(k[layer].flatten(0, 1), phases)  # (n * B, H, d)
-                    cache[layer, idx] = rotated.view(len(pages), B, H, d)
+            device = self.pool.k.device
+            k, v = kv.to(device, self.pool.k.dtype).flatten(2, 3)  # (L, n * B, H, d) each
+            slots = (torch.tensor(pages)[:, None] * B + torch.arange(B)).flatten().to(device)
+            positions = (torch.tensor(blocks)[:, None] * B + torch.arange(B)).flatten().to(device)
+            phases = model.key_phases(self.pool, positions)
+            for layer in range(L):
+                model.write_kv(self.pool, layer, slots, k[layer], v[layer], phases)
         self.tokens = tokens
         self.saved_blocks = length // B
 

@@ -110,6 +110,27 @@ class LlamaModel(nn.Module):
             group=group,
         )
 
+    def key_phases(self, pool: PagePool, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Phases (N, d/2) of keys at `positions` as `pool` keeps them: at their own positions
+        (`k_rope`) and at their grouped ones (`k_group`; the same for an ungrouped pool)."""
+        own = self.rope.at(positions)
+        return own, own if pool.group == 1 else self.rope.at(grouped_key_positions(positions, pool.group))
+
+    @staticmethod
+    def write_kv(
+        pool: PagePool,
+        layer: int,
+        slots: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        phases: tuple[torch.Tensor, torch.Tensor],
+    ) -> None:
+        """Write one layer's keys (before RoPE) and values (N, Hkv, d) into `pool` at slots
+        (N,), with the rotated copies it keeps; `phases` from `key_phases`."""
+        k_rope = rotate(k, phases[0])
+        k_group = k_rope if pool.group == 1 else rotate(k, phases[1])
+        pool.write(layer, slots, k, k_rope, v, k_group)
+
     def _attend(
         self, layer: int, q: torch.Tensor, positions: torch.Tensor, kv: LayerKV, s: SequenceSlice
     ) -> torch.Tensor:
@@ -131,19 +152,13 @@ class LlamaModel(nn.Module):
         Hq, Hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         D, eps = cfg.hidden_size, cfg.rms_norm_eps
         x = F.embedding(batch.tokens, self.embed)  # (N, D)
-        phases = self.rope.at(batch.positions)  # (N, d/2), shared by all layers
-        grouped = (
-            phases if pool.group == 1 else self.rope.at(grouped_key_positions(batch.positions, pool.group))
-        )
+        phases = self.key_phases(pool, batch.positions)  # shared by all layers
         for i, module in enumerate(self.layers[:num_layers]):
             layer = cast(DecoderLayer, module)
             h = F.rms_norm(x, (D,), layer.input_norm, eps)  # (N, D)
             qkv = layer.qkv(h)  # (N, (Hq + 2Hkv) d)
             q, k, v = qkv.split([Hq * d, Hkv * d, Hkv * d], dim=-1)
-            k = k.view(N, Hkv, d)
-            k_rope = rotate(k, phases)
-            k_group = k_rope if pool.group == 1 else rotate(k, grouped)
-            pool.write(i, batch.slots, k, k_rope, v.view(N, Hkv, d), k_group)
+            self.write_kv(pool, i, batch.slots, k.view(N, Hkv, d), v.view(N, Hkv, d), phases)
             kv = pool.layer(i)
             q = q.view(N, Hq, d)
             outs = [self._attend(i, q, batch.positions, kv, s) for s in batch.seqs]  # each (n_s, Hq, d)
