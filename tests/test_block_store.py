@@ -296,9 +296,8 @@ def test_block_cache_keeps_each_layers_most_recently_used_within_its_capacity() 
     cache.put(list(range(5)), torch.cat([payload[b] for b in range(5)], 2))
     assert cache.held(0) == cache.held(1) == 3 and calls == []  # blocks 2, 3, 4 stay in both
     assert cache.nbytes == 2 * 3 * 2 * 2 * 4
-    slots = cache.slots(
-        0, torch.tensor([2, 0, 4])
-    )  # 0 is fetched for layer 0; 3, its least recently used, leaves
+    # 0 is fetched for layer 0; 3, its least recently used, leaves
+    slots = cache.slots(0, torch.tensor([2, 0, 4]))
     assert calls == [(0, [0])] and values(0, slots) == [2.0, 0.0, 4.0]
     assert values(1, cache.slots(1, torch.tensor([3]))) == [13.0]  # layer 1 still holds 3: no read
     cache.slots(0, torch.tensor([3]))
@@ -321,6 +320,8 @@ def test_an_unbounded_block_cache_grows_and_keeps_every_block() -> None:
     every = [float(b) for b in range(7)]
     assert k.view(-1, 2)[slots, 1].tolist() == v.view(-1, 2)[slots, 0].tolist() == every
     assert cache.nbytes == 7 * 2 * 2 * 4 and cache.slab.shape[2] == 8
+    repeated = cache.slots(0, torch.tensor([[3, 3], [0, 6]]))  # any shape, repeats allowed
+    assert repeated.tolist() == [[slots[3].item()] * 2, [slots[0].item(), slots[6].item()]]
     with pytest.raises(KeyError, match="not in memory"):
         cache.slots(0, torch.tensor([7]))
 
