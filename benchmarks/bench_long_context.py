@@ -12,7 +12,8 @@ Every (mode, length) runs in its own process (peak RSS is its own). Rows replace
 the same (mode, length, variant) in benchmarks/results/long_context.json, so a run can measure
 some cells with fewer depths (`--depths`); the charts docs/long_context_{accuracy,speed}.png
 are drawn from the default variant's rows. A variant changes the memory modes' index,
-granularity, sketch interval or block store:
+granularity, sketch interval or block store, or the infinikv modes' weights (`--quantize
+int4`: the GGUF's own 4-bit groups; transformers keeps the de-quantized float32 weights):
 
     python benchmarks/bench_long_context.py --modes se+memory --lengths 32768 --redis-url redis://127.0.0.1:6379
 """
@@ -63,6 +64,7 @@ def variant(args: argparse.Namespace) -> str:
     parts += [f"granularity={args.granularity}"] * (args.granularity != "block")
     parts += [f"sketch_every={args.sketch_every}"] * (args.sketch_every != LongContextConfig.sketch_every)
     parts += ["store=redis"] * bool(args.redis_url)
+    parts += [f"quantize={args.quantize}"] * (args.quantize != "none")
     return " ".join(parts)
 
 
@@ -102,7 +104,7 @@ def run_cell(mode: str, length: int, args: argparse.Namespace) -> dict:
         from infinikv.memory.store import open_store
         from infinikv.model.loader import load_model
 
-        loaded = load_model(None, settings.cache_dir)
+        loaded = load_model(None, settings.cache_dir, quantize=args.quantize)
         config = long_context_config(mode, length, args.index, args.granularity, args.sketch_every)
         store = open_store(args.redis_url, cluster=False)  # in-process (the default) without a URL
         gen = Generator(loaded, max_seq_len=64, long_context=config, store=store)
@@ -202,6 +204,9 @@ def main() -> None:
         help="memory modes' positions per full read of the key sketch",
     )
     ap.add_argument("--redis-url", help="memory modes' block store (default: in-process)")
+    ap.add_argument(
+        "--quantize", choices=["none", "int4"], default="none", help="infinikv modes' decoder weights"
+    )
     ap.add_argument("--cell", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.cell:
