@@ -228,7 +228,8 @@ def main() -> None:
                 f"decode {row['decode_tok_s']:.1f} tok/s  peak RSS {row['peak_rss_mb']:.0f} MB",
                 flush=True,
             )
-            results.write_text(json.dumps(rows, indent=2))  # after every cell: a long run keeps its rows
+            # After every cell: a long run keeps its rows.
+            results.write_text(json.dumps(rows, indent=2) + "\n")
     charts(rows, root.parent / "docs")
 
 
