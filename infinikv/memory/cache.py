@@ -83,9 +83,9 @@ class BlockCache:
             needed = blocks.unique()
             if self.capacity is not None and needed.numel() > self.capacity:
                 raise ValueError(f"{needed.numel()} blocks needed at once, the cache holds {self.capacity}")
-            if self._fetch is None:
-                raise KeyError(f"blocks {blocks[absent].unique()[:5].tolist()} are not in memory")
             missing = blocks[absent].unique()
+            if self._fetch is None:
+                raise KeyError(f"blocks {missing[:5].tolist()} are not in memory")
             kv = self._fetch(layer, missing.tolist())
             self.fetched += missing.numel()
             held = self._slot_of[layer][needed]

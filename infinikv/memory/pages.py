@@ -115,11 +115,9 @@ class PagePool:
         v: torch.Tensor,
         k_group: torch.Tensor,
     ) -> None:
-        """Store layer i's new tokens: slots (N,) long; k, k_rope, v, k_group (N, Hkv, d)."""
-        news = [(self.k, k), (self.k_rope, k_rope), (self.v, v)]
-        if self.k_group is not self.k_rope:
-            news.append((self.k_group, k_group))
-        for cache, new in news:
+        """Store layer i's new tokens: slots (N,) long; k, k_rope, v, k_group (N, Hkv, d)
+        (k_group is not stored when the pool keeps no separate copy: group 1)."""
+        for cache, new in zip(self._caches(), (k, k_rope, v, k_group), strict=False):
             cache[i].view(-1, *new.shape[1:]).index_copy_(0, slots, new)
 
     def free(self, pages: list[int]) -> None:
