@@ -57,6 +57,7 @@ def test_long_context_logits_match_torch_backend(hf_model, device, granularity) 
     model.long_context_attention = triton_long_context_attention
     got, seq = logits_of(model, config(**kw), ids)
     assert seq.table.evicted_blocks > 5  # memory in play at prefill and decode
+    assert seq.table.page_list().sinks == 8  # and the sinks moved beside the window (PageList.of)
     torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
 
 

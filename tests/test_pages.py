@@ -129,3 +129,17 @@ def test_two_sequences_in_one_batch_equal_separate_runs(model) -> None:
     got = model(batch, pool)  # (3, V)
     torch.testing.assert_close(got[0], reference_logits(model, ids_a)[-1])
     torch.testing.assert_close(got[1:], reference_logits(model, ids_b)[-2:])
+
+
+def test_sinks_move_beside_the_rest_once_blocks_between_are_evicted() -> None:
+    from infinikv.memory.pages import PageList
+
+    cpu = torch.device("cpu")
+    # Sinks: blocks 0 and 1 (B = 4); blocks 2-4 evicted; the next resident token is at 20.
+    moved = PageList.of([1, 2, 3, 4], [0, 1, 5, 6], 4, cpu, sink_gap=3)
+    assert moved.sinks == 8 and moved.end == 28
+    assert moved.positions.tolist() == list(range(10, 18)) + list(range(20, 28))  # last sink at 20 - 3
+    # Too few evicted for the gap, nothing evicted, or no gap asked for: the sinks stay.
+    for blocks, gap in [([0, 1, 3, 4], 5), ([0, 1, 2, 3], 3), ([0, 1, 5, 6], 0)]:
+        kept = PageList.of([1, 2, 3, 4], blocks, 4, cpu, sink_gap=gap)
+        assert kept.sinks == 0 and kept.positions.tolist() == [b * 4 + t for b in blocks for t in range(4)]

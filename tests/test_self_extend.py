@@ -135,3 +135,31 @@ def test_banded_paged_regions_equal_the_reference(rope, n, W, G, evicted) -> Non
     want = merge_partials(resident_partials(q, q_pos, k, k_rope, v, k_pos, rope, se))
     torch.testing.assert_close(got[0], want[0], atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(got[1], want[1], atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 5], ids=["decode", "chunk"])
+def test_moved_sinks_are_attended_at_their_new_positions(rope, n) -> None:
+    """The paged path over a table whose sinks moved (PageList.of's sink_gap; the pool keeps
+    every key rotated at its old position) == the reference at the table's positions."""
+    from infinikv.attention.long_context import LongContextState, paged_long_context_attention
+    from infinikv.memory.pages import PageList, PagePool
+
+    B, W, G = 4, 8, 3
+    blocks = [0, 1] + list(range(6, 15))  # two sink blocks, 16 evicted tokens, then 9 blocks
+    T = len(blocks) * B
+    pool = PagePool(1, 16, B, num_kv_heads=2, head_dim=D_HEAD, fill_value=float("nan"), group=G)
+    ids = [3, 9, 1, 4, 12, 7, 2, 10, 5, 14, 8]  # shuffled pages: attention gathers them
+    pages = PageList.of(ids, blocks, B, torch.device("cpu"), sink_gap=W)
+    assert pages.sinks == 2 * B
+    own = torch.tensor([b * B + t for b in blocks for t in range(B)])
+    k, v = rand(T, 2, D_HEAD, seed=30), rand(T, 2, D_HEAD, seed=31)
+    slots = (torch.tensor(ids)[:, None] * B + torch.arange(B)).flatten()
+    pool.write(0, slots, k, rotate(k, rope.at(own)), v, rotate(k, rope.at(own // G)))
+    q, q_pos = rand(n, 6, D_HEAD, seed=32), own[T - n :]
+    se = SelfExtend(W, G)
+    state = LongContextState(se, top_k=1, distance=0, memory=None)
+    got = paged_long_context_attention(q, q_pos, pool.layer(0), pages, T, 0, rope, state)
+    want = long_context_attention(q, q_pos, k, v, pages.positions[:T], rope, se)[0]
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    unmoved = long_context_attention(q, q_pos, k, v, own, rope, se)[0]
+    assert not torch.allclose(got, unmoved, atol=1e-3)  # the move changes what is read

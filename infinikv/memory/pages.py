@@ -131,17 +131,33 @@ class PageList:
 
     ids: torch.Tensor  # (n_pages,) long, on the pool's device
     first: int | None  # when not None, ids == first, first + 1, ... (one contiguous run)
-    positions: torch.Tensor  # (n_pages * B,) long: the absolute position of every slot
+    positions: torch.Tensor  # (n_pages * B,) long: the position attention gives every slot
     end: int  # one past the last slot's position, known on the host (no device read)
+    sinks: int = 0  # leading slots whose positions were moved (`of`'s sink_gap), 0: none
 
     @classmethod
-    def of(cls, pages: list[int], blocks: list[int], page_size: int, device: torch.device) -> PageList:
+    def of(
+        cls, pages: list[int], blocks: list[int], page_size: int, device: torch.device, sink_gap: int = 0
+    ) -> PageList:
+        """Slot positions are block * B + offset, except, with `sink_gap` >= 1, the sinks'
+        (the blocks before the first jump in block numbers, which eviction leaves after
+        them) once enough blocks between them and the rest are gone: they move up to end
+        `sink_gap` positions before the next resident token, as StreamingLLM (Xiao et al.
+        2024) places its sinks beside the window it keeps. Left at their own positions, a
+        model trained to L tokens would read its sinks ever farther back; at 32k tokens
+        SmolLM2 (L = 8k) lost a passkey encoded 23k to 27k tokens in (README, "Long
+        context") and found it with the sinks moved."""
         run = bool(pages) and pages[-1] - pages[0] == len(pages) - 1 and pages == sorted(pages)
         ids = torch.tensor(pages, dtype=torch.long, device=device)
-        starts = torch.tensor(blocks, dtype=torch.long, device=device) * page_size  # (n_pages,)
-        positions = (starts[:, None] + torch.arange(page_size, device=device)).flatten()
+        starts = [b * page_size for b in blocks]
+        jump = next((i for i in range(1, len(blocks)) if blocks[i] != blocks[i - 1] + 1), 0)
+        shift = starts[jump] - sink_gap - (starts[jump - 1] + page_size - 1) if sink_gap and jump else 0
+        sinks = jump * page_size if shift > 0 else 0
+        starts[: sinks // page_size] = [s + shift for s in starts[: sinks // page_size]]
+        offsets = torch.arange(page_size, device=device)
+        positions = (torch.tensor(starts, dtype=torch.long, device=device)[:, None] + offsets).flatten()
         end = (blocks[-1] + 1) * page_size if blocks else 0
-        return cls(ids, pages[0] if run else None, positions, end)
+        return cls(ids, pages[0] if run else None, positions, end, sinks)
 
     def gather(self, cache: torch.Tensor, stop: int, start: int = 0) -> torch.Tensor:
         """Resident tokens [start, stop) in page order: cache (P, B, H, d) -> (stop - start, H, d).
@@ -165,8 +181,9 @@ class BlockTable:
     blocks are the sinks followed by one run of the most recent blocks.
     """
 
-    def __init__(self, pool: PagePool):
+    def __init__(self, pool: PagePool, sink_gap: int = 0):
         self.pool = pool
+        self.sink_gap = sink_gap  # see PageList.of: a long-context sequence's window W
         self.pages: list[int] = []
         self.blocks: list[int] = []
         self.length = 0  # tokens written, evicted ones included
@@ -246,5 +263,7 @@ class BlockTable:
     def page_list(self) -> PageList:
         """The pages as attention reads them (cached until the pages change)."""
         if self._page_list is None:
-            self._page_list = PageList.of(self.pages, self.blocks, self.pool.page_size, self.pool.k.device)
+            self._page_list = PageList.of(
+                self.pages, self.blocks, self.pool.page_size, self.pool.k.device, self.sink_gap
+            )
         return self._page_list
