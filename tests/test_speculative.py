@@ -30,12 +30,6 @@ def model():
     return ours_from_hf(tiny_hf_model("llama", seed=11, num_hidden_layers=3, max_position_embeddings=256))
 
 
-@pytest.fixture(scope="module")
-def other_model():
-    """A different random model with the same vocabulary, as a draft model."""
-    return ours_from_hf(tiny_hf_model("llama", seed=12, num_hidden_layers=1, max_position_embeddings=256))
-
-
 def repetitive(n: int, seed: int) -> list[int]:
     """Token ids with repeats, so lookup drafting finds matches."""
     g = torch.Generator().manual_seed(seed)
@@ -67,9 +61,7 @@ def greedy_run(
     "drafter, granularity",
     [("lookup", "token"), ("self:1", "token"), ("self:2", "token"), ("model", "token"), ("lookup", "block")],
 )
-def test_greedy_output_is_identical_to_plain_greedy_across_eviction(
-    model, other_model, drafter, granularity
-) -> None:
+def test_greedy_output_is_identical_to_plain_greedy_across_eviction(model, drafter, granularity) -> None:
     long = replace(LONG, granularity=granularity, max_blocks=2)
     prompt = repetitive(30, seed=1)
     want, plain_seq = greedy_run(model, prompt, 80, long=long)
@@ -78,7 +70,10 @@ def test_greedy_output_is_identical_to_plain_greedy_across_eviction(
         if drafter == "lookup":
             d = LookupDrafter()
         elif drafter == "model":
-            d = DraftModelDrafter(other_model, window=32, page_size=PAGE, chunk_size=16)
+            # The target's weights as a separate draft model (its own pool, a 32-token window
+            # and no memory): it agrees often, not always. A different random model agreed
+            # by chance only (0 of 225 drafts once the target's sinks moved).
+            d = DraftModelDrafter(model, window=32, page_size=PAGE, chunk_size=16)
         else:
             d = SelfDrafter(model, int(drafter.split(":")[1]))
         dec = SpeculativeDecoder(model, d, sampler, GREEDY, max_draft=6)
@@ -97,6 +92,8 @@ def test_greedy_output_is_identical_to_plain_greedy_across_eviction(
     assert stats.drafted > 0 and stats.target_forwards < 80
     if drafter != "lookup":
         assert stats.accepted > 0
+    if drafter == "model":
+        assert stats.accepted < stats.drafted  # rejected drafts rolled back too
 
 
 def test_rollback_leaves_the_cache_as_if_the_rejected_tokens_were_never_seen(model) -> None:
