@@ -139,22 +139,24 @@ def test_banded_paged_regions_equal_the_reference(rope, n, W, G, evicted) -> Non
 
 @pytest.mark.parametrize("n", [1, 5], ids=["decode", "chunk"])
 def test_moved_sinks_are_attended_at_their_new_positions(rope, n) -> None:
-    """The paged path over a table whose sinks moved (PageList.of's sink_gap; the pool keeps
-    every key rotated at its old position) == the reference at the table's positions."""
+    """Through a block table whose sinks moved (PageList.of's sink_gap; the table rotates
+    their k_group rows again, PagePool.regroup), the paged path == the reference at the
+    table's positions."""
     from infinikv.attention.long_context import LongContextState, paged_long_context_attention
-    from infinikv.memory.pages import PageList, PagePool
+    from infinikv.memory.pages import BlockTable, PagePool
 
     B, W, G = 4, 8, 3
-    blocks = [0, 1] + list(range(6, 15))  # two sink blocks, 16 evicted tokens, then 9 blocks
-    T = len(blocks) * B
-    pool = PagePool(1, 16, B, num_kv_heads=2, head_dim=D_HEAD, fill_value=float("nan"), group=G)
-    ids = [3, 9, 1, 4, 12, 7, 2, 10, 5, 14, 8]  # shuffled pages: attention gathers them
-    pages = PageList.of(ids, blocks, B, torch.device("cpu"), sink_gap=W)
-    assert pages.sinks == 2 * B
-    own = torch.tensor([b * B + t for b in blocks for t in range(B)])
-    k, v = rand(T, 2, D_HEAD, seed=30), rand(T, 2, D_HEAD, seed=31)
-    slots = (torch.tensor(ids)[:, None] * B + torch.arange(B)).flatten()
-    pool.write(0, slots, k, rotate(k, rope.at(own)), v, rotate(k, rope.at(own // G)))
+    pool = PagePool(1, 16, B, num_kv_heads=2, head_dim=D_HEAD, fill_value=float("nan"), group=G, rope=rope)
+    table = BlockTable(pool, sink_gap=W)
+    written = 15 * B
+    k_all, v_all = rand(written, 2, D_HEAD, seed=30), rand(written, 2, D_HEAD, seed=31)
+    pool.write_keys(0, table.reserve(written), k_all, v_all, pool.key_phases(torch.arange(written)))
+    table.page_list()  # read before the move, as a forward would
+    pool.free([page for _, page in table.evict_oldest(4, protected=2)])  # blocks 2-5
+    pages = table.page_list()
+    assert pages.sinks == 2 * B and pages.first is None  # moved; the pages are gathered
+    own = torch.tensor([b * B + t for b in table.blocks for t in range(B)])
+    k, v, T = k_all[own], v_all[own], own.shape[0]
     q, q_pos = rand(n, 6, D_HEAD, seed=32), own[T - n :]
     se = SelfExtend(W, G)
     state = LongContextState(se, top_k=1, distance=0, memory=None)
@@ -163,3 +165,40 @@ def test_moved_sinks_are_attended_at_their_new_positions(rope, n) -> None:
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
     unmoved = long_context_attention(q, q_pos, k, v, own, rope, se)[0]
     assert not torch.allclose(got, unmoved, atol=1e-3)  # the move changes what is read
+
+
+def test_sinks_k_group_rows_follow_every_move(rope) -> None:
+    """The pool's k_group holds every resident key at the grouped place of its table
+    position: after the sinks move, move further, and move back when a truncation leaves
+    the sinks alone."""
+    from infinikv.memory.pages import BlockTable, PagePool
+
+    B, W, G = 4, 6, 2
+    pool = PagePool(2, 20, B, num_kv_heads=2, head_dim=D_HEAD, fill_value=float("nan"), group=G, rope=rope)
+    table = BlockTable(pool, sink_gap=W)
+
+    def write(n: int, seed: int) -> None:
+        start = table.length
+        slots = table.reserve(n)
+        phases = pool.key_phases(torch.arange(start, start + n))
+        for layer in range(2):
+            pool.write_keys(layer, slots, rand(n, 2, D_HEAD, seed=seed + layer), rand(n, 2, D_HEAD), phases)
+
+    def assert_k_group_matches_the_table() -> None:
+        pages = table.page_list()
+        ids = torch.tensor(table.pages)
+        want = rotate(pool.k[:, ids].flatten(1, 2), rope.at(pages.positions // G))
+        torch.testing.assert_close(pool.k_group[:, ids].flatten(1, 2), want)
+
+    write(10 * B, seed=40)  # blocks 0-9
+    assert_k_group_matches_the_table()
+    shifts = []
+    for evict, seed in [(3, 50), (2, 60)]:  # sinks: blocks 0 and 1
+        pool.free([page for _, page in table.evict_oldest(evict, protected=2)])
+        write(B, seed)
+        assert_k_group_matches_the_table()
+        shifts.append(table.page_list().shift)
+    assert 0 < shifts[0] < shifts[1]
+    table.truncate(table.evicted_until)  # only the sinks stay: back at their own positions
+    assert table.page_list().sinks == 0
+    assert_k_group_matches_the_table()

@@ -67,13 +67,7 @@ def paged_long_context_attention(
         raise ValueError(f"the page pool holds keys grouped by {kv.group}, Self-Extend groups by {se.group}")
     k_pos = pages.positions[:resident]  # (T,)
     far_end, near_start = band_bounds(q_positions, k_pos, se.window)
-    # Moved sinks (PageList.of; far from every query): the pool's k_group holds them at
-    # their old grouped positions, so they are rotated at their new ones here.
-    S = pages.sinks
-    k_group = pages.gather(kv.k_group, near_start, S)  # (near_start - S, Hkv, d)
-    if S:
-        moved = rotate(pages.gather(kv.k, S), rope.at(se.grouped_key_positions(k_pos[:S])))
-        k_group = torch.cat([moved, k_group])  # (near_start, Hkv, d)
+    k_group = pages.gather(kv.k_group, near_start)  # (near_start, Hkv, d)
     k_rope = pages.gather(kv.k_rope, resident, far_end)  # (T - far_end, Hkv, d)
     v = pages.gather(kv.v, resident)  # (T, Hkv, d)
     parts = banded_resident_partials(q, q_positions, k_group, k_rope, v, k_pos, rope, se)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from infinikv.attention.partial import Partial, merge_partials, reference_partial
+from infinikv.memory.pages import grouped_key_positions
 from infinikv.model.rope import RotaryEmbedding, rotate
 
 
@@ -38,11 +39,6 @@ class SelfExtend:
 
     def grouped_key_positions(self, k_pos: torch.Tensor) -> torch.Tensor:
         return grouped_key_positions(k_pos, self.group)
-
-
-def grouped_key_positions(k_pos: torch.Tensor, group: int) -> torch.Tensor:
-    """Where a key sits in the grouped region (also what the page pool's `k_group` holds)."""
-    return k_pos // group
 
 
 def resident_partials(

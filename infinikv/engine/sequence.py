@@ -208,9 +208,9 @@ class Sequence:
             k, v = kv.to(device, self.pool.k.dtype).flatten(2, 3)  # (L, n * B, H, d) each
             slots = (torch.tensor(pages)[:, None] * B + torch.arange(B)).flatten().to(device)
             positions = (torch.tensor(blocks)[:, None] * B + torch.arange(B)).flatten().to(device)
-            phases = model.key_phases(self.pool, positions)
+            phases = self.pool.key_phases(positions)
             for layer in range(L):
-                model.write_kv(self.pool, layer, slots, k[layer], v[layer], phases)
+                self.pool.write_keys(layer, slots, k[layer], v[layer], phases)
         self.tokens = tokens
         self.saved_blocks = length // B
 

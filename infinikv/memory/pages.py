@@ -23,8 +23,14 @@ from dataclasses import dataclass
 import torch
 
 from infinikv.errors import CacheFullError
+from infinikv.model.rope import RotaryEmbedding, rotate
 
 NULL_PAGE = 0
+
+
+def grouped_key_positions(k_pos: torch.Tensor, group: int) -> torch.Tensor:
+    """Where a key sits in Self-Extend's grouped region: what `k_group` is rotated at."""
+    return k_pos // group
 
 
 @dataclass(frozen=True)
@@ -40,7 +46,8 @@ class LayerKV:
 
 class PagePool:
     """KV storage for every layer: `k`, `k_rope`, `v`, `k_group` are (L, P, B, Hkv, d), B
-    tokens per page; `group` is the Self-Extend group size `k_group` is rotated for."""
+    tokens per page; `group` is the Self-Extend group size `k_group` is rotated for, by
+    `rope` (the model's rotary table; a pool without one stores pre-rotated keys only)."""
 
     def __init__(
         self,
@@ -53,6 +60,7 @@ class PagePool:
         device: torch.device | str = "cpu",
         fill_value: float | None = None,
         group: int = 1,
+        rope: RotaryEmbedding | None = None,
     ):
         if page_size < 1 or group < 1:
             raise ValueError(f"page_size and group must be >= 1, got {page_size} and {group}")
@@ -66,6 +74,7 @@ class PagePool:
         self.k_group = self.k_rope if group == 1 else torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)
         self.page_size = page_size
+        self.rope = rope
         # Tests set fill_value=NaN: a read of a slot that was never written poisons the output.
         self.fill_value = fill_value
         self._free: list[int] = list(range(1, num_pages))  # a heap (sorted is a valid heap)
@@ -120,6 +129,40 @@ class PagePool:
         for cache, new in zip(self._caches(), (k, k_rope, v, k_group), strict=False):
             cache[i].view(-1, *new.shape[1:]).index_copy_(0, slots, new)
 
+    def key_phases(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Phases (N, d/2) of keys at `positions` as the pool keeps them: at their own
+        positions (`k_rope`) and at their grouped ones (`k_group`; the same when group is 1)."""
+        own = self._rope().at(positions)
+        return own, own if self.group == 1 else self._rope().at(grouped_key_positions(positions, self.group))
+
+    def write_keys(
+        self,
+        i: int,
+        slots: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        phases: tuple[torch.Tensor, torch.Tensor],
+    ) -> None:
+        """Write layer i's keys (before RoPE) and values (N, Hkv, d) at slots (N,), with the
+        rotated copies the pool keeps; `phases` from `key_phases`."""
+        k_rope = rotate(k, phases[0])
+        self.write(i, slots, k, k_rope, v, k_rope if self.group == 1 else rotate(k, phases[1]))
+
+    def regroup(self, pages: list[int], positions: torch.Tensor) -> None:
+        """Rotate the `k_group` rows of `pages` (every layer) again from their pre-RoPE keys,
+        at the grouped places of their slots' new `positions` (len(pages) * B,): a block
+        table moved them (`BlockTable.page_list`)."""
+        if not pages:
+            return
+        idx = torch.tensor(pages, dtype=torch.long, device=self.k.device)
+        phases = self._rope().at(grouped_key_positions(positions, self.group))
+        self.k_group[:, idx] = rotate(self.k[:, idx], phases.view(len(pages), self.page_size, -1))
+
+    def _rope(self) -> RotaryEmbedding:
+        if self.rope is None:
+            raise ValueError("this page pool has no rotary table: it cannot rotate keys itself")
+        return self.rope
+
     def free(self, pages: list[int]) -> None:
         for page in pages:
             heapq.heappush(self._free, page)
@@ -134,6 +177,7 @@ class PageList:
     positions: torch.Tensor  # (n_pages * B,) long: the position attention gives every slot
     end: int  # one past the last slot's position, known on the host (no device read)
     sinks: int = 0  # leading slots whose positions were moved (`of`'s sink_gap), 0: none
+    shift: int = 0  # how far they moved
 
     @classmethod
     def of(
@@ -157,7 +201,7 @@ class PageList:
         offsets = torch.arange(page_size, device=device)
         positions = (torch.tensor(starts, dtype=torch.long, device=device)[:, None] + offsets).flatten()
         end = (blocks[-1] + 1) * page_size if blocks else 0
-        return cls(ids, pages[0] if run else None, positions, end, sinks)
+        return cls(ids, pages[0] if run else None, positions, end, sinks, shift if sinks else 0)
 
     def gather(self, cache: torch.Tensor, stop: int, start: int = 0) -> torch.Tensor:
         """Resident tokens [start, stop) in page order: cache (P, B, H, d) -> (stop - start, H, d).
@@ -178,7 +222,9 @@ class BlockTable:
     """One sequence's resident pages and the block (position // B) each one holds.
 
     Blocks are evicted oldest first, after the protected sink blocks, so the resident
-    blocks are the sinks followed by one run of the most recent blocks.
+    blocks are the sinks followed by one run of the most recent blocks. When the sinks
+    move (PageList.of), the table rotates their `k_group` rows again (`PagePool.regroup`):
+    the pool's rotated copies always match the positions attention reads.
     """
 
     def __init__(self, pool: PagePool, sink_gap: int = 0):
@@ -190,6 +236,7 @@ class BlockTable:
         self.evicted_blocks = 0
         self.evicted_until = 0  # tokens before this position may be evicted: never truncated
         self._page_list: PageList | None = None
+        self._sinks_placed = (0, 0)  # (sinks, shift) of the PageList that k_group matches
 
     @property
     def resident(self) -> int:
@@ -252,6 +299,7 @@ class BlockTable:
         self.blocks = list(blocks)
         self.length, self.evicted_blocks, self.evicted_until = length, evicted_blocks, evicted_until
         self._page_list = None
+        self._sinks_placed = (0, 0)  # the caller writes the keys at their own positions
         return self.pages
 
     def release(self) -> None:
@@ -259,11 +307,18 @@ class BlockTable:
         self.pages, self.blocks = [], []
         self.length = self.evicted_blocks = self.evicted_until = 0
         self._page_list = None
+        self._sinks_placed = (0, 0)
 
     def page_list(self) -> PageList:
-        """The pages as attention reads them (cached until the pages change)."""
+        """The pages as attention reads them (cached until the pages change). When the sinks
+        moved since the last call (or moved back: a truncation to the sinks alone), their
+        `k_group` rows are rotated again for their new positions, once per move."""
         if self._page_list is None:
-            self._page_list = PageList.of(
-                self.pages, self.blocks, self.pool.page_size, self.pool.k.device, self.sink_gap
-            )
+            B = self.pool.page_size
+            pages = PageList.of(self.pages, self.blocks, B, self.pool.k.device, self.sink_gap)
+            if (pages.sinks, pages.shift) != self._sinks_placed:
+                moved = max(pages.sinks, self._sinks_placed[0]) // B
+                self.pool.regroup(self.pages[:moved], pages.positions[: moved * B])
+                self._sinks_placed = (pages.sinks, pages.shift)
+            self._page_list = pages
         return self._page_list

@@ -17,11 +17,10 @@ from torch import nn
 from infinikv.attention.backend import AttentionBackend, LongContextAttentionBackend
 from infinikv.attention.long_context import LongContextState, paged_long_context_attention
 from infinikv.attention.paged_torch import paged_causal_attention
-from infinikv.attention.self_extend import grouped_key_positions
 from infinikv.memory.pages import LayerKV, PageList, PagePool
 from infinikv.model.config import ModelConfig
 from infinikv.model.linear import DenseLinear
-from infinikv.model.rope import RotaryEmbedding, rotate
+from infinikv.model.rope import RotaryEmbedding
 
 
 @dataclass(frozen=True)
@@ -108,28 +107,8 @@ class LlamaModel(nn.Module):
             device=self.device,
             fill_value=fill_value,
             group=group,
+            rope=self.rope,
         )
-
-    def key_phases(self, pool: PagePool, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Phases (N, d/2) of keys at `positions` as `pool` keeps them: at their own positions
-        (`k_rope`) and at their grouped ones (`k_group`; the same for an ungrouped pool)."""
-        own = self.rope.at(positions)
-        return own, own if pool.group == 1 else self.rope.at(grouped_key_positions(positions, pool.group))
-
-    @staticmethod
-    def write_kv(
-        pool: PagePool,
-        layer: int,
-        slots: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        phases: tuple[torch.Tensor, torch.Tensor],
-    ) -> None:
-        """Write one layer's keys (before RoPE) and values (N, Hkv, d) into `pool` at slots
-        (N,), with the rotated copies it keeps; `phases` from `key_phases`."""
-        k_rope = rotate(k, phases[0])
-        k_group = k_rope if pool.group == 1 else rotate(k, phases[1])
-        pool.write(layer, slots, k, k_rope, v, k_group)
 
     def _attend(
         self, layer: int, q: torch.Tensor, positions: torch.Tensor, kv: LayerKV, s: SequenceSlice
@@ -152,13 +131,13 @@ class LlamaModel(nn.Module):
         Hq, Hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         D, eps = cfg.hidden_size, cfg.rms_norm_eps
         x = F.embedding(batch.tokens, self.embed)  # (N, D)
-        phases = self.key_phases(pool, batch.positions)  # shared by all layers
+        phases = pool.key_phases(batch.positions)  # shared by all layers
         for i, module in enumerate(self.layers[:num_layers]):
             layer = cast(DecoderLayer, module)
             h = F.rms_norm(x, (D,), layer.input_norm, eps)  # (N, D)
             qkv = layer.qkv(h)  # (N, (Hq + 2Hkv) d)
             q, k, v = qkv.split([Hq * d, Hkv * d, Hkv * d], dim=-1)
-            self.write_kv(pool, i, batch.slots, k.view(N, Hkv, d), v.view(N, Hkv, d), phases)
+            pool.write_keys(i, batch.slots, k.view(N, Hkv, d), v.view(N, Hkv, d), phases)
             kv = pool.layer(i)
             q = q.view(N, Hq, d)
             outs = [self._attend(i, q, batch.positions, kv, s) for s in batch.seqs]  # each (n_s, Hq, d)
