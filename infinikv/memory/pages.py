@@ -6,12 +6,14 @@ which later placements (Self-Extend groups, memory distance) and eviction read. 
 attention reads it directly instead of re-rotating the whole cache at every decode step
 (measured: that rotation cost ~6 ms per token at 2k context on 2 CPU cores). A pool for
 Self-Extend with group G > 1 also keeps `k_group`, each key rotated at its grouped position
-position // G, for the same reason (the same tensor as `k_rope` when G = 1). Page 0 is a reserved null page
-that is never handed out, so a padded block table can point at it safely (vLLM's
-convention). Allocation takes the lowest free page ids (a min-heap) so that a sequence's
-pages tend to form one contiguous run: attention then reads them as a view of the pool
-instead of gathering a copy (see `PageList`). We keep no prefix cache, so the vLLM
-habit of reusing pages in eviction order buys nothing here.
+position // G, for the same reason (the same tensor as `k_rope` when G = 1); a block table
+whose sinks move rotates their rows again (`BlockTable.page_list`), so `k_group` always
+matches the positions attention reads. Page 0 is a reserved null page that is never handed
+out, so a padded block table can point at it safely (vLLM's convention). Allocation takes
+the lowest free page ids (a min-heap) so that a sequence's pages tend to form one
+contiguous run: attention then reads them as a view of the pool instead of gathering a
+copy (see `PageList`). We keep no prefix cache, so the vLLM habit of reusing pages in
+eviction order buys nothing here.
 """
 
 from __future__ import annotations
