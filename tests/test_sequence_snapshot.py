@@ -47,6 +47,7 @@ def test_restored_sequence_continues_bit_identically(model, snapshots, granulari
     other_pool.allocate(3)  # different page ids than the original
     back = Sequence.restore(model, other_pool, cfg, store, "s:1:")
     assert back.tokens == seq.tokens and back.table.blocks == seq.table.blocks
+    assert back.table.page_list().sinks == 8  # restored keys are re-rotated for the moved sinks
     assert back.long_state is not None and back.long_state.memory is not None
     assert back.long_state.memory.tokens == seq.table.evicted_blocks * PAGE
 

@@ -301,7 +301,6 @@ class BlockTable:
         self.blocks = list(blocks)
         self.length, self.evicted_blocks, self.evicted_until = length, evicted_blocks, evicted_until
         self._page_list = None
-        self._sinks_placed = (0, 0)  # the caller writes the keys at their own positions
         return self.pages
 
     def release(self) -> None:
