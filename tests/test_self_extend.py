@@ -112,7 +112,7 @@ def test_memory_covering_everything_equals_one_softmax(rope) -> None:
         (3, 40, 4, False),
         (16, 16, 1, True),
         (7, 30, 5, True),
-        (1, 8, 3, True),  # decode steps: one softmax over the far and near runs
+        (1, 8, 3, True),  # one query (a decode step takes decode_attention instead)
         (1, 30, 4, False),
         (1, 70, 2, False),  # nothing far yet
     ],
@@ -165,6 +165,74 @@ def test_moved_sinks_are_attended_at_their_new_positions(rope, n) -> None:
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
     unmoved = long_context_attention(q, q_pos, k, v, own, rope, se)[0]
     assert not torch.allclose(got, unmoved, atol=1e-3)  # the move changes what is read
+
+
+@pytest.mark.parametrize("granularity", ["block", "token"])
+@pytest.mark.parametrize("n", [1, 5], ids=["decode", "chunk"])
+def test_paged_memory_covering_everything_equals_one_softmax(rope, n, granularity) -> None:
+    """Through a block table (sinks moved) and an evicted memory that every query recalls
+    whole, the paged path (a decode step: one softmax over its far, near and recalled keys;
+    a chunk: parts merged by log-sum-exp) == the reference at the table's positions."""
+    from infinikv.attention.long_context import LongContextState, paged_long_context_attention
+    from infinikv.memory.evicted import EvictedMemory
+    from infinikv.memory.pages import BlockTable, PagePool
+
+    B, W, G, D, Hkv = 4, 8, 3, 20, 2
+    pool = PagePool(1, 16, B, num_kv_heads=Hkv, head_dim=D_HEAD, fill_value=float("nan"), group=G, rope=rope)
+    table = BlockTable(pool, sink_gap=W)
+    written = 15 * B
+    k_all, v_all = rand(written, Hkv, D_HEAD, seed=40), rand(written, Hkv, D_HEAD, seed=41)
+    pool.write_keys(0, table.reserve(written), k_all, v_all, pool.key_phases(torch.arange(written)))
+    evicted = table.evict_oldest(5, protected=2)  # blocks 2-6
+    pool.free([page for _, page in evicted])
+    blocks = [b for b, _ in evicted]
+    memory = EvictedMemory(1, Hkv, D_HEAD, B, granularity=granularity)
+    gone = torch.arange(blocks[0] * B, (blocks[-1] + 1) * B)
+    memory.add_blocks(
+        blocks, k_all[gone].view(1, -1, B, Hkv, D_HEAD), v_all[gone].view(1, -1, B, Hkv, D_HEAD)
+    )
+    pages = table.page_list()
+    own = torch.tensor([b * B + t for b in table.blocks for t in range(B)])
+    T = own.shape[0]
+    q, q_pos = rand(n, 6, D_HEAD, seed=42), own[T - n :]
+    se = SelfExtend(W, G)
+    state = LongContextState(se, top_k=10_000, distance=D, memory=memory, max_blocks=10_000)
+    got = paged_long_context_attention(q, q_pos, pool.layer(0), pages, T, 0, rope, state)
+    g = 6 // Hkv  # every query head recalls every evicted entry of its kv-head
+    mem_k, mem_v = (
+        x[gone].repeat_interleave(g, 1).transpose(0, 1).expand(n, -1, -1, -1) for x in (k_all, v_all)
+    )
+    want, _ = long_context_attention(
+        q, q_pos, k_all[own], v_all[own], pages.positions[:T], rope, se, memory=(mem_k, mem_v), distance=D
+    )
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_decode_attention_skips_empty_memory_slots() -> None:
+    """Token granularity: each query head its own entries, some slots empty (an approximate
+    index found fewer): those are left out of the one softmax (oracle: a loop per head)."""
+    from infinikv.attention.long_context import Recalled, decode_attention
+
+    Hq, Hkv, K = 6, 2, 5
+    g = Hq // Hkv
+    qa, qb = rand(1, Hq, D_HEAD, seed=50), rand(1, Hq, D_HEAD, seed=51)
+    ka, kb, v = rand(4, Hkv, D_HEAD, seed=52), rand(7, Hkv, D_HEAD, seed=53), rand(11, Hkv, D_HEAD, seed=54)
+    queries = rand(Hkv, g, 1, D_HEAD, seed=55)
+    keys, values = 3 * rand(Hkv, g, K, D_HEAD, seed=56), 3 * rand(Hkv, g, K, D_HEAD, seed=57)
+    valid = rand(Hkv, g, K, seed=58) > 0
+    valid[0, 0] = False  # a head that found nothing attends to its resident keys only
+    got = decode_attention(qa, ka, qb, kb, v, Recalled(queries, keys, values, valid))
+    want = torch.empty(1, Hq, D_HEAD)
+    for h in range(Hkv):
+        for j in range(g):
+            head = h * g + j
+            kept = valid[h, j]
+            scores = torch.cat(
+                [ka[:, h] @ qa[0, head], kb[:, h] @ qb[0, head], keys[h, j, kept] @ queries[h, j, 0]]
+            )
+            weights = (scores / D_HEAD**0.5).softmax(0)
+            want[0, head] = weights @ torch.cat([v[:, h], values[h, j, kept]])
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
 def test_sinks_k_group_rows_follow_every_move(rope) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -70,11 +71,16 @@ def paged_long_context_attention(
     k_group = pages.gather(kv.k_group, near_start)  # (near_start, Hkv, d)
     k_rope = pages.gather(kv.k_rope, resident, far_end)  # (T - far_end, Hkv, d)
     v = pages.gather(kv.v, resident)  # (T, Hkv, d)
+    memory = state.memory if state.memory is not None and state.memory.tokens else None
+    Hkv = v.shape[1]
+    g = Hq // Hkv
+    if n == 1:
+        qn = rotate(q, rope.at(q_positions))
+        qg = rotate(q, rope.at(se.grouped_query_positions(q_positions))) if far_end else qn
+        recalled = None if memory is None else recall(memory, layer, q, last, rope, state)
+        return decode_attention(qg, k_group, qn, k_rope, v, recalled)
     parts = banded_resident_partials(q, q_positions, k_group, k_rope, v, k_pos, rope, se)
-    memory = state.memory
-    if memory is not None and memory.tokens:
-        Hkv = v.shape[1]
-        g = Hq // Hkv
+    if memory is not None:
         queries = memory_queries(q, rope, state.distance, Hkv)  # (Hkv, n*g, d)
         # (Hkv, n*g, d), (Hkv, n*g); the positions are consecutive, so the first is last - n + 1
         out, lse = memory_attention(memory, layer, queries, last - n + 1, state, g)
@@ -122,6 +128,22 @@ def memory_selections(
     group = search[:, split:].reshape(Hkv, -1, g, d)  # (Hkv, positions, g, d)
     rows = memory.select_blocks(layer, group, state.max_blocks, "sketch", position + split // g)
     yield queries[:, split:].view(Hkv, -1, g, d), rows
+
+
+def recall(
+    memory: EvictedMemory,
+    layer: int,
+    q: torch.Tensor,
+    position: int,
+    rope: RotaryEmbedding,
+    state: LongContextState,
+) -> Recalled:
+    """What the query (1, Hq, d) before RoPE of a decode step at `position` recalls."""
+    Hkv = memory.shape[2]
+    queries = memory_queries(q, rope, state.distance, Hkv)  # (Hkv, g, d)
+    ((group, rows),) = memory_selections(memory, layer, queries, position, state, q.shape[1] // Hkv)
+    keys, values = memory.gather(layer, rows.clamp_min(0))
+    return Recalled(group, keys, values, None if memory.granularity == "block" else rows >= 0)
 
 
 def memory_attention(
@@ -175,7 +197,7 @@ def banded_resident_partials(
 
     k_group: keys [0, near_start) rotated at their grouped positions; k_rope: keys
     [far_end, T) rotated at their own positions (the page pool keeps both); v: all T.
-    A decode step (n = 1) has no band: one softmax over both runs (`two_run_partial`).
+    (A decode step, n = 1, has no band: `decode_attention` takes both runs in one softmax.)
     """
     n, W = q.shape[0], se.window
     if n > W:
@@ -184,8 +206,6 @@ def banded_resident_partials(
     near_start, far_end = k_group.shape[0], T - k_rope.shape[0]
     qn = rotate(q, rope.at(q_pos))  # (n, Hq, d) at exact positions
     qg = rotate(q, rope.at(se.grouped_query_positions(q_pos))) if near_start else qn  # (n, Hq, d)
-    if n == 1:
-        return [two_run_partial(qg, k_group, qn, k_rope, v)]
     own = T - n
     parts = [flash_partial(qn, k_rope[own - far_end :], v[own:], causal=True)]
     if own > near_start:
@@ -204,20 +224,47 @@ def banded_resident_partials(
     return parts
 
 
-def two_run_partial(
-    qa: torch.Tensor, ka: torch.Tensor, qb: torch.Tensor, kb: torch.Tensor, v: torch.Tensor
-) -> Partial:
-    """One query (1, Hq, d) over two runs of keys, each with its own rotation of the query:
-    qa over ka (Ta, Hkv, d), qb over kb (Tb, Hkv, d); v (Ta + Tb, Hkv, d) in the same order.
-    One softmax by batched matmuls: for a single query row that is cheaper than two fused
-    calls and a merge (see SMALL_QUERY_ROWS)."""
+class Recalled(NamedTuple):
+    """The memory entries one decode step's query heads attend to: queries (Hkv, P, m, d)
+    rotated by the memory distance, P * m = the g query heads of each kv-head (block
+    granularity: P = 1, the heads share their blocks; token: m = 1, each head its own
+    entries); keys (before RoPE) and values (Hkv, P, K, d); valid (Hkv, P, K) bool, False
+    for an empty slot, or None."""
+
+    queries: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    valid: torch.Tensor | None
+
+
+def decode_attention(
+    qa: torch.Tensor,
+    ka: torch.Tensor,
+    qb: torch.Tensor,
+    kb: torch.Tensor,
+    v: torch.Tensor,
+    recalled: Recalled | None = None,
+) -> torch.Tensor:
+    """One query (1, Hq, d) over its whole context in one softmax: two resident runs of
+    keys, each with its own rotation of the query, qa over ka (Ta, Hkv, d) and qb over kb
+    (Tb, Hkv, d), v (Ta + Tb, Hkv, d) in the same order, and the memory entries it
+    recalled, if any. Batched matmuls: for a single query row that is cheaper than
+    fused-kernel calls and a log-sum-exp merge of their parts (see SMALL_QUERY_ROWS).
+    Returns (1, Hq, d)."""
     _, Hq, d = qa.shape
     Hkv = v.shape[1]
     g = Hq // Hkv
-    scores = torch.cat(
-        [torch.bmm(q.view(Hkv, g, d), k.permute(1, 2, 0)) for q, k in ((qa, ka), (qb, kb))], -1
-    ).float()  # (Hkv, g, Ta + Tb)
-    scores.mul_(d**-0.5)
-    lse = scores.logsumexp(-1, keepdim=True)
-    out = torch.bmm(scores.sub_(lse).exp_().to(v.dtype), v.transpose(0, 1))  # (Hkv, g, d)
-    return out.view(1, Hq, d).to(qa.dtype), lse.view(1, Hq)
+    scores = [torch.bmm(q.view(Hkv, g, d), k.permute(1, 2, 0)).float() for q, k in ((qa, ka), (qb, kb))]
+    if recalled is not None:
+        queries, keys, _, valid = recalled
+        logits = torch.matmul(queries.float(), keys.float().transpose(-1, -2))  # (Hkv, P, m, K)
+        if valid is not None:
+            logits.masked_fill_(~valid[:, :, None], float("-inf"))
+        scores.append(logits.view(Hkv, g, -1))
+    probs = torch.cat(scores, -1).mul_(d**-0.5).softmax(-1)  # (Hkv, g, Ta + Tb + K)
+    T = v.shape[0]
+    out = torch.bmm(probs[..., :T].to(v.dtype), v.transpose(0, 1)).float()  # (Hkv, g, d)
+    if recalled is not None:
+        P, m, K = recalled.keys.shape[1], recalled.queries.shape[2], recalled.keys.shape[2]
+        out += torch.matmul(probs[..., T:].view(Hkv, P, m, K), recalled.values.float()).view(Hkv, g, d)
+    return out.view(1, Hq, d).to(qa.dtype)
