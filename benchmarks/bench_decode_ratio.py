@@ -8,7 +8,7 @@ alternating rounds of `--round-tokens` tokens (which engine goes first alternate
 a shared machine's drift (CPU steal here went from ~10% to 50-85% within minutes) hits
 both alike; bench_long_context.py runs each engine in its own process, minutes apart.
 transformers decodes in a plain loop over `model(token, past_key_values=...)`, without
-`generate`'s per-step logits processing (if anything, faster than `generate`).
+`generate`'s per-step logits processing.
 Prints each round's tok/s and the ratio of the medians; rows replace those of the same
 length in benchmarks/results/decode_ratio.json.
 """
@@ -23,9 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from bench_long_context import _model_dir, _tokenizer, long_context_config
-
-from infinikv.engine.long_context import LongContextConfig
+from bench_long_context import _model_dir, _tokenizer, arguments, long_context_generator
 
 RESULTS = Path(__file__).parent / "results" / "decode_ratio.json"
 
@@ -40,26 +38,21 @@ def transformers_tokens(model, prompt: list[int]) -> Iterator[int]:
             out = model(token.view(1, 1), past_key_values=out.past_key_values, use_cache=True)
 
 
-def infinikv_tokens(prompt: list[int], length: int, max_tokens: int) -> Iterator[int]:
-    """Greedy tokens of infinikv with bench_long_context.py's se+memory settings (prefill at the first)."""
-    from infinikv.engine.generator import Generator
+def infinikv_tokens(settings, prompt: list[int], length: int, max_tokens: int) -> Iterator[int]:
+    """Greedy tokens of infinikv in bench_long_context.py's se+memory mode, default variant
+    (the model loads here; the prefill runs at the first token)."""
     from infinikv.engine.sampling import SamplingParams
-    from infinikv.memory.store import open_store
-    from infinikv.model.loader import load_model
-    from infinikv.service.settings import Settings
 
-    loaded = load_model(None, Settings().cache_dir)
-    config = long_context_config("se+memory", length, "flat", "block", LongContextConfig.sketch_every)
-    gen = Generator(loaded, max_seq_len=64, long_context=config, store=open_store(None, cluster=False))
+    gen = long_context_generator(settings, "se+memory", length, arguments().parse_args([]))
     events = gen.stream(prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
-    return (e.token_id for e in events if e.token_id is not None)  # the model loads here, not in a round
+    return (e.token_id for e in events if e.token_id is not None)
 
 
 def timed(tokens: Iterator[int], n: int, out: list[int]) -> float:
-    """Draw n tokens into out; tokens/s."""
+    """Draw n tokens into out; seconds."""
     start = time.perf_counter()
     out.extend(next(tokens) for _ in range(n))
-    return n / (time.perf_counter() - start)
+    return time.perf_counter() - start
 
 
 def measure(length: int, rounds: int, round_tokens: int) -> dict:
@@ -74,15 +67,15 @@ def measure(length: int, rounds: int, round_tokens: int) -> dict:
     model = AutoModelForCausalLM.from_pretrained(_model_dir(settings), dtype=torch.float32).eval()
     engines = {
         "transformers": transformers_tokens(model, case.prompt),
-        "infinikv": infinikv_tokens(case.prompt, length, 1 + rounds * round_tokens),
+        "infinikv": infinikv_tokens(settings, case.prompt, length, 1 + rounds * round_tokens),
     }
     produced: dict[str, list[int]] = {name: [] for name in engines}
-    prefill = {name: timed(tokens, 1, produced[name]) for name, tokens in engines.items()}  # tok/s of 1
+    prefill = {name: timed(tokens, 1, produced[name]) for name, tokens in engines.items()}
     speeds: dict[str, list[float]] = {name: [] for name in engines}
     for r in range(rounds):
         order = list(engines) if r % 2 == 0 else list(reversed(engines))
         for name in order:
-            speeds[name].append(timed(engines[name], round_tokens, produced[name]))
+            speeds[name].append(round_tokens / timed(engines[name], round_tokens, produced[name]))
         print(
             f"{length:>6} round {r + 1}: "
             + "  ".join(f"{name} {speeds[name][-1]:.2f} tok/s" for name in engines),
@@ -94,7 +87,7 @@ def measure(length: int, rounds: int, round_tokens: int) -> dict:
         "length": length,
         "rounds": rounds,
         "round_tokens": round_tokens,
-        "prefill_s": {name: round(1 / rate, 1) for name, rate in prefill.items()},
+        "prefill_s": {name: round(seconds, 1) for name, seconds in prefill.items()},
         "decode_tok_s": {name: round(m, 2) for name, m in medians.items()},
         "ratio": round(medians["infinikv"] / medians["transformers"], 2),
         "round_ratios": [round(x, 2) for x in ratios],

@@ -100,15 +100,9 @@ def run_cell(mode: str, length: int, args: argparse.Namespace) -> dict:
             hits += found(case.key, answer)
             decode.append(clock.decode_tok_s())
     else:
-        from infinikv.engine.generator import Generator
         from infinikv.engine.sampling import SamplingParams
-        from infinikv.memory.store import open_store
-        from infinikv.model.loader import load_model
 
-        loaded = load_model(None, settings.cache_dir, quantize=args.quantize)
-        config = long_context_config(mode, length, args.index, args.granularity, args.sketch_every)
-        store = open_store(args.redis_url, cluster=False)  # in-process (the default) without a URL
-        gen = Generator(loaded, max_seq_len=64, long_context=config, store=store)
+        gen = long_context_generator(settings, mode, length, args)
         for case in cases:
             result = gen.generate(case.prompt, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))
             hits += found(case.key, result.text)
@@ -122,6 +116,19 @@ def run_cell(mode: str, length: int, args: argparse.Namespace) -> dict:
         "decode_tok_s": sum(decode) / len(decode),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
+
+
+def long_context_generator(settings, mode: str, length: int, args: argparse.Namespace):
+    """An infinikv Generator on the default model for one infinikv mode at one length, with
+    the variant `args` names (quantize, index, granularity, sketch_every, redis_url)."""
+    from infinikv.engine.generator import Generator
+    from infinikv.memory.store import open_store
+    from infinikv.model.loader import load_model
+
+    loaded = load_model(None, settings.cache_dir, quantize=args.quantize)
+    config = long_context_config(mode, length, args.index, args.granularity, args.sketch_every)
+    store = open_store(args.redis_url, cluster=False)  # in-process (the default) without a URL
+    return Generator(loaded, max_seq_len=64, long_context=config, store=store)
 
 
 class _TokenClock:
@@ -205,7 +212,8 @@ def charts(rows: list[dict], out_dir: Path) -> None:
     fig.savefig(out_dir / "long_context_speed.png", dpi=120)
 
 
-def main() -> None:
+def arguments() -> argparse.ArgumentParser:
+    """This script's options; `arguments().parse_args([])` is the default variant."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768])
     ap.add_argument("--depths", type=int, default=5)
@@ -223,7 +231,11 @@ def main() -> None:
         "--quantize", choices=["none", "int4"], default="none", help="infinikv modes' decoder weights"
     )
     ap.add_argument("--cell", nargs=2, help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = arguments().parse_args()
     if args.cell:
         print(json.dumps(run_cell(args.cell[0], int(args.cell[1]), args)))
         return
