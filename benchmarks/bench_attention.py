@@ -13,9 +13,10 @@ long-context settings (W=2048, G=4): `banded_resident_partials` (fused flash ker
 every run of keys, the near/far band masked) vs `resident_partials` (the masked softmax in
 plain PyTorch, the reference the tests hold it to), and the band alone both ways.
 Part `sketch`: `KeySketch.block_scores` over N evicted tokens for one decode step (3
-kv-heads x 3 query heads, 16 channels) vs the plain path (gather the picked rows, float32,
-bmm, max-pool over each block, into buffers kept between calls), per layer over 30 layers'
-sketches.
+kv-heads x 3 query heads, 16 channels), per layer over 30 layers' sketches: the 8-bit sketch
+through fbgemm's quantized embedding bag vs the plain path on the same sketch (gather the
+picked rows, de-quantize, bmm: `gathered_logits`), and vs the bfloat16 sketch it replaced
+(one embedding_bag over bfloat16 keys).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from infinikv.attention.long_context import band_bounds, banded_resident_partial
 from infinikv.attention.paged_torch import attend
 from infinikv.attention.partial import flash_partial, reference_partial
 from infinikv.attention.self_extend import SelfExtend, resident_partials
-from infinikv.memory.sketch import KeySketch
+from infinikv.memory.sketch import KeySketch, gathered_logits
 from infinikv.model.config import RopeConfig
 from infinikv.model.rope import RotaryEmbedding, rotate
 
@@ -109,37 +110,32 @@ def prefill(lengths: list[int]) -> None:
         print(prefill_row(T, rope, se))
 
 
-def plain_block_scores(sketch: KeySketch, layer: int, queries: torch.Tensor, work: dict) -> torch.Tensor:
-    """The sketch's block scores through a gather of the picked rows, a float32 copy, a bmm and a
-    max-pool per block (the path `block_scores` replaced), into buffers kept between calls."""
+def bfloat16_block_scores(keys: torch.Tensor, queries: torch.Tensor, r: int, B: int) -> torch.Tensor:
+    """The bfloat16 sketch the 8-bit one replaced: keys (Hkv * d, N) bfloat16 of one layer,
+    one embedding_bag over the picked rows, then the best per block."""
     H, P, m, d = queries.shape
-    r = sketch.channels
-    picked = queries.abs().sum(2).topk(r, dim=-1).indices  # (Hkv, P, r)
-    q = queries.gather(3, picked[:, :, None].expand(H, P, m, r)).view(H * P, m, r)
-    rows_of = (torch.arange(H)[:, None] * d + picked.view(H, P * r)).flatten()
-    scores = []
-    for i, segment in enumerate(sketch.segments):
-        keys = segment[layer].view(H * d, -1)
-        if i not in work:
-            n = keys.shape[1]
-            work[i] = (keys.new_empty(H * P * r, n), torch.empty(H * P, r, n), torch.empty(H * P, m, n))
-        picked_rows, rows, logits = work[i]
-        torch.index_select(keys, 0, rows_of, out=picked_rows)
-        rows.view(picked_rows.shape).copy_(picked_rows)
-        torch.bmm(q, rows, out=logits)
-        scores.append(F.max_pool1d(logits, sketch.page_size).amax(1))
-    return torch.cat(scores, -1)[:, : sketch.tokens // sketch.page_size].view(H, P, -1)
+    picked = queries.abs().sum(2).topk(r, dim=-1).indices[:, :, None].expand(H, P, m, r)
+    weights = queries.gather(3, picked).to(torch.bfloat16).view(-1, r)
+    rows = (torch.arange(H).view(H, 1, 1, 1) * d + picked).reshape(-1, r)
+    logits = F.embedding_bag(rows, keys, mode="sum", per_sample_weights=weights)
+    return logits.view(H * P, m, -1).amax(1).view(H * P, -1, B).amax(-1).float().view(H, P, -1)
 
 
 def sketch_row(N: int) -> str:
     B, r = 16, 16
+    keys = torch.randn(LAYERS, N // B, B, HKV, D)
     sketch = KeySketch(LAYERS, HKV, D, B, r)
-    sketch.append(torch.randn(LAYERS, N // B, B, HKV, D))
+    sketch.append(keys)
     q = torch.randn(HKV, 1, HQ // HKV, D)
     fused = ms(lambda: [sketch.block_scores(layer, q) for layer in range(LAYERS)]) / LAYERS
-    work: dict = {}
-    plain = ms(lambda: [plain_block_scores(sketch, layer, q, work) for layer in range(LAYERS)]) / LAYERS
-    return f"N={N:>6}: embedding_bag {fused:6.3f}  plain {plain:6.3f} ({plain / fused:.1f}x)"
+    sketch.logits = gathered_logits
+    plain = ms(lambda: [sketch.block_scores(layer, q) for layer in range(LAYERS)]) / LAYERS
+    rows = keys.permute(0, 3, 4, 1, 2).reshape(LAYERS, HKV * D, N).bfloat16()
+    before = ms(lambda: [bfloat16_block_scores(rows[layer], q, r, B) for layer in range(LAYERS)]) / LAYERS
+    return (
+        f"N={N:>6}: 8-bit fused {fused:6.3f}  8-bit plain {plain:6.3f} ({plain / fused:.1f}x)  "
+        f"bfloat16 {before:6.3f} ({before / fused:.1f}x)"
+    )
 
 
 def sketch_scores(lengths: list[int]) -> None:

@@ -3,10 +3,17 @@ ranking by it in the evicted memory."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from infinikv.memory.evicted import FAVOURITES_PER_BLOCK, EvictedMemory
-from infinikv.memory.sketch import FIRST_SEGMENT_BLOCKS, KeySketch
+from infinikv.memory.sketch import (
+    FIRST_SEGMENT_CHUNKS,
+    KeySketch,
+    dequantize_rows,
+    fused_logits,
+    gathered_logits,
+)
 
 from .conftest import retrieve_blocks
 
@@ -24,24 +31,68 @@ def brute_force_block_scores(q: torch.Tensor, keys: torch.Tensor, r: int, B: int
     return scores
 
 
-def test_block_scores_match_brute_force_across_segments_and_uneven_appends() -> None:
+def grid_keys(L: int, nblocks: int, B: int, H: int, d: int, chunk: int, g: torch.Generator) -> torch.Tensor:
+    """Keys (L, nblocks, B, H, d) that 8 bits hold exactly: each channel's keys in a chunk of
+    tokens are -3 + j/4 for integers j in [0, 255], 0 and 255 among them (step 1/4)."""
+    j = torch.randint(0, 256, (L, H, d, nblocks * B), generator=g).float()
+    j[..., ::chunk] = 0
+    j[..., 1::chunk] = 255
+    return (j / 4 - 3).view(L, H, d, nblocks, B).permute(0, 3, 4, 1, 2).contiguous()
+
+
+@pytest.mark.parametrize("logits", [fused_logits, gathered_logits])
+def test_block_scores_match_brute_force_across_chunks_segments_and_uneven_appends(logits) -> None:
     g = torch.Generator().manual_seed(0)
-    L, H, d, B = 2, 3, 8, 2
-    nblocks = FIRST_SEGMENT_BLOCKS * 3 + 37  # three segments (256, 256, 512 blocks)
-    k = torch.randn(L, nblocks, B, H, d, generator=g).bfloat16().float()  # exact in the sketch
+    L, H, d, B, chunk = 2, 3, 8, 2, 8
+    nblocks = (FIRST_SEGMENT_CHUNKS * 4 + 2) * chunk // B + 1  # 3 segments (4, 4, 8 chunks), then a 4th
+    k = grid_keys(L, nblocks, B, H, d, chunk, g)
     for r in (3, d):
-        sketch = KeySketch(L, H, d, B, channels=r)
-        for start, stop in ((0, 5), (5, FIRST_SEGMENT_BLOCKS + 1), (FIRST_SEGMENT_BLOCKS + 1, nblocks)):
+        sketch = KeySketch(L, H, d, B, channels=r, chunk_tokens=chunk)
+        sketch.logits = logits
+        for start, stop in ((0, 5), (5, 6), (6, 23), (23, nblocks)):  # within, across chunks and segments
             sketch.append(k[:, start:stop])
-        assert sketch.tokens == nblocks * B and len(sketch.segments) == 3
-        sketch.segments[-1][..., nblocks * B - 2 * FIRST_SEGMENT_BLOCKS * B :] = float("nan")  # unfilled tail
-        q = torch.randn(H, 4, 2, d, generator=g).bfloat16().float()  # exact as bfloat16 weights
+        assert sketch.tokens == nblocks * B and [s.shape[2] for s in sketch.segments] == [4, 4, 8, 16]
+        sketch.segments[-1][:, :, 3:] = 255  # chunks not filled yet: NaN steps
+        q = torch.randn(H, 4, 2, d, generator=g).bfloat16().float()
         for layer in range(L):
             keys = k[layer].permute(2, 0, 1, 3).reshape(H, nblocks * B, d)
             # Summed in float32, rounded once to bfloat16 (8 bits of mantissa).
             torch.testing.assert_close(
                 sketch.block_scores(layer, q), brute_force_block_scores(q, keys, r, B), rtol=2**-8, atol=1e-6
             )
+
+
+def test_every_chunk_holds_its_keys_within_half_its_own_step() -> None:
+    """Each chunk's keys far from the others', the last chunk partly filled: every row of a
+    chunk is quantized over its own keys' range (not the padding's, not an earlier chunk's)."""
+    g = torch.Generator().manual_seed(3)
+    L, H, d, B, chunk = 2, 2, 8, 2, 64
+    nblocks = 2 * chunk // B + 25
+    offsets = 100 * (torch.arange(nblocks * B) // chunk).view(1, nblocks, B, 1, 1)
+    k = offsets + torch.randn(L, nblocks, B, H, d, generator=g)
+    sketch = KeySketch(L, H, d, B, channels=1, chunk_tokens=chunk)
+    sketch.append(k[:, :7])
+    sketch.append(k[:, 7:])
+    n = nblocks * B
+    held = torch.cat([dequantize_rows(s) for s in sketch.segments], 2).flatten(2)[..., :n]  # (L, H * d, n)
+    keys = k.permute(0, 3, 4, 1, 2).reshape(L, H * d, n)
+    chunks = torch.nn.functional.pad(keys, (0, -n % chunk), value=torch.nan).unflatten(-1, (-1, chunk))
+    step = (chunks.nan_to_num(-torch.inf).amax(-1) - chunks.nan_to_num(torch.inf).amin(-1)) / 255
+    assert ((held - keys).abs() <= step.repeat_interleave(chunk, -1)[..., :n] * 0.5001).all()
+
+
+def test_appends_in_any_split_give_the_same_sketch() -> None:
+    """A memory reloaded from its store appends its blocks in other batches than eviction did."""
+    g = torch.Generator().manual_seed(4)
+    L, H, d, B, chunk = 2, 2, 8, 2, 8
+    k = torch.randn(L, 41, B, H, d, generator=g)
+    one, many = (KeySketch(L, H, d, B, channels=3, chunk_tokens=chunk) for _ in range(2))
+    one.append(k)
+    for start in range(0, 41, 3):
+        many.append(k[:, start : start + 3])
+    q = torch.randn(H, 2, 2, d, generator=g)
+    for layer in range(L):
+        assert torch.equal(one.block_scores(layer, q), many.block_scores(layer, q))
 
 
 def test_sketch_ranking_finds_the_block_a_summary_bound_overrates_another_for() -> None:

@@ -6,19 +6,79 @@ almost as the exact logits do.
 Block summaries (summary.py) bound a block's best logit, and for a few heads the bound is
 far from the truth (a passkey's block ranked 400th by bound, 1st by logit, on SmolLM2 at 16k
 tokens); the few positions whose logits are read (decode, the end of a prompt) rank with
-this sketch instead. Kept in bfloat16: a quarter of the keys' and values' float32 bytes;
-on the model's device, so a GPU decode step ranks blocks without a copy to the host.
+this sketch instead. On the model's device, so a GPU decode step ranks blocks without a
+copy to the host.
+
+Kept in 8 bits per key channel: each (kv-head, channel) row of a chunk of tokens is stored
+as uint8 steps above the row's minimum, with the row's float32 step and minimum after it
+(per channel, as KIVI quantizes keys: a key channel's range is set by the channel, not by
+the token). That is the row layout of fbgemm's 8-bit embedding tables, so on the CPU one
+quantized embedding bag reads a query's r rows, de-quantizes and sums them in one pass; other
+devices gather, de-quantize and multiply (`gathered_logits`). An eighth of the keys' float32
+bytes; the chunk being filled is also kept exact (float32) and re-quantized as it grows, so
+every chunk's rows are quantized from exact keys whatever the appends were.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+# Tokens per quantized row (rounded up to whole pages): each row's range is its own.
+CHUNK_TOKENS = 1024
 # The sketch grows one segment at a time, never by copying what it holds: the first holds
-# FIRST_SEGMENT_BLOCKS blocks, each next one as many as all before it, so a decode step
-# loops over a few segments (4 at 32k tokens of 16-token pages).
-FIRST_SEGMENT_BLOCKS = 256
+# FIRST_SEGMENT_CHUNKS chunks, each next one as many as all before it, so a decode step
+# loops over a few segments (4 at 32k tokens).
+FIRST_SEGMENT_CHUNKS = 4
+LEVELS = 255  # uint8 steps above a row's minimum
+
+
+def quantize_rows(x: torch.Tensor) -> torch.Tensor:
+    """x (..., C) float32 -> (..., C + 8) uint8: each row's values as steps of (max - min) /
+    255 above its minimum, then the step and the minimum as float32 bytes."""
+    low, high = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    step = (high - low) / LEVELS
+    step = torch.where(step > 0, step, torch.ones_like(step))  # a constant row: all at its minimum
+    steps = ((x - low) / step).round_().clamp_(0, LEVELS).to(torch.uint8)
+    return torch.cat([steps, torch.cat([step, low], -1).view(torch.uint8)], -1)
+
+
+def dequantize_rows(rows: torch.Tensor) -> torch.Tensor:
+    """rows (..., C + 8) uint8 from quantize_rows -> (..., C) float32."""
+    C = rows.shape[-1] - 8
+    step, low = rows[..., C:].contiguous().view(torch.float32).unbind(-1)
+    return rows[..., :C].float() * step[..., None] + low[..., None]
+
+
+def fused_logits(table: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, chunks: int) -> torch.Tensor:
+    """Approximate logits over the first `chunks` chunks of one layer's segment, through
+    fbgemm's quantized embedding bag (CPU). table (head * d + channel, chunks held, C + 8)
+    uint8; rows (G, r): each group's picked rows of it; weights (G, m, r): the group's
+    queries' values on those channels. Returns (G, m, chunks * C)."""
+    G, m, r = weights.shape
+    held, width = table.shape[1], table.shape[2]
+    at = torch.arange(chunks, device=rows.device).view(1, 1, chunks, 1)
+    bags = (rows.view(G, 1, 1, r) * held + at).expand(G, m, chunks, r)  # one bag per (query, chunk)
+    logits = torch.ops.quantized.embedding_bag_byte_rowwise_offsets(
+        table.view(-1, width),
+        bags.flatten(),
+        torch.arange(0, bags.numel(), r, device=rows.device),
+        False,
+        0,  # sum
+        False,
+        weights.view(G, m, 1, r).expand(G, m, chunks, r).flatten(),
+        None,
+        False,
+    )
+    return logits.view(G, m, -1)
+
+
+def gathered_logits(
+    table: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, chunks: int
+) -> torch.Tensor:
+    """fused_logits on any device: gather the picked rows, de-quantize, one batched matmul."""
+    G, m, r = weights.shape
+    keys = dequantize_rows(table[rows.flatten(), :chunks])  # (G * r, chunks, C)
+    return torch.bmm(weights, keys.view(G, r, -1))
 
 
 class KeySketch:
@@ -30,58 +90,79 @@ class KeySketch:
         page_size: int,
         channels: int,
         device: torch.device | str = "cpu",
+        chunk_tokens: int = CHUNK_TOKENS,
     ):
         if channels < 1:
             raise ValueError(f"sketch channels={channels} must be >= 1")
         self.shape = (num_layers, num_kv_heads, head_dim)
         self.channels = min(channels, head_dim)
         self.page_size = page_size
+        self.chunk = page_size * max(1, -(-chunk_tokens // page_size))
         self.device = torch.device(device)
-        self.segments: list[torch.Tensor] = []  # (L, Hkv, d, tokens it holds) bfloat16 each
+        self.logits = fused_logits if self.device.type == "cpu" else gathered_logits
+        # (L, Hkv * d, chunks it holds, chunk + 8) uint8 each
+        self.segments: list[torch.Tensor] = []
+        # The exact keys of the chunk being filled, re-quantized at each append (made at the
+        # first: a sequence that never evicts holds nothing).
+        self.filling: torch.Tensor | None = None
         self.tokens = 0
 
     @property
     def nbytes(self) -> int:
-        return sum(s.numel() * s.element_size() for s in self.segments)
+        filling = 0 if self.filling is None else self.filling.numel() * self.filling.element_size()
+        return sum(s.numel() for s in self.segments) + filling
 
     def append(self, k: torch.Tensor) -> None:
         """k (L, nb, B, Hkv, d): keys of the next evicted blocks."""
         L, nb, B, H, d = k.shape
-        keys = k.permute(0, 3, 4, 1, 2).reshape(L, H, d, nb * B).to(torch.bfloat16)
+        if self.filling is None:
+            self.filling = torch.empty(L, H * d, self.chunk, device=self.device)
+        keys = k.permute(0, 3, 4, 1, 2).reshape(L, H * d, nb * B).to(self.filling)
         done = 0
         while done < keys.shape[-1]:
-            held = sum(s.shape[-1] for s in self.segments)
-            if self.tokens == held:
-                size = max(held, FIRST_SEGMENT_BLOCKS * self.page_size)
-                self.segments.append(torch.empty(L, H, d, size, dtype=torch.bfloat16, device=self.device))
-                held += size
-            used = self.tokens - (held - self.segments[-1].shape[-1])
-            n = min(self.segments[-1].shape[-1] - used, keys.shape[-1] - done)
-            self.segments[-1][..., used : used + n] = keys[..., done : done + n]
+            chunk, filled = divmod(self.tokens, self.chunk)
+            n = min(self.chunk - filled, keys.shape[-1] - done)
+            self.filling[..., filled : filled + n] = keys[..., done : done + n]
+            # The tail repeats the last key, so the row's range is that of its keys.
+            self.filling[..., filled + n :] = self.filling[..., filled + n - 1 : filled + n]
+            segment, at = self._place(chunk)
+            segment[:, :, at] = quantize_rows(self.filling)
             done += n
             self.tokens += n
+
+    def _place(self, chunk: int) -> tuple[torch.Tensor, int]:
+        """The segment holding `chunk` and its place there; a new segment when all are full."""
+        for segment in self.segments:
+            if chunk < segment.shape[2]:
+                return segment, chunk
+            chunk -= segment.shape[2]
+        assert self.filling is not None
+        L, rows, _ = self.filling.shape
+        size = max(sum(s.shape[2] for s in self.segments), FIRST_SEGMENT_CHUNKS)
+        self.segments.append(
+            torch.empty(L, rows, size, self.chunk + 8, dtype=torch.uint8, device=self.device)
+        )
+        return self.segments[-1], 0
 
     def block_scores(self, layer: int, queries: torch.Tensor) -> torch.Tensor:
         """queries (Hkv, P, m, d), rotated by the memory distance; each group of m queries
         scores with the r channels where its |q| is largest. Returns (Hkv, P, blocks): each
-        block's best approximate logit over its tokens and the group's queries.
-
-        One embedding_bag per segment reads each query's r key rows and sums them weighted
-        by its channels in one pass, in bfloat16 with float32 accumulation (1.2-1.3x a
-        gather, a float32 copy and a bmm into kept buffers at 32k tokens, 1.0-1.1x at 4k-16k:
-        `benchmarks/bench_attention.py --parts sketch`); a segment's unfilled tail is scored
-        too (its rows stay contiguous, no copy) and its blocks are cut off after."""
+        block's best approximate logit over its tokens and the group's queries, rounded to
+        bfloat16 (float noise in the queries, as a forward batching other positions makes,
+        must not reorder blocks of equal keys)."""
         H, P, m, d = queries.shape
         r, B = self.channels, self.page_size
-        picked = queries.abs().sum(2).topk(r, dim=-1).indices[:, :, None].expand(H, P, m, r)
-        weights = queries.gather(3, picked).to(torch.bfloat16).view(-1, r)  # (Hkv * P * m, r)
-        heads = torch.arange(H, device=self.device).view(H, 1, 1, 1)
-        rows = (heads * d + picked).reshape(-1, r)  # the bags' rows in (Hkv * d, tokens)
+        picked = queries.abs().sum(2).topk(r, dim=-1).indices  # (Hkv, P, r)
+        weights = queries.gather(3, picked[:, :, None].expand(H, P, m, r)).float().view(H * P, m, r)
+        heads = torch.arange(H, device=self.device).view(H, 1, 1)
+        rows = (heads * d + picked).view(H * P, r)  # the picked rows of (Hkv * d, chunks)
         scores = []
+        left = -(-self.tokens // self.chunk)  # chunks holding keys
         for segment in self.segments:
-            logits = F.embedding_bag(
-                rows, segment[layer].view(H * d, -1), mode="sum", per_sample_weights=weights
-            )
-            best = logits.view(H * P, m, -1).amax(1)  # over the group's queries
-            scores.append(best.view(H * P, -1, B).amax(-1))  # over each block's tokens
-        return torch.cat(scores, -1)[:, : self.tokens // B].float().view(H, P, -1)
+            chunks = min(left, segment.shape[2])
+            if chunks == 0:
+                break
+            logits = self.logits(segment[layer], rows, weights, chunks)  # (Hkv * P, m, tokens)
+            scores.append(logits.amax(1).view(H * P, -1, B).amax(-1))  # best over queries, then tokens
+            left -= chunks
+        return torch.cat(scores, -1)[:, : self.tokens // B].bfloat16().float().view(H, P, -1)
