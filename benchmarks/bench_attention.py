@@ -130,7 +130,7 @@ def sketch_row(N: int) -> str:
     fused = ms(lambda: [sketch.block_scores(layer, q) for layer in range(LAYERS)]) / LAYERS
     sketch.logits = gathered_logits
     plain = ms(lambda: [sketch.block_scores(layer, q) for layer in range(LAYERS)]) / LAYERS
-    rows = keys.permute(0, 3, 4, 1, 2).reshape(LAYERS, HKV * D, N).bfloat16()
+    rows = keys.permute(0, 3, 4, 1, 2).reshape(LAYERS, HKV * D, N).bfloat16().contiguous()
     before = ms(lambda: [bfloat16_block_scores(rows[layer], q, r, B) for layer in range(LAYERS)]) / LAYERS
     return (
         f"N={N:>6}: 8-bit fused {fused:6.3f}  8-bit plain {plain:6.3f} ({plain / fused:.1f}x)  "

@@ -8,7 +8,6 @@ import torch
 
 from infinikv.memory.evicted import FAVOURITES_PER_BLOCK, EvictedMemory
 from infinikv.memory.sketch import (
-    FIRST_SEGMENT_CHUNKS,
     KeySketch,
     dequantize_rows,
     fused_logits,
@@ -44,15 +43,15 @@ def grid_keys(L: int, nblocks: int, B: int, H: int, d: int, chunk: int, g: torch
 def test_block_scores_match_brute_force_across_chunks_segments_and_uneven_appends(logits) -> None:
     g = torch.Generator().manual_seed(0)
     L, H, d, B, chunk = 2, 3, 8, 2, 8
-    nblocks = (FIRST_SEGMENT_CHUNKS * 4 + 2) * chunk // B + 1  # 3 segments (4, 4, 8 chunks), then a 4th
+    nblocks = (4 * 4 + 2) * chunk // B + 1  # 3 segments (4, 4, 8 chunks), then a 4th
     k = grid_keys(L, nblocks, B, H, d, chunk, g)
     for r in (3, d):
-        sketch = KeySketch(L, H, d, B, channels=r, chunk_tokens=chunk)
+        sketch = KeySketch(L, H, d, B, channels=r, chunk_tokens=chunk, first_segment=4)
         sketch.logits = logits
         for start, stop in ((0, 5), (5, 6), (6, 23), (23, nblocks)):  # within, across chunks and segments
             sketch.append(k[:, start:stop])
-        assert sketch.tokens == nblocks * B and [s.shape[2] for s in sketch.segments] == [4, 4, 8, 16]
-        sketch.segments[-1][:, :, 3:] = 255  # chunks not filled yet: NaN steps
+        assert sketch.tokens == nblocks * B and [s.shape[1] for s in sketch.segments] == [4, 4, 8, 16]
+        sketch.segments[-1][:, 3:] = 255  # chunks not filled yet: NaN steps
         q = torch.randn(H, 4, 2, d, generator=g).bfloat16().float()
         for layer in range(L):
             keys = k[layer].permute(2, 0, 1, 3).reshape(H, nblocks * B, d)
@@ -74,7 +73,7 @@ def test_every_chunk_holds_its_keys_within_half_its_own_step() -> None:
     sketch.append(k[:, :7])
     sketch.append(k[:, 7:])
     n = nblocks * B
-    held = torch.cat([dequantize_rows(s) for s in sketch.segments], 2).flatten(2)[..., :n]  # (L, H * d, n)
+    held = torch.cat([dequantize_rows(s) for s in sketch.segments], 1).transpose(1, 2).flatten(2)[..., :n]
     keys = k.permute(0, 3, 4, 1, 2).reshape(L, H * d, n)
     chunks = torch.nn.functional.pad(keys, (0, -n % chunk), value=torch.nan).unflatten(-1, (-1, chunk))
     step = (chunks.nan_to_num(-torch.inf).amax(-1) - chunks.nan_to_num(torch.inf).amin(-1)) / 255

@@ -22,13 +22,18 @@ every chunk's rows are quantized from exact keys whatever the appends were.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 # Tokens per quantized row (rounded up to whole pages): each row's range is its own.
 CHUNK_TOKENS = 1024
 # The sketch grows one segment at a time, never by copying what it holds: the first holds
 # FIRST_SEGMENT_CHUNKS chunks, each next one as many as all before it, so a decode step
-# loops over a few segments (4 at 32k tokens).
-FIRST_SEGMENT_CHUNKS = 4
+# loops over a few segments (one call each). A chunk is contiguous in its segment and
+# chunks are written in order, so on the CPU a segment's chunks not yet written are address
+# space only (the kernel gives pages on first touch) and the first segment is large: one
+# segment up to 32k tokens. Other devices allocate what they reserve.
+FIRST_SEGMENT_CHUNKS = {"cpu": 32}
+FIRST_SEGMENT_CHUNKS_ELSEWHERE = 4
 LEVELS = 255  # uint8 steps above a row's minimum
 
 
@@ -51,13 +56,13 @@ def dequantize_rows(rows: torch.Tensor) -> torch.Tensor:
 
 def fused_logits(table: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, chunks: int) -> torch.Tensor:
     """Approximate logits over the first `chunks` chunks of one layer's segment, through
-    fbgemm's quantized embedding bag (CPU). table (head * d + channel, chunks held, C + 8)
-    uint8; rows (G, r): each group's picked rows of it; weights (G, m, r): the group's
+    fbgemm's quantized embedding bag (CPU). table (chunks held, head * d + channel, C + 8)
+    uint8; rows (G, r): each group's picked rows of a chunk; weights (G, m, r): the group's
     queries' values on those channels. Returns (G, m, chunks * C)."""
     G, m, r = weights.shape
-    held, width = table.shape[1], table.shape[2]
-    at = torch.arange(chunks, device=rows.device).view(1, 1, chunks, 1)
-    bags = (rows.view(G, 1, 1, r) * held + at).expand(G, m, chunks, r)  # one bag per (query, chunk)
+    per_chunk, width = table.shape[1], table.shape[2]
+    at = torch.arange(chunks, device=rows.device).view(1, 1, chunks, 1) * per_chunk
+    bags = (rows.view(G, 1, 1, r) + at).expand(G, m, chunks, r)  # one bag per (query, chunk)
     logits = torch.ops.quantized.embedding_bag_byte_rowwise_offsets(
         table.view(-1, width),
         bags.flatten(),
@@ -77,8 +82,8 @@ def gathered_logits(
 ) -> torch.Tensor:
     """fused_logits on any device: gather the picked rows, de-quantize, one batched matmul."""
     G, m, r = weights.shape
-    keys = dequantize_rows(table[rows.flatten(), :chunks])  # (G * r, chunks, C)
-    return torch.bmm(weights, keys.view(G, r, -1))
+    keys = dequantize_rows(table[:chunks, rows.flatten()])  # (chunks, G * r, C)
+    return torch.bmm(weights, keys.transpose(0, 1).reshape(G, r, -1))
 
 
 class KeySketch:
@@ -91,16 +96,19 @@ class KeySketch:
         channels: int,
         device: torch.device | str = "cpu",
         chunk_tokens: int = CHUNK_TOKENS,
+        first_segment: int | None = None,
     ):
         if channels < 1:
             raise ValueError(f"sketch channels={channels} must be >= 1")
-        self.shape = (num_layers, num_kv_heads, head_dim)
         self.channels = min(channels, head_dim)
         self.page_size = page_size
         self.chunk = page_size * max(1, -(-chunk_tokens // page_size))
         self.device = torch.device(device)
         self.logits = fused_logits if self.device.type == "cpu" else gathered_logits
-        # (L, Hkv * d, chunks it holds, chunk + 8) uint8 each
+        self.first_segment = first_segment or FIRST_SEGMENT_CHUNKS.get(
+            self.device.type, FIRST_SEGMENT_CHUNKS_ELSEWHERE
+        )
+        # (L, chunks it holds, Hkv * d, chunk + 8) uint8 each
         self.segments: list[torch.Tensor] = []
         # The exact keys of the chunk being filled, re-quantized at each append (made at the
         # first: a sequence that never evicts holds nothing).
@@ -109,8 +117,13 @@ class KeySketch:
 
     @property
     def nbytes(self) -> int:
-        filling = 0 if self.filling is None else self.filling.numel() * self.filling.element_size()
-        return sum(s.numel() for s in self.segments) + filling
+        """Bytes of the chunks written and of the chunk being filled (on the CPU a segment's
+        chunks not written yet take no memory)."""
+        if self.filling is None:
+            return 0
+        L, rows, _ = self.filling.shape
+        written = -(-self.tokens // self.chunk) * L * rows * (self.chunk + 8)
+        return written + self.filling.numel() * self.filling.element_size()
 
     def append(self, k: torch.Tensor) -> None:
         """k (L, nb, B, Hkv, d): keys of the next evicted blocks."""
@@ -126,21 +139,21 @@ class KeySketch:
             # The tail repeats the last key, so the row's range is that of its keys.
             self.filling[..., filled + n :] = self.filling[..., filled + n - 1 : filled + n]
             segment, at = self._place(chunk)
-            segment[:, :, at] = quantize_rows(self.filling)
+            segment[:, at] = quantize_rows(self.filling)
             done += n
             self.tokens += n
 
     def _place(self, chunk: int) -> tuple[torch.Tensor, int]:
         """The segment holding `chunk` and its place there; a new segment when all are full."""
         for segment in self.segments:
-            if chunk < segment.shape[2]:
+            if chunk < segment.shape[1]:
                 return segment, chunk
-            chunk -= segment.shape[2]
+            chunk -= segment.shape[1]
         assert self.filling is not None
         L, rows, _ = self.filling.shape
-        size = max(sum(s.shape[2] for s in self.segments), FIRST_SEGMENT_CHUNKS)
+        size = max(sum(s.shape[1] for s in self.segments), self.first_segment)
         self.segments.append(
-            torch.empty(L, rows, size, self.chunk + 8, dtype=torch.uint8, device=self.device)
+            torch.empty(L, size, rows, self.chunk + 8, dtype=torch.uint8, device=self.device)
         )
         return self.segments[-1], 0
 
@@ -156,13 +169,14 @@ class KeySketch:
         weights = queries.gather(3, picked[:, :, None].expand(H, P, m, r)).float().view(H * P, m, r)
         heads = torch.arange(H, device=self.device).view(H, 1, 1)
         rows = (heads * d + picked).view(H * P, r)  # the picked rows of (Hkv * d, chunks)
-        scores = []
+        logits = []
         left = -(-self.tokens // self.chunk)  # chunks holding keys
         for segment in self.segments:
-            chunks = min(left, segment.shape[2])
+            chunks = min(left, segment.shape[1])
             if chunks == 0:
                 break
-            logits = self.logits(segment[layer], rows, weights, chunks)  # (Hkv * P, m, tokens)
-            scores.append(logits.amax(1).view(H * P, -1, B).amax(-1))  # best over queries, then tokens
+            logits.append(self.logits(segment[layer], rows, weights, chunks))  # (Hkv * P, m, tokens)
             left -= chunks
-        return torch.cat(scores, -1)[:, : self.tokens // B].bfloat16().float().view(H, P, -1)
+        tokens = logits[0] if len(logits) == 1 else torch.cat(logits, -1)
+        best = F.max_pool1d(tokens.amax(1), B)  # over the group's queries, then each block's tokens
+        return best[:, : self.tokens // B].bfloat16().float().view(H, P, -1)
