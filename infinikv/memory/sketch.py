@@ -168,7 +168,7 @@ class KeySketch:
         picked = queries.abs().sum(2).topk(r, dim=-1).indices  # (Hkv, P, r)
         weights = queries.gather(3, picked[:, :, None].expand(H, P, m, r)).float().view(H * P, m, r)
         heads = torch.arange(H, device=self.device).view(H, 1, 1)
-        rows = (heads * d + picked).view(H * P, r)  # the picked rows of (Hkv * d, chunks)
+        rows = (heads * d + picked).view(H * P, r)  # the picked of a chunk's Hkv * d rows
         logits = []
         left = -(-self.tokens // self.chunk)  # chunks holding keys
         for segment in self.segments:
