@@ -15,8 +15,9 @@ as uint8 steps above the row's minimum, with the row's float32 step and minimum 
 the token). That is the row layout of fbgemm's 8-bit embedding tables, so on the CPU one
 quantized embedding bag reads a query's r rows, de-quantizes and sums them in one pass; other
 devices gather, de-quantize and multiply (`gathered_logits`). An eighth of the keys' float32
-bytes; the chunk being filled is also kept exact (float32) and re-quantized as it grows, so
-every chunk's rows are quantized from exact keys whatever the appends were.
+bytes; the chunk being filled is also kept exact (float32) and its keys so far re-quantized
+at each append, so every chunk's rows are quantized from exact keys whatever the appends
+were.
 """
 
 from __future__ import annotations
@@ -32,19 +33,22 @@ CHUNK_TOKENS = 1024
 # chunks are written in order, so on the CPU a segment's chunks not yet written are address
 # space only (the kernel gives pages on first touch) and the first segment is large: one
 # segment up to 32k tokens. Other devices allocate what they reserve.
-FIRST_SEGMENT_CHUNKS = {"cpu": 32}
-FIRST_SEGMENT_CHUNKS_ELSEWHERE = 4
+FIRST_SEGMENT_CHUNKS = 4
+FIRST_SEGMENT_CHUNKS_CPU = 32
 LEVELS = 255  # uint8 steps above a row's minimum
 
 
-def quantize_rows(x: torch.Tensor) -> torch.Tensor:
-    """x (..., C) float32 -> (..., C + 8) uint8: each row's values as steps of (max - min) /
-    255 above its minimum, then the step and the minimum as float32 bytes."""
+def quantize_into(rows: torch.Tensor, x: torch.Tensor) -> None:
+    """Rows (..., C + 8) uint8 get x (..., n) float32, n <= C: its first n bytes each value as
+    steps of (max - min) / 255 above the row's minimum, the last 8 the step and the minimum
+    as float32 bytes. Bytes n..C keep what they held (a partly filled chunk's tail: scored,
+    then cut off)."""
+    C = rows.shape[-1] - 8
     low, high = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
     step = (high - low) / LEVELS
     step = torch.where(step > 0, step, torch.ones_like(step))  # a constant row: all at its minimum
-    steps = ((x - low) / step).round_().clamp_(0, LEVELS).to(torch.uint8)
-    return torch.cat([steps, torch.cat([step, low], -1).view(torch.uint8)], -1)
+    rows[..., : x.shape[-1]] = ((x - low) / step).round_().clamp_(0, LEVELS)
+    rows[..., C:] = torch.cat([step, low], -1).view(torch.uint8)
 
 
 def dequantize_rows(rows: torch.Tensor) -> torch.Tensor:
@@ -105,9 +109,9 @@ class KeySketch:
         self.chunk = page_size * max(1, -(-chunk_tokens // page_size))
         self.device = torch.device(device)
         self.logits = fused_logits if self.device.type == "cpu" else gathered_logits
-        self.first_segment = first_segment or FIRST_SEGMENT_CHUNKS.get(
-            self.device.type, FIRST_SEGMENT_CHUNKS_ELSEWHERE
-        )
+        if first_segment is None:
+            first_segment = FIRST_SEGMENT_CHUNKS_CPU if self.device.type == "cpu" else FIRST_SEGMENT_CHUNKS
+        self.first_segment = first_segment
         # (L, chunks it holds, Hkv * d, chunk + 8) uint8 each
         self.segments: list[torch.Tensor] = []
         # The exact keys of the chunk being filled, re-quantized at each append (made at the
@@ -117,13 +121,16 @@ class KeySketch:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the chunks written and of the chunk being filled (on the CPU a segment's
-        chunks not written yet take no memory)."""
+        """Bytes of the segments (on the CPU only their chunks written: the others take no
+        memory) and of the chunk being filled."""
         if self.filling is None:
             return 0
         L, rows, _ = self.filling.shape
-        written = -(-self.tokens // self.chunk) * L * rows * (self.chunk + 8)
-        return written + self.filling.numel() * self.filling.element_size()
+        if self.device.type == "cpu":
+            held = -(-self.tokens // self.chunk) * L * rows * (self.chunk + 8)
+        else:
+            held = sum(s.numel() for s in self.segments)
+        return held + self.filling.numel() * self.filling.element_size()
 
     def append(self, k: torch.Tensor) -> None:
         """k (L, nb, B, Hkv, d): keys of the next evicted blocks."""
@@ -136,10 +143,8 @@ class KeySketch:
             chunk, filled = divmod(self.tokens, self.chunk)
             n = min(self.chunk - filled, keys.shape[-1] - done)
             self.filling[..., filled : filled + n] = keys[..., done : done + n]
-            # The tail repeats the last key, so the row's range is that of its keys.
-            self.filling[..., filled + n :] = self.filling[..., filled + n - 1 : filled + n]
             segment, at = self._place(chunk)
-            segment[:, at] = quantize_rows(self.filling)
+            quantize_into(segment[:, at], self.filling[..., : filled + n])
             done += n
             self.tokens += n
 
