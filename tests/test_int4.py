@@ -1,4 +1,5 @@
-"""int4 weight-only linears: exact recovery of Q4_1-style weights, and the real model."""
+"""Weight-only quantized linears: int4 layers (Q4_1-style weights), the int8 head (Q8_0-style
+weights), and the real model."""
 
 from __future__ import annotations
 
@@ -9,18 +10,27 @@ from infinikv.engine.generator import Generator
 from infinikv.engine.sampling import SamplingParams
 from infinikv.engine.sequence import Sequence, feed
 from infinikv.errors import UnsupportedModelError
-from infinikv.model.linear import INT4_GROUP, DenseLinear, Int4Linear
+from infinikv.model.linear import GROUP, DenseLinear, Int4Linear, Int8Linear
 
 
 def q4_1_weight(N: int, K: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """A weight as llama.cpp's Q4_1 de-quantizes it: per group of 32, min at q=0, max at q=15."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randint(0, 16, (N, K), generator=g)
-    q[:, ::INT4_GROUP], q[:, 1::INT4_GROUP] = 0, 15
-    scale = torch.rand(N, K // INT4_GROUP, 1, generator=g) * 0.02 + 1e-3
-    low = -torch.rand(N, K // INT4_GROUP, 1, generator=g) * 0.1
-    w = (q.view(N, -1, INT4_GROUP) * scale + low).view(N, K)
+    q[:, ::GROUP], q[:, 1::GROUP] = 0, 15
+    scale = torch.rand(N, K // GROUP, 1, generator=g) * 0.02 + 1e-3
+    low = -torch.rand(N, K // GROUP, 1, generator=g) * 0.1
+    w = (q.view(N, -1, GROUP) * scale + low).view(N, K)
     return w, q
+
+
+def q8_0_weight(N: int, K: int, seed: int = 0) -> torch.Tensor:
+    """A weight as llama.cpp's Q8_0 de-quantizes it: per group of 32, s*q with max |q| = 127."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-127, 128, (N, K), generator=g)
+    q[:, ::GROUP] = 127 * (torch.randint(0, 2, (N, K // GROUP), generator=g) * 2 - 1)
+    scale = torch.rand(N, K // GROUP, 1, generator=g) * 0.02 + 1e-3
+    return (q.view(N, -1, GROUP) * scale).view(N, K)
 
 
 def dense(w: torch.Tensor, bias: torch.Tensor | None = None) -> DenseLinear:
@@ -43,9 +53,30 @@ def test_int4_matches_a_bf16_matmul_of_the_same_weights() -> None:
     assert (got - exact).norm() <= 2 * (bf16 - exact).norm() + 1e-6
 
 
-def test_int4_refuses_shapes_the_kernel_cannot_pack() -> None:
+def test_int8_matches_a_bf16_matmul_of_the_same_weights() -> None:
+    w = q8_0_weight(96, 160)
+    x = torch.randn(5, 160)
+    got = Int8Linear(w)(x)
+    exact = x @ w.T
+    bf16 = (x.bfloat16() @ w.bfloat16().T).float()
+    # Two int4 planes, each rounded to bf16 by the kernel, then summed in float32.
+    assert got.dtype == torch.float32
+    assert (got - exact).norm() <= 2 * (bf16 - exact).norm() + 1e-6
+
+
+def test_int8_planes_carry_every_signed_value() -> None:
+    """q = 127, -127, 3 (u = 255, 1, 131: the planes' extreme nibbles) and all-zero groups, on a
+    power-of-two scale so that every product is exact in bf16."""
+    w = torch.zeros(16, 32)
+    w[0, 0], w[0, 1], w[1, 5], w[1, 6] = 127 / 128, -127 / 128, 127 / 128, 3 / 128
+    got = Int8Linear(w)(torch.eye(32))  # column j: W[:, j]
+    torch.testing.assert_close(got.T, w, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("make", [lambda w: Int4Linear(dense(w)), Int8Linear])
+def test_quantized_linears_refuse_shapes_the_kernel_cannot_pack(make) -> None:
     with pytest.raises(UnsupportedModelError, match="in_features % 32"):
-        Int4Linear(dense(torch.randn(32, 40)))
+        make(torch.randn(32, 40))
 
 
 @pytest.mark.slow
@@ -56,6 +87,7 @@ def test_int4_default_model_keeps_greedy_output(default_model) -> None:
 
     q4 = load_model(None, CACHE_DIR, quantize="int4")
     assert all(isinstance(layer.qkv, Int4Linear) for layer in q4.model.layers)
+    assert isinstance(q4.model.lm_head, Int8Linear)
     ids = default_model.tokenizer("The lighthouse keeper rose before dawn and climbed the stairs. " * 8)[
         "input_ids"
     ]

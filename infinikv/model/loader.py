@@ -20,7 +20,7 @@ import torch
 from infinikv.errors import ModelNotFoundError, UnsupportedModelError
 from infinikv.model.config import ModelConfig
 from infinikv.model.default import default_gguf
-from infinikv.model.linear import quantize_int4
+from infinikv.model.linear import Int8Linear, quantize_int4
 from infinikv.model.llama import LlamaModel
 from infinikv.model.weights import TensorGetter, build_model
 
@@ -46,7 +46,8 @@ def load_model(
     quantize: str = "none",
 ) -> LoadedModel:
     """Load `spec` (None = the default SmolLM2-135M-Instruct); quantize="int4" stores the
-    decoder layers' weight matrices as int4 (CPU only; see `infinikv.model.linear`)."""
+    decoder layers' weight matrices as int4 and the output head as int8 (CPU only; see
+    `infinikv.model.linear`; the embedding lookup keeps its float table)."""
     if quantize not in ("none", "int4"):
         raise ValueError(f"unknown quantization {quantize!r}; choose none or int4")
     if quantize == "int4" and torch.device(device).type != "cpu":
@@ -61,6 +62,7 @@ def load_model(
         model = build_model(cfg, get, dtype=dtype, device=device)
     if quantize == "int4":
         quantize_int4(model.layers)
+        model.lm_head = Int8Linear(model.embed if model.lm_head is None else model.lm_head.weight)
     eos: set[int] = set()
     sources: list[Any] = [hf_config.eos_token_id, tokenizer.eos_token_id]
     if (path / "generation_config.json").is_file():
