@@ -1,6 +1,6 @@
 """Prefill and decode throughput, infinikv vs transformers `generate`, same weights, one run.
 
-    python benchmarks/bench_generate.py [--lengths 512 2048 6144] [--dtype float32] [--quantize int4]
+    python benchmarks/bench_generate.py [--lengths 512 2048 6144] [--dtype float32] [--quantize int4|int4-decode]
 
 Each engine runs in its own subprocess (so peak RSS is its own); both read the same
 converted default model. --quantize applies to infinikv only (transformers runs the
@@ -17,6 +17,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from infinikv.model.linear import QUANTIZATIONS
 
 TEXT = (
     "The lighthouse keeper rose before dawn, as he had every day for thirty years. He climbed "
@@ -102,7 +104,7 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 6144])
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    ap.add_argument("--quantize", choices=["none", "int4"], default="none")
+    ap.add_argument("--quantize", choices=QUANTIZATIONS, default="none")
     ap.add_argument("--worker", choices=["infinikv", "transformers"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -140,7 +142,7 @@ def main() -> None:
             f"{b['decode_tok_s']:.1f} / {a['decode_tok_s'] / b['decode_tok_s']:.2f}x |"
         )
     print(f"peak RSS MB: infinikv {ours['peak_rss_mb']:.0f}, transformers {hf['peak_rss_mb']:.0f}")
-    suffix = args.dtype + ("-int4" if args.quantize == "int4" else "")
+    suffix = args.dtype + ("" if args.quantize == "none" else f"-{args.quantize}")
     out_path = Path(__file__).parent / "results" / f"generate-{suffix}.json"
     out_path.write_text(json.dumps(results, indent=2))
     print(f"wrote {out_path}")

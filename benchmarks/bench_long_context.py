@@ -32,6 +32,7 @@ from typing import Any
 
 from infinikv.engine.long_context import LongContextConfig
 from infinikv.memory.index import INDEX_KINDS
+from infinikv.model.linear import QUANTIZATIONS
 
 MODES = ["transformers", "sliding", "selfextend", "memory", "se+memory"]
 RESIDENT, WINDOW, GROUP = 1024, 256, 4  # the resident budget every infinikv mode shares
@@ -228,7 +229,7 @@ def arguments() -> argparse.ArgumentParser:
     )
     ap.add_argument("--redis-url", help="memory modes' block store (default: in-process)")
     ap.add_argument(
-        "--quantize", choices=["none", "int4"], default="none", help="infinikv modes' decoder weights"
+        "--quantize", choices=QUANTIZATIONS, default="none", help="infinikv modes' decoder weights"
     )
     ap.add_argument("--cell", nargs=2, help=argparse.SUPPRESS)
     return ap

@@ -15,6 +15,7 @@ from infinikv.engine.generator import Generator
 from infinikv.engine.sampling import SamplingParams
 from infinikv.errors import InfinikvError
 from infinikv.memory.index import INDEX_KINDS
+from infinikv.model.linear import QUANTIZATIONS
 from infinikv.service.settings import Settings
 
 PROG = "infinikv"
@@ -38,7 +39,11 @@ def _build_parser() -> ArgumentParser:
     g = common.add_argument_group("model")
     g.add_argument("--model", help="model directory, .gguf file or hub id (default: SmolLM2-135M-Instruct)")
     g.add_argument("--dtype", choices=["float32", "bfloat16"])
-    g.add_argument("--quantize", choices=["none", "int4"], help="int4: 4-bit weight matrices (CPU)")
+    g.add_argument(
+        "--quantize",
+        choices=QUANTIZATIONS,
+        help="int4: 4-bit weight matrices (CPU); int4-decode: also keeps float32 ones for prefill",
+    )
     g.add_argument("--device", help="torch device (default: cpu)")
     g.add_argument(
         "--attention-backend",

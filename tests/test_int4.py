@@ -10,7 +10,7 @@ from infinikv.engine.generator import Generator
 from infinikv.engine.sampling import SamplingParams
 from infinikv.engine.sequence import Sequence, feed
 from infinikv.errors import UnsupportedModelError
-from infinikv.model.linear import GROUP, DenseLinear, Int4Linear, Int8Linear
+from infinikv.model.linear import GROUP, QUANTIZED_MAX_ROWS, DenseLinear, Int4Linear, Int8Linear
 
 
 def q4_1_weight(N: int, K: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,6 +73,20 @@ def test_int8_planes_carry_every_signed_value() -> None:
     torch.testing.assert_close(got.T, w, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_kept_dense_weight_takes_the_inputs_with_many_rows(kind: str) -> None:
+    w, b = q8_0_weight(48, 64), torch.randn(48) if kind == "int4" else None  # the head has no bias
+
+    def make(keep: bool) -> torch.nn.Module:
+        return Int4Linear(dense(w, b), keep) if kind == "int4" else Int8Linear(w, keep)
+
+    kept, quantized = make(True), make(False)
+    few, many = torch.randn(QUANTIZED_MAX_ROWS, 64), torch.randn(QUANTIZED_MAX_ROWS + 1, 64)
+    assert torch.equal(kept(few), quantized(few))
+    assert torch.equal(kept(many), torch.nn.functional.linear(many, w, b))
+    assert not torch.equal(quantized(many), kept(many))
+
+
 @pytest.mark.parametrize("make", [lambda w: Int4Linear(dense(w)), Int8Linear])
 def test_quantized_linears_refuse_shapes_the_kernel_cannot_pack(make) -> None:
     with pytest.raises(UnsupportedModelError, match="in_features % 32"):
@@ -80,12 +94,13 @@ def test_quantized_linears_refuse_shapes_the_kernel_cannot_pack(make) -> None:
 
 
 @pytest.mark.slow
-def test_int4_default_model_keeps_greedy_output(default_model) -> None:
+@pytest.mark.parametrize("quantize", ["int4", "int4-decode"])
+def test_int4_default_model_keeps_greedy_output(default_model, quantize: str) -> None:
     from infinikv.model.loader import load_model
 
     from .conftest import CACHE_DIR
 
-    q4 = load_model(None, CACHE_DIR, quantize="int4")
+    q4 = load_model(None, CACHE_DIR, quantize=quantize)
     assert all(isinstance(layer.qkv, Int4Linear) for layer in q4.model.layers)
     assert isinstance(q4.model.lm_head, Int8Linear)
     ids = default_model.tokenizer("The lighthouse keeper rose before dawn and climbed the stairs. " * 8)[
@@ -97,6 +112,8 @@ def test_int4_default_model_keeps_greedy_output(default_model) -> None:
         logits[name] = feed(lm.model, pool, Sequence(pool), ids, 64, all_logits=True)
     agree = (logits["fp32"].argmax(-1) == logits["int4"].argmax(-1)).float().mean().item()
     assert agree > 0.97, agree
+    if quantize == "int4-decode":  # the first, 64-row chunk runs the kept float32 weights
+        assert torch.equal(logits["int4"][:64], logits["fp32"][:64])
     params = SamplingParams(max_tokens=32, ignore_eos=True)
     want = Generator(default_model, 1024).generate(ids, params).token_ids
     got = Generator(q4, 1024).generate(ids, params).token_ids

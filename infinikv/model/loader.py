@@ -20,7 +20,7 @@ import torch
 from infinikv.errors import ModelNotFoundError, UnsupportedModelError
 from infinikv.model.config import ModelConfig
 from infinikv.model.default import default_gguf
-from infinikv.model.linear import Int8Linear, quantize_int4
+from infinikv.model.linear import QUANTIZATIONS, Int8Linear, quantize_int4
 from infinikv.model.llama import LlamaModel
 from infinikv.model.weights import TensorGetter, build_model
 
@@ -46,11 +46,12 @@ def load_model(
     quantize: str = "none",
 ) -> LoadedModel:
     """Load `spec` (None = the default SmolLM2-135M-Instruct); quantize="int4" stores the
-    decoder layers' weight matrices as int4 and the output head as int8 (CPU only; see
-    `infinikv.model.linear`; the embedding lookup keeps its float table)."""
-    if quantize not in ("none", "int4"):
-        raise ValueError(f"unknown quantization {quantize!r}; choose none or int4")
-    if quantize == "int4" and torch.device(device).type != "cpu":
+    decoder layers' weight matrices as int4 and the output head as int8, "int4-decode" keeps
+    the float weights too, for prefill chunks (CPU only; see `infinikv.model.linear`; the
+    embedding lookup keeps its float table)."""
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZATIONS)}")
+    if quantize != "none" and torch.device(device).type != "cpu":
         raise UnsupportedModelError(f"int4 weights run on the CPU only, not on {device}")
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
@@ -60,9 +61,11 @@ def load_model(
     tokenizer = AutoTokenizer.from_pretrained(path)
     with open_checkpoint(path) as get:
         model = build_model(cfg, get, dtype=dtype, device=device)
-    if quantize == "int4":
-        quantize_int4(model.layers)
-        model.lm_head = Int8Linear(model.embed if model.lm_head is None else model.lm_head.weight)
+    if quantize != "none":
+        keep_dense = quantize == "int4-decode"
+        quantize_int4(model.layers, keep_dense)
+        head = model.embed if model.lm_head is None else model.lm_head.weight
+        model.lm_head = Int8Linear(head, keep_dense)
     eos: set[int] = set()
     sources: list[Any] = [hf_config.eos_token_id, tokenizer.eos_token_id]
     if (path / "generation_config.json").is_file():
