@@ -2,6 +2,7 @@
 transformers full attention, interleaved in one process so that both see the same machine:
 
     python benchmarks/bench_decode_ratio.py --lengths 4096 32768 [--rounds 6] [--round-tokens 8]
+        [--quantize int4-decode]
 
 Both engines prefill the same passkey prompt (depth 0.5), then decode greedily in
 alternating rounds of `--round-tokens` tokens (which engine goes first alternates too), so
@@ -9,8 +10,9 @@ a shared machine's drift (CPU steal here went from ~10% to 50-85% within minutes
 both alike; bench_long_context.py runs each engine in its own process, minutes apart.
 transformers decodes in a plain loop over `model(token, past_key_values=...)`, without
 `generate`'s per-step logits processing.
+--quantize applies to infinikv only (transformers runs the de-quantized float32 weights).
 Prints each round's tok/s and the ratio of the medians; rows replace those of the same
-length in benchmarks/results/decode_ratio.json.
+length and quantization in benchmarks/results/decode_ratio.json.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from pathlib import Path
 import torch
 from bench_long_context import _model_dir, _tokenizer, arguments, long_context_generator
 
+from infinikv.model.linear import QUANTIZATIONS
+
 RESULTS = Path(__file__).parent / "results" / "decode_ratio.json"
 
 
@@ -38,12 +42,15 @@ def transformers_tokens(model, prompt: list[int]) -> Iterator[int]:
             out = model(token.view(1, 1), past_key_values=out.past_key_values, use_cache=True)
 
 
-def infinikv_tokens(settings, prompt: list[int], length: int, max_tokens: int) -> Iterator[int]:
+def infinikv_tokens(
+    settings, prompt: list[int], length: int, max_tokens: int, quantize: str
+) -> Iterator[int]:
     """Greedy tokens of infinikv in bench_long_context.py's se+memory mode, default variant
-    (the model loads here; the prefill runs at the first token)."""
+    but for `quantize` (the model loads here; the prefill runs at the first token)."""
     from infinikv.engine.sampling import SamplingParams
 
-    gen = long_context_generator(settings, "se+memory", length, arguments().parse_args([]))
+    variant = arguments().parse_args(["--quantize", quantize])
+    gen = long_context_generator(settings, "se+memory", length, variant)
     events = gen.stream(prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
     return (e.token_id for e in events if e.token_id is not None)
 
@@ -55,7 +62,7 @@ def timed(tokens: Iterator[int], n: int, out: list[int]) -> float:
     return time.perf_counter() - start
 
 
-def measure(length: int, rounds: int, round_tokens: int) -> dict:
+def measure(length: int, rounds: int, round_tokens: int, quantize: str) -> dict:
     from transformers import AutoModelForCausalLM
 
     from infinikv.evaluation.passkey import found, passkey_case
@@ -67,7 +74,7 @@ def measure(length: int, rounds: int, round_tokens: int) -> dict:
     model = AutoModelForCausalLM.from_pretrained(_model_dir(settings), dtype=torch.float32).eval()
     engines = {
         "transformers": transformers_tokens(model, case.prompt),
-        "infinikv": infinikv_tokens(settings, case.prompt, length, 1 + rounds * round_tokens),
+        "infinikv": infinikv_tokens(settings, case.prompt, length, 1 + rounds * round_tokens, quantize),
     }
     produced: dict[str, list[int]] = {name: [] for name in engines}
     prefill = {name: timed(tokens, 1, produced[name]) for name, tokens in engines.items()}
@@ -85,6 +92,7 @@ def measure(length: int, rounds: int, round_tokens: int) -> dict:
     ratios = [a / b for a, b in zip(speeds["infinikv"], speeds["transformers"], strict=True)]
     return {
         "length": length,
+        "quantize": quantize,
         "rounds": rounds,
         "round_tokens": round_tokens,
         "prefill_s": {name: round(seconds, 1) for name, seconds in prefill.items()},
@@ -95,23 +103,30 @@ def measure(length: int, rounds: int, round_tokens: int) -> dict:
     }
 
 
+def key(row: dict) -> tuple[int, str]:
+    """A results row's length and quantization (rows from before the option: none)."""
+    return row["length"], row.get("quantize", "none")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 32768])
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--round-tokens", type=int, default=8)
+    ap.add_argument("--quantize", choices=QUANTIZATIONS, default="none", help="infinikv's decoder weights")
     args = ap.parse_args()
-    rows = [measure(n, args.rounds, args.round_tokens) for n in args.lengths]
+    rows = [measure(n, args.rounds, args.round_tokens, args.quantize) for n in args.lengths]
     for row in rows:
         speeds = row["decode_tok_s"]
         print(
-            f"{row['length']:>6} tokens: infinikv {speeds['infinikv']:.2f} tok/s, transformers "
+            f"{row['length']:>6} tokens, quantize={row['quantize']}: infinikv {speeds['infinikv']:.2f} "
+            f"tok/s, transformers "
             f"{speeds['transformers']:.2f} tok/s: {row['ratio']:.2f}x (rounds {row['round_ratios']}), "
             f"key found {row['found_key']}"
         )
     kept = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
-    measured = {row["length"] for row in rows}
-    merged = sorted([r for r in kept if r["length"] not in measured] + rows, key=lambda r: r["length"])
+    measured = {key(row) for row in rows}
+    merged = sorted([r for r in kept if key(r) not in measured] + rows, key=key)
     RESULTS.write_text(json.dumps(merged, indent=1) + "\n")
 
 

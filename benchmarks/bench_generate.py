@@ -1,6 +1,7 @@
 """Prefill and decode throughput, infinikv vs transformers `generate`, same weights, one run.
 
-    python benchmarks/bench_generate.py [--lengths 512 2048 6144] [--dtype float32] [--quantize int4|int4-decode]
+    python benchmarks/bench_generate.py [--lengths 512 2048 6144] [--dtype float32]
+        [--quantize int4|int4-decode]
 
 Each engine runs in its own subprocess (so peak RSS is its own); both read the same
 converted default model. --quantize applies to infinikv only (transformers runs the

@@ -50,7 +50,9 @@ def _groups(w: torch.Tensor) -> torch.Tensor:
     """(N, K) float weight -> (N, K/GROUP, GROUP) float32, refusing shapes the kernel cannot pack."""
     N, K = w.shape
     if K % GROUP or N % 16:
-        raise UnsupportedModelError(f"int4 needs in_features % {GROUP} == 0 and out_features % 16 == 0, got {N}x{K}")
+        raise UnsupportedModelError(
+            f"int4 needs in_features % {GROUP} == 0 and out_features % 16 == 0, got {N}x{K}"
+        )
     return w.detach().float().view(N, K // GROUP, GROUP)
 
 
@@ -59,13 +61,17 @@ class Int4Plane(nn.Module):
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
         super().__init__()  # q: (N, K) integers in [0, 15]; scale, zero: (N, K/GROUP)
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), INNER_K_TILES))
+        self.register_buffer(
+            "packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), INNER_K_TILES)
+        )
         self.register_buffer(
             "scales_and_zeros", torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().bfloat16()
         )  # (K/GROUP, N, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales_and_zeros)  # bf16
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x, self.packed, GROUP, self.scales_and_zeros
+        )  # bf16
 
 
 class QuantizedLinear(nn.Module):
