@@ -133,6 +133,45 @@ def test_rollback_leaves_the_cache_as_if_the_rejected_tokens_were_never_seen(mod
     )
 
 
+def test_a_drafters_setup_is_not_charged_to_the_drafted_tokens(model, monkeypatch) -> None:
+    """A draft model's first proposal prefills its window; charged to the one token of the
+    probe, drafting would look dearer than a plain step and pause for 256 steps."""
+    clock = [0.0]
+    monkeypatch.setattr("infinikv.speculative.decoder.time.perf_counter", lambda: clock[0])
+    prompt = repetitive(26, seed=4)
+    pool = nan_pool(model, max_tokens=300, page_size=PAGE, long_context=LONG)
+    seq = Sequence(pool, LONG, model.cfg)
+    feed(model, pool, seq, prompt, 16)
+
+    class SlowStart:
+        name = "slow-start"
+
+        def propose(self, seq, last, k, params, generator):
+            clock[0] += 5.0 + 0.01 * k  # a 5 s prefill, then 10 ms per drafted token
+            return Draft([last] * k, setup_s=5.0)
+
+        def release(self):
+            pass
+
+    dec = SpeculativeDecoder(model, SlowStart(), Sampler(GREEDY), GREEDY, max_draft=4)
+    dec._plain_s = 0.1  # a plain step: 100 ms
+    dec.step(seq, 7)  # the probe
+    assert dec._per_draft_s is not None and dec._per_draft_s < dec._plain_s
+    assert dec._draft_length() > 0
+
+
+def test_draft_model_reports_its_window_prefill_as_setup(model) -> None:
+    pool = nan_pool(model, max_tokens=300, page_size=PAGE, long_context=LONG)
+    seq = Sequence(pool, LONG, model.cfg)
+    prompt = repetitive(40, seed=5)
+    feed(model, pool, seq, prompt, 16)
+    drafter = DraftModelDrafter(model, window=32, page_size=PAGE)
+    first = drafter.propose(seq, 7, 2, GREEDY, None)  # prefills its 32-token window
+    feed(model, pool, seq, [7], 1)
+    second = drafter.propose(seq, 9, 2, GREEDY, None)  # one token since: no setup
+    assert first.setup_s > 0.0 and second.setup_s == 0.0
+
+
 def test_accept_greedy_takes_the_matching_prefix_then_the_target_token() -> None:
     logits = torch.full((4, 6), -1.0)
     for row, best in enumerate([2, 5, 1, 3]):

@@ -7,7 +7,9 @@ t(k) = t0 + b k: t0 a plain decode step, b the measured extra seconds per drafte
 (drafting plus the wider verification; on CPU a 7-token verification costs about two plain
 steps). The decoder picks the k with the best E(k) t0 / t(k); when even that is below 1 it
 decodes plainly for a back-off that doubles each time (32 .. 256 steps; 256 at once when a
-drafted token costs as much as a plain step), then probes again.
+drafted token costs as much as a plain step), then probes again. A drafter's setup inside a
+step (`Draft.setup_s`: a draft model's first prefill of its window) is left out of b, or the
+first probe would switch a draft model off for 256 steps.
 """
 
 from __future__ import annotations
@@ -110,7 +112,7 @@ class SpeculativeDecoder:
         seq.truncate(start + 1 + n)  # rejected drafts leave the cache before any eviction
         seq.evict_overflow()
         out = [*draft.tokens[:n], bonus]
-        self._account(len(draft.tokens), n, time.perf_counter() - t0)
+        self._account(len(draft.tokens), n, time.perf_counter() - t0 - draft.setup_s)
         return out
 
     def _verify(self, seq: Sequence, last: int, draft: Draft) -> tuple[int, int]:

@@ -7,6 +7,8 @@ When the window fills, it restarts from the last half of it (one re-prefill per 
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from infinikv.engine.sampling import SamplingParams, target_probs
@@ -34,19 +36,25 @@ class DraftModelDrafter:
         self.seq = Sequence(self.pool)
         self.offset = 0  # target position of the draft sequence's first token
 
-    def _catch_up(self, history: list[int]) -> torch.Tensor:
-        """Feed the draft what the target committed since last time; logits after history[-1]."""
+    def _catch_up(self, history: list[int]) -> tuple[torch.Tensor, float]:
+        """Feed the draft what the target committed since last time: logits after
+        history[-1], and the seconds it took when the window (re)started (a prefill of up
+        to `window` tokens, once per window / 2 generated; else 0: the few tokens accepted
+        since the last step are part of a draft's cost)."""
         if len(history) - self.offset > self.window:
             self.seq.release()
             self.offset = len(history) - self.window // 2
+        restart = len(self.seq) == 0
         missing = history[self.offset + len(self.seq) :]
-        return feed(self.model, self.pool, self.seq, missing, self.chunk_size)
+        start = time.perf_counter()
+        logits = feed(self.model, self.pool, self.seq, missing, self.chunk_size)
+        return logits, time.perf_counter() - start if restart else 0.0
 
     def propose(
         self, seq: Sequence, last: int, k: int, params: SamplingParams, generator: torch.Generator | None
     ) -> Draft:
         k = min(k, MAX_DRAFT)
-        logits = self._catch_up([*seq.tokens, last])
+        logits, setup_s = self._catch_up([*seq.tokens, last])
         start = len(self.seq)
         tokens: list[int] = []
         probs: list[torch.Tensor] = []
@@ -63,7 +71,7 @@ class DraftModelDrafter:
                     logits = feed(self.model, self.pool, self.seq, [token], 1)
         finally:
             self.seq.truncate(start)
-        return Draft(tokens, torch.stack(probs) if probs else None)
+        return Draft(tokens, torch.stack(probs) if probs else None, setup_s)
 
     def release(self) -> None:
         self.seq.release()

@@ -17,6 +17,9 @@ class Draft:
     # (len(tokens), V): the distribution each token was drawn from; None when the drafter
     # is deterministic (a point mass on each token), e.g. lookup or a greedy draft.
     probs: torch.Tensor | None = None
+    # Seconds of this proposal spent on setup that is not a cost per drafted token (a draft
+    # model's prefill of its window after a restart); the cost model leaves them out.
+    setup_s: float = 0.0
 
 
 class Drafter(Protocol):
