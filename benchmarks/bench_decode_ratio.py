@@ -120,8 +120,8 @@ def main() -> None:
         speeds = row["decode_tok_s"]
         print(
             f"{row['length']:>6} tokens, quantize={row['quantize']}: infinikv {speeds['infinikv']:.2f} "
-            f"tok/s, transformers "
-            f"{speeds['transformers']:.2f} tok/s: {row['ratio']:.2f}x (rounds {row['round_ratios']}), "
+            f"tok/s, transformers {speeds['transformers']:.2f} tok/s: {row['ratio']:.2f}x "
+            f"(rounds {row['round_ratios']}), "
             f"key found {row['found_key']}"
         )
     kept = json.loads(RESULTS.read_text()) if RESULTS.exists() else []

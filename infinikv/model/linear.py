@@ -51,7 +51,7 @@ def _groups(w: torch.Tensor) -> torch.Tensor:
     N, K = w.shape
     if K % GROUP or N % 16:
         raise UnsupportedModelError(
-            f"int4 needs in_features % {GROUP} == 0 and out_features % 16 == 0, got {N}x{K}"
+            f"the int4 kernel needs in_features % {GROUP} == 0 and out_features % 16 == 0, got {N}x{K}"
         )
     return w.detach().float().view(N, K // GROUP, GROUP)
 
@@ -69,9 +69,8 @@ class Int4Plane(nn.Module):
         )  # (K/GROUP, N, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x, self.packed, GROUP, self.scales_and_zeros
-        )  # bf16
+        """x (N, K) bfloat16 -> (N, out) bfloat16."""
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales_and_zeros)
 
 
 class QuantizedLinear(nn.Module):
