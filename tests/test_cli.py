@@ -8,6 +8,17 @@ import sys
 import pytest
 
 from infinikv.cli import main
+from infinikv.model.loader import resolve_model_dir
+
+from .conftest import CACHE_DIR
+
+
+@pytest.fixture(scope="module", autouse=True)
+def converted_default_model() -> None:
+    """Convert the default GGUF before any case: on a fresh machine the one-time conversion
+    (its warning and progress bar on stderr) would run inside the first case that loads the
+    model and add lines to the one error line that case checks."""
+    resolve_model_dir(None, CACHE_DIR)
 
 
 def run_cli(argv: list[str]) -> int:
