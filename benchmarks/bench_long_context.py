@@ -12,7 +12,7 @@ Every (mode, length) runs in its own process (peak RSS is its own). Rows replace
 the same (mode, length, variant) in benchmarks/results/long_context.json, so a run can measure
 some cells with fewer depths (`--depths`); the charts docs/long_context_{accuracy,speed}.png
 are drawn from the default variant's rows. A variant changes the memory modes' index,
-granularity, sketch interval or block store, or the infinikv modes' weights (`--quantize
+granularity, sketch interval, RAM budget or block store, or the infinikv modes' weights (`--quantize
 int4`: the GGUF's own 4-bit groups; transformers keeps the de-quantized float32 weights):
 
     python benchmarks/bench_long_context.py --modes se+memory --lengths 32768 --redis-url redis://127.0.0.1:6379
@@ -40,8 +40,13 @@ NEW_TOKENS = 16
 TRAINED = 8192  # SmolLM2-135M's trained length
 
 
-def long_context_config(mode: str, length: int, index: str, granularity: str, sketch_every: int):
-    memory = {"index": index, "granularity": granularity, "sketch_every": sketch_every}
+def long_context_config(mode: str, length: int, args: argparse.Namespace):
+    memory = {
+        "index": args.index,
+        "granularity": args.granularity,
+        "sketch_every": args.sketch_every,
+        "ram_budget_mb": args.ram_budget_mb,
+    }
     if mode == "sliding":
         return LongContextConfig.derive(
             TRAINED, 16, resident=RESIDENT, window=RESIDENT // 2, group=1, memory=False
@@ -65,6 +70,7 @@ def variant(args: argparse.Namespace) -> str:
     parts = [f"index={args.index}"] * (args.index != "flat")
     parts += [f"granularity={args.granularity}"] * (args.granularity != "block")
     parts += [f"sketch_every={args.sketch_every}"] * (args.sketch_every != LongContextConfig.sketch_every)
+    parts += [f"ram_budget_mb={args.ram_budget_mb}"] * (args.ram_budget_mb != LongContextConfig.ram_budget_mb)
     parts += ["store=redis"] * bool(args.redis_url)
     parts += [f"quantize={args.quantize}"] * (args.quantize != "none")
     return " ".join(parts)
@@ -121,13 +127,14 @@ def run_cell(mode: str, length: int, args: argparse.Namespace) -> dict:
 
 def long_context_generator(settings, mode: str, length: int, args: argparse.Namespace):
     """An infinikv Generator on the default model for one infinikv mode at one length, with
-    the variant `args` names (quantize, index, granularity, sketch_every, redis_url)."""
+    the variant `args` names (quantize, index, granularity, sketch_every, ram_budget_mb,
+    redis_url)."""
     from infinikv.engine.generator import Generator
     from infinikv.memory.store import open_store
     from infinikv.model.loader import load_model
 
     loaded = load_model(None, settings.cache_dir, quantize=args.quantize)
-    config = long_context_config(mode, length, args.index, args.granularity, args.sketch_every)
+    config = long_context_config(mode, length, args)
     store = open_store(args.redis_url, cluster=False)  # in-process (the default) without a URL
     return Generator(loaded, max_seq_len=64, long_context=config, store=store)
 
@@ -226,6 +233,12 @@ def arguments() -> argparse.ArgumentParser:
         type=int,
         default=LongContextConfig.sketch_every,
         help="memory modes' positions per full read of the key sketch",
+    )
+    ap.add_argument(
+        "--ram-budget-mb",
+        type=int,
+        default=LongContextConfig.ram_budget_mb,
+        help="memory modes' host RAM for evicted blocks and search structures",
     )
     ap.add_argument("--redis-url", help="memory modes' block store (default: in-process)")
     ap.add_argument(

@@ -100,7 +100,9 @@ def _build_parser() -> ArgumentParser:
         help="memory retrieval: top-k tokens, or whole blocks ranked by a per-block summary",
     )
     lc.add_argument(
-        "--ram-budget-mb", type=_positive_int, help="host RAM for evicted blocks (block granularity)"
+        "--ram-budget-mb",
+        type=_positive_int,
+        help="host RAM for evicted blocks and search structures (block granularity): sets the longest input",
     )
     lc.add_argument("--redis-url", help="block store for evicted blocks (default: in-process)")
     lc.add_argument(

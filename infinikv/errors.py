@@ -15,3 +15,7 @@ class UnsupportedModelError(InfinikvError):
 
 class CacheFullError(InfinikvError):
     """The page pool has no free page for a sequence that needs one."""
+
+
+class MemoryFullError(InfinikvError):
+    """A sequence's evicted memory would outgrow its RAM budget."""

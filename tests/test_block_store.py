@@ -354,6 +354,84 @@ def test_a_memory_bounded_in_ram_retrieves_what_an_unbounded_one_does(store) -> 
             assert torch.equal(got, want)
 
 
+def test_the_ram_tier_gives_way_to_the_search_structures_within_the_budget(store) -> None:
+    """The RAM tier and the search structures share a 1 MiB budget: as the sketch and the
+    index grow the tier holds fewer blocks, retrieval still equals an unbounded memory's,
+    and the block past the budget's capacity is refused with nothing added."""
+    from infinikv.errors import MemoryFullError
+    from infinikv.memory.evicted import RamBudget, search_bytes
+    from infinikv.memory.payload import block_key
+
+    L, H, d, B = 2, 3, 16, 4
+    budget = RamBudget(2**20, min_blocks=8)
+    g = torch.Generator().manual_seed(6)
+    bounded = EvictedMemory(
+        L, H, d, B, store=store, prefix="sess:budget:", granularity="block", ram_blocks=400, ram_budget=budget
+    )
+    everything = EvictedMemory(L, H, d, B, granularity="block")
+    capacity = bounded.capacity
+    assert capacity is not None and capacity % B == 0
+    tiers = []
+    while bounded.tokens < capacity:
+        n = min(50, (capacity - bounded.tokens) // B)
+        k, v = torch.randn(2, L, n, B, H, d, generator=g)
+        start = bounded.tokens // B
+        for mem in (bounded, everything):
+            mem.add_blocks(list(range(start, start + n)), k, v)
+        search = search_bytes(bounded.tokens, L, H, d, B, "flat")
+        assert bounded.sketch is not None and bounded.sketch.nbytes + bounded.index.nbytes == search
+        assert bounded.nbytes <= budget.nbytes and bounded.cache.nbytes + search <= budget.nbytes
+        tiers.append(bounded.cache.capacity)
+        q = torch.randn(H, 1, 2, d, generator=g)
+        for ranking in ("bound", "sketch"):
+            got_want = (retrieve_blocks(m, start % L, q, 4, ranking) for m in (bounded, everything))
+            for got, want in zip(*got_want, strict=True):
+                assert torch.equal(got, want)
+    assert tiers == sorted(tiers, reverse=True) and 400 > tiers[0] > tiers[-1]
+    assert bounded.cache.fetched > 0
+    k, v = torch.randn(2, L, 1, B, H, d, generator=g)
+    with pytest.raises(MemoryFullError, match=f"holds {capacity} evicted tokens \\(raise ram_budget_mb\\)"):
+        bounded.add_blocks([capacity // B], k, v)
+    assert bounded.tokens == capacity and bounded.index.ntotal == capacity // B
+    assert bounded.sketch.tokens == capacity
+    assert store.get_many([block_key("sess:budget:", capacity // B)]) == [None]
+
+
+def test_lowering_the_ram_tier_s_capacity_returns_its_pages_to_the_kernel() -> None:
+    """A bounded tier's slab is a mapping of its own: the slots given up leave the process's
+    resident memory, and their blocks come back from the store when read."""
+    from infinikv.memory.cache import BlockCache
+
+    def resident_mb() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    shape = (2, 16, 4, 64)  # 16 KiB per (k|v, layer) slot: 64 KiB per block
+    fetch_calls = []
+
+    def fetch(layer: int, blocks: list[int]) -> torch.Tensor:
+        fetch_calls.append(blocks)
+        return torch.tensor(blocks, dtype=torch.float32).view(1, -1, 1, 1, 1).expand(2, -1, *shape[1:])
+
+    cache = BlockCache(shape, torch.float32, fetch, capacity=2048)
+    for start in range(0, 2048, 256):
+        blocks = list(range(start, start + 256))
+        kv = torch.tensor(blocks, dtype=torch.float32).view(1, 1, -1, 1, 1, 1).expand(2, 2, -1, *shape[1:])
+        cache.put(blocks, kv)
+    full = resident_mb()
+    cache.limit(256)
+    released = full - resident_mb()
+    assert released > 0.9 * (2048 - 256) * 64 / 1024  # MiB: 112 of the 128 the slab held
+    assert max(cache.held(layer) for layer in range(2)) <= 256 and cache.nbytes == 2 * 256 * 2**16 // 2
+    k, _ = cache.layer(1)
+    for block in (0, 1000, 2047):  # whichever stayed in RAM, each comes back whole
+        slot = cache.slots(1, torch.tensor([block]))
+        assert bool((k.view(-1, 16 * 4 * 64)[slot] == block).all())
+    assert fetch_calls and all(b < 2048 for calls in fetch_calls for b in calls)
+    with pytest.raises(ValueError, match="lowered to >= 1 blocks"):
+        cache.limit(0)
+
+
 def test_favourites_are_read_back_through_a_bounded_ram_tier(store) -> None:
     """Rankings between full ones read their favourites' keys through the RAM tier: 4 of 40
     blocks per kv-head, the tier holding 12, so favourites leave RAM and come back."""

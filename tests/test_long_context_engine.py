@@ -189,3 +189,30 @@ def test_a_ram_budget_too_small_for_one_retrieval_is_refused(model) -> None:
     with pytest.raises(ValueError, match=re.escape("ram_budget_mb=1 holds")):
         cfg.validate(256, PAGE, model.cfg)
     config(granularity="token", max_blocks=100_000, ram_budget_mb=1).validate(256, PAGE, model.cfg)
+    # 1 MiB holds the 504 blocks of one retrieval, but not beside them the key sketch's
+    # chunk being filled (float32): no evicted block would fit
+    cfg = config(granularity="block", max_blocks=14, ram_budget_mb=1)
+    with pytest.raises(ValueError, match="ram_budget_mb=1 leaves no room for the search structures"):
+        cfg.validate(256, PAGE, model.cfg)
+
+
+def test_the_ram_budget_sets_the_longest_sequence(default_model) -> None:
+    """With a store, a sequence holds its resident window plus the evicted tokens whose
+    search structures fit the RAM budget beside one retrieval's blocks; a longer prompt is
+    refused before any work, naming the setting."""
+    from infinikv.engine.generator import Generator
+    from infinikv.engine.sampling import SamplingParams
+    from infinikv.errors import InfinikvError
+    from infinikv.memory.store import InProcessBlockStore
+
+    model = default_model.config
+    small = LongContextConfig.derive(model.max_position_embeddings, 16, ram_budget_mb=680)
+    held = small.memory_tokens(model, 16)
+    assert held is not None and 0 < held < 8192
+    gen = Generator(default_model, 1024, long_context=small, store=InProcessBlockStore())
+    assert gen.capacity == small.resident + held
+    with pytest.raises(InfinikvError, match=f"capacity of {gen.capacity} tokens \\(raise ram_budget_mb\\)"):
+        next(gen.stream([1] * gen.capacity, SamplingParams(max_tokens=1)))
+    default = LongContextConfig.derive(model.max_position_embeddings, 16)
+    assert (default.memory_tokens(model, 16) or 0) > 160_000  # a book's worth
+    assert LongContextConfig.derive(8192, 16, granularity="token").memory_tokens(model, 16) is None

@@ -62,8 +62,9 @@ class Generator:
         drafter_factory: Callable[[], Drafter] | None = None,
         max_draft: int = 8,
     ):
-        """max_seq_len bounds a sequence's length; with `long_context` there is no bound and a
-        sequence holds at most its resident window plus one prefill chunk in pages. The pool
+        """max_seq_len bounds a sequence's length; with `long_context` the RAM budget of its
+        memory does (with a store; without one, nothing leaves RAM and nothing bounds it) and
+        a sequence holds at most its resident window plus one prefill chunk in pages. The pool
         holds `slots` such sequences at once."""
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -89,8 +90,14 @@ class Generator:
 
     @property
     def capacity(self) -> int:
-        """Longest sequence (prompt + generated tokens) this generator can hold."""
-        return UNBOUNDED if self.long_context is not None else self.max_seq_len
+        """Longest sequence (prompt + generated tokens) this generator can hold: with long
+        context, the resident window and the most its memory's RAM budget holds."""
+        if self.long_context is None:
+            return self.max_seq_len
+        held = self.long_context.memory_tokens(self.loaded.config, self.pool.page_size)
+        if held is None or self.store is None:
+            return UNBOUNDED
+        return self.long_context.resident + held
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
@@ -112,9 +119,10 @@ class Generator:
         if not prompt:
             raise InfinikvError("empty prompt")
         if seq_len + len(prompt) >= self.capacity:
+            setting = "max_seq_len" if self.long_context is None else "ram_budget_mb"
             raise InfinikvError(
                 f"{seq_len} + {len(prompt)} prompt tokens do not fit the context capacity of "
-                f"{self.capacity} tokens (raise max_seq_len)"
+                f"{self.capacity} tokens (raise {setting})"
             )
 
     def stream(

@@ -12,7 +12,7 @@ import torch
 
 from infinikv.attention.long_context import OWN_BLOCK_POSITIONS, LongContextState
 from infinikv.attention.self_extend import SelfExtend
-from infinikv.memory.evicted import FAVOURITES_PER_BLOCK, EvictedMemory
+from infinikv.memory.evicted import FAVOURITES_PER_BLOCK, EvictedMemory, RamBudget, memory_capacity
 from infinikv.memory.index import INDEX_KINDS
 from infinikv.memory.store import BlockStore
 from infinikv.model.config import ModelConfig
@@ -54,10 +54,13 @@ class LongContextConfig:
     # run with 1: 4 of 4, and with exact logits over every block: 2 of 2), and one more 32k
     # passkey depth was lost.
     sketch_every: int = 1
-    # Block granularity: host RAM for evicted blocks' keys and values (the block store holds
-    # them all; the least recently used leave RAM first). Must hold what one retrieval reads
-    # at once (`ram_blocks_needed`); 1 GiB holds 1,456 SmolLM2-135M blocks (23k tokens).
-    ram_budget_mb: int = 1024
+    # Block granularity: host RAM for the evicted memory: blocks' keys and values (the block
+    # store holds them all; the least recently used leave RAM first) and the search
+    # structures (key sketch, block summaries), which grow with the memory and take RAM from
+    # the blocks. Must hold what one retrieval reads at once (`ram_blocks_needed`); sets
+    # the longest sequence (`memory_tokens`). 2 GiB: SmolLM2-135M's blocks of 39k tokens
+    # with their search structures, or the memory of 170k tokens.
+    ram_budget_mb: int = 2048
 
     @classmethod
     def derive(
@@ -90,9 +93,20 @@ class LongContextConfig:
         return replace(base, **given)
 
     def ram_blocks(self, model: ModelConfig, page_size: int) -> int:
-        """Evicted blocks (float32 keys and values of every layer) the RAM budget holds."""
-        block_bytes = 2 * model.num_layers * page_size * model.num_kv_heads * model.head_dim * 4
-        return self.ram_budget_mb * 2**20 // block_bytes
+        """Evicted blocks the RAM budget holds (before any search structures)."""
+        return self.ram_budget_mb * 2**20 // block_bytes(model, page_size)
+
+    def ram_budget(self, model: ModelConfig) -> RamBudget:
+        return RamBudget(self.ram_budget_mb * 2**20, self.ram_blocks_needed(model))
+
+    def memory_tokens(self, model: ModelConfig, page_size: int) -> int | None:
+        """Most evicted tokens a sequence's memory holds within the RAM budget (None: no
+        bound, the memory is off or keeps every key in an index in RAM)."""
+        if not self.memory or self.granularity != "block":
+            return None
+        L, H, d = model.num_layers, model.num_kv_heads, model.head_dim
+        budget = self.ram_budget(model)
+        return memory_capacity(budget, L, H, d, page_size, self.index, block_bytes(model, page_size))
 
     def ram_blocks_needed(self, model: ModelConfig) -> int:
         """Blocks one layer's retrieval may read at once, per kv-head: max_blocks for each of
@@ -142,6 +156,13 @@ class LongContextConfig:
                     f"kv-heads x {OWN_BLOCK_POSITIONS + 1} x max_blocks = {needed}",
                 )
             )
+            rules.append(
+                (
+                    (self.memory_tokens(model, page_size) or 0) >= page_size,
+                    f"ram_budget_mb={self.ram_budget_mb} leaves no room for the search structures "
+                    f"of one evicted block beside the {needed} blocks one retrieval reads",
+                )
+            )
         for ok, message in rules:
             if not ok:
                 raise ValueError(f"invalid long-context settings: {message}")
@@ -179,6 +200,7 @@ class LongContextConfig:
                 sketch_channels=self.sketch_channels,
                 device=device,
                 sketch_every=self.sketch_every,
+                ram_budget=self.ram_budget(model),
             )
         return LongContextState(
             SelfExtend(self.window, self.group),
@@ -187,3 +209,8 @@ class LongContextConfig:
             memory,
             self.max_blocks,
         )
+
+
+def block_bytes(model: ModelConfig, page_size: int) -> int:
+    """Bytes of one evicted block in RAM: float32 keys and values of every layer."""
+    return 2 * model.num_layers * page_size * model.num_kv_heads * model.head_dim * 4

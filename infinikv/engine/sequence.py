@@ -198,6 +198,7 @@ class Sequence:
                 config.sketch_channels,
                 self.pool.k.device,
                 config.sketch_every,
+                config.ram_budget(model.cfg),
             )
             if state.memory.tokens != evicted * B:
                 raise ValueError(f"memory holds {state.memory.tokens} tokens, {evicted * B} were evicted")

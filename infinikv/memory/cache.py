@@ -3,10 +3,14 @@ blocks per layer, least recently used first out; the block store (tier 3) holds 
 block and serves the misses, all of one layer's retrieval in one batched read.
 
 The blocks live in one slab (keys and values, per layer a slot per block), so a retrieval
-gathers its rows with one index_select per layer, as from a plain tensor."""
+gathers its rows with one index_select per layer, as from a plain tensor. A bounded slab in
+host RAM is a private anonymous mapping of its own, so lowering the capacity (`limit`) hands
+the pages of the slots given up back to the kernel."""
 
 from __future__ import annotations
 
+import math
+import mmap
 from collections.abc import Callable
 
 import torch
@@ -39,7 +43,12 @@ class BlockCache:
         # A bounded cache allocates its whole slab at once, never to be copied: host pages
         # become resident only when a slot is first written. An unbounded one doubles.
         slots = capacity or 0
-        self.slab = torch.empty(2, L, slots, B, H, d, dtype=dtype, device=device)  # (k|v, L, slot, B, Hkv, d)
+        slab_shape = (2, L, slots, B, H, d)  # (k|v, L, slot, B, Hkv, d)
+        self._mapping: mmap.mmap | None = None
+        if capacity is not None and torch.device(device).type == "cpu":
+            self._mapping, self.slab = _mapped(slab_shape, dtype)
+        else:
+            self.slab = torch.empty(slab_shape, dtype=dtype, device=device)
         # Per layer, as tensors (a lookup is one gather, whatever the number of blocks): the
         # slot of every block number (-1: not in RAM), the block in every slot (-1: free)
         # and when every slot was last read (a tick: the least recent leave first). Slots
@@ -56,6 +65,43 @@ class BlockCache:
         """Bytes of the slots in use (the slab beyond them is not touched yet)."""
         _, B, H, d = self.shape
         return sum(self._used) * 2 * B * H * d * self.slab.element_size()  # k and v per slot
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes one block takes in the slab: keys and values of every layer."""
+        L, B, H, d = self.shape
+        return 2 * L * B * H * d * self.slab.element_size()
+
+    def limit(self, capacity: int) -> None:
+        """Hold at most `capacity` blocks per layer from now on (at most the capacity given at
+        construction): blocks in the slots beyond it leave RAM (the store keeps them), and in
+        host RAM those slots' pages go back to the kernel."""
+        if self.capacity is None or not 1 <= capacity:
+            raise ValueError(f"a bounded cache's capacity can be lowered to >= 1 blocks, got {capacity}")
+        if capacity >= self.capacity:
+            return
+        for layer in range(self.shape[0]):
+            gone = self._block_in[layer, capacity:]
+            self._slot_of[layer, gone[gone >= 0]] = -1
+            gone.fill_(-1)
+            self._used[layer] = min(self._used[layer], capacity)
+        if self._mapping is not None:
+            self._release(capacity, self.capacity)
+        self.capacity = capacity
+
+    def _release(self, start: int, stop: int) -> None:
+        """Give the pages of slots [start, stop) of every (k|v, layer) back to the kernel
+        (the whole pages inside the range: they read as zeros until written again)."""
+        assert self._mapping is not None
+        slot_bytes = self.block_bytes // (2 * self.shape[0])
+        slots = self.slab.shape[2]
+        for row in range(2 * self.shape[0]):  # (k|v, layer) pairs, in the slab's order
+            first = (row * slots + start) * slot_bytes
+            last = (row * slots + stop) * slot_bytes
+            first = -(-first // mmap.PAGESIZE) * mmap.PAGESIZE
+            last = last // mmap.PAGESIZE * mmap.PAGESIZE
+            if last > first:
+                self._mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
 
     def held(self, layer: int) -> int:
         """Blocks `layer` holds."""
@@ -142,3 +188,11 @@ class BlockCache:
         """Keys and values of `layer`: (slots * B * Hkv, d) views, row (slot * B + offset) * Hkv + h."""
         d = self.shape[-1]
         return self.slab[0, layer].view(-1, d), self.slab[1, layer].view(-1, d)
+
+
+def _mapped(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[mmap.mmap, torch.Tensor]:
+    """A tensor over a private anonymous mapping of its own (pages given on first touch)."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    mapping = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    tensor = torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes).view(dtype).view(shape)
+    return mapping, tensor

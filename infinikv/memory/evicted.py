@@ -3,7 +3,14 @@ one summary per block plus a key sketch (granularity "block", see summary.py and
 sketch.py), and their payloads: the
 recently used blocks in host RAM (tier 2, cache.py) in front of a block store (tier 3) that
 holds every block under the sequence's key prefix, with index snapshots to reload the
-memory after a restart."""
+memory after a restart.
+
+With a RAM budget (block granularity with a store), the RAM tier and the search structures
+(the key sketch and the index's block summaries, which grow with every evicted block)
+share it: the tier gives up blocks as the search structures grow, down to what one
+retrieval reads at once, and a memory that would need more is refused (MemoryFullError).
+So a sequence's evicted memory holds at most its budget in host RAM however long it gets,
+and the budget sets the longest sequence (`memory_capacity`)."""
 
 from __future__ import annotations
 
@@ -14,8 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
+from infinikv.errors import MemoryFullError
 from infinikv.memory.cache import BlockCache
-from infinikv.memory.index import CorruptSnapshotError, MemoryIndex, entry_id, split_id
+from infinikv.memory.index import CorruptSnapshotError, MemoryIndex, entry_bytes, entry_id, split_id
 from infinikv.memory.payload import (
     LAYOUT,
     block_key,
@@ -25,7 +33,7 @@ from infinikv.memory.payload import (
     layer_range,
     layers_from_bytes,
 )
-from infinikv.memory.sketch import KeySketch
+from infinikv.memory.sketch import KeySketch, chunk_size, sketch_bytes
 from infinikv.memory.store import BlockStore
 from infinikv.memory.summary import block_summary, summary_query
 
@@ -38,6 +46,51 @@ LOAD_BATCH = 256
 # Ranking by logits: the blocks per kv-head, per block selected, that a layer's full ranking
 # over the key sketch keeps as its favourites for the steps until its next one.
 FAVOURITES_PER_BLOCK = 4
+
+
+@dataclass(frozen=True)
+class RamBudget:
+    """Host RAM for one sequence's evicted memory: `nbytes` for the RAM tier's blocks and the
+    search structures together, the tier keeping at least `min_blocks` (one retrieval's)."""
+
+    nbytes: int
+    min_blocks: int
+
+
+def search_bytes(
+    tokens: int, num_layers: int, num_kv_heads: int, head_dim: int, page_size: int, index_kind: str
+) -> int:
+    """Host bytes of block granularity's search structures over `tokens` evicted tokens: the
+    key sketch and one summary (2 x head_dim) per block in every (layer, kv-head) index."""
+    sketch = sketch_bytes(tokens, num_layers, num_kv_heads * head_dim, chunk_size(page_size))
+    entries = tokens // page_size * num_layers * num_kv_heads
+    return sketch + entries * entry_bytes(index_kind, 2 * head_dim)
+
+
+def memory_capacity(
+    budget: RamBudget,
+    num_layers: int,
+    num_kv_heads: int,
+    head_dim: int,
+    page_size: int,
+    index_kind: str,
+    block_bytes: int,
+) -> int:
+    """Most tokens (whole blocks) a block-granular memory holds within `budget`: its search
+    structures plus `budget.min_blocks` blocks of `block_bytes` in the RAM tier."""
+
+    def fits(blocks: int) -> bool:
+        held = search_bytes(blocks * page_size, num_layers, num_kv_heads, head_dim, page_size, index_kind)
+        return held + budget.min_blocks * block_bytes <= budget.nbytes
+
+    low, high = 0, budget.nbytes // (num_layers * num_kv_heads * entry_bytes(index_kind, 2 * head_dim))
+    while low < high:  # the most blocks that fit lie in [low, high]
+        middle = (low + high + 1) // 2
+        if fits(middle):
+            low = middle
+        else:
+            high = middle - 1
+    return low * page_size
 
 
 @dataclass(eq=False)  # compared by identity (they hold tensors)
@@ -65,7 +118,8 @@ class EvictedMemory:
     resident block after the sinks), so token row r is offset r % B of block first + r // B.
     With a store and `ram_blocks`, at most that many blocks stay in host RAM (block
     granularity: a token index holds every key in RAM anyway, and any step may read any
-    block, so token granularity keeps them all).
+    block, so token granularity keeps them all); with `ram_budget` as well, the RAM tier
+    and the search structures share its bytes (see the module's docstring).
     """
 
     def __init__(
@@ -83,6 +137,7 @@ class EvictedMemory:
         sketch_channels: int = 16,
         device: torch.device | str = "cpu",
         sketch_every: int = 1,
+        ram_budget: RamBudget | None = None,
     ):
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity {granularity!r} is not one of {', '.join(GRANULARITIES)}")
@@ -102,6 +157,7 @@ class EvictedMemory:
             device,
         )
         self.ram_blocks = ram_blocks
+        self.ram_budget = ram_budget if bounded else None
         self.sketch = (
             KeySketch(num_layers, num_kv_heads, head_dim, page_size, sketch_channels, device)
             if granularity == "block"
@@ -127,11 +183,35 @@ class EvictedMemory:
         """Bytes this memory holds: the cached payloads, the key sketch and the favourites'
         keys (the device's memory) and the index's vectors (host RAM, or the GPU's with a
         faiss GPU build)."""
-        index = self.index
-        vectors = index.ntotal * index.num_layers * index.num_kv_heads * index.head_dim * 4
         buffers = [f.buffer for sets in self._favourites for f in sets] + sum(self._spare_buffers, [])
         favourites = sum(b.numel() * b.element_size() for b in buffers)
-        return self.cache.nbytes + (0 if self.sketch is None else self.sketch.nbytes) + favourites + vectors
+        sketch = 0 if self.sketch is None else self.sketch.nbytes
+        return self.cache.nbytes + sketch + favourites + self.index.nbytes
+
+    @property
+    def capacity(self) -> int | None:
+        """Most tokens this memory holds within its RAM budget (None: no budget)."""
+        if self.ram_budget is None:
+            return None
+        L, B, H, d = self.shape
+        return memory_capacity(self.ram_budget, L, H, d, B, self.index.kind, self.cache.block_bytes)
+
+    def _make_room(self, tokens: int) -> None:
+        """Before the memory grows to `tokens`: lower the RAM tier's capacity so that it and
+        the search structures fit the RAM budget, or refuse (nothing changed) if they cannot."""
+        if self.ram_budget is None:
+            return
+        L, B, H, d = self.shape
+        search = search_bytes(tokens, L, H, d, B, self.index.kind)
+        blocks = (self.ram_budget.nbytes - search) // self.cache.block_bytes
+        if blocks < self.ram_budget.min_blocks:
+            raise MemoryFullError(
+                f"the memory of {tokens} evicted tokens does not fit its RAM budget of "
+                f"{self.ram_budget.nbytes / 2**20:.0f} MB, which holds {self.capacity} "
+                "evicted tokens (raise ram_budget_mb)"
+            )
+        assert self.ram_blocks is not None
+        self.cache.limit(min(blocks, self.ram_blocks))
 
     def add_blocks(self, blocks: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
         """blocks: consecutive block numbers; k, v: (L, nb, B, Hkv, d) of those blocks."""
@@ -141,6 +221,7 @@ class EvictedMemory:
         start = blocks[0] if self.first_block is None else self.first_block + self.tokens // B
         if blocks != list(range(start, start + len(blocks))):
             raise ValueError(f"evicted blocks must be consecutive from {start}, got {blocks}")
+        self._make_room(self.tokens + len(blocks) * B)
         if self.first_block is None:
             self.first_block = start
         kv = torch.stack([k, v]).to("cpu", self.dtype)  # (2, L, nb, B, Hkv, d)
@@ -194,6 +275,7 @@ class EvictedMemory:
         sketch_channels: int = 16,
         device: torch.device | str = "cpu",
         sketch_every: int = 1,
+        ram_budget: RamBudget | None = None,
     ) -> EvictedMemory:
         """Rebuild a saved memory from the store: the index snapshot plus the blocks evicted
         after it. Every block is read once (in batches) to check it; the most recent stay in
@@ -221,6 +303,7 @@ class EvictedMemory:
                 sketch_channels,
                 device,
                 sketch_every,
+                ram_budget,
             )
             total, indexed = int(meta["blocks"]), int(meta["snapshot_blocks"])
             if not 0 <= indexed <= total:
@@ -234,6 +317,7 @@ class EvictedMemory:
             if total:
                 first = int(meta["first_block"])
                 made.first_block = first
+                made._make_room(total * B)
                 for start in range(first, first + total, LOAD_BATCH):
                     blocks = list(range(start, min(start + LOAD_BATCH, first + total)))
                     kv = read_blocks(store, prefix, dtype, made.shape, blocks)

@@ -95,10 +95,19 @@ def _new_index(kind: str, dim: int) -> faiss.Index:
         base = hnsw
     else:
         raise ValueError(f"unknown index kind {kind!r}; choose one of {', '.join(INDEX_KINDS)}")
-    return faiss.IndexIDMap2(base)
+    return faiss.IndexIDMap(base)
 
 
-def _trained_ivf(flat: faiss.IndexIDMap2) -> faiss.IndexIVFFlat:
+def entry_bytes(kind: str, dim: int) -> int:
+    """Host bytes one entry of a (layer, head) index of `kind` takes: its float32 vector
+    and int64 id (flat, and IVF's lists), plus for HNSW the extra coordinate and the
+    base level's 2 * HNSW_M int32 links (the upper levels hold ~1/HNSW_M of the entries)."""
+    if kind == "hnsw":
+        return (dim + 1) * 4 + 8 + 2 * HNSW_M * 4
+    return dim * 4 + 8
+
+
+def _trained_ivf(flat: faiss.IndexIDMap) -> faiss.IndexIVFFlat:
     """The keys and ids of a flat index in an IVF index trained on them."""
     dim = flat.d
     keys = flat.index.reconstruct_n(0, flat.ntotal)
@@ -147,6 +156,11 @@ class MemoryIndex:
         """Entries per (layer, head) index (all hold the same ids)."""
         return int(self._indexes[0][0].ntotal)
 
+    @property
+    def nbytes(self) -> int:
+        """Host bytes of the entries of all (layer, head) indexes (`entry_bytes`)."""
+        return self.ntotal * self.num_layers * self.num_kv_heads * entry_bytes(self.kind, self.head_dim)
+
     def add(self, layer: int, keys: torch.Tensor, ids: torch.Tensor) -> None:
         """keys (M, Hkv, d) before RoPE; ids (M,) int64."""
         if keys.dim() != 3 or keys.shape[1:] != (self.num_kv_heads, self.head_dim):
@@ -159,7 +173,7 @@ class MemoryIndex:
             per_head = self._indexes[layer]
             for h, index in enumerate(per_head):
                 index.add_with_ids(self._stored_form(layer, h, x[:, h]), id_arr)
-                if self.kind != "ivf" or not isinstance(index, faiss.IndexIDMap2):  # trained, or no IVF
+                if self.kind != "ivf" or not isinstance(index, faiss.IndexIDMap):  # trained, or no IVF
                     continue
                 if index.ntotal >= IVF_TRAIN_KEYS:
                     per_head[h] = self._placed(_trained_ivf(index))

@@ -90,6 +90,19 @@ def gathered_logits(
     return torch.bmm(weights, keys.transpose(0, 1).reshape(G, r, -1))
 
 
+def chunk_size(page_size: int, chunk_tokens: int = CHUNK_TOKENS) -> int:
+    """Tokens per quantized row: chunk_tokens rounded up to whole pages."""
+    return page_size * max(1, -(-chunk_tokens // page_size))
+
+
+def sketch_bytes(tokens: int, num_layers: int, rows: int, chunk: int) -> int:
+    """Host bytes a CPU sketch of `tokens` keys holds (rows: kv-heads x head_dim): the chunks
+    written, 8-bit with each row's step and minimum, and the float32 chunk being filled."""
+    if tokens == 0:
+        return 0
+    return num_layers * rows * (-(-tokens // chunk) * (chunk + 8) + chunk * 4)
+
+
 class KeySketch:
     def __init__(
         self,
@@ -106,7 +119,7 @@ class KeySketch:
             raise ValueError(f"sketch channels={channels} must be >= 1")
         self.channels = min(channels, head_dim)
         self.page_size = page_size
-        self.chunk = page_size * max(1, -(-chunk_tokens // page_size))
+        self.chunk = chunk_size(page_size, chunk_tokens)
         self.device = torch.device(device)
         self.logits = fused_logits if self.device.type == "cpu" else gathered_logits
         if first_segment is None:
@@ -127,10 +140,8 @@ class KeySketch:
             return 0
         L, rows, _ = self.filling.shape
         if self.device.type == "cpu":
-            held = -(-self.tokens // self.chunk) * L * rows * (self.chunk + 8)
-        else:
-            held = sum(s.numel() for s in self.segments)
-        return held + self.filling.numel() * self.filling.element_size()
+            return sketch_bytes(self.tokens, L, rows, self.chunk)
+        return sum(s.numel() for s in self.segments) + self.filling.numel() * self.filling.element_size()
 
     def append(self, k: torch.Tensor) -> None:
         """k (L, nb, B, Hkv, d): keys of the next evicted blocks."""

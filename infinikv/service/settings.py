@@ -48,7 +48,9 @@ class Settings(BaseSettings):
     memory_blocks: int | None = Field(None, ge=1)
     sketch_channels: int | None = Field(None, ge=1, description="query channels ranking blocks")
     sketch_every: int | None = Field(None, ge=1, description="positions per full read of the key sketch")
-    ram_budget_mb: int | None = Field(None, ge=1, description="host RAM for evicted blocks")
+    ram_budget_mb: int | None = Field(
+        None, ge=1, description="host RAM for evicted blocks and their search structures"
+    )
     memory_distance: int | None = Field(None, ge=1)
     index: Literal["flat", "ivf", "hnsw"] = "flat"
     granularity: Literal["token", "block"] = "block"
