@@ -1,11 +1,14 @@
 """Prefill and decode throughput, infinikv vs transformers `generate`, same weights, one run.
 
     python benchmarks/bench_generate.py [--lengths 512 2048 6144] [--dtype float32]
-        [--quantize int4|int4-decode]
+        [--quantize int4|int4-decode] [--repeats 3]
 
 Each engine runs in its own subprocess (so peak RSS is its own); both read the same
 converted default model. --quantize applies to infinikv only (transformers runs the
-de-quantized weights in --dtype). Prints a table and writes benchmarks/results/generate-*.json.
+de-quantized weights in --dtype). Each length is generated --repeats times per engine and
+the medians are reported (prefill: prompt to first token; decode: first to last token, from
+transformers' streamer timestamps, one `generate` call each). Prints a table and writes
+benchmarks/results/generate-*.json.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import argparse
 import json
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -32,7 +36,17 @@ def prompt_ids(tokenizer, length: int) -> list[int]:
     return ids[:length]
 
 
-def run_infinikv(lengths: list[int], new_tokens: int, dtype: str, quantize: str) -> list[dict]:
+def median_row(n: int, runs: list[tuple[float, float]]) -> dict:
+    """One length's row: the medians of its runs' (prefill tok/s, decode tok/s), and the runs."""
+    return {
+        "prompt_tokens": n,
+        "prefill_tok_s": statistics.median(p for p, _ in runs),
+        "decode_tok_s": statistics.median(d for _, d in runs),
+        "runs": [list(r) for r in runs],
+    }
+
+
+def run_infinikv(lengths: list[int], new_tokens: int, dtype: str, quantize: str, repeats: int) -> list[dict]:
     from infinikv.engine.generator import Generator
     from infinikv.engine.sampling import SamplingParams
     from infinikv.service.runtime import build_generator
@@ -45,20 +59,20 @@ def run_infinikv(lengths: list[int], new_tokens: int, dtype: str, quantize: str)
     gen.generate(prompt_ids(gen.tokenizer, 32), SamplingParams(max_tokens=4))  # warm-up
     rows = []
     for n in lengths:
-        result = gen.generate(prompt_ids(gen.tokenizer, n), params)
-        rows.append(
-            {
-                "prompt_tokens": n,
-                "prefill_tok_s": n / result.prefill_seconds,
-                # the first token comes with the prefill; the rest are decode steps
-                "decode_tok_s": (len(result.token_ids) - 1) / result.decode_seconds,
-            }
-        )
+        runs = []
+        for _ in range(repeats):
+            result = gen.generate(prompt_ids(gen.tokenizer, n), params)
+            # the first token comes with the prefill; the rest are decode steps
+            runs.append((n / result.prefill_seconds, (len(result.token_ids) - 1) / result.decode_seconds))
+        rows.append(median_row(n, runs))
     return rows
 
 
-def run_transformers(lengths: list[int], new_tokens: int, dtype: str, quantize: str) -> list[dict]:
+def run_transformers(
+    lengths: list[int], new_tokens: int, dtype: str, quantize: str, repeats: int
+) -> list[dict]:
     import torch
+    from bench_long_context import _TokenClock
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from infinikv.model.default import default_gguf
@@ -70,32 +84,27 @@ def run_transformers(lengths: list[int], new_tokens: int, dtype: str, quantize: 
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=settings.torch_dtype).eval()
 
-    def timed(ids: list[int], new: int) -> float:
-        x = torch.tensor([ids])
+    def timed(ids: list[int], new: int) -> tuple[float, float]:
+        """(prefill tok/s, decode tok/s) of one `generate` call."""
+        clock = _TokenClock()
         t0 = time.perf_counter()
         with torch.no_grad():
-            model.generate(x, max_new_tokens=new, min_new_tokens=new, do_sample=False)
-        return time.perf_counter() - t0
+            model.generate(
+                torch.tensor([ids]), max_new_tokens=new, min_new_tokens=new, do_sample=False, streamer=clock
+            )
+        return len(ids) / (clock.times[1] - t0), clock.decode_tok_s()
 
     timed(prompt_ids(tokenizer, 32), 4)  # warm-up
     rows = []
     for n in lengths:
         ids = prompt_ids(tokenizer, n)
-        t_first = timed(ids, 1)
-        t_all = timed(ids, new_tokens)
-        rows.append(
-            {
-                "prompt_tokens": n,
-                "prefill_tok_s": n / t_first,
-                "decode_tok_s": (new_tokens - 1) / (t_all - t_first),
-            }
-        )
+        rows.append(median_row(n, [timed(ids, new_tokens) for _ in range(repeats)]))
     return rows
 
 
-def worker(engine: str, lengths: list[int], new_tokens: int, dtype: str, quantize: str) -> None:
+def worker(engine: str, lengths: list[int], new_tokens: int, dtype: str, quantize: str, repeats: int) -> None:
     run = run_infinikv if engine == "infinikv" else run_transformers
-    rows = run(lengths, new_tokens, dtype, quantize)
+    rows = run(lengths, new_tokens, dtype, quantize, repeats)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     print(json.dumps({"engine": engine, "rows": rows, "peak_rss_mb": peak_mb}))
 
@@ -106,10 +115,11 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--quantize", choices=QUANTIZATIONS, default="none")
+    ap.add_argument("--repeats", type=int, default=3, help="generations per length and engine (medians)")
     ap.add_argument("--worker", choices=["infinikv", "transformers"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        worker(args.worker, args.lengths, args.new_tokens, args.dtype, args.quantize)
+        worker(args.worker, args.lengths, args.new_tokens, args.dtype, args.quantize, args.repeats)
         return
     results = {}
     for engine in ("transformers", "infinikv"):
@@ -124,6 +134,8 @@ def main() -> None:
             args.dtype,
             "--quantize",
             args.quantize,
+            "--repeats",
+            str(args.repeats),
             "--lengths",
             *map(str, args.lengths),
         ]
@@ -132,7 +144,7 @@ def main() -> None:
     hf, ours = results["transformers"], results["infinikv"]
     print(
         f"dtype={args.dtype} quantize={args.quantize} (infinikv) new tokens={args.new_tokens} "
-        f"machine={platform.machine()}"
+        f"repeats={args.repeats} (medians) machine={platform.machine()}"
     )
     print("| prompt | prefill tok/s (ours / HF / ratio) | decode tok/s (ours / HF / ratio) |")
     print("|---:|---:|---:|")
