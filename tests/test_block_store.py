@@ -366,7 +366,7 @@ def test_the_ram_tier_gives_way_to_the_search_structures_within_the_budget(store
     budget = RamBudget(2**20, min_blocks=8)
     g = torch.Generator().manual_seed(6)
     bounded = EvictedMemory(
-        L, H, d, B, store=store, prefix="sess:budget:", granularity="block", ram_blocks=400, ram_budget=budget
+        L, H, d, B, store=store, prefix="sess:budget:", granularity="block", ram_budget=budget
     )
     everything = EvictedMemory(L, H, d, B, granularity="block")
     capacity = bounded.capacity
@@ -387,7 +387,7 @@ def test_the_ram_tier_gives_way_to_the_search_structures_within_the_budget(store
             got_want = (retrieve_blocks(m, start % L, q, 4, ranking) for m in (bounded, everything))
             for got, want in zip(*got_want, strict=True):
                 assert torch.equal(got, want)
-    assert tiers == sorted(tiers, reverse=True) and 400 > tiers[0] > tiers[-1]
+    assert tiers == sorted(tiers, reverse=True) and 2**20 // (2 * L * B * H * d * 4) > tiers[0] > tiers[-1]
     assert bounded.cache.fetched > 0
     k, v = torch.randn(2, L, 1, B, H, d, generator=g)
     with pytest.raises(MemoryFullError, match=f"holds {capacity} evicted tokens \\(raise ram_budget_mb\\)"):

@@ -12,6 +12,7 @@ import torch
 
 from infinikv.attention.long_context import OWN_BLOCK_POSITIONS, LongContextState
 from infinikv.attention.self_extend import SelfExtend
+from infinikv.memory.cache import block_bytes
 from infinikv.memory.evicted import FAVOURITES_PER_BLOCK, EvictedMemory, RamBudget, memory_capacity
 from infinikv.memory.index import INDEX_KINDS
 from infinikv.memory.store import BlockStore
@@ -94,7 +95,7 @@ class LongContextConfig:
 
     def ram_blocks(self, model: ModelConfig, page_size: int) -> int:
         """Evicted blocks the RAM budget holds (before any search structures)."""
-        return self.ram_budget_mb * 2**20 // block_bytes(model, page_size)
+        return self.ram_budget_mb * 2**20 // self._block_bytes(model, page_size)
 
     def ram_budget(self, model: ModelConfig) -> RamBudget:
         return RamBudget(self.ram_budget_mb * 2**20, self.ram_blocks_needed(model))
@@ -106,7 +107,13 @@ class LongContextConfig:
             return None
         L, H, d = model.num_layers, model.num_kv_heads, model.head_dim
         budget = self.ram_budget(model)
-        return memory_capacity(budget, L, H, d, page_size, self.index, block_bytes(model, page_size))
+        return memory_capacity(budget, L, H, d, page_size, self.index, self._block_bytes(model, page_size))
+
+    @staticmethod
+    def _block_bytes(model: ModelConfig, page_size: int) -> int:
+        """Bytes of one evicted block in the RAM tier (float32, as `new_state`'s memory)."""
+        shape = (model.num_layers, page_size, model.num_kv_heads, model.head_dim)
+        return block_bytes(shape, torch.float32)
 
     def ram_blocks_needed(self, model: ModelConfig) -> int:
         """Blocks one layer's retrieval may read at once, per kv-head: max_blocks for each of
@@ -196,7 +203,6 @@ class LongContextConfig:
                 store=store,
                 prefix=prefix,
                 granularity=self.granularity,
-                ram_blocks=self.ram_blocks(model, page_size),
                 sketch_channels=self.sketch_channels,
                 device=device,
                 sketch_every=self.sketch_every,
@@ -209,8 +215,3 @@ class LongContextConfig:
             memory,
             self.max_blocks,
         )
-
-
-def block_bytes(model: ModelConfig, page_size: int) -> int:
-    """Bytes of one evicted block in RAM: float32 keys and values of every layer."""
-    return 2 * model.num_layers * page_size * model.num_kv_heads * model.head_dim * 4

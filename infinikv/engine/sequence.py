@@ -194,11 +194,10 @@ class Sequence:
             state.memory = EvictedMemory.load(
                 store,
                 prefix,
-                config.ram_blocks(model.cfg, B),
-                config.sketch_channels,
-                self.pool.k.device,
-                config.sketch_every,
-                config.ram_budget(model.cfg),
+                sketch_channels=config.sketch_channels,
+                device=self.pool.k.device,
+                sketch_every=config.sketch_every,
+                ram_budget=config.ram_budget(model.cfg),
             )
             if state.memory.tokens != evicted * B:
                 raise ValueError(f"memory holds {state.memory.tokens} tokens, {evicted * B} were evicted")

@@ -63,20 +63,17 @@ class BlockCache:
     @property
     def nbytes(self) -> int:
         """Bytes of the slots in use (the slab beyond them is not touched yet)."""
-        _, B, H, d = self.shape
-        return sum(self._used) * 2 * B * H * d * self.slab.element_size()  # k and v per slot
+        return sum(self._used) * self.block_bytes // self.shape[0]  # a layer's k and v per slot
 
     @property
     def block_bytes(self) -> int:
-        """Bytes one block takes in the slab: keys and values of every layer."""
-        L, B, H, d = self.shape
-        return 2 * L * B * H * d * self.slab.element_size()
+        return block_bytes(self.shape, self.slab.dtype)
 
     def limit(self, capacity: int) -> None:
         """Hold at most `capacity` blocks per layer from now on (at most the capacity given at
         construction): blocks in the slots beyond it leave RAM (the store keeps them), and in
         host RAM those slots' pages go back to the kernel."""
-        if self.capacity is None or not 1 <= capacity:
+        if self.capacity is None or capacity < 1:
             raise ValueError(f"a bounded cache's capacity can be lowered to >= 1 blocks, got {capacity}")
         if capacity >= self.capacity:
             return
@@ -188,6 +185,11 @@ class BlockCache:
         """Keys and values of `layer`: (slots * B * Hkv, d) views, row (slot * B + offset) * Hkv + h."""
         d = self.shape[-1]
         return self.slab[0, layer].view(-1, d), self.slab[1, layer].view(-1, d)
+
+
+def block_bytes(shape: tuple[int, int, int, int], dtype: torch.dtype) -> int:
+    """Bytes one block of shape (L, B, Hkv, d) per k and v takes: keys and values of every layer."""
+    return 2 * math.prod(shape) * dtype.itemsize
 
 
 def _mapped(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[mmap.mmap, torch.Tensor]:

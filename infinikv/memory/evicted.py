@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from infinikv.errors import MemoryFullError
-from infinikv.memory.cache import BlockCache
+from infinikv.memory.cache import BlockCache, block_bytes
 from infinikv.memory.index import CorruptSnapshotError, MemoryIndex, entry_bytes, entry_id, split_id
 from infinikv.memory.payload import (
     LAYOUT,
@@ -118,7 +118,7 @@ class EvictedMemory:
     resident block after the sinks), so token row r is offset r % B of block first + r // B.
     With a store and `ram_blocks`, at most that many blocks stay in host RAM (block
     granularity: a token index holds every key in RAM anyway, and any step may read any
-    block, so token granularity keeps them all); with `ram_budget` as well, the RAM tier
+    block, so token granularity keeps them all); with `ram_budget` instead, the RAM tier
     and the search structures share its bytes (see the module's docstring).
     """
 
@@ -148,6 +148,8 @@ class EvictedMemory:
         self.store, self.prefix = store, prefix
         self.dtype = dtype
         self.shape = (num_layers, page_size, num_kv_heads, head_dim)
+        if ram_budget is not None:
+            ram_blocks = ram_budget.nbytes // block_bytes(self.shape, dtype)
         bounded = store is not None and granularity == "block" and ram_blocks is not None
         self.cache = BlockCache(
             self.shape,
@@ -156,7 +158,6 @@ class EvictedMemory:
             ram_blocks if bounded else None,
             device,
         )
-        self.ram_blocks = ram_blocks
         self.ram_budget = ram_budget if bounded else None
         self.sketch = (
             KeySketch(num_layers, num_kv_heads, head_dim, page_size, sketch_channels, device)
@@ -210,8 +211,7 @@ class EvictedMemory:
                 f"{self.ram_budget.nbytes / 2**20:.0f} MB, which holds {self.capacity} "
                 "evicted tokens (raise ram_budget_mb)"
             )
-        assert self.ram_blocks is not None
-        self.cache.limit(min(blocks, self.ram_blocks))
+        self.cache.limit(blocks)  # never above the capacity it was built with
 
     def add_blocks(self, blocks: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
         """blocks: consecutive block numbers; k, v: (L, nb, B, Hkv, d) of those blocks."""
