@@ -48,7 +48,7 @@ def _build_parser() -> ArgumentParser:
     g.add_argument(
         "--attention-backend",
         choices=BACKENDS,
-        help="auto: the Triton kernels on CUDA, plain PyTorch elsewhere",
+        help="auto: the Triton kernels on CUDA, the C kernels on the CPU (float32), else plain PyTorch",
     )
     g.add_argument("--cache-dir", help="where converted GGUF weights are cached")
     g.add_argument("--page-size", type=_positive_int, help="KV cache page size in tokens")

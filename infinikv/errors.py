@@ -19,3 +19,7 @@ class CacheFullError(InfinikvError):
 
 class MemoryFullError(InfinikvError):
     """A sequence's evicted memory would outgrow its RAM budget."""
+
+
+class KernelBuildError(InfinikvError):
+    """The CPU attention kernels could not be compiled or loaded on this machine."""

@@ -1,6 +1,6 @@
-"""The Triton backend end to end against the PyTorch one: the whole model's logits over
-chunked prefill, eviction into memory and decode steps (Triton's interpreter on CPU; the
-same on CUDA, marked gpu), and the backend choice."""
+"""The Triton and CPU-kernel backends end to end against the PyTorch one: the whole
+model's logits over chunked prefill, eviction into memory and decode steps (Triton's
+interpreter on CPU; the same on CUDA, marked gpu), and the backend choice."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import torch
 
 from infinikv.attention.backends import resolve_backend
 from infinikv.attention.long_context_triton import triton_causal_attention, triton_long_context_attention
+from infinikv.attention.paged_cpu import cpu_causal_attention, cpu_long_context_attention
 from infinikv.engine.long_context import LongContextConfig
 from infinikv.engine.sequence import Sequence, feed
+from infinikv.kernels.cpu import build
 
 from .conftest import nan_pool, ours_from_hf, tiny_hf_model
 
@@ -41,40 +43,62 @@ def logits_of(model, cfg, ids, prefill_chunk=7, decode_steps=5):
     return torch.cat(logits), seq
 
 
-def device_param():
-    return pytest.mark.parametrize(
-        "device", [pytest.param(d, marks=[pytest.mark.gpu] if d == "cuda" else []) for d in DEVICES]
-    )
+def backend_param():
+    """(backend, device): Triton on every device here (its interpreter on CPU), the C kernels on CPU."""
+    cases = [pytest.param("triton", d, marks=[pytest.mark.gpu] if d == "cuda" else []) for d in DEVICES]
+    return pytest.mark.parametrize("backend, device", [*cases, ("cpu", "cpu")])
 
 
-@device_param()
+LONG_CONTEXT = {"triton": triton_long_context_attention, "cpu": cpu_long_context_attention}
+CAUSAL = {"triton": triton_causal_attention, "cpu": cpu_causal_attention}
+
+
+@backend_param()
 @pytest.mark.parametrize("granularity", ["token", "block"])
-def test_long_context_logits_match_torch_backend(hf_model, device, granularity) -> None:
+def test_long_context_logits_match_torch_backend(hf_model, backend, device, granularity) -> None:
     model = ours_from_hf(hf_model).to(device)
     ids = torch.randint(0, 160, (90,), generator=torch.Generator().manual_seed(3)).tolist()
     kw = dict(granularity=granularity, top_k=6, max_blocks=3)
     want, _ = logits_of(model, config(**kw), ids)
-    model.long_context_attention = triton_long_context_attention
+    model.long_context_attention = LONG_CONTEXT[backend]
     got, seq = logits_of(model, config(**kw), ids)
     assert seq.table.evicted_blocks > 5  # memory in play at prefill and decode
     assert seq.table.page_list().sinks == 8  # and the sinks moved beside the window (PageList.of)
     torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
 
 
-@device_param()
-def test_plain_causal_logits_match_torch_backend(hf_model, device) -> None:
+@backend_param()
+def test_plain_causal_logits_match_torch_backend(hf_model, backend, device) -> None:
+    """Chunks of 7 queries (14 rows per kv-head: the CPU kernel takes them, as it takes a
+    draft verification) and decode steps."""
     ids = torch.randint(0, 160, (40,), generator=torch.Generator().manual_seed(4)).tolist()
     want, _ = logits_of(ours_from_hf(hf_model).to(device), None, ids)
     model = ours_from_hf(hf_model).to(device)
-    model.attention = triton_causal_attention
+    model.attention = CAUSAL[backend]
     got, _ = logits_of(model, None, ids)
     torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
 
 
-def test_backend_choice() -> None:
-    assert resolve_backend("auto", torch.device("cpu")) == "torch"
-    assert resolve_backend("torch", torch.device("cpu")) == "torch"
+def test_backend_choice(monkeypatch) -> None:
+    cpu = torch.device("cpu")
+    assert resolve_backend("auto", cpu, torch.float32, 64) == "cpu"
+    assert resolve_backend("auto", cpu, torch.bfloat16, 64) == "torch"  # the C kernels take float32
+    assert resolve_backend("auto", cpu, torch.float32, 96) == "torch"
+    assert resolve_backend("torch", cpu, torch.float32, 64) == "torch"
+    with pytest.raises(ValueError, match="float32 models with head_dim"):
+        resolve_backend("cpu", cpu, torch.bfloat16, 64)
     with pytest.raises(ValueError, match="needs a CUDA device"):
-        resolve_backend("triton", torch.device("cpu"))
+        resolve_backend("triton", cpu, torch.float32, 64)
     with pytest.raises(ValueError, match="not one of"):
-        resolve_backend("cuda", torch.device("cpu"))
+        resolve_backend("cuda", cpu, torch.float32, 64)
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    build.library.cache_clear()
+    try:
+        assert resolve_backend("auto", cpu, torch.float32, 64) == "torch"  # no compiler: PyTorch
+        with pytest.raises(
+            ValueError, match="could not be built: could not run the C compiler .*nonexistent"
+        ):
+            resolve_backend("cpu", cpu, torch.float32, 64)
+    finally:
+        monkeypatch.undo()
+        build.library.cache_clear()

@@ -1,5 +1,7 @@
-"""Which attention implementation runs: the plain-PyTorch path (any device; the reference)
-or the Triton kernels of `infinikv.kernels` (CUDA). Chosen by name from the settings."""
+"""Which attention implementation runs: the plain-PyTorch path (any device; the reference),
+the C kernels of `infinikv.kernels.cpu` (CPU, float32: decode steps and draft
+verifications) or the Triton kernels of `infinikv.kernels` (CUDA). Chosen by name from the
+settings."""
 
 from __future__ import annotations
 
@@ -11,26 +13,60 @@ import torch
 from infinikv.attention.backend import AttentionBackend, LongContextAttentionBackend
 from infinikv.attention.long_context import paged_long_context_attention
 from infinikv.attention.paged_torch import paged_causal_attention
+from infinikv.errors import KernelBuildError
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "cpu", "triton")
 
 
-def resolve_backend(name: str, device: torch.device) -> str:
-    """ "auto" -> "triton" on CUDA when Triton is installed, else "torch"; "triton" elsewhere
-    is refused with the reason. Logs the choice."""
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+    """ "auto" -> "triton" on CUDA when Triton is installed; on the CPU "cpu" when the model
+    suits the C kernels and they build, else "torch". An explicit choice the model or the
+    machine cannot run is refused with the reason. Logs the choice."""
     if name not in BACKENDS:
         raise ValueError(f"attention backend {name!r} is not one of {', '.join(BACKENDS)}")
-    has_triton = importlib.util.find_spec("triton") is not None
     if name == "auto":
-        name = "triton" if device.type == "cuda" and has_triton else "torch"
-    elif name == "triton" and device.type != "cuda":
-        raise ValueError(f"the triton attention backend needs a CUDA device, the model is on {device}")
-    elif name == "triton" and not has_triton:
-        raise ValueError("the triton attention backend needs the triton package: pip install 'infinikv[gpu]'")
+        name = _auto(device, dtype, head_dim)
+    elif name == "triton":
+        if device.type != "cuda":
+            raise ValueError(f"the triton attention backend needs a CUDA device, the model is on {device}")
+        if importlib.util.find_spec("triton") is None:
+            raise ValueError(
+                "the triton attention backend needs the triton package: pip install 'infinikv[gpu]'"
+            )
+    elif name == "cpu":
+        reason = _cpu_unfit(device, dtype, head_dim)
+        if reason:
+            raise ValueError(f"the cpu attention backend {reason}")
     log.info("attention backend: %s (device %s)", name, device)
     return name
+
+
+def _auto(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+    if device.type == "cuda":
+        return "triton" if importlib.util.find_spec("triton") is not None else "torch"
+    reason = _cpu_unfit(device, dtype, head_dim)
+    if reason:
+        log.info("cpu attention kernels not used: the backend %s", reason)
+        return "torch"
+    return "cpu"
+
+
+def _cpu_unfit(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    """Why the C kernels cannot run this model here, or None."""
+    from infinikv.kernels.cpu.build import library
+    from infinikv.kernels.cpu.ops import HEAD_DIMS, supports
+
+    if device.type != "cpu":
+        return f"runs on the CPU, the model is on {device}"
+    if not supports(dtype, head_dim):
+        return f"takes float32 models with head_dim in {HEAD_DIMS}, got {dtype} and {head_dim}"
+    try:
+        library()
+    except KernelBuildError as e:
+        return f"could not be built: {e}"
+    return None
 
 
 def causal_attention(backend: str) -> AttentionBackend:
@@ -39,6 +75,10 @@ def causal_attention(backend: str) -> AttentionBackend:
         from infinikv.attention.long_context_triton import triton_causal_attention
 
         return triton_causal_attention
+    if backend == "cpu":
+        from infinikv.attention.paged_cpu import cpu_causal_attention
+
+        return cpu_causal_attention
     return paged_causal_attention
 
 
@@ -48,4 +88,8 @@ def long_context_attention(backend: str) -> LongContextAttentionBackend:
         from infinikv.attention.long_context_triton import triton_long_context_attention
 
         return triton_long_context_attention
+    if backend == "cpu":
+        from infinikv.attention.paged_cpu import cpu_long_context_attention
+
+        return cpu_long_context_attention
     return paged_long_context_attention

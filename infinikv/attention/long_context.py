@@ -52,7 +52,7 @@ def paged_long_context_attention(
 ) -> torch.Tensor:
     """q (n, Hq, d) before RoPE at q_positions (n,); `resident` tokens in `pages`.
     Returns (n, Hq, d)."""
-    n, Hq, d = q.shape
+    n = q.shape[0]
     last = int(q_positions[-1])
     if last < state.self_extend.window:
         # The whole sequence is inside the neighbor window (so nothing was evicted either,
@@ -64,16 +64,13 @@ def paged_long_context_attention(
             q_positions,
         )
     se = state.self_extend
-    if kv.group != se.group:
-        raise ValueError(f"the page pool holds keys grouped by {kv.group}, Self-Extend groups by {se.group}")
+    check_grouping(kv, se)
     k_pos = pages.positions[:resident]  # (T,)
     far_end, near_start = band_bounds(q_positions, k_pos, se.window)
     k_group = pages.gather(kv.k_group, near_start)  # (near_start, Hkv, d)
     k_rope = pages.gather(kv.k_rope, resident, far_end)  # (T - far_end, Hkv, d)
     v = pages.gather(kv.v, resident)  # (T, Hkv, d)
     memory = state.memory if state.memory is not None and state.memory.tokens else None
-    Hkv = v.shape[1]
-    g = Hq // Hkv
     if n == 1:
         qn = rotate(q, rope.at(q_positions))
         qg = rotate(q, rope.at(se.grouped_query_positions(q_positions))) if far_end else qn
@@ -81,16 +78,32 @@ def paged_long_context_attention(
         return decode_attention(qg, k_group, qn, k_rope, v, recalled)
     parts = banded_resident_partials(q, q_positions, k_group, k_rope, v, k_pos, rope, se)
     if memory is not None:
-        queries = memory_queries(q, rope, state.distance, Hkv)  # (Hkv, n*g, d)
-        # (Hkv, n*g, d), (Hkv, n*g); the positions are consecutive, so the first is last - n + 1
-        out, lse = memory_attention(memory, layer, queries, last - n + 1, state, g)
-        parts.append(
-            (
-                out.view(Hkv, n, g, d).transpose(0, 1).reshape(n, Hq, d),
-                lse.view(Hkv, n, g).transpose(0, 1).reshape(n, Hq),
-            )
-        )
+        parts.append(memory_partial_by_head(memory, layer, q, q_positions, rope, state))
     return merge_partials(parts)[0]
+
+
+def check_grouping(kv: LayerKV, se: SelfExtend) -> None:
+    if kv.group != se.group:
+        raise ValueError(f"the page pool holds keys grouped by {kv.group}, Self-Extend groups by {se.group}")
+
+
+def memory_partial_by_head(
+    memory: EvictedMemory,
+    layer: int,
+    q: torch.Tensor,
+    q_positions: torch.Tensor,
+    rope: RotaryEmbedding,
+    state: LongContextState,
+) -> Partial:
+    """The memory part of queries q (n, Hq, d) before RoPE at consecutive q_positions:
+    out (n, Hq, d), lse (n, Hq)."""
+    n, Hq, d = q.shape
+    Hkv = memory.shape[2]
+    g = Hq // Hkv
+    queries = memory_queries(q, rope, state.distance, Hkv)  # (Hkv, n*g, d)
+    out, lse = memory_attention(memory, layer, queries, int(q_positions[0]), state, g)  # (Hkv, n*g, ...)
+    out = out.view(Hkv, n, g, d).transpose(0, 1).reshape(n, Hq, d)
+    return out, lse.view(Hkv, n, g).transpose(0, 1).reshape(n, Hq)
 
 
 def memory_queries(q: torch.Tensor, rope: RotaryEmbedding, distance: int, num_kv_heads: int) -> torch.Tensor:

@@ -32,15 +32,21 @@ def paged_causal_attention(
 SMALL_QUERY_ROWS = 32
 
 
+def check_last(q_positions: torch.Tensor, T: int) -> None:
+    """Causal attention here takes queries that are the last of the T tokens."""
+    n = q_positions.shape[0]
+    if int(q_positions[0]) != T - n:
+        raise ValueError(
+            f"queries must be the last {n} of {T} tokens, got first position {int(q_positions[0])}"
+        )
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_positions: torch.Tensor) -> torch.Tensor:
     """Causal attention of rotated q (n, Hq, d), the last n tokens of a sequence, over its
     rotated k, v (T, Hkv, d). Returns (n, Hq, d)."""
     n, Hq, d = q.shape
     T, Hkv = k.shape[0], k.shape[1]
-    if int(q_positions[0]) != T - n:
-        raise ValueError(
-            f"queries must be the last {n} of {T} tokens, got first position {int(q_positions[0])}"
-        )
+    check_last(q_positions, T)
     g = Hq // Hkv
     if n * g > SMALL_QUERY_ROWS:
         # The chunk sees the whole prefix (no mask) and itself causally: two fused calls,

@@ -36,7 +36,8 @@ def build_generator(settings: Settings, slots: int = 1) -> Generator:
         settings.quantize,
         loaded.path,
     )
-    backend = resolve_backend(settings.attention_backend, loaded.model.device)
+    model = loaded.model
+    backend = resolve_backend(settings.attention_backend, model.device, model.dtype, loaded.config.head_dim)
     loaded.model.attention = causal_attention(backend)
     loaded.model.long_context_attention = long_context_attention(backend)
     long_context = settings.long_context_config(loaded.config.max_position_embeddings)

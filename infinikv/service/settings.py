@@ -25,7 +25,7 @@ class Settings(BaseSettings):
     quantize: Literal["none", "int4", "int4-decode"] = "none"
     device: str = "cpu"
     # "auto": the Triton kernels on CUDA (when triton is installed), plain PyTorch elsewhere.
-    attention_backend: Literal["auto", "torch", "triton"] = "auto"
+    attention_backend: Literal["auto", "torch", "cpu", "triton"] = "auto"
     cache_dir: Path = Path.home() / ".cache" / "infinikv"
     # 16-token pages: small enough that the unused tail of a sequence's last page is cheap,
     # large enough that a block table of an 8k sequence is 512 entries.

@@ -1,0 +1,156 @@
+/* Attention of a few query rows over a paged KV cache, on the CPU: decode steps and short
+ * draft verifications, where a BLAS call per (kv-head) reads the keys at a fraction of the
+ * memory bandwidth. One pass over the pages reads every key and value row once for all
+ * heads; each kv-head's query rows (4 at a time) keep a running softmax (flash-decoding).
+ * One thread: torch's OpenMP pool holds the other cores, and a second thread of our own
+ * measured no faster on 2 cores (the README's performance section).
+ *
+ * Layouts (float32, contiguous): q, out (n, Hq, d); k, v pages (P, B, Hkv, d); pages: the
+ * block table (int64 page ids); lse (n, Hq). Table slots [start, stop) are attended; query
+ * row i (of n) sees slots < limit + i. Every row must see at least one slot (the caller
+ * checks). Built by infinikv/kernels/cpu/build.py with -O3 -march=native -ffast-math:
+ * masking uses a finite sentinel, never an infinity.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v4 __attribute__((vector_size(16)));
+
+#define ROWS 4        /* query rows per running softmax (of one kv-head) */
+#define MAX_NV 8      /* head_dim / 16: 4 (64) or 8 (128) */
+#define BLK 32        /* key rows per step */
+#define HIDDEN (-1e30f) /* the score of a masked key */
+
+#define AI static inline __attribute__((always_inline))
+AI v16 load(const float* p) { v16 x; memcpy(&x, p, sizeof x); return x; }
+AI void store(float* p, v16 x) { memcpy(p, &x, sizeof x); }
+
+/* The sums of a0..a3's 16 lanes each. */
+AI v4 hsum4(v16 a0, v16 a1, v16 a2, v16 a3) {
+  v16 x = __builtin_shufflevector(a0, a1, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+          __builtin_shufflevector(a0, a1, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  v16 y = __builtin_shufflevector(a2, a3, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+          __builtin_shufflevector(a2, a3, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  v16 z = __builtin_shufflevector(x, y, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+          __builtin_shufflevector(x, y, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  v16 w = z + __builtin_shufflevector(z, z, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  w = w + __builtin_shufflevector(w, w, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  return (v4){w[0], w[4], w[8], w[12]};
+}
+
+/* The running softmax of up to ROWS query rows of one kv-head (unused rows repeat row 0). */
+typedef struct {
+  v16 q[ROWS][MAX_NV]; /* scaled query */
+  v16 acc[ROWS][MAX_NV];
+  float m[ROWS], l[ROWS];
+  int64_t limit[ROWS]; /* the row sees slots < limit */
+  int rows, head_off;
+} rows_t;
+
+/* Fold key rows kp[0..nb) (slots t0..t0+nb) into one rows_t; NV = head_dim / 16. */
+#define FOLD(NAME, NV)                                                                          \
+  static void NAME(rows_t* st, const float* const* kp, const float* const* vp, int nb, int64_t t0) { \
+    float s[ROWS][BLK], c[ROWS];                                                                \
+    v16 q[ROWS][NV], acc[ROWS][NV];                                                             \
+    const int ho = st->head_off;                                                                \
+    for (int r = 0; r < ROWS; r++)                                                              \
+      for (int e = 0; e < NV; e++) q[r][e] = st->q[r][e];                                       \
+    for (int t = 0; t < nb; t++) {                                                              \
+      v16 a[ROWS] = {{0}};                                                                      \
+      for (int e = 0; e < NV; e++) {                                                            \
+        v16 ke = load(kp[t] + ho + 16 * e);                                                     \
+        for (int r = 0; r < ROWS; r++) a[r] += q[r][e] * ke;                                    \
+      }                                                                                         \
+      v4 sc = hsum4(a[0], a[1], a[2], a[3]);                                                    \
+      for (int r = 0; r < ROWS; r++) s[r][t] = sc[r];                                           \
+    }                                                                                           \
+    for (int r = 0; r < ROWS; r++) {                                                            \
+      int visible = (int)(st->limit[r] - t0 < nb ? st->limit[r] - t0 : nb);                     \
+      for (int t = visible < 0 ? 0 : visible; t < nb; t++) s[r][t] = HIDDEN;                    \
+      float mb = st->m[r];                                                                      \
+      for (int t = 0; t < nb; t++) mb = s[r][t] > mb ? s[r][t] : mb;                            \
+      if (mb <= HIDDEN) { /* nothing visible yet */                                             \
+        c[r] = 1.f;                                                                             \
+        for (int t = 0; t < nb; t++) s[r][t] = 0.f;                                             \
+        continue;                                                                               \
+      }                                                                                         \
+      float sum = 0.f;                                                                          \
+      for (int t = 0; t < nb; t++) {                                                            \
+        s[r][t] = expf(s[r][t] - mb);                                                           \
+        sum += s[r][t];                                                                         \
+      }                                                                                         \
+      c[r] = expf(st->m[r] - mb);                                                               \
+      st->l[r] = st->l[r] * c[r] + sum;                                                         \
+      st->m[r] = mb;                                                                            \
+    }                                                                                           \
+    for (int r = 0; r < ROWS; r++)                                                              \
+      for (int e = 0; e < NV; e++) acc[r][e] = st->acc[r][e] * c[r];                            \
+    for (int t = 0; t < nb; t++)                                                                \
+      for (int e = 0; e < NV; e++) {                                                            \
+        v16 ve = load(vp[t] + ho + 16 * e);                                                     \
+        for (int r = 0; r < ROWS; r++) acc[r][e] += s[r][t] * ve;                               \
+      }                                                                                         \
+    for (int r = 0; r < ROWS; r++)                                                              \
+      for (int e = 0; e < NV; e++) st->acc[r][e] = acc[r][e];                                   \
+  }
+FOLD(fold64, 4)
+FOLD(fold128, 8)
+
+/* Returns 0, or 1 for an unsupported head_dim, 2 for a page id outside [0, P), 3 for out of
+ * memory. */
+int paged_attention(const float* q, const float* k, const float* v, int64_t P, const int64_t* pages,
+                    int64_t start, int64_t stop, int64_t limit, int n, int Hq, int Hkv, int d,
+                    int B, float scale, float* out, float* lse) {
+  if (d != 64 && d != 128) return 1;
+  for (int64_t p = start / B; p <= (stop - 1) / B; p++)
+    if (pages[p] < 0 || pages[p] >= P) return 2;
+  const int g = Hq / Hkv, R = n * g, nv = d / 16, per_head = (R + ROWS - 1) / ROWS;
+  const int64_t row_stride = (int64_t)Hkv * d, page_stride = (int64_t)B * row_stride;
+  rows_t* st = aligned_alloc(64, sizeof(rows_t) * (size_t)(Hkv * per_head));
+  if (!st) return 3;
+  for (int h = 0, c = 0; h < Hkv; h++)
+    for (int r0 = 0; r0 < R; r0 += ROWS, c++) {
+      rows_t* s = &st[c];
+      s->rows = R - r0 < ROWS ? R - r0 : ROWS;
+      s->head_off = h * d;
+      for (int r = 0; r < ROWS; r++) {
+        int rr = r0 + (r < s->rows ? r : 0), i = rr / g, j = rr % g;
+        const float* src = q + ((int64_t)i * Hq + h * g + j) * d;
+        for (int e = 0; e < nv; e++) {
+          s->q[r][e] = load(src + 16 * e) * scale;
+          s->acc[r][e] = (v16){0};
+        }
+        s->m[r] = HIDDEN;
+        s->l[r] = 0.f;
+        s->limit[r] = limit + i;
+      }
+    }
+  for (int64_t t0 = start; t0 < stop; t0 += BLK) {
+    int nb = (int)(stop - t0 < BLK ? stop - t0 : BLK);
+    const float *kp[BLK], *vp[BLK];
+    for (int t = 0; t < nb; t++) {
+      int64_t slot = t0 + t, off = pages[slot / B] * page_stride + (slot % B) * row_stride;
+      kp[t] = k + off;
+      vp[t] = v + off;
+    }
+    for (int c = 0; c < Hkv * per_head; c++) {
+      if (nv == 4)
+        fold64(&st[c], kp, vp, nb, t0);
+      else
+        fold128(&st[c], kp, vp, nb, t0);
+    }
+  }
+  for (int h = 0, c = 0; h < Hkv; h++)
+    for (int r0 = 0; r0 < R; r0 += ROWS, c++)
+      for (int r = 0; r < st[c].rows; r++) {
+        int rr = r0 + r, i = rr / g, j = rr % g;
+        int64_t row = (int64_t)i * Hq + h * g + j;
+        for (int e = 0; e < nv; e++) store(out + row * d + 16 * e, st[c].acc[r][e] * (1.f / st[c].l[r]));
+        lse[row] = st[c].m[r] + logf(st[c].l[r]);
+      }
+  free(st);
+  return 0;
+}

@@ -1,0 +1,97 @@
+"""The C attention kernel (`infinikv.kernels.cpu`) against the plain-PyTorch partial
+attention: awkward lengths, page sizes that do not divide them, shuffled block tables,
+NaN in every slot it must not read, GQA, both head sizes, causal and unmasked ranges."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from infinikv.attention.partial import reference_partial
+from infinikv.kernels.cpu.ops import paged_attention
+
+
+def paged(T: int, B: int, Hkv: int, d: int, gen: torch.Generator):
+    """Keys and values of T slots in shuffled pages of size B (page 0 and the tail of the
+    last page NaN), the block table, and the same slots in order."""
+    n_pages = -(-T // B)
+    k_pages = torch.full((n_pages + 3, B, Hkv, d), float("nan"))
+    v_pages = torch.full_like(k_pages, float("nan"))
+    ids = torch.randperm(n_pages + 2, generator=gen)[:n_pages] + 1
+    k = torch.randn(T, Hkv, d, generator=gen)
+    v = torch.randn(T, Hkv, d, generator=gen)
+    k_pages.view(-1, Hkv, d)[(ids[:, None] * B + torch.arange(B)).flatten()[:T]] = k
+    v_pages.view(-1, Hkv, d)[(ids[:, None] * B + torch.arange(B)).flatten()[:T]] = v
+    return k_pages, v_pages, ids, k, v
+
+
+@pytest.mark.parametrize(
+    "T, B, n, Hq, Hkv, d",
+    [
+        (63, 16, 1, 9, 3, 64),  # SmolLM2's heads, a page size that does not divide T
+        (1, 16, 1, 9, 3, 64),
+        (200, 7, 5, 8, 2, 128),  # a 5-row verification, 4 heads per kv-head: two 4-row tiles
+        (1000, 16, 1, 14, 2, 64),  # Qwen2.5-0.5B's 7 heads per kv-head
+        (130, 32, 3, 4, 4, 128),  # no GQA
+    ],
+)
+@pytest.mark.parametrize("causal", [True, False])
+def test_kernel_matches_reference(T, B, n, Hq, Hkv, d, causal) -> None:
+    gen = torch.Generator().manual_seed(T + n)
+    k_pages, v_pages, ids, k, v = paged(T, B, Hkv, d, gen)
+    q = torch.randn(n, Hq, d, generator=gen)
+    for start in (0, T // 3):
+        visible = None
+        if causal:
+            visible = torch.arange(start, T)[None] <= torch.arange(T - n, T)[:, None]  # (n, T - start)
+        if causal and T - start < n:
+            continue
+        want_out, want_lse = reference_partial(q, k[start:], v[start:], visible)
+        out, lse = paged_attention(q, k_pages, v_pages, ids, start, T, causal)
+        torch.testing.assert_close(out, want_out, atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(lse, want_lse, atol=2e-6, rtol=1e-5)
+
+
+def test_kernel_merges_long_ranges_exactly() -> None:
+    """Scores that differ by far more than float32's exp range: the running max rescales."""
+    gen = torch.Generator().manual_seed(1)
+    k_pages, v_pages, ids, k, v = paged(3000, 16, 3, 64, gen)
+    k[2500] *= 40  # one key dominates late in the range
+    k_pages.view(-1, 3, 64)[(ids[:, None] * 16 + torch.arange(16)).flatten()[2500]] = k[2500]
+    q = torch.randn(1, 9, 64, generator=gen) * 4
+    want_out, want_lse = reference_partial(q, k, v)
+    out, lse = paged_attention(q, k_pages, v_pages, ids, 0, 3000, causal=False)
+    torch.testing.assert_close(out, want_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, want_lse, atol=1e-4, rtol=1e-5)
+
+
+def test_kernel_refuses_what_it_cannot_run() -> None:
+    gen = torch.Generator().manual_seed(2)
+    k_pages, v_pages, ids, _, _ = paged(40, 8, 2, 64, gen)
+    q = torch.randn(1, 4, 64)
+    with pytest.raises(ValueError, match="float32"):
+        paged_attention(q.double(), k_pages, v_pages, ids, 0, 40, True)
+    with pytest.raises(ValueError, match="head_dim"):
+        paged_attention(
+            q[..., :32], k_pages[..., :32].contiguous(), v_pages[..., :32].contiguous(), ids, 0, 40, True
+        )
+    with pytest.raises(ValueError, match="contiguous"):
+        paged_attention(q, k_pages.transpose(0, 1), v_pages, ids, 0, 40, True)
+    with pytest.raises(ValueError, match="must lie in the table"):
+        paged_attention(q, k_pages, v_pages, ids, 0, 41, True)
+    with pytest.raises(ValueError, match="page outside"):
+        paged_attention(q, k_pages, v_pages, ids + 100, 0, 40, True)
+
+
+def test_loading_the_kernels_leaves_the_process_floating_point_alone() -> None:
+    """Linked with -ffast-math, a shared library sets flush-to-zero for the whole process at
+    load (gcc's crtfastmath.o): subnormals would vanish in torch and numpy too."""
+    script = (
+        "from infinikv.kernels.cpu.build import library; library(); "
+        "x = float('2.2250738585072014e-308'); import torch; "
+        "assert x / 4 > 0 and torch.tensor(1e-39).mul(1.0).item() > 0, 'flush-to-zero'"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True)
