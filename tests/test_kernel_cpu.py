@@ -34,7 +34,7 @@ def paged(T: int, B: int, Hkv: int, d: int, gen: torch.Generator):
         (63, 16, 1, 9, 3, 64),  # SmolLM2's heads, a page size that does not divide T
         (1, 16, 1, 9, 3, 64),
         (200, 7, 5, 8, 2, 128),  # a 5-row verification, 4 heads per kv-head: two 4-row tiles
-        (1000, 16, 1, 14, 2, 64),  # Qwen2.5-0.5B's 7 heads per kv-head
+        (2000, 16, 1, 14, 2, 64),  # Qwen2.5-0.5B's 7 heads per kv-head; long enough for 3 threads
         (130, 32, 3, 4, 4, 128),  # no GQA
     ],
 )
@@ -50,9 +50,10 @@ def test_kernel_matches_reference(T, B, n, Hq, Hkv, d, causal) -> None:
         if causal and T - start < n:
             continue
         want_out, want_lse = reference_partial(q, k[start:], v[start:], visible)
-        out, lse = paged_attention(q, k_pages, v_pages, ids, start, T, causal)
-        torch.testing.assert_close(out, want_out, atol=2e-6, rtol=1e-5)
-        torch.testing.assert_close(lse, want_lse, atol=2e-6, rtol=1e-5)
+        for threads in (1, 3):  # slots split three ways where there are enough of them
+            out, lse = paged_attention(q, k_pages, v_pages, ids, start, T, causal, threads)
+            torch.testing.assert_close(out, want_out, atol=2e-6, rtol=1e-5)
+            torch.testing.assert_close(lse, want_lse, atol=2e-6, rtol=1e-5)
 
 
 def test_kernel_merges_long_ranges_exactly() -> None:
@@ -63,9 +64,10 @@ def test_kernel_merges_long_ranges_exactly() -> None:
     k_pages.view(-1, 3, 64)[(ids[:, None] * 16 + torch.arange(16)).flatten()[2500]] = k[2500]
     q = torch.randn(1, 9, 64, generator=gen) * 4
     want_out, want_lse = reference_partial(q, k, v)
-    out, lse = paged_attention(q, k_pages, v_pages, ids, 0, 3000, causal=False)
-    torch.testing.assert_close(out, want_out, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(lse, want_lse, atol=1e-4, rtol=1e-5)
+    for threads in (1, 2, 5):  # the dominant key in the last thread's share, or the only one's
+        out, lse = paged_attention(q, k_pages, v_pages, ids, 0, 3000, causal=False, threads=threads)
+        torch.testing.assert_close(out, want_out, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse, want_lse, atol=1e-4, rtol=1e-5)
 
 
 def test_kernel_refuses_what_it_cannot_run() -> None:

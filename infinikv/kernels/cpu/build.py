@@ -21,12 +21,18 @@ SOURCE = Path(__file__).with_name("paged_attention.c")
 # -ffast-math lets the compiler vectorize the reductions and exp; the source uses no
 # infinities. It is given to the compile step only: linked with it, gcc adds crtfastmath.o,
 # whose constructor sets flush-to-zero for the whole process (torch and numpy included).
-COMPILE = ("-c", "-O3", "-march=native", "-ffast-math", "-fPIC")
-LINK = ("-shared",)
+# -fopenmp links libgomp.so.1, the soname of the copy torch ships and has loaded: the
+# kernels' parallel loops run on torch's own (already spinning) worker threads.
+COMPILE = ("-c", "-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC")
+LINK = ("-shared", "-fopenmp")
 
 _ptr, _i64, _int, _float = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-# paged_attention(q, k, v, P, pages, start, stop, limit, n, Hq, Hkv, d, B, scale, out, lse)
-SIGNATURE = (_ptr, _ptr, _ptr, _i64, _ptr, _i64, _i64, _i64, _int, _int, _int, _int, _int, _float, _ptr, _ptr)
+SIGNATURE = (
+    *(_ptr, _ptr, _ptr, _i64, _ptr),  # q, k, v, P, pages
+    *(_i64, _i64, _i64),  # start, stop, limit
+    *(_int, _int, _int, _int, _int, _float),  # n, Hq, Hkv, d, B, scale
+    *(_ptr, _ptr, _int),  # out, lse, threads
+)
 
 
 def compiler() -> str:

@@ -8,6 +8,8 @@ from infinikv.attention.partial import Partial
 from infinikv.kernels.cpu.build import library
 
 HEAD_DIMS = (64, 128)
+# Each thread takes at least this many slots (benchmarks/bench_kernels_cpu.py).
+MIN_KEYS_PER_THREAD = 256
 
 
 def supports(dtype: torch.dtype, head_dim: int) -> bool:
@@ -22,11 +24,13 @@ def paged_attention(
     start: int,
     stop: int,
     causal: bool,
+    threads: int | None = None,
 ) -> Partial:
     """Attention of rotated queries q (n, Hq, d) over the block table's slots [start, stop)
     of k_pages, v_pages (P, B, Hkv, d) (keys already rotated as q expects), page_ids (n_pages,)
     int64. causal: the queries are the last n slots (query i sees slots < stop - n + 1 + i);
-    else every query sees every slot. Returns out (n, Hq, d) and lse (n, Hq), float32."""
+    else every query sees every slot. threads: at most this many (default: torch's), each
+    with MIN_KEYS_PER_THREAD slots or more. Returns out (n, Hq, d) and lse (n, Hq), float32."""
     n, Hq, d = q.shape
     P, B, Hkv, _ = k_pages.shape
     tensors = (q, k_pages, v_pages)
@@ -49,12 +53,13 @@ def paged_attention(
             + (f" and hold the {n} queries" if causal else "")
         )
     limit = stop - n + 1 if causal else stop + n  # row i sees slots < limit + i
+    threads = max(1, min(threads or torch.get_num_threads(), (stop - start) // MIN_KEYS_PER_THREAD))
     out = torch.empty_like(q)
     lse = torch.empty(n, Hq)
     # fmt: off
     status = library().paged_attention(
         q.data_ptr(), k_pages.data_ptr(), v_pages.data_ptr(), P, page_ids.data_ptr(), start, stop, limit,
-        n, Hq, Hkv, d, B, d**-0.5, out.data_ptr(), lse.data_ptr(),
+        n, Hq, Hkv, d, B, d**-0.5, out.data_ptr(), lse.data_ptr(), threads,
     )
     # fmt: on
     if status == 2:

@@ -1,9 +1,8 @@
 /* Attention of a few query rows over a paged KV cache, on the CPU: decode steps and short
  * draft verifications, where a BLAS call per (kv-head) reads the keys at a fraction of the
  * memory bandwidth. One pass over the pages reads every key and value row once for all
- * heads; each kv-head's query rows (4 at a time) keep a running softmax (flash-decoding).
- * One thread: torch's OpenMP pool holds the other cores, and a second thread of our own
- * measured no faster on 2 cores (the README's performance section).
+ * heads; each kv-head's query rows (4 at a time) keep a running softmax (flash-decoding);
+ * long ranges are split across threads, whose partial softmaxes merge at the end.
  *
  * Layouts (float32, contiguous): q, out (n, Hq, d); k, v pages (P, B, Hkv, d); pages: the
  * block table (int64 page ids); lse (n, Hq). Table slots [start, stop) are attended; query
@@ -99,17 +98,40 @@ typedef struct {
 FOLD(fold64, 4)
 FOLD(fold128, 8)
 
+/* The rows' running softmaxes over slots [start, stop): one worker's share of the keys. */
+static void fold_range(rows_t* st, int nst, const float* k, const float* v, const int64_t* pages,
+                       int64_t start, int64_t stop, int B, int64_t page_stride, int64_t row_stride, int nv) {
+  for (int64_t t0 = start; t0 < stop; t0 += BLK) {
+    int nb = (int)(stop - t0 < BLK ? stop - t0 : BLK);
+    const float *kp[BLK], *vp[BLK];
+    for (int t = 0; t < nb; t++) {
+      int64_t slot = t0 + t, off = pages[slot / B] * page_stride + (slot % B) * row_stride;
+      kp[t] = k + off;
+      vp[t] = v + off;
+    }
+    for (int c = 0; c < nst; c++) {
+      if (nv == 4)
+        fold64(&st[c], kp, vp, nb, t0);
+      else
+        fold128(&st[c], kp, vp, nb, t0);
+    }
+  }
+}
+
 /* Returns 0, or 1 for an unsupported head_dim, 2 for a page id outside [0, P), 3 for out of
- * memory. */
+ * memory. `threads` workers (OpenMP: torch's own pool, whose libgomp this library shares)
+ * each take an equal share of the slots; their softmaxes merge at the end. */
 int paged_attention(const float* q, const float* k, const float* v, int64_t P, const int64_t* pages,
                     int64_t start, int64_t stop, int64_t limit, int n, int Hq, int Hkv, int d,
-                    int B, float scale, float* out, float* lse) {
+                    int B, float scale, float* out, float* lse, int threads) {
   if (d != 64 && d != 128) return 1;
   for (int64_t p = start / B; p <= (stop - 1) / B; p++)
     if (pages[p] < 0 || pages[p] >= P) return 2;
   const int g = Hq / Hkv, R = n * g, nv = d / 16, per_head = (R + ROWS - 1) / ROWS;
+  const int nst = Hkv * per_head;
   const int64_t row_stride = (int64_t)Hkv * d, page_stride = (int64_t)B * row_stride;
-  rows_t* st = aligned_alloc(64, sizeof(rows_t) * (size_t)(Hkv * per_head));
+  if (threads < 1) threads = 1;
+  rows_t* st = aligned_alloc(64, sizeof(rows_t) * (size_t)nst * (size_t)threads);
   if (!st) return 3;
   for (int h = 0, c = 0; h < Hkv; h++)
     for (int r0 = 0; r0 < R; r0 += ROWS, c++) {
@@ -128,28 +150,28 @@ int paged_attention(const float* q, const float* k, const float* v, int64_t P, c
         s->limit[r] = limit + i;
       }
     }
-  for (int64_t t0 = start; t0 < stop; t0 += BLK) {
-    int nb = (int)(stop - t0 < BLK ? stop - t0 : BLK);
-    const float *kp[BLK], *vp[BLK];
-    for (int t = 0; t < nb; t++) {
-      int64_t slot = t0 + t, off = pages[slot / B] * page_stride + (slot % B) * row_stride;
-      kp[t] = k + off;
-      vp[t] = v + off;
-    }
-    for (int c = 0; c < Hkv * per_head; c++) {
-      if (nv == 4)
-        fold64(&st[c], kp, vp, nb, t0);
-      else
-        fold128(&st[c], kp, vp, nb, t0);
-    }
-  }
+  for (int t = 1; t < threads; t++) memcpy(&st[t * nst], st, sizeof(rows_t) * (size_t)nst);
+  const int64_t span = stop - start;
+#pragma omp parallel for num_threads(threads) schedule(static, 1) if (threads > 1)
+  for (int t = 0; t < threads; t++)
+    fold_range(&st[t * nst], nst, k, v, pages, start + span * t / threads, start + span * (t + 1) / threads,
+               B, page_stride, row_stride, nv);
   for (int h = 0, c = 0; h < Hkv; h++)
     for (int r0 = 0; r0 < R; r0 += ROWS, c++)
       for (int r = 0; r < st[c].rows; r++) {
+        float m = HIDDEN, l = 0.f;
+        for (int t = 0; t < threads; t++) m = st[t * nst + c].m[r] > m ? st[t * nst + c].m[r] : m;
+        v16 acc[MAX_NV] = {{0}};
+        for (int t = 0; t < threads; t++) {
+          const rows_t* s = &st[t * nst + c];
+          float w = s->l[r] > 0.f ? expf(s->m[r] - m) : 0.f;
+          l += s->l[r] * w;
+          for (int e = 0; e < nv; e++) acc[e] += s->acc[r][e] * w;
+        }
         int rr = r0 + r, i = rr / g, j = rr % g;
         int64_t row = (int64_t)i * Hq + h * g + j;
-        for (int e = 0; e < nv; e++) store(out + row * d + 16 * e, st[c].acc[r][e] * (1.f / st[c].l[r]));
-        lse[row] = st[c].m[r] + logf(st[c].l[r]);
+        for (int e = 0; e < nv; e++) store(out + row * d + 16 * e, acc[e] * (1.f / l));
+        lse[row] = m + logf(l);
       }
   free(st);
   return 0;
