@@ -1,13 +1,19 @@
-"""CPU: the C attention kernel (`--attention-backend cpu`) vs the PyTorch path, per decode
-step (every layer once), at 512 to 32k tokens of context.
+"""CPU: the C kernels (`--attention-backend cpu`) vs the PyTorch path, per decode step:
+attention (every layer once) at 512 to 32k tokens of context, and the float32 projections.
 
-    python benchmarks/bench_kernels_cpu.py [--lengths 512 2048 6144 16384 32768] [--repeats 15]
+    python benchmarks/bench_kernels_cpu.py [--parts attention projections]
+        [--lengths 512 2048 6144 16384 32768] [--repeats 15]
 
+Part `attention`:
 Shapes: SmolLM2-135M's attention (30 layers, 9 query heads, 3 kv-heads, head_dim 64) and
 Llama-3-8B's for head_dim 128 (32 layers, 32 / 8 heads), float32, 16-token pages in one
 contiguous run (the PyTorch path reads them as a view, its best case). Rows: one query (a
 decode step) and five (a speculative verification of four drafts). Times are medians of
 --repeats steps, in ms; "GB/s" is the keys and values read per step over the kernel's time.
+Part `projections`: every float32 weight matrix of one forward (SmolLM2-135M's 30 layers
+and its tied 49152-token head; Qwen2.5-0.5B's 24 layers and 151936-token head) applied to
+1, 5, 17 and 32 rows: the C kernel (`infinikv.kernels.cpu.ops.linear`) vs `F.linear`;
+"GB/s" is the weights read over the kernel's time.
 Writes benchmarks/results/kernels_cpu.json.
 """
 
@@ -21,9 +27,11 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from infinikv.attention.paged_cpu import cpu_causal_attention
 from infinikv.attention.paged_torch import paged_causal_attention
+from infinikv.kernels.cpu.ops import linear
 from infinikv.memory.pages import PageList, PagePool
 from infinikv.model.config import RopeConfig
 from infinikv.model.rope import RotaryEmbedding
@@ -32,6 +40,11 @@ PAGE = 16
 SHAPES = {  # name: (layers, query heads, kv-heads, head_dim)
     "SmolLM2-135M": (30, 9, 3, 64),
     "Llama-3-8B": (32, 32, 8, 128),
+}
+# name: (layers, hidden, q heads, kv-heads, head_dim, intermediate, vocab)
+MODELS = {
+    "SmolLM2-135M": (30, 576, 9, 3, 64, 1536, 49152),
+    "Qwen2.5-0.5B": (24, 896, 14, 2, 64, 4864, 151936),
 }
 RESULTS = Path(__file__).parent / "results" / "kernels_cpu.json"
 
@@ -50,17 +63,13 @@ def step_ms(attention, pool: PagePool, pages: PageList, q: torch.Tensor, T: int,
     return statistics.median(times[1:])  # the first warms up
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 6144, 16384, 32768])
-    ap.add_argument("--repeats", type=int, default=15)
-    args = ap.parse_args()
+def attention_rows(lengths: list[int], repeats: int) -> list[dict]:
     rows = []
     print("| shape | context | queries | PyTorch ms | kernel ms | speed-up | kernel GB/s |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, (L, Hq, Hkv, d) in SHAPES.items():
         rope = RotaryEmbedding(RopeConfig(theta=10000.0), d)
-        for T in args.lengths:
+        for T in lengths:
             pool = PagePool.for_tokens(T, PAGE, num_layers=L, num_kv_heads=Hkv, head_dim=d, rope=rope)
             pool.k_rope.normal_()
             pool.v.normal_()
@@ -69,17 +78,61 @@ def main() -> None:
             pages = PageList.of(ids, list(range(n_pages)), PAGE, torch.device("cpu"))
             for n in (1, 5):
                 q = torch.randn(n, Hq, d)
-                ref = step_ms(paged_causal_attention, pool, pages, q, T, rope, args.repeats)
-                ours = step_ms(cpu_causal_attention, pool, pages, q, T, rope, args.repeats)
+                ref = step_ms(paged_causal_attention, pool, pages, q, T, rope, repeats)
+                ours = step_ms(cpu_causal_attention, pool, pages, q, T, rope, repeats)
                 gbs = 2 * L * T * Hkv * d * 4 / ours / 1e6
                 rows.append(
                     dict(shape=name, context=T, queries=n, torch_ms=ref, kernel_ms=ours, kernel_gb_s=gbs)
                 )
                 print(f"| {name} | {T} | {n} | {ref:.2f} | {ours:.2f} | {ref / ours:.2f}x | {gbs:.1f} |")
             del pool
-    RESULTS.write_text(
-        json.dumps({"machine": platform.processor() or platform.machine(), "rows": rows}, indent=1) + "\n"
+    return rows
+
+
+def projection_rows(repeats: int) -> list[dict]:
+    rows = []
+    print("| model | rows | F.linear ms | kernel ms | speed-up | kernel GB/s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, (L, D, Hq, Hkv, d, inter, vocab) in MODELS.items():
+        layer = [((Hq + 2 * Hkv) * d, D), (D, Hq * d), (2 * inter, D), (D, inter)]
+        weights = [torch.randn(n, k) for n, k in layer * L + [(vocab, D)]]
+        nbytes = sum(w.numel() for w in weights) * 4
+        for m in (1, 5, 17, 32):
+            inputs = {k: torch.randn(m, k) for k in {w.shape[1] for w in weights}}
+            times = {}
+            for label, fn in (("torch", F.linear), ("kernel", linear)):
+                samples = []
+                for _ in range(repeats + 1):
+                    t0 = time.perf_counter()
+                    for w in weights:
+                        fn(inputs[w.shape[1]], w)
+                    samples.append((time.perf_counter() - t0) * 1e3)
+                times[label] = statistics.median(samples[1:])
+            ref, ours = times["torch"], times["kernel"]
+            rows.append(
+                dict(model=name, rows=m, torch_ms=ref, kernel_ms=ours, kernel_gb_s=nbytes / ours / 1e6)
+            )
+            print(
+                f"| {name} | {m} | {ref:.1f} | {ours:.1f} | {ref / ours:.2f}x | {nbytes / ours / 1e6:.1f} |"
+            )
+        del weights
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--parts", nargs="+", choices=["attention", "projections"], default=["attention", "projections"]
     )
+    ap.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 6144, 16384, 32768])
+    ap.add_argument("--repeats", type=int, default=15)
+    args = ap.parse_args()
+    results = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+    if "attention" in args.parts:
+        results["attention"] = attention_rows(args.lengths, args.repeats)
+    if "projections" in args.parts:
+        results["projections"] = projection_rows(args.repeats)
+    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {RESULTS}")
 
 

@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 
+from infinikv.attention.backends import causal_attention, few_rows_linear, long_context_attention
 from infinikv.engine.generator import Generator
 from infinikv.engine.sampling import SamplingParams
 from infinikv.engine.sequence import Sequence, feed
@@ -64,6 +65,32 @@ def test_64_greedy_tokens_identical(default_model, prompt, hf_reference, chunk, 
     assert result.token_ids == hf_reference[1]
     assert result.finish_reason == "length"
     assert result.text == default_model.tokenizer.decode(hf_reference[1], skip_special_tokens=True)
+
+
+@pytest.fixture
+def cpu_kernels(default_model):
+    """The default model with the `cpu` backend's kernels, as infinikv runs it on a CPU
+    (the other tests hold the PyTorch path to transformers); restored afterwards."""
+    model = default_model.model
+    saved = model.attention, model.long_context_attention
+    model.attention, model.long_context_attention = causal_attention("cpu"), long_context_attention("cpu")
+    model.use_few_rows(few_rows_linear("cpu"))
+    yield default_model
+    model.attention, model.long_context_attention = saved
+    model.use_few_rows(None)
+
+
+@pytest.mark.parametrize("chunk,page", [(512, 16), (16, 7)])  # 16-token chunks: every row through the kernels
+def test_cpu_kernels_match_transformers(cpu_kernels, prompt, hf_reference, chunk, page) -> None:
+    model = cpu_kernels.model
+    pool = model.new_page_pool(1024, page, fill_value=float("nan"))
+    got = feed(model, pool, Sequence(pool), prompt, chunk, all_logits=True)
+    diff = (got - hf_reference[0]).abs().max().item()
+    print(f"cpu kernels chunk={chunk} page={page} max |logit diff| = {diff:.2e}")
+    assert diff < 1e-3
+    gen = Generator(cpu_kernels, max_seq_len=1024, page_size=page, chunk_size=chunk, fill_value=float("nan"))
+    result = gen.generate(prompt, SamplingParams(max_tokens=64, ignore_eos=True))
+    assert result.token_ids == hf_reference[1]
 
 
 def test_chat_answer_and_eos(default_model) -> None:

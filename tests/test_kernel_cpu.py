@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from infinikv.attention.partial import reference_partial
-from infinikv.kernels.cpu.ops import paged_attention
+from infinikv.kernels.cpu.ops import linear, paged_attention
 
 
 def paged(T: int, B: int, Hkv: int, d: int, gen: torch.Generator):
@@ -86,6 +86,26 @@ def test_kernel_refuses_what_it_cannot_run() -> None:
         paged_attention(q, k_pages, v_pages, ids, 0, 41, True)
     with pytest.raises(ValueError, match="page outside"):
         paged_attention(q, k_pages, v_pages, ids + 100, 0, 40, True)
+
+
+@pytest.mark.parametrize(
+    "M, N, K", [(1, 576, 576), (3, 13, 40), (32, 960, 577), (1, 7, 16), (5, 49152 // 16, 64)]
+)
+def test_linear_matches_torch(M, N, K) -> None:
+    """Row counts of W that are not a multiple of 4, inner sizes not a multiple of 16."""
+    gen = torch.Generator().manual_seed(M * N + K)
+    x, w = torch.randn(M, K, generator=gen), torch.randn(N, K, generator=gen)
+    torch.testing.assert_close(linear(x, w), x @ w.T, atol=1e-4, rtol=1e-5)
+
+
+def test_linear_refuses_what_it_cannot_run() -> None:
+    x, w = torch.randn(2, 32), torch.randn(8, 32)
+    with pytest.raises(ValueError, match="float32"):
+        linear(x.double(), w.double())
+    with pytest.raises(ValueError, match="contiguous"):
+        linear(x, torch.randn(32, 8).T)
+    with pytest.raises(ValueError, match=r"need x \(M, K\)"):
+        linear(x, torch.randn(8, 16))
 
 
 def test_loading_the_kernels_leaves_the_process_floating_point_alone() -> None:

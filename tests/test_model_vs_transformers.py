@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from infinikv.attention.backends import few_rows_linear
 from infinikv.engine.sequence import Sequence, feed
 
 from .conftest import nan_pool, ours_from_hf, tiny_hf_model
@@ -42,10 +43,13 @@ def hf_logits(hf, ids: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("chunk,page", [(512, 16), (7, 5), (1, 3)])
-def test_logits_match_transformers(name: str, chunk: int, page: int) -> None:
+@pytest.mark.parametrize("projections", ["torch", "cpu"])
+def test_logits_match_transformers(name: str, chunk: int, page: int, projections: str) -> None:
+    """projections "cpu": inputs of few rows (chunks of 7 and 1) through the C kernel."""
     model_type, overrides = CONFIGS[name]
     hf = tiny_hf_model(model_type, **overrides)
     ours = ours_from_hf(hf)
+    ours.use_few_rows(few_rows_linear(projections))
     ids = torch.randint(0, hf.config.vocab_size, (45,), generator=torch.Generator().manual_seed(1))
     pool = nan_pool(ours, page_size=page)
     got = feed(ours, pool, Sequence(pool), ids.tolist(), chunk, all_logits=True)  # (T, V)

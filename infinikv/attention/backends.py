@@ -1,7 +1,7 @@
 """Which attention implementation runs: the plain-PyTorch path (any device; the reference),
 the C kernels of `infinikv.kernels.cpu` (CPU, float32: decode steps and draft
-verifications) or the Triton kernels of `infinikv.kernels` (CUDA). Chosen by name from the
-settings."""
+verifications, their attention and their float32 projections) or the Triton kernels of
+`infinikv.kernels` (CUDA). Chosen by name from the settings."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from infinikv.attention.backend import AttentionBackend, LongContextAttentionBac
 from infinikv.attention.long_context import paged_long_context_attention
 from infinikv.attention.paged_torch import paged_causal_attention
 from infinikv.errors import KernelBuildError
+from infinikv.model.linear import FewRows
 
 log = logging.getLogger(__name__)
 
@@ -93,3 +94,13 @@ def long_context_attention(backend: str) -> LongContextAttentionBackend:
 
         return cpu_long_context_attention
     return paged_long_context_attention
+
+
+def few_rows_linear(backend: str) -> FewRows | None:
+    """The float32 projections' kernel for inputs of few rows of a resolved backend (None:
+    torch's matmul)."""
+    if backend == "cpu":
+        from infinikv.kernels.cpu.ops import linear
+
+        return linear
+    return None

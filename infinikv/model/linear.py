@@ -20,6 +20,8 @@ through them: prefill at float32's speed, decode at int4's.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,14 +38,33 @@ INNER_K_TILES = 1
 QUANTIZED_MAX_ROWS = 32
 
 
+# x W^T for inputs of few rows (the CPU kernel, `infinikv.kernels.cpu.ops.linear`).
+FewRows = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# Inputs of at most this many rows (decode steps, draft verifications) go through a
+# FewRows kernel where the model has one: on this 2-core CPU the C kernel took 22-73 ms
+# for 1-32 rows of SmolLM2's weights, float32's BLAS 47-104 ms (benchmarks/bench_kernels_cpu.py).
+FEW_ROWS = 32
+
+
+def dense(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, few_rows: FewRows | None = None
+) -> torch.Tensor:
+    """x (N, in) W^T (+ b) -> (N, out): through `few_rows` for inputs of at most FEW_ROWS rows."""
+    if few_rows is None or x.shape[0] > FEW_ROWS:
+        return F.linear(x, weight, bias)
+    y = few_rows(x.contiguous(), weight)
+    return y if bias is None else y + bias
+
+
 class DenseLinear(nn.Module):
     def __init__(self, out_features: int, in_features: int, bias: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.few_rows: FewRows | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)  # (N, in) -> (N, out)
+        return dense(x, self.weight, self.bias, self.few_rows)  # (N, in) -> (N, out)
 
 
 def _groups(w: torch.Tensor) -> torch.Tensor:

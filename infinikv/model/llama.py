@@ -19,7 +19,7 @@ from infinikv.attention.long_context import LongContextState, paged_long_context
 from infinikv.attention.paged_torch import paged_causal_attention
 from infinikv.memory.pages import LayerKV, PageList, PagePool
 from infinikv.model.config import ModelConfig
-from infinikv.model.linear import DenseLinear
+from infinikv.model.linear import DenseLinear, FewRows, dense
 from infinikv.model.rope import RotaryEmbedding
 
 
@@ -75,6 +75,15 @@ class LlamaModel(nn.Module):
         self.rope = RotaryEmbedding(cfg.rope, cfg.head_dim, device=device)
         self.attention = attention
         self.long_context_attention = long_context_attention
+        self.few_rows: FewRows | None = None  # the tied head's kernel for few rows (`use_few_rows`)
+
+    def use_few_rows(self, kernel: FewRows | None) -> None:
+        """Send the float32 projections' and the head's inputs of few rows (decode steps,
+        verifications) through `kernel` (None: torch's matmul for every input)."""
+        self.few_rows = kernel
+        for module in self.modules():
+            if isinstance(module, DenseLinear):
+                module.few_rows = kernel
 
     def _apply(self, fn, recurse=True):
         """`.to(device)` moves the rotary table (not a buffer) along with the weights."""
@@ -149,5 +158,5 @@ class LlamaModel(nn.Module):
         if batch.logits_rows is not None:
             x = x[batch.logits_rows]  # (S, D)
         x = F.rms_norm(x, (D,), self.norm, eps)
-        logits = F.linear(x, self.embed) if self.lm_head is None else self.lm_head(x)
+        logits = dense(x, self.embed, few_rows=self.few_rows) if self.lm_head is None else self.lm_head(x)
         return logits.float()  # (S, V)

@@ -7,7 +7,12 @@ from collections.abc import Callable
 
 import torch
 
-from infinikv.attention.backends import causal_attention, long_context_attention, resolve_backend
+from infinikv.attention.backends import (
+    causal_attention,
+    few_rows_linear,
+    long_context_attention,
+    resolve_backend,
+)
 from infinikv.engine.generator import Generator
 from infinikv.memory.index import gpu_resources
 from infinikv.memory.store import open_store
@@ -36,10 +41,7 @@ def build_generator(settings: Settings, slots: int = 1) -> Generator:
         settings.quantize,
         loaded.path,
     )
-    model = loaded.model
-    backend = resolve_backend(settings.attention_backend, model.device, model.dtype, loaded.config.head_dim)
-    loaded.model.attention = causal_attention(backend)
-    loaded.model.long_context_attention = long_context_attention(backend)
+    _attach_kernels(loaded, settings.attention_backend)
     long_context = settings.long_context_config(loaded.config.max_position_embeddings)
     if long_context is not None and long_context.memory:
         gpu_resources(loaded.model.device)  # decides (and logs) where the FAISS indexes live
@@ -56,6 +58,15 @@ def build_generator(settings: Settings, slots: int = 1) -> Generator:
     )
 
 
+def _attach_kernels(loaded: LoadedModel, backend: str) -> None:
+    """Give the model the kernels of the backend named in the settings, resolved for it."""
+    model = loaded.model
+    resolved = resolve_backend(backend, model.device, model.dtype, loaded.config.head_dim)
+    model.attention = causal_attention(resolved)
+    model.long_context_attention = long_context_attention(resolved)
+    model.use_few_rows(few_rows_linear(resolved))
+
+
 def _drafter_factory(settings: Settings, target: LoadedModel) -> Callable[[], Drafter] | None:
     """What drafts tokens for each generation (None: no speculation), loaded once here."""
     draft = settings.draft or ("model" if settings.draft_model else None)
@@ -70,6 +81,7 @@ def _drafter_factory(settings: Settings, target: LoadedModel) -> Callable[[], Dr
     spec = settings.draft_model or settings.model  # the default model drafts for itself if unset
     small = load_model(spec, settings.cache_dir, torch.float32, settings.device, settings.draft_quantize)
     check_same_vocabulary(small, target)
+    _attach_kernels(small, settings.attention_backend)
     log.info("draft model %s (quantize=%s)", small.path, settings.draft_quantize)
     page, chunk = settings.page_size, settings.chunk_size
     return lambda: DraftModelDrafter(small.model, page_size=page, chunk_size=chunk)

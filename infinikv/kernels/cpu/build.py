@@ -17,7 +17,7 @@ from pathlib import Path
 
 from infinikv.errors import KernelBuildError
 
-SOURCE = Path(__file__).with_name("paged_attention.c")
+SOURCES = ("paged_attention.c", "linear.c")
 # -ffast-math lets the compiler vectorize the reductions and exp; the source uses no
 # infinities. It is given to the compile step only: linked with it, gcc adds crtfastmath.o,
 # whose constructor sets flush-to-zero for the whole process (torch and numpy included).
@@ -27,18 +27,22 @@ COMPILE = ("-c", "-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC")
 LINK = ("-shared", "-fopenmp")
 
 _ptr, _i64, _int, _float = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-SIGNATURE = (
-    *(_ptr, _ptr, _ptr, _i64, _ptr),  # q, k, v, P, pages
-    *(_i64, _i64, _i64),  # start, stop, limit
-    *(_int, _int, _int, _int, _int, _float),  # n, Hq, Hkv, d, B, scale
-    *(_ptr, _ptr, _int),  # out, lse, threads
-)
+SIGNATURES = {
+    "paged_attention": (
+        *(_ptr, _ptr, _ptr, _i64, _ptr),  # q, k, v, P, pages
+        *(_i64, _i64, _i64),  # start, stop, limit
+        *(_int, _int, _int, _int, _int, _float),  # n, Hq, Hkv, d, B, scale
+        *(_ptr, _ptr, _int),  # out, lse, threads
+    ),
+    "linear_rows": (_ptr, _ptr, _ptr, _int, _int, _int, _int),  # x, W, y, M, N, K, threads
+}
+RESTYPES = {"paged_attention": ctypes.c_int, "linear_rows": None}
 
 
 def compiler() -> str:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
-        raise KernelBuildError("no C compiler to build the CPU attention kernels: set CC or install gcc")
+        raise KernelBuildError("no C compiler to build the CPU kernels: set CC or install gcc")
     return cc
 
 
@@ -46,16 +50,20 @@ def compiler() -> str:
 def library() -> ctypes.CDLL:
     """The loaded kernels (a build failure raises KernelBuildError and is retried next call)."""
     cc = compiler()
+    here = Path(__file__).parent
     with tempfile.TemporaryDirectory(prefix="infinikv-kernels-") as tmp:
-        obj, so = Path(tmp) / "paged_attention.o", Path(tmp) / "paged_attention.so"
-        for step in ([*COMPILE, str(SOURCE), "-o", str(obj)], [*LINK, str(obj), "-o", str(so), "-lm"]):
+        objects = [str(Path(tmp) / f"{Path(src).stem}.o") for src in SOURCES]
+        so = Path(tmp) / "kernels.so"
+        steps = [[*COMPILE, str(here / src), "-o", obj] for src, obj in zip(SOURCES, objects, strict=True)]
+        for step in [*steps, [*LINK, *objects, "-o", str(so), "-lm"]]:
             try:
                 proc = subprocess.run([cc, *step], capture_output=True, text=True)
             except OSError as e:
                 raise KernelBuildError(f"could not run the C compiler {cc!r}: {e}") from e
             if proc.returncode:
-                raise KernelBuildError(f"{cc} could not build {SOURCE.name}: {proc.stderr.strip()[-800:]}")
+                raise KernelBuildError(f"{cc} could not build the CPU kernels: {proc.stderr.strip()[-800:]}")
         lib = ctypes.CDLL(str(so))  # mapped now: the file may go
-    lib.paged_attention.argtypes = SIGNATURE
-    lib.paged_attention.restype = ctypes.c_int
+    for name, argtypes in SIGNATURES.items():
+        getattr(lib, name).argtypes = argtypes
+        getattr(lib, name).restype = RESTYPES[name]
     return lib

@@ -67,3 +67,20 @@ def paged_attention(
     if status:
         raise MemoryError("the CPU attention kernel could not allocate its scratch")
     return out, lse
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (M, K) @ weight (N, K)^T -> (M, N), float32 contiguous CPU tensors: the kernel for
+    few rows (it streams the weights once; M rows each reread them from L1)."""
+    tensors = (x, weight)
+    if not all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors):
+        raise ValueError(
+            "the CPU kernel takes contiguous float32 CPU tensors, got "
+            + ", ".join(f"{tuple(t.shape)} {t.dtype} {t.device}" for t in tensors)
+        )
+    if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != x.shape[1]:
+        raise ValueError(f"need x (M, K) and weight (N, K), got {tuple(x.shape)} and {tuple(weight.shape)}")
+    (M, K), N = x.shape, weight.shape[0]
+    y = torch.empty(M, N)
+    library().linear_rows(x.data_ptr(), weight.data_ptr(), y.data_ptr(), M, N, K, torch.get_num_threads())
+    return y

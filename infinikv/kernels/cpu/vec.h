@@ -1,0 +1,26 @@
+/* 16-float vectors (GCC/Clang vector extensions: AVX-512 registers where the CPU has them,
+ * pairs of AVX2 ones elsewhere) and the helpers the kernels share. */
+#ifndef INFINIKV_VEC_H
+#define INFINIKV_VEC_H
+#include <string.h>
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v4 __attribute__((vector_size(16)));
+
+#define AI static inline __attribute__((always_inline))
+AI v16 load(const float* p) { v16 x; memcpy(&x, p, sizeof x); return x; }
+AI void store(float* p, v16 x) { memcpy(p, &x, sizeof x); }
+
+/* The sums of a0..a3's 16 lanes each. */
+AI v4 hsum4(v16 a0, v16 a1, v16 a2, v16 a3) {
+  v16 x = __builtin_shufflevector(a0, a1, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+          __builtin_shufflevector(a0, a1, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  v16 y = __builtin_shufflevector(a2, a3, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+          __builtin_shufflevector(a2, a3, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  v16 z = __builtin_shufflevector(x, y, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+          __builtin_shufflevector(x, y, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  v16 w = z + __builtin_shufflevector(z, z, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  w = w + __builtin_shufflevector(w, w, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  return (v4){w[0], w[4], w[8], w[12]};
+}
+#endif
