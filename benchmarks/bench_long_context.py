@@ -13,7 +13,8 @@ the same (mode, length, variant) in benchmarks/results/long_context.json, so a r
 some cells with fewer depths (`--depths`); the charts docs/long_context_{accuracy,speed}.png
 are drawn from the default variant's rows. A variant changes the memory modes' index,
 granularity, sketch interval, RAM budget or block store, or the infinikv modes' weights (`--quantize
-int4`: the GGUF's own 4-bit groups; transformers keeps the de-quantized float32 weights):
+int4`: the GGUF's own 4-bit groups; transformers keeps the de-quantized float32 weights) or
+kernels (`--attention-backend torch`: the plain-PyTorch path instead of the CPU kernels):
 
     python benchmarks/bench_long_context.py --modes se+memory --lengths 32768 --redis-url redis://127.0.0.1:6379
 """
@@ -30,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from infinikv.attention.backends import BACKENDS
 from infinikv.engine.long_context import LongContextConfig
 from infinikv.memory.index import INDEX_KINDS
 from infinikv.model.linear import QUANTIZATIONS
@@ -73,6 +75,7 @@ def variant(args: argparse.Namespace) -> str:
     parts += [f"ram_budget_mb={args.ram_budget_mb}"] * (args.ram_budget_mb != LongContextConfig.ram_budget_mb)
     parts += ["store=redis"] * bool(args.redis_url)
     parts += [f"quantize={args.quantize}"] * (args.quantize != "none")
+    parts += [f"attention_backend={args.attention_backend}"] * (args.attention_backend != "auto")
     return " ".join(parts)
 
 
@@ -127,13 +130,15 @@ def run_cell(mode: str, length: int, args: argparse.Namespace) -> dict:
 
 def long_context_generator(settings, mode: str, length: int, args: argparse.Namespace):
     """An infinikv Generator on the default model for one infinikv mode at one length, with
-    the variant `args` names (quantize, index, granularity, sketch_every, ram_budget_mb,
-    redis_url)."""
+    the variant `args` names (quantize, attention_backend, index, granularity, sketch_every,
+    ram_budget_mb, redis_url)."""
     from infinikv.engine.generator import Generator
     from infinikv.memory.store import open_store
     from infinikv.model.loader import load_model
+    from infinikv.service.runtime import attach_kernels
 
     loaded = load_model(None, settings.cache_dir, quantize=args.quantize)
+    attach_kernels(loaded, args.attention_backend)
     config = long_context_config(mode, length, args)
     store = open_store(args.redis_url, cluster=False)  # in-process (the default) without a URL
     return Generator(loaded, max_seq_len=64, long_context=config, store=store)
@@ -241,6 +246,7 @@ def arguments() -> argparse.ArgumentParser:
         help="memory modes' host RAM for evicted blocks and search structures",
     )
     ap.add_argument("--redis-url", help="memory modes' block store (default: in-process)")
+    ap.add_argument("--attention-backend", choices=BACKENDS, default="auto", help="infinikv's kernels")
     ap.add_argument(
         "--quantize", choices=QUANTIZATIONS, default="none", help="infinikv modes' decoder weights"
     )

@@ -41,7 +41,7 @@ def build_generator(settings: Settings, slots: int = 1) -> Generator:
         settings.quantize,
         loaded.path,
     )
-    _attach_kernels(loaded, settings.attention_backend)
+    attach_kernels(loaded, settings.attention_backend)
     long_context = settings.long_context_config(loaded.config.max_position_embeddings)
     if long_context is not None and long_context.memory:
         gpu_resources(loaded.model.device)  # decides (and logs) where the FAISS indexes live
@@ -58,7 +58,7 @@ def build_generator(settings: Settings, slots: int = 1) -> Generator:
     )
 
 
-def _attach_kernels(loaded: LoadedModel, backend: str) -> None:
+def attach_kernels(loaded: LoadedModel, backend: str) -> None:
     """Give the model the kernels of the backend named in the settings, resolved for it."""
     model = loaded.model
     resolved = resolve_backend(backend, model.device, model.dtype, loaded.config.head_dim)
@@ -81,7 +81,7 @@ def _drafter_factory(settings: Settings, target: LoadedModel) -> Callable[[], Dr
     spec = settings.draft_model or settings.model  # the default model drafts for itself if unset
     small = load_model(spec, settings.cache_dir, torch.float32, settings.device, settings.draft_quantize)
     check_same_vocabulary(small, target)
-    _attach_kernels(small, settings.attention_backend)
+    attach_kernels(small, settings.attention_backend)
     log.info("draft model %s (quantize=%s)", small.path, settings.draft_quantize)
     page, chunk = settings.page_size, settings.chunk_size
     return lambda: DraftModelDrafter(small.model, page_size=page, chunk_size=chunk)
