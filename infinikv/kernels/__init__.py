@@ -1,6 +1,7 @@
-"""Fused GPU kernels (Triton) for the attention in `infinikv.attention`, one folder per op
-(kernel, launcher, plain-PyTorch reference), each tested against that reference. The
-engine runs them on CUDA (`infinikv.attention.backends`) and the PyTorch path elsewhere."""
+"""Fused kernels for `infinikv.attention` and the model, each tested against its
+plain-PyTorch reference: Triton for the GPU, one folder per op (kernel, launcher,
+reference), which the engine runs on CUDA; and `cpu`, C kernels for decode on the CPU
+(`infinikv.attention.backends` chooses)."""
 
 import math
 
