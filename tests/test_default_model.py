@@ -7,7 +7,6 @@ import time
 import pytest
 import torch
 
-from infinikv.attention.backends import causal_attention, few_rows_linear, long_context_attention
 from infinikv.engine.generator import Generator
 from infinikv.engine.sampling import SamplingParams
 from infinikv.engine.sequence import Sequence, feed
@@ -65,19 +64,6 @@ def test_64_greedy_tokens_identical(default_model, prompt, hf_reference, chunk, 
     assert result.token_ids == hf_reference[1]
     assert result.finish_reason == "length"
     assert result.text == default_model.tokenizer.decode(hf_reference[1], skip_special_tokens=True)
-
-
-@pytest.fixture
-def cpu_kernels(default_model):
-    """The default model with the `cpu` backend's kernels, as infinikv runs it on a CPU
-    (the other tests hold the PyTorch path to transformers); restored afterwards."""
-    model = default_model.model
-    saved = model.attention, model.long_context_attention
-    model.attention, model.long_context_attention = causal_attention("cpu"), long_context_attention("cpu")
-    model.use_few_rows(few_rows_linear("cpu"))
-    yield default_model
-    model.attention, model.long_context_attention = saved
-    model.use_few_rows(None)
 
 
 @pytest.mark.parametrize("chunk,page", [(512, 16), (16, 7)])  # 16-token chunks: every row through the kernels

@@ -40,3 +40,11 @@ def test_memory_recalls_what_the_sliding_window_forgets(default_model) -> None:
     )
     assert min(with_memory, blocks) >= 0.65
     assert min(with_memory, blocks) - sliding >= 0.5
+
+
+def test_memory_recalls_through_the_cpu_kernels(cpu_kernels) -> None:
+    """The same recall with the kernels infinikv runs on a CPU: decode steps' resident runs
+    through the C attention, merged with the memory by LSE, and the C projections."""
+    blocks = accuracy(cpu_kernels, memory=True, granularity="block")
+    print(f"passkey at {PROMPT_TOKENS} tokens, 512 resident, cpu kernels: memory {blocks:.2f}")
+    assert blocks >= 0.65
