@@ -22,4 +22,4 @@ class MemoryFullError(InfinikvError):
 
 
 class KernelBuildError(InfinikvError):
-    """The CPU attention kernels could not be compiled or loaded on this machine."""
+    """The CPU kernels (`infinikv.kernels.cpu`) could not be compiled or loaded on this machine."""

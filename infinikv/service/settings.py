@@ -24,7 +24,8 @@ class Settings(BaseSettings):
     # head as 8-bit ones (exact for Q8_0); int4-decode: float32 weights kept for prefill too.
     quantize: Literal["none", "int4", "int4-decode"] = "none"
     device: str = "cpu"
-    # "auto": the Triton kernels on CUDA (when triton is installed), plain PyTorch elsewhere.
+    # "auto": the Triton kernels on CUDA (when triton is installed), the C kernels on the CPU
+    # (float32 models, head_dim 64/128, a C compiler at hand), plain PyTorch otherwise.
     attention_backend: Literal["auto", "torch", "cpu", "triton"] = "auto"
     cache_dir: Path = Path.home() / ".cache" / "infinikv"
     # 16-token pages: small enough that the unused tail of a sequence's last page is cheap,
