@@ -42,7 +42,8 @@ def _build_parser() -> ArgumentParser:
     g.add_argument(
         "--quantize",
         choices=QUANTIZATIONS,
-        help="int4: 4-bit weight matrices (CPU); int4-decode: also keeps float32 ones for prefill",
+        help="bf16: bfloat16 weights, float32 compute; int4: 4-bit weight matrices; int4-decode: "
+        "also keeps float32 ones for prefill (all CPU)",
     )
     g.add_argument("--device", help="torch device (default: cpu)")
     g.add_argument(

@@ -88,20 +88,30 @@ def test_kernel_refuses_what_it_cannot_run() -> None:
         paged_attention(q, k_pages, v_pages, ids + 100, 0, 40, True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
-    "M, N, K", [(1, 576, 576), (3, 13, 40), (32, 960, 577), (1, 7, 16), (5, 49152 // 16, 64)]
+    "M, N, K",
+    [(1, 576, 576), (3, 13, 40), (32, 960, 577), (1, 7, 16), (5, 49152 // 16, 64), (4, 8, 32), (9, 20, 48)],
 )
-def test_linear_matches_torch(M, N, K) -> None:
-    """Row counts of W that are not a multiple of 4, inner sizes not a multiple of 16."""
+def test_linear_matches_torch(M, N, K, dtype) -> None:
+    """Row counts of W that are not a multiple of 4, inner sizes not a multiple of 16, row
+    counts of x on both sides of the 4-row tiles; bfloat16 weights are widened exactly: the
+    float32 kernel's sums on the widened weights, to float32 rounding (x rounded to
+    bfloat16 would be off by ~1e-2)."""
     gen = torch.Generator().manual_seed(M * N + K)
-    x, w = torch.randn(M, K, generator=gen), torch.randn(N, K, generator=gen)
-    torch.testing.assert_close(linear(x, w), x @ w.T, atol=1e-4, rtol=1e-5)
+    x, w = torch.randn(M, K, generator=gen), torch.randn(N, K, generator=gen).to(dtype)
+    y = linear(x, w)
+    torch.testing.assert_close(y, (x.double() @ w.double().T).float(), atol=1e-4, rtol=1e-5)
+    if dtype != torch.float32:
+        torch.testing.assert_close(y, linear(x, w.float()))
 
 
 def test_linear_refuses_what_it_cannot_run() -> None:
     x, w = torch.randn(2, 32), torch.randn(8, 32)
     with pytest.raises(ValueError, match="float32"):
         linear(x.double(), w.double())
+    with pytest.raises(ValueError, match="bfloat16"):
+        linear(x, w.half())
     with pytest.raises(ValueError, match="contiguous"):
         linear(x, torch.randn(32, 8).T)
     with pytest.raises(ValueError, match=r"need x \(M, K\)"):

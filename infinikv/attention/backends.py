@@ -97,7 +97,7 @@ def long_context_attention(backend: str) -> LongContextAttentionBackend:
 
 
 def few_rows_linear(backend: str) -> FewRows | None:
-    """The float32 projections' kernel for inputs of few rows of a resolved backend (None:
+    """The projections' kernel for inputs of few rows of a resolved backend (None:
     torch's matmul)."""
     if backend == "cpu":
         from infinikv.kernels.cpu.ops import linear

@@ -1,4 +1,11 @@
-"""The decoder's projections: dense, or weight-only quantized in groups of 32 inputs.
+"""The decoder's projections: dense, bfloat16 weights, or weight-only quantized in groups
+of 32 inputs.
+
+`--quantize bf16` stores every projection's weight (and the output head) as bfloat16, half
+float32's bytes; activations, the KV cache and everything else stay float32. Inputs of few
+rows go through the CPU kernel, which widens the weights exactly and computes in float32;
+prefill chunks are rounded to bfloat16 for torch's bfloat16 matmul (oneDNN, the CPU's
+bfloat16 dot-product instructions where it has them) and the result widened back.
 
 `--quantize int4` keeps the activations, the KV cache and everything else in float32;
 only the weight matrices are stored quantized and multiplied by torch's CPU int4 kernel
@@ -28,7 +35,7 @@ from torch import nn
 
 from infinikv.errors import UnsupportedModelError
 
-QUANTIZATIONS = ("none", "int4", "int4-decode")
+QUANTIZATIONS = ("none", "bf16", "int4", "int4-decode")
 # GGUF Q4_1's and Q8_0's block size: re-quantizing such a tensor with this group recovers it.
 GROUP = 32
 # The CPU int4 kernel packs the inner dimension in tiles of this many 16-column blocks.
@@ -49,10 +56,14 @@ FEW_ROWS = 32
 def dense(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, few_rows: FewRows | None = None
 ) -> torch.Tensor:
-    """x (N, in) W^T (+ b) -> (N, out): through `few_rows` for inputs of at most FEW_ROWS rows."""
-    if few_rows is None or x.shape[0] > FEW_ROWS:
+    """x (N, in) W^T (+ b) -> (N, out) in x's dtype: through `few_rows` for inputs of at most
+    FEW_ROWS rows; a weight of another dtype (bf16 weights) multiplies x rounded to it."""
+    if few_rows is not None and x.shape[0] <= FEW_ROWS:
+        y = few_rows(x.contiguous(), weight)
+    elif weight.dtype != x.dtype:
+        y = F.linear(x.to(weight.dtype), weight).to(x.dtype)
+    else:
         return F.linear(x, weight, bias)
-    y = few_rows(x.contiguous(), weight)
     return y if bias is None else y + bias
 
 
@@ -62,6 +73,14 @@ class DenseLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.few_rows: FewRows | None = None
+
+    @classmethod
+    def of(cls, weight: torch.Tensor) -> DenseLinear:
+        """A bias-free projection holding `weight` (N, in) itself."""
+        with torch.device("meta"):
+            layer = cls(*weight.shape)
+        layer.weight = nn.Parameter(weight, requires_grad=False)
+        return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return dense(x, self.weight, self.bias, self.few_rows)  # (N, in) -> (N, out)
@@ -146,6 +165,13 @@ class Int8Linear(QuantizedLinear):
     def quantized(self, x: torch.Tensor) -> torch.Tensor:
         xb = x.bfloat16()
         return (self.high(xb).float() + self.low(xb).float()).to(x.dtype)  # summed in float32
+
+
+def store_bf16(module: nn.Module) -> None:
+    """Store every DenseLinear's weight inside `module` as bfloat16, in place (biases stay)."""
+    for child in module.modules():
+        if isinstance(child, DenseLinear):
+            child.weight = nn.Parameter(child.weight.detach().bfloat16(), requires_grad=False)
 
 
 def quantize_int4(module: nn.Module, keep_dense: bool = False) -> None:

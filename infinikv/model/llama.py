@@ -78,7 +78,7 @@ class LlamaModel(nn.Module):
         self.few_rows: FewRows | None = None  # the tied head's kernel for few rows (`use_few_rows`)
 
     def use_few_rows(self, kernel: FewRows | None) -> None:
-        """Send the float32 projections' and the head's inputs of few rows (decode steps,
+        """Send the projections' and the head's inputs of few rows (decode steps,
         verifications) through `kernel` (None: torch's matmul for every input)."""
         self.few_rows = kernel
         for module in self.modules():

@@ -20,7 +20,7 @@ import torch
 from infinikv.errors import ModelNotFoundError, UnsupportedModelError
 from infinikv.model.config import ModelConfig
 from infinikv.model.default import default_gguf
-from infinikv.model.linear import QUANTIZATIONS, Int8Linear, quantize_int4
+from infinikv.model.linear import QUANTIZATIONS, DenseLinear, Int8Linear, quantize_int4, store_bf16
 from infinikv.model.llama import LlamaModel
 from infinikv.model.weights import TensorGetter, build_model
 
@@ -45,14 +45,19 @@ def load_model(
     device: torch.device | str = "cpu",
     quantize: str = "none",
 ) -> LoadedModel:
-    """Load `spec` (None = the default SmolLM2-135M-Instruct); quantize="int4" stores the
-    decoder layers' weight matrices as int4 and the output head as int8, "int4-decode" keeps
-    the float weights too, for prefill chunks (CPU only; see `infinikv.model.linear`; the
-    embedding lookup keeps its float table)."""
+    """Load `spec` (None = the default SmolLM2-135M-Instruct); quantize="bf16" stores the
+    weight matrices and the output head as bfloat16, "int4" the decoder layers' weight
+    matrices as int4 and the output head as int8, "int4-decode" keeps the float weights
+    too, for prefill chunks (CPU only; see `infinikv.model.linear`; the embedding lookup
+    keeps its float table)."""
     if quantize not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZATIONS)}")
     if quantize != "none" and torch.device(device).type != "cpu":
-        raise UnsupportedModelError(f"int4 weights run on the CPU only, not on {device}")
+        raise UnsupportedModelError(
+            f"{quantize} weights of a float32 model run on the CPU only, not on {device} (use --dtype bfloat16)"
+        )
+    if quantize == "bf16" and dtype != torch.float32:
+        raise UnsupportedModelError(f"bf16 weights go with float32 activations: a {dtype} model has them already")
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     path = resolve_model_dir(spec, cache_dir)
@@ -61,7 +66,11 @@ def load_model(
     tokenizer = AutoTokenizer.from_pretrained(path)
     with open_checkpoint(path) as get:
         model = build_model(cfg, get, dtype=dtype, device=device)
-    if quantize != "none":
+    if quantize == "bf16":
+        store_bf16(model)
+        if model.lm_head is None:
+            model.lm_head = DenseLinear.of(model.embed.detach().bfloat16())
+    elif quantize != "none":
         keep_dense = quantize == "int4-decode"
         quantize_int4(model.layers, keep_dense)
         head = model.embed if model.lm_head is None else model.lm_head.weight

@@ -20,9 +20,11 @@ class Settings(BaseSettings):
 
     model: str | None = Field(None, description="directory, .gguf file or hub id; None = default")
     dtype: Literal["float32", "bfloat16"] = "float32"
-    # int4: decoder weight matrices as 4-bit groups of 32 (exact for GGUF Q4_1 weights), the
-    # head as 8-bit ones (exact for Q8_0); int4-decode: float32 weights kept for prefill too.
-    quantize: Literal["none", "int4", "int4-decode"] = "none"
+    # bf16: weight matrices and head as bfloat16, computed in float32 (half the bytes per
+    # decode step); int4: decoder weight matrices as 4-bit groups of 32 (exact for GGUF Q4_1
+    # weights), the head as 8-bit ones (exact for Q8_0); int4-decode: float32 weights kept
+    # for prefill too.
+    quantize: Literal["none", "bf16", "int4", "int4-decode"] = "none"
     device: str = "cpu"
     # "auto": the Triton kernels on CUDA (when triton is installed), the C kernels on the CPU
     # (float32 models, head_dim 64/128, a C compiler at hand), plain PyTorch otherwise.
@@ -64,7 +66,7 @@ class Settings(BaseSettings):
     draft: str | None = Field(None, pattern=r"^(lookup|model|self:\d+)$")
     draft_model: str | None = Field(None, description="draft model: directory, .gguf or hub id")
     # The draft model at a lower cost setting than the target (its own weights' precision).
-    draft_quantize: Literal["none", "int4", "int4-decode"] = "int4"
+    draft_quantize: Literal["none", "bf16", "int4", "int4-decode"] = "int4"
     num_draft: int = Field(8, ge=1, le=16, description="most tokens drafted per step (adapted down)")
 
     # The HTTP server (infinikv serve).

@@ -35,8 +35,9 @@ SIGNATURES = {
         *(_ptr, _ptr, _int),  # out, lse, threads
     ),
     "linear_rows": (_ptr, _ptr, _ptr, _int, _int, _int, _int),  # x, W, y, M, N, K, threads
+    "linear_rows_bf16": (_ptr, _ptr, _ptr, _int, _int, _int, _int),
 }
-RESTYPES = {"paged_attention": ctypes.c_int, "linear_rows": None}
+RESTYPES = {"paged_attention": ctypes.c_int, "linear_rows": None, "linear_rows_bf16": None}
 
 
 def compiler() -> str:

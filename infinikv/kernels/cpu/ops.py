@@ -10,6 +10,8 @@ from infinikv.kernels.cpu.build import library
 HEAD_DIMS = (64, 128)
 # Each thread takes at least this many slots (benchmarks/bench_kernels_cpu.py).
 MIN_KEYS_PER_THREAD = 256
+# The projection kernel's weight formats.
+LINEAR_WEIGHTS = {torch.float32: "linear_rows", torch.bfloat16: "linear_rows_bf16"}
 
 
 def supports(dtype: torch.dtype, head_dim: int) -> bool:
@@ -70,17 +72,23 @@ def paged_attention(
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x (M, K) @ weight (N, K)^T -> (M, N), float32 contiguous CPU tensors: the kernel for
-    few rows (it streams the weights once; M rows each reread them from L1)."""
+    """x (M, K) @ weight (N, K)^T -> (M, N) float32, contiguous CPU tensors, x float32 and the
+    weight float32 or bfloat16 (widened exactly; products and sums in float32): the kernel
+    for few rows (it streams the weights once; M rows each reread them from L1)."""
     tensors = (x, weight)
-    if not all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors):
+    if not (
+        x.dtype == torch.float32
+        and weight.dtype in LINEAR_WEIGHTS
+        and all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+    ):
         raise ValueError(
-            "the CPU kernel takes contiguous float32 CPU tensors, got "
+            "the CPU kernel takes contiguous CPU tensors, x float32 and the weight float32 or bfloat16, got "
             + ", ".join(f"{tuple(t.shape)} {t.dtype} {t.device}" for t in tensors)
         )
     if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != x.shape[1]:
         raise ValueError(f"need x (M, K) and weight (N, K), got {tuple(x.shape)} and {tuple(weight.shape)}")
     (M, K), N = x.shape, weight.shape[0]
     y = torch.empty(M, N)
-    library().linear_rows(x.data_ptr(), weight.data_ptr(), y.data_ptr(), M, N, K, torch.get_num_threads())
+    kernel = getattr(library(), LINEAR_WEIGHTS[weight.dtype])
+    kernel(x.data_ptr(), weight.data_ptr(), y.data_ptr(), M, N, K, torch.get_num_threads())
     return y

@@ -11,6 +11,24 @@ typedef float v4 __attribute__((vector_size(16)));
 AI v16 load(const float* p) { v16 x; memcpy(&x, p, sizeof x); return x; }
 AI void store(float* p, v16 x) { memcpy(p, &x, sizeof x); }
 
+/* 16 bfloat16 values (the high halves of float32s) widened to float32: exact. */
+typedef unsigned short u16x16 __attribute__((vector_size(32)));
+typedef unsigned int u32x16 __attribute__((vector_size(64)));
+AI v16 load_bf16(const unsigned short* p) {
+  u16x16 h;
+  memcpy(&h, p, sizeof h);
+  u32x16 w = __builtin_convertvector(h, u32x16) << 16;
+  v16 x;
+  memcpy(&x, &w, sizeof x);
+  return x;
+}
+AI float bf16_to_float(unsigned short h) {
+  unsigned int w = (unsigned int)h << 16;
+  float x;
+  memcpy(&x, &w, sizeof x);
+  return x;
+}
+
 /* The sums of a0..a3's 16 lanes each. */
 AI v4 hsum4(v16 a0, v16 a1, v16 a2, v16 a3) {
   v16 x = __builtin_shufflevector(a0, a1, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +

@@ -1,0 +1,88 @@
+"""bf16 weights (`--quantize bf16`): bfloat16 projections and head in a float32 model; few
+rows through the CPU kernel (float32 compute), prefill chunks through torch's bf16 matmul."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from infinikv.attention.backends import causal_attention, few_rows_linear
+from infinikv.engine.generator import Generator
+from infinikv.engine.sampling import SamplingParams
+from infinikv.engine.sequence import Sequence, feed
+from infinikv.errors import UnsupportedModelError
+from infinikv.model.linear import FEW_ROWS, DenseLinear, dense
+from infinikv.model.loader import load_model
+
+from .conftest import CACHE_DIR
+
+linear = few_rows_linear("cpu")
+
+
+@pytest.mark.parametrize("rows", [1, 5, FEW_ROWS, FEW_ROWS + 1, 100])
+def test_dense_with_bf16_weights(rows: int) -> None:
+    """Up to FEW_ROWS rows: the kernel, float32 products of the exact weights; more rows:
+    x rounded to bfloat16 times the weights in torch's bf16 matmul. Float32 out, bias added
+    in float32, and the same without a kernel (the PyTorch backend)."""
+    gen = torch.Generator().manual_seed(rows)
+    x, b = torch.randn(rows, 96, generator=gen), torch.randn(40, generator=gen)
+    w = torch.randn(40, 96, generator=gen).bfloat16()
+    bf16_matmul = F.linear(x.bfloat16(), w).float() + b
+    exact = (x.double() @ w.double().T).float() + b
+    got = dense(x, w, b, linear)
+    assert got.dtype == torch.float32
+    if rows <= FEW_ROWS:
+        torch.testing.assert_close(got, exact, atol=1e-4, rtol=1e-5)
+        assert (bf16_matmul - exact).abs().max() > 1e-3  # so the kernel did not round x
+    else:
+        torch.testing.assert_close(got, bf16_matmul, atol=0, rtol=0)
+    torch.testing.assert_close(dense(x, w, b), bf16_matmul, atol=0, rtol=0)
+
+
+def test_bf16_weights_are_refused_where_they_do_not_apply() -> None:
+    with pytest.raises(UnsupportedModelError, match="CPU only"):
+        load_model(None, CACHE_DIR, device="meta", quantize="bf16")
+    with pytest.raises(UnsupportedModelError, match="float32 activations"):
+        load_model(None, CACHE_DIR, dtype=torch.bfloat16, quantize="bf16")
+
+
+@pytest.fixture(scope="module")
+def bf16_model():
+    loaded = load_model(None, CACHE_DIR, quantize="bf16")
+    loaded.model.attention = causal_attention("cpu")
+    loaded.model.use_few_rows(linear)
+    return loaded
+
+
+@pytest.mark.slow
+def test_bf16_weights_on_the_default_model(cpu_kernels, bf16_model) -> None:
+    """Every projection and the (untied) head hold bfloat16; in decode-sized chunks the
+    logits are those of float32 weights equal to the bfloat16 ones through the plain
+    PyTorch path; in 512-token chunks (bfloat16 activations in the matmuls) the float32
+    model's next-token choices, and 32 greedy tokens as float32's."""
+    model = bf16_model.model
+    weights = [m.weight for m in model.modules() if isinstance(m, DenseLinear)]
+    assert len(weights) == 4 * model.cfg.num_layers + 1 and all(w.dtype == torch.bfloat16 for w in weights)
+    assert model.embed.dtype == torch.float32  # the lookup and the cache stay float32
+    widened = copy.deepcopy(model)
+    widened.attention = causal_attention("torch")
+    widened.use_few_rows(None)
+    for m in widened.modules():
+        if isinstance(m, DenseLinear):
+            m.weight = torch.nn.Parameter(m.weight.float(), requires_grad=False)
+    f32 = cpu_kernels
+    ids = f32.tokenizer("The lighthouse keeper rose before dawn and climbed the stairs. " * 8)["input_ids"]
+
+    def logits(m, chunk: int) -> torch.Tensor:
+        pool = m.new_page_pool(1024, 16)
+        return feed(m, pool, Sequence(pool), ids, chunk, all_logits=True)
+
+    torch.testing.assert_close(logits(model, 16), logits(widened, 16), atol=1e-3, rtol=0)
+    agree = (logits(model, 512).argmax(-1) == logits(f32.model, 512).argmax(-1)).float().mean().item()
+    assert agree > 0.97, agree
+    params = SamplingParams(max_tokens=32, ignore_eos=True)
+    want = Generator(f32, 1024).generate(ids, params).token_ids
+    assert Generator(bf16_model, 1024).generate(ids, params).token_ids == want
