@@ -54,10 +54,13 @@ def load_model(
         raise ValueError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZATIONS)}")
     if quantize != "none" and torch.device(device).type != "cpu":
         raise UnsupportedModelError(
-            f"{quantize} weights of a float32 model run on the CPU only, not on {device} (use --dtype bfloat16)"
+            f"{quantize} weights of a float32 model run on the CPU only, not on {device} "
+            "(use --dtype bfloat16)"
         )
     if quantize == "bf16" and dtype != torch.float32:
-        raise UnsupportedModelError(f"bf16 weights go with float32 activations: a {dtype} model has them already")
+        raise UnsupportedModelError(
+            f"bf16 weights go with float32 activations: a {dtype} model has them already"
+        )
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     path = resolve_model_dir(spec, cache_dir)
