@@ -1,5 +1,5 @@
 """CPU: the C kernels (`--attention-backend cpu`) vs the PyTorch path, per decode step:
-attention (every layer once) at 512 to 32k tokens of context, and the float32 projections.
+attention (every layer once) at 512 to 32k tokens of context, and the projections.
 
     python benchmarks/bench_kernels_cpu.py [--parts attention projections]
         [--lengths 512 2048 6144 16384 32768] [--repeats 15]
@@ -10,9 +10,11 @@ Llama-3-8B's for head_dim 128 (32 layers, 32 / 8 heads), float32, 16-token pages
 contiguous run (the PyTorch path reads them as a view, its best case). Rows: one query (a
 decode step) and five (a speculative verification of four drafts). Times are medians of
 --repeats steps, in ms; "GB/s" is the keys and values read per step over the kernel's time.
-Part `projections`: every float32 weight matrix of one forward (SmolLM2-135M's 30 layers
-and its tied 49152-token head; Qwen2.5-0.5B's 24 layers and 151936-token head) applied to
-1, 5, 17 and 32 rows: the C kernel (`infinikv.kernels.cpu.ops.linear`) vs `F.linear`;
+Part `projections`: every weight matrix of one forward (SmolLM2-135M's 30 layers and its
+tied 49152-token head; Qwen2.5-0.5B's 24 layers and 151936-token head), float32 and bfloat16
+(`--quantize bf16`), applied to 1, 5, 17 and 32 float32 rows: the C kernel
+(`infinikv.kernels.cpu.ops.linear`) vs the PyTorch path (`infinikv.model.linear.dense`
+without a kernel: `F.linear`, for bfloat16 weights on the rows rounded to bfloat16);
 "GB/s" is the weights read over the kernel's time.
 Writes benchmarks/results/kernels_cpu.json.
 """
@@ -20,6 +22,7 @@ Writes benchmarks/results/kernels_cpu.json.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import statistics
@@ -27,13 +30,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from infinikv.attention.paged_cpu import cpu_causal_attention
 from infinikv.attention.paged_torch import paged_causal_attention
 from infinikv.kernels.cpu.ops import linear
 from infinikv.memory.pages import PageList, PagePool
 from infinikv.model.config import RopeConfig
+from infinikv.model.linear import dense
 from infinikv.model.rope import RotaryEmbedding
 
 PAGE = 16
@@ -91,16 +94,19 @@ def attention_rows(lengths: list[int], repeats: int) -> list[dict]:
 
 def projection_rows(repeats: int) -> list[dict]:
     rows = []
-    print("| model | rows | F.linear ms | kernel ms | speed-up | kernel GB/s |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name, (L, D, Hq, Hkv, d, inter, vocab) in MODELS.items():
+    print("| model | weights | rows | PyTorch ms | kernel ms | speed-up | kernel GB/s |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for (name, (L, D, Hq, Hkv, d, inter, vocab)), dtype in itertools.product(
+        MODELS.items(), (torch.float32, torch.bfloat16)
+    ):
         layer = [((Hq + 2 * Hkv) * d, D), (D, Hq * d), (2 * inter, D), (D, inter)]
-        weights = [torch.randn(n, k) for n, k in layer * L + [(vocab, D)]]
-        nbytes = sum(w.numel() for w in weights) * 4
+        weights = [torch.randn(n, k).to(dtype) for n, k in layer * L + [(vocab, D)]]
+        nbytes = sum(w.numel() * w.element_size() for w in weights)
+        kind = str(dtype).removeprefix("torch.")
         for m in (1, 5, 17, 32):
             inputs = {k: torch.randn(m, k) for k in {w.shape[1] for w in weights}}
             times = {}
-            for label, fn in (("torch", F.linear), ("kernel", linear)):
+            for label, fn in (("torch", dense), ("kernel", linear)):
                 samples = []
                 for _ in range(repeats + 1):
                     t0 = time.perf_counter()
@@ -110,10 +116,18 @@ def projection_rows(repeats: int) -> list[dict]:
                 times[label] = statistics.median(samples[1:])
             ref, ours = times["torch"], times["kernel"]
             rows.append(
-                dict(model=name, rows=m, torch_ms=ref, kernel_ms=ours, kernel_gb_s=nbytes / ours / 1e6)
+                dict(
+                    model=name,
+                    weights=kind,
+                    rows=m,
+                    torch_ms=ref,
+                    kernel_ms=ours,
+                    kernel_gb_s=nbytes / ours / 1e6,
+                )
             )
             print(
-                f"| {name} | {m} | {ref:.1f} | {ours:.1f} | {ref / ours:.2f}x | {nbytes / ours / 1e6:.1f} |"
+                f"| {name} | {kind} | {m} | {ref:.1f} | {ours:.1f} | {ref / ours:.2f}x "
+                f"| {nbytes / ours / 1e6:.1f} |"
             )
         del weights
     return rows
