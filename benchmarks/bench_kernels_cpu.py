@@ -16,7 +16,7 @@ tied 49152-token head; Qwen2.5-0.5B's 24 layers and 151936-token head), float32 
 (`infinikv.kernels.cpu.ops.linear`) vs the PyTorch path (`infinikv.model.linear.dense`
 without a kernel: `F.linear`, for bfloat16 weights on the rows rounded to bfloat16);
 "GB/s" is the weights read over the kernel's time.
-Writes benchmarks/results/kernels_cpu.json.
+Writes benchmarks/results/kernels_cpu.json (a part not run keeps its last results there).
 """
 
 from __future__ import annotations
@@ -141,7 +141,9 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 6144, 16384, 32768])
     ap.add_argument("--repeats", type=int, default=15)
     args = ap.parse_args()
-    results = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+    # The parts not run this time keep their last results.
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results.update(machine=platform.processor() or platform.machine(), threads=torch.get_num_threads())
     if "attention" in args.parts:
         results["attention"] = attention_rows(args.lengths, args.repeats)
     if "projections" in args.parts:

@@ -4,8 +4,8 @@ of 32 inputs.
 `--quantize bf16` stores every projection's weight (and the output head) as bfloat16, half
 float32's bytes; activations, the KV cache and everything else stay float32. Inputs of few
 rows go through the CPU kernel, which widens the weights exactly and computes in float32;
-prefill chunks are rounded to bfloat16 for torch's bfloat16 matmul (oneDNN, the CPU's
-bfloat16 dot-product instructions where it has them) and the result widened back.
+more rows (prefill chunks) are rounded to bfloat16 for torch's bfloat16 matmul (oneDNN, the
+CPU's bfloat16 dot-product instructions where it has them) and the result widened back.
 
 `--quantize int4` keeps the activations, the KV cache and everything else in float32;
 only the weight matrices are stored quantized and multiplied by torch's CPU int4 kernel
@@ -48,17 +48,21 @@ QUANTIZED_MAX_ROWS = 32
 # x W^T for inputs of few rows (the CPU kernel, `infinikv.kernels.cpu.ops.linear`).
 FewRows = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # Inputs of at most this many rows (decode steps, draft verifications) go through a
-# FewRows kernel where the model has one: on this 2-core CPU the C kernel took 22-73 ms
-# for 1-32 rows of SmolLM2's weights, float32's BLAS 47-104 ms (benchmarks/bench_kernels_cpu.py).
-FEW_ROWS = 32
+# FewRows kernel where the model has one, by weight dtype (benchmarks/bench_kernels_cpu.py,
+# SmolLM2's weights on this 2-core CPU): float32 weights 13-71 ms for 1-32 rows against
+# BLAS's 48-119 ms; bfloat16 ones 10 / 15 ms for 1 / 5 rows against 21 / 25 ms for torch's
+# bfloat16 matmul, which overtakes the kernel from ~16 rows (it multiplies in bfloat16
+# dot-product instructions, the kernel widens to float32).
+FEW_ROWS = {torch.float32: 32, torch.bfloat16: 12}
 
 
 def dense(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, few_rows: FewRows | None = None
 ) -> torch.Tensor:
     """x (N, in) W^T (+ b) -> (N, out) in x's dtype: through `few_rows` for inputs of at most
-    FEW_ROWS rows; a weight of another dtype (bf16 weights) multiplies x rounded to it."""
-    if few_rows is not None and x.shape[0] <= FEW_ROWS:
+    FEW_ROWS[weight dtype] rows; a weight of another dtype (bf16 weights) multiplies x
+    rounded to it."""
+    if few_rows is not None and x.shape[0] <= FEW_ROWS.get(weight.dtype, 0):
         y = few_rows(x.contiguous(), weight)
     elif weight.dtype != x.dtype:
         y = F.linear(x.to(weight.dtype), weight).to(x.dtype)
