@@ -15,13 +15,13 @@ if not torch.cuda.is_available():
     # variable must be set before the first kernel module is imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from infinikv.attention.backends import causal_attention, few_rows_linear, long_context_attention
 from infinikv.engine.long_context import LongContextConfig
 from infinikv.memory.evicted import EvictedMemory
 from infinikv.model.config import ModelConfig
 from infinikv.model.llama import LlamaModel
 from infinikv.model.loader import LoadedModel, load_model
 from infinikv.model.weights import build_model
+from infinikv.service.runtime import attach_kernels
 from infinikv.service.settings import Settings
 
 CACHE_DIR = Settings().cache_dir
@@ -42,13 +42,9 @@ def tokenizer(default_model: LoadedModel):
 def cpu_kernels(default_model: LoadedModel):
     """The default model with the `cpu` backend's kernels, as infinikv runs it on a CPU
     (the tests without this fixture hold the PyTorch path to their oracles); restored after."""
-    model = default_model.model
-    saved = model.attention, model.long_context_attention
-    model.attention, model.long_context_attention = causal_attention("cpu"), long_context_attention("cpu")
-    model.use_few_rows(few_rows_linear("cpu"))
+    attach_kernels(default_model, "cpu")
     yield default_model
-    model.attention, model.long_context_attention = saved
-    model.use_few_rows(None)
+    attach_kernels(default_model, "torch")  # the defaults: plain PyTorch
 
 
 def tiny_hf_model(model_type: str = "llama", seed: int = 0, **overrides):

@@ -92,3 +92,42 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     kernel = getattr(library(), LINEAR_WEIGHTS[weight.dtype])
     kernel(x.data_ptr(), weight.data_ptr(), y.data_ptr(), M, N, K, torch.get_num_threads())
     return y
+
+
+# The sketch kernel's most picked channels per group.
+SKETCH_MAX_CHANNELS = 256
+
+
+def sketch_block_scores(
+    table: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, chunks: int, block: int
+) -> torch.Tensor:
+    """Each block's best approximate logit over the 8-bit key sketch of one layer's segment
+    (`infinikv.memory.sketch`): table (chunks held, R, C + 8) uint8, rows (G, r) int64 row
+    numbers within a chunk, weights (G, m, r) float32; the first `chunks` chunks, blocks of
+    `block` tokens. Returns (G, chunks * C / block) float32: per group of m queries, the
+    max over a block's tokens and the queries of sum_j weights[g, i, j] * key[rows[g, j]]."""
+    held, R, width = table.shape
+    G, m, r = weights.shape
+    C = width - 8
+    if table.dtype != torch.uint8 or not table.is_contiguous() or table.device.type != "cpu":
+        raise ValueError(f"the sketch table must be a contiguous uint8 CPU tensor, got {table.dtype}")
+    if rows.shape != (G, r) or not 0 < r <= SKETCH_MAX_CHANNELS:
+        raise ValueError(
+            f"need rows (G, r) with 0 < r <= {SKETCH_MAX_CHANNELS} for weights {tuple(weights.shape)}"
+        )
+    if not 0 < chunks <= held or C % block:
+        raise ValueError(f"chunks={chunks} of {held} held, block={block} must divide the chunk's {C} tokens")
+    if int(rows.min()) < 0 or int(rows.max()) >= R:
+        raise ValueError(f"sketch rows must lie in [0, {R})")
+    rows = rows.to(torch.int64).contiguous()
+    weights = weights.to(torch.float32).contiguous()
+    out = torch.empty(G, chunks * C // block)
+    # fmt: off
+    failed = library().sketch_block_scores(
+        table.data_ptr(), R, C, rows.data_ptr(), weights.data_ptr(),
+        G, m, r, chunks, block, out.data_ptr(), torch.get_num_threads(),
+    )
+    # fmt: on
+    if failed:
+        raise MemoryError("the CPU sketch kernel could not allocate its scratch")
+    return out
