@@ -1,14 +1,13 @@
 """The Triton and CPU-kernel backends end to end against the PyTorch one: the whole
-model's logits over chunked prefill, eviction into memory (ranked over the key sketch by
-the backend's block maxima) and decode steps (Triton's interpreter on CPU; the same on
-CUDA, marked gpu), and the backend choice."""
+model's logits over chunked prefill, eviction into memory and decode steps (Triton's
+interpreter on CPU; the same on CUDA, marked gpu), and the backend choice."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from infinikv.attention.backends import few_rows_linear, resolve_backend, sketch_block_maxima
+from infinikv.attention.backends import few_rows_linear, resolve_backend
 from infinikv.attention.long_context_triton import triton_causal_attention, triton_long_context_attention
 from infinikv.attention.paged_cpu import cpu_causal_attention, cpu_long_context_attention
 from infinikv.engine.long_context import LongContextConfig
@@ -37,7 +36,7 @@ def config(**kw) -> LongContextConfig:
 def logits_of(model, cfg, ids, prefill_chunk=7, decode_steps=5):
     """Chunked prefill of all but the last tokens, then one token per forward (decode)."""
     pool = nan_pool(model, max_tokens=400, page_size=PAGE, long_context=cfg)
-    seq = Sequence(pool, cfg, model.cfg, sketch_block_maxima=model.sketch_block_maxima)
+    seq = Sequence(pool, cfg, model.cfg)
     head, tail = ids[:-decode_steps], ids[-decode_steps:]
     logits = [feed(model, pool, seq, head, prefill_chunk, all_logits=True)]
     logits += [feed(model, pool, seq, [t], 1) for t in tail]
@@ -63,7 +62,6 @@ def test_long_context_logits_match_torch_backend(hf_model, backend, device, gran
     want, _ = logits_of(model, config(**kw), ids)
     model.long_context_attention = LONG_CONTEXT[backend]
     model.use_few_rows(few_rows_linear(backend))
-    model.sketch_block_maxima = sketch_block_maxima(backend)
     got, seq = logits_of(model, config(**kw), ids)
     assert seq.table.evicted_blocks > 5  # memory in play at prefill and decode
     assert seq.table.page_list().sinks == 8  # and the sinks moved beside the window (PageList.of)

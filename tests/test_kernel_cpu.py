@@ -1,7 +1,6 @@
-"""The C kernels (`infinikv.kernels.cpu`) against PyTorch. Attention against the partial
+"""The C attention kernel (`infinikv.kernels.cpu`) against the plain-PyTorch partial
 attention: awkward lengths, page sizes that do not divide them, shuffled block tables,
-NaN in every slot it must not read, GQA, both head sizes, causal and unmasked ranges. The
-projections against a matmul, the key-sketch block maxima against fbgemm's embedding bag."""
+NaN in every slot it must not read, GQA, both head sizes, causal and unmasked ranges."""
 
 from __future__ import annotations
 
@@ -12,8 +11,7 @@ import pytest
 import torch
 
 from infinikv.attention.partial import reference_partial
-from infinikv.kernels.cpu.ops import linear, paged_attention, sketch_block_scores
-from infinikv.memory.sketch import fused_logits, pooled, quantize_into
+from infinikv.kernels.cpu.ops import linear, paged_attention
 
 
 def paged(T: int, B: int, Hkv: int, d: int, gen: torch.Generator):
@@ -118,56 +116,6 @@ def test_linear_refuses_what_it_cannot_run() -> None:
         linear(x, torch.randn(32, 8).T)
     with pytest.raises(ValueError, match=r"need x \(M, K\)"):
         linear(x, torch.randn(8, 16))
-
-
-def sketch_table(held: int, R: int, C: int, gen: torch.Generator) -> torch.Tensor:
-    """A key sketch's segment for one layer: held chunks of R rows of C 8-bit steps, row 0 of
-    each chunk constant (step 1 by convention)."""
-    table = torch.empty(held, R, C + 8, dtype=torch.uint8)
-    keys = torch.randn(held, R, C, generator=gen) * 3
-    keys[:, 0] = 0.5
-    for c in range(held):
-        quantize_into(table[c], keys[c])
-    return table
-
-
-@pytest.mark.parametrize(
-    "held, R, C, G, m, r, chunks, B",
-    [
-        (5, 192, 1024, 3, 3, 16, 4, 16),  # SmolLM2: 3 kv-heads x 64 rows, groups of 3 queries
-        (3, 64, 1029, 4, 9, 13, 3, 7),  # a chunk of 147 7-token pages; 8 + 1 queries
-        (2, 1024, 64, 2, 7, 128, 2, 64),  # 7 queries (fewer vectors at once), 128 channels
-        (2, 40, 48, 2, 1, 1, 1, 48),
-    ],
-)
-def test_sketch_kernel_matches_torch(held, R, C, G, m, r, chunks, B) -> None:
-    """Block maxima against fbgemm's embedding bag, a max over the queries and a max-pool,
-    on chunks of any length (16-token vectors and a tail), 1 to 9 queries, repeated rows."""
-    gen = torch.Generator().manual_seed(R + C + m)
-    table = sketch_table(held, R, C, gen)
-    table[chunks:] = 255  # chunks not written yet: NaN steps, never read
-    rows = torch.randint(0, R, (G, r), generator=gen)
-    rows[0, 0] = 0
-    weights = torch.randn(G, m, r, generator=gen)
-    want = pooled(fused_logits)(table, rows, weights, chunks, B)
-    got = sketch_block_scores(table, rows, weights, chunks, B)
-    assert got.shape == (G, chunks * C // B)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
-
-
-def test_sketch_kernel_refuses_what_it_cannot_run() -> None:
-    table = sketch_table(2, 8, 32, torch.Generator().manual_seed(0))
-    rows, weights = torch.zeros(1, 2, dtype=torch.int64), torch.ones(1, 3, 2)
-    with pytest.raises(ValueError, match="must lie in"):
-        sketch_block_scores(table, rows + 8, weights, 2, 16)
-    with pytest.raises(ValueError, match="must divide"):
-        sketch_block_scores(table, rows, weights, 2, 5)
-    with pytest.raises(ValueError, match="chunks=3 of 2"):
-        sketch_block_scores(table, rows, weights, 3, 16)
-    with pytest.raises(ValueError, match="rows"):
-        sketch_block_scores(table, torch.zeros(1, 300, dtype=torch.int64), torch.ones(1, 3, 300), 2, 16)
-    with pytest.raises(ValueError, match="uint8"):
-        sketch_block_scores(table.float(), rows, weights, 2, 16)
 
 
 def test_loading_the_kernels_leaves_the_process_floating_point_alone() -> None:

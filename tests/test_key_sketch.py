@@ -6,14 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from infinikv.kernels.cpu.ops import sketch_block_scores
 from infinikv.memory.evicted import FAVOURITES_PER_BLOCK, EvictedMemory
 from infinikv.memory.sketch import (
     KeySketch,
     dequantize_rows,
     fused_logits,
     gathered_logits,
-    pooled,
 )
 
 from .conftest import retrieve_blocks
@@ -41,20 +39,15 @@ def grid_keys(L: int, nblocks: int, B: int, H: int, d: int, chunk: int, g: torch
     return (j / 4 - 3).view(L, H, d, nblocks, B).permute(0, 3, 4, 1, 2).contiguous()
 
 
-@pytest.mark.parametrize(
-    "block_maxima",
-    [pooled(fused_logits), pooled(gathered_logits), sketch_block_scores],
-    ids=["fused", "gathered", "cpu-kernel"],
-)
-def test_block_scores_match_brute_force_across_chunks_segments_and_uneven_appends(block_maxima) -> None:
+@pytest.mark.parametrize("logits", [fused_logits, gathered_logits])
+def test_block_scores_match_brute_force_across_chunks_segments_and_uneven_appends(logits) -> None:
     g = torch.Generator().manual_seed(0)
     L, H, d, B, chunk = 2, 3, 8, 2, 8
     nblocks = (4 * 4 + 2) * chunk // B + 1  # 3 segments (4, 4, 8 chunks), then a 4th
     k = grid_keys(L, nblocks, B, H, d, chunk, g)
     for r in (3, d):
-        sketch = KeySketch(
-            L, H, d, B, channels=r, chunk_tokens=chunk, first_segment=4, block_maxima=block_maxima
-        )
+        sketch = KeySketch(L, H, d, B, channels=r, chunk_tokens=chunk, first_segment=4)
+        sketch.logits = logits
         for start, stop in ((0, 5), (5, 6), (6, 23), (23, nblocks)):  # within, across chunks and segments
             sketch.append(k[:, start:stop])
         assert sketch.tokens == nblocks * B and [s.shape[1] for s in sketch.segments] == [4, 4, 8, 16]

@@ -14,7 +14,6 @@ from infinikv.attention.backend import AttentionBackend, LongContextAttentionBac
 from infinikv.attention.long_context import paged_long_context_attention
 from infinikv.attention.paged_torch import paged_causal_attention
 from infinikv.errors import KernelBuildError
-from infinikv.memory.sketch import BlockMaxima
 from infinikv.model.linear import FewRows
 
 log = logging.getLogger(__name__)
@@ -95,15 +94,6 @@ def long_context_attention(backend: str) -> LongContextAttentionBackend:
 
         return cpu_long_context_attention
     return paged_long_context_attention
-
-
-def sketch_block_maxima(backend: str) -> BlockMaxima | None:
-    """How a resolved backend's memories rank blocks over the key sketch (None: PyTorch)."""
-    if backend == "cpu":
-        from infinikv.kernels.cpu.ops import sketch_block_scores
-
-        return sketch_block_scores
-    return None
 
 
 def few_rows_linear(backend: str) -> FewRows | None:

@@ -113,10 +113,7 @@ class Generator:
 
     def new_sequence(self, prefix: str) -> Sequence:
         """An empty sequence in this generator's pool; its blocks go to the store under prefix."""
-        model = self.loaded.model
-        return Sequence(
-            self.pool, self.long_context, model.cfg, self.store, prefix, model.sketch_block_maxima
-        )
+        return Sequence(self.pool, self.long_context, self.loaded.config, self.store, prefix)
 
     def check_fits(self, seq_len: int, prompt: list[int]) -> None:
         if not prompt:

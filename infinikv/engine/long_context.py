@@ -15,7 +15,6 @@ from infinikv.attention.self_extend import SelfExtend
 from infinikv.memory.cache import block_bytes
 from infinikv.memory.evicted import FAVOURITES_PER_BLOCK, EvictedMemory, RamBudget, memory_capacity
 from infinikv.memory.index import INDEX_KINDS
-from infinikv.memory.sketch import BlockMaxima
 from infinikv.memory.store import BlockStore
 from infinikv.model.config import ModelConfig
 
@@ -190,11 +189,9 @@ class LongContextConfig:
         store: BlockStore | None = None,
         prefix: str = "",
         device: torch.device | str = "cpu",
-        sketch_block_maxima: BlockMaxima | None = None,
     ) -> LongContextState:
         """A fresh sequence's state; with a store, evicted blocks are written through under
-        prefix; the RAM tier's slab lives on `device` (the KV pool's); the key sketch ranks
-        through `sketch_block_maxima` (None: PyTorch)."""
+        prefix; the RAM tier's slab lives on `device` (the KV pool's)."""
         memory = None
         if self.memory:
             memory = EvictedMemory(
@@ -210,7 +207,6 @@ class LongContextConfig:
                 device=device,
                 sketch_every=self.sketch_every,
                 ram_budget=self.ram_budget(model),
-                sketch_block_maxima=sketch_block_maxima,
             )
         return LongContextState(
             SelfExtend(self.window, self.group),

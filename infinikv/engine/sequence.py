@@ -21,7 +21,6 @@ from infinikv.memory.payload import (
     from_bytes,
     to_bytes,
 )
-from infinikv.memory.sketch import BlockMaxima
 from infinikv.memory.store import BlockStore
 from infinikv.model.config import ModelConfig
 from infinikv.model.llama import ForwardBatch, LlamaModel, SequenceSlice
@@ -43,10 +42,8 @@ class Sequence:
         model: ModelConfig | None = None,
         store: BlockStore | None = None,
         prefix: str = "",
-        sketch_block_maxima: BlockMaxima | None = None,
     ):
         self.pool = pool
-        self.sketch_block_maxima = sketch_block_maxima  # the memory's key-sketch ranking
         # A long-context sequence's sinks sit a window W before its oldest other resident
         # token once blocks between them were evicted (PageList.of).
         self.table = BlockTable(pool, 0 if long_context is None else long_context.window)
@@ -56,9 +53,7 @@ class Sequence:
         if long_context is not None:
             if model is None:
                 raise ValueError("a long-context sequence needs the model config")
-            self.long_state = long_context.new_state(
-                model, pool.page_size, store, prefix, pool.k.device, sketch_block_maxima
-            )
+            self.long_state = long_context.new_state(model, pool.page_size, store, prefix, pool.k.device)
 
         self.saved_blocks = 0  # blocks [0, saved_blocks) are full and written to the store
 
@@ -164,7 +159,7 @@ class Sequence:
         """A sequence saved under `prefix`, its resident blocks back in pages (keys rotated again
         at their own positions), its memory reloaded. CorruptSnapshotError when a part is
         missing or damaged; no pages stay taken then."""
-        seq = cls(pool, long_context, model.cfg, store, prefix, model.sketch_block_maxima)
+        seq = cls(pool, long_context, model.cfg, store, prefix)
         try:
             seq._load(model, store, prefix)
         except (KeyError, ValueError, TypeError, RuntimeError) as e:
@@ -203,7 +198,6 @@ class Sequence:
                 device=self.pool.k.device,
                 sketch_every=config.sketch_every,
                 ram_budget=config.ram_budget(model.cfg),
-                sketch_block_maxima=self.sketch_block_maxima,
             )
             if state.memory.tokens != evicted * B:
                 raise ValueError(f"memory holds {state.memory.tokens} tokens, {evicted * B} were evicted")

@@ -33,7 +33,7 @@ from infinikv.memory.payload import (
     layer_range,
     layers_from_bytes,
 )
-from infinikv.memory.sketch import BlockMaxima, KeySketch, chunk_size, sketch_bytes
+from infinikv.memory.sketch import KeySketch, chunk_size, sketch_bytes
 from infinikv.memory.store import BlockStore
 from infinikv.memory.summary import block_summary, summary_query
 
@@ -138,7 +138,6 @@ class EvictedMemory:
         device: torch.device | str = "cpu",
         sketch_every: int = 1,
         ram_budget: RamBudget | None = None,
-        sketch_block_maxima: BlockMaxima | None = None,
     ):
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity {granularity!r} is not one of {', '.join(GRANULARITIES)}")
@@ -161,15 +160,7 @@ class EvictedMemory:
         )
         self.ram_budget = ram_budget if bounded else None
         self.sketch = (
-            KeySketch(
-                num_layers,
-                num_kv_heads,
-                head_dim,
-                page_size,
-                sketch_channels,
-                device,
-                block_maxima=sketch_block_maxima,
-            )
+            KeySketch(num_layers, num_kv_heads, head_dim, page_size, sketch_channels, device)
             if granularity == "block"
             else None
         )
@@ -285,7 +276,6 @@ class EvictedMemory:
         device: torch.device | str = "cpu",
         sketch_every: int = 1,
         ram_budget: RamBudget | None = None,
-        sketch_block_maxima: BlockMaxima | None = None,
     ) -> EvictedMemory:
         """Rebuild a saved memory from the store: the index snapshot plus the blocks evicted
         after it. Every block is read once (in batches) to check it; the most recent stay in
@@ -314,7 +304,6 @@ class EvictedMemory:
                 device,
                 sketch_every,
                 ram_budget,
-                sketch_block_maxima,
             )
             total, indexed = int(meta["blocks"]), int(meta["snapshot_blocks"])
             if not 0 <= indexed <= total:

@@ -22,8 +22,6 @@ were.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 
@@ -92,26 +90,6 @@ def gathered_logits(
     return torch.bmm(weights, keys.transpose(0, 1).reshape(G, r, -1))
 
 
-# Each block's best approximate logit over one layer's segment: (table (chunks held, R,
-# C + 8) uint8, rows (G, r), weights (G, m, r), chunks, block tokens) -> (G, chunks * C /
-# block), the max over a block's tokens and a group's m queries. In PyTorch `pooled` logits,
-# or the CPU kernel (`infinikv.kernels.cpu.ops.sketch_block_scores`, the `cpu` backend's).
-BlockMaxima = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, int], torch.Tensor]
-Logits = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
-
-
-def pooled(logits: Logits) -> BlockMaxima:
-    """BlockMaxima from fused_logits or gathered_logits: their max over the group's queries,
-    then over each block's tokens."""
-
-    def block_maxima(
-        table: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, chunks: int, block: int
-    ) -> torch.Tensor:
-        return F.max_pool1d(logits(table, rows, weights, chunks).amax(1), block)
-
-    return block_maxima
-
-
 def chunk_size(page_size: int, chunk_tokens: int = CHUNK_TOKENS) -> int:
     """Tokens per quantized row: chunk_tokens rounded up to whole pages."""
     return page_size * max(1, -(-chunk_tokens // page_size))
@@ -136,7 +114,6 @@ class KeySketch:
         device: torch.device | str = "cpu",
         chunk_tokens: int = CHUNK_TOKENS,
         first_segment: int | None = None,
-        block_maxima: BlockMaxima | None = None,
     ):
         if channels < 1:
             raise ValueError(f"sketch channels={channels} must be >= 1")
@@ -144,9 +121,7 @@ class KeySketch:
         self.page_size = page_size
         self.chunk = chunk_size(page_size, chunk_tokens)
         self.device = torch.device(device)
-        self.block_maxima = block_maxima or pooled(
-            fused_logits if self.device.type == "cpu" else gathered_logits
-        )
+        self.logits = fused_logits if self.device.type == "cpu" else gathered_logits
         if first_segment is None:
             first_segment = FIRST_SEGMENT_CHUNKS_CPU if self.device.type == "cpu" else FIRST_SEGMENT_CHUNKS
         self.first_segment = first_segment
@@ -210,13 +185,14 @@ class KeySketch:
         weights = queries.gather(3, picked[:, :, None].expand(H, P, m, r)).float().view(H * P, m, r)
         heads = torch.arange(H, device=self.device).view(H, 1, 1)
         rows = (heads * d + picked).view(H * P, r)  # the picked of a chunk's Hkv * d rows
-        maxima = []  # a segment holds whole chunks, a chunk whole blocks
+        logits = []
         left = -(-self.tokens // self.chunk)  # chunks holding keys
         for segment in self.segments:
             chunks = min(left, segment.shape[1])
             if chunks == 0:
                 break
-            maxima.append(self.block_maxima(segment[layer], rows, weights, chunks, B))  # (Hkv * P, blocks)
+            logits.append(self.logits(segment[layer], rows, weights, chunks))  # (Hkv * P, m, tokens)
             left -= chunks
-        best = maxima[0] if len(maxima) == 1 else torch.cat(maxima, -1)
+        tokens = logits[0] if len(logits) == 1 else torch.cat(logits, -1)
+        best = F.max_pool1d(tokens.amax(1), B)  # over the group's queries, then each block's tokens
         return best[:, : self.tokens // B].bfloat16().float().view(H, P, -1)

@@ -18,7 +18,6 @@ from infinikv.attention.backend import AttentionBackend, LongContextAttentionBac
 from infinikv.attention.long_context import LongContextState, paged_long_context_attention
 from infinikv.attention.paged_torch import paged_causal_attention
 from infinikv.memory.pages import LayerKV, PageList, PagePool
-from infinikv.memory.sketch import BlockMaxima
 from infinikv.model.config import ModelConfig
 from infinikv.model.linear import DenseLinear, FewRows, dense
 from infinikv.model.rope import RotaryEmbedding
@@ -77,8 +76,6 @@ class LlamaModel(nn.Module):
         self.attention = attention
         self.long_context_attention = long_context_attention
         self.few_rows: FewRows | None = None  # the tied head's kernel for few rows (`use_few_rows`)
-        # How its sequences' memories rank blocks over the key sketch (None: PyTorch).
-        self.sketch_block_maxima: BlockMaxima | None = None
 
     def use_few_rows(self, kernel: FewRows | None) -> None:
         """Send the projections' and the head's inputs of few rows (decode steps,

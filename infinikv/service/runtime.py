@@ -12,7 +12,6 @@ from infinikv.attention.backends import (
     few_rows_linear,
     long_context_attention,
     resolve_backend,
-    sketch_block_maxima,
 )
 from infinikv.engine.generator import Generator
 from infinikv.memory.index import gpu_resources
@@ -66,7 +65,6 @@ def attach_kernels(loaded: LoadedModel, backend: str) -> None:
     model.attention = causal_attention(resolved)
     model.long_context_attention = long_context_attention(resolved)
     model.use_few_rows(few_rows_linear(resolved))
-    model.sketch_block_maxima = sketch_block_maxima(resolved)
 
 
 def _drafter_factory(settings: Settings, target: LoadedModel) -> Callable[[], Drafter] | None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from infinikv.errors import KernelBuildError
 
-SOURCES = ("paged_attention.c", "linear.c", "sketch.c")
+SOURCES = ("paged_attention.c", "linear.c")
 # -ffast-math lets the compiler vectorize the reductions and exp; the source uses no
 # infinities. It is given to the compile step only: linked with it, gcc adds crtfastmath.o,
 # whose constructor sets flush-to-zero for the whole process (torch and numpy included).
@@ -36,18 +36,8 @@ SIGNATURES = {
     ),
     "linear_rows": (_ptr, _ptr, _ptr, _int, _int, _int, _int),  # x, W, y, M, N, K, threads
     "linear_rows_bf16": (_ptr, _ptr, _ptr, _int, _int, _int, _int),
-    "sketch_block_scores": (
-        *(_ptr, _i64, _int, _ptr, _ptr),  # table, R, C, rows, weights
-        *(_int, _int, _int, _int, _int),  # G, m, r, chunks, B
-        *(_ptr, _int),  # out, threads
-    ),
 }
-RESTYPES = {
-    "paged_attention": ctypes.c_int,
-    "linear_rows": None,
-    "linear_rows_bf16": None,
-    "sketch_block_scores": ctypes.c_int,
-}
+RESTYPES = {"paged_attention": ctypes.c_int, "linear_rows": None, "linear_rows_bf16": None}
 
 
 def compiler() -> str:

@@ -22,20 +22,6 @@ AI v16 load_bf16(const unsigned short* p) {
   memcpy(&x, &w, sizeof x);
   return x;
 }
-/* 16 bytes widened to float32 values 0..255 (through 16-bit lanes: widened straight to
- * 32 bits, GCC goes byte by byte). */
-typedef unsigned char u8x16 __attribute__((vector_size(16)));
-typedef int i32x16 __attribute__((vector_size(64)));
-AI v16 load_u8(const unsigned char* p) {
-  u8x16 b;
-  memcpy(&b, p, sizeof b);
-  return __builtin_convertvector((i32x16)(__builtin_convertvector(__builtin_convertvector(b, u16x16), u32x16)), v16);
-}
-/* Lane-wise maximum. */
-AI v16 vmax(v16 a, v16 b) {
-  i32x16 more = a > b;
-  return (v16)((more & (i32x16)a) | (~more & (i32x16)b));
-}
 AI float bf16_to_float(unsigned short h) {
   unsigned int w = (unsigned int)h << 16;
   float x;
