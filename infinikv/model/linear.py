@@ -49,8 +49,8 @@ QUANTIZED_MAX_ROWS = 32
 FewRows = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # Inputs of at most this many rows (decode steps, draft verifications) go through a
 # FewRows kernel where the model has one, by weight dtype (benchmarks/bench_kernels_cpu.py,
-# SmolLM2's weights on this 2-core CPU): float32 weights 13-71 ms for 1-32 rows against
-# BLAS's 48-119 ms; bfloat16 ones 10 / 15 ms for 1 / 5 rows against 21 / 25 ms for torch's
+# SmolLM2's weights on this 2-core CPU): float32 weights 18-71 ms for 1-32 rows against
+# BLAS's 44-95 ms; bfloat16 ones 9 / 14 ms for 1 / 5 rows against 20 / 23 ms for torch's
 # bfloat16 matmul, which overtakes the kernel from ~16 rows (it multiplies in bfloat16
 # dot-product instructions, the kernel widens to float32).
 FEW_ROWS = {torch.float32: 32, torch.bfloat16: 12}

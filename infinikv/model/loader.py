@@ -53,10 +53,8 @@ def load_model(
     if quantize not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZATIONS)}")
     if quantize != "none" and torch.device(device).type != "cpu":
-        raise UnsupportedModelError(
-            f"{quantize} weights of a float32 model run on the CPU only, not on {device} "
-            "(use --dtype bfloat16)"
-        )
+        hint = " (--dtype bfloat16 stores bfloat16 weights on any device)" if quantize == "bf16" else ""
+        raise UnsupportedModelError(f"{quantize} weights run on the CPU only, not on {device}{hint}")
     if quantize == "bf16" and dtype != torch.float32:
         raise UnsupportedModelError(
             f"bf16 weights go with float32 activations: a {dtype} model has them already"
