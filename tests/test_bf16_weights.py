@@ -16,6 +16,7 @@ from infinikv.engine.sequence import Sequence, feed
 from infinikv.errors import UnsupportedModelError
 from infinikv.model.linear import FEW_ROWS, DenseLinear, dense
 from infinikv.model.loader import load_model
+from infinikv.service.runtime import attach_kernels
 
 from .conftest import CACHE_DIR
 
@@ -52,8 +53,7 @@ def test_bf16_weights_are_refused_where_they_do_not_apply() -> None:
 @pytest.fixture(scope="module")
 def bf16_model():
     loaded = load_model(None, CACHE_DIR, quantize="bf16")
-    loaded.model.attention = causal_attention("cpu")
-    loaded.model.use_few_rows(linear)
+    attach_kernels(loaded, "cpu")
     return loaded
 
 
