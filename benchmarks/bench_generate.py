@@ -1,9 +1,10 @@
 """Prefill and decode throughput, infinikv vs transformers `generate`, same weights, one run.
 
     python benchmarks/bench_generate.py [--lengths 512 2048 6144] [--dtype float32]
-        [--quantize int4|int4-decode] [--repeats 3]
+        [--quantize bf16|int4|int4-decode] [--repeats 3]
 
-Each engine runs in its own subprocess (so peak RSS is its own); both read the same
+Each engine runs in its own subprocess (so its RSS, once the model is loaded and at its
+peak, is its own); both read the same
 converted default model. --quantize applies to infinikv only (transformers runs the
 de-quantized weights in --dtype). Each length is generated --repeats times per engine and
 the medians are reported (prefill: prompt to first token; decode: first to last token, from
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -46,7 +48,14 @@ def median_row(n: int, runs: list[tuple[float, float]]) -> dict:
     }
 
 
-def run_infinikv(lengths: list[int], new_tokens: int, dtype: str, quantize: str, repeats: int) -> list[dict]:
+def rss_mb() -> float:
+    """This process's resident memory now (Linux)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def run_infinikv(
+    lengths: list[int], new_tokens: int, dtype: str, quantize: str, repeats: int
+) -> tuple[list[dict], float]:
     from infinikv.engine.generator import Generator
     from infinikv.engine.sampling import SamplingParams
     from infinikv.service.runtime import build_generator
@@ -55,6 +64,7 @@ def run_infinikv(lengths: list[int], new_tokens: int, dtype: str, quantize: str,
     # Plain attention over the whole prompt, as transformers does: this measures the decoder
     # and the paged cache (benchmarks/bench_long_context.py measures the long-context modes).
     gen: Generator = build_generator(Settings(dtype=dtype, quantize=quantize, long_context=False))
+    loaded_mb = rss_mb()
     params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
     gen.generate(prompt_ids(gen.tokenizer, 32), SamplingParams(max_tokens=4))  # warm-up
     rows = []
@@ -65,12 +75,12 @@ def run_infinikv(lengths: list[int], new_tokens: int, dtype: str, quantize: str,
             # the first token comes with the prefill; the rest are decode steps
             runs.append((n / result.prefill_seconds, (len(result.token_ids) - 1) / result.decode_seconds))
         rows.append(median_row(n, runs))
-    return rows
+    return rows, loaded_mb
 
 
 def run_transformers(
     lengths: list[int], new_tokens: int, dtype: str, quantize: str, repeats: int
-) -> list[dict]:
+) -> tuple[list[dict], float]:
     import torch
     from bench_long_context import _TokenClock
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -83,6 +93,7 @@ def run_transformers(
     path = convert_gguf(default_gguf(settings.cache_dir), settings.cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=settings.torch_dtype).eval()
+    loaded_mb = rss_mb()
 
     def timed(ids: list[int], new: int) -> tuple[float, float]:
         """(prefill tok/s, decode tok/s) of one `generate` call."""
@@ -99,14 +110,14 @@ def run_transformers(
     for n in lengths:
         ids = prompt_ids(tokenizer, n)
         rows.append(median_row(n, [timed(ids, new_tokens) for _ in range(repeats)]))
-    return rows
+    return rows, loaded_mb
 
 
 def worker(engine: str, lengths: list[int], new_tokens: int, dtype: str, quantize: str, repeats: int) -> None:
     run = run_infinikv if engine == "infinikv" else run_transformers
-    rows = run(lengths, new_tokens, dtype, quantize, repeats)
+    rows, loaded_mb = run(lengths, new_tokens, dtype, quantize, repeats)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    print(json.dumps({"engine": engine, "rows": rows, "peak_rss_mb": peak_mb}))
+    print(json.dumps({"engine": engine, "rows": rows, "loaded_rss_mb": loaded_mb, "peak_rss_mb": peak_mb}))
 
 
 def main() -> None:
@@ -154,7 +165,10 @@ def main() -> None:
             f"{a['prefill_tok_s'] / b['prefill_tok_s']:.2f}x | {a['decode_tok_s']:.1f} / "
             f"{b['decode_tok_s']:.1f} / {a['decode_tok_s'] / b['decode_tok_s']:.2f}x |"
         )
-    print(f"peak RSS MB: infinikv {ours['peak_rss_mb']:.0f}, transformers {hf['peak_rss_mb']:.0f}")
+    print(
+        f"RSS MB once loaded: infinikv {ours['loaded_rss_mb']:.0f}, transformers {hf['loaded_rss_mb']:.0f}; "
+        f"peak: infinikv {ours['peak_rss_mb']:.0f}, transformers {hf['peak_rss_mb']:.0f}"
+    )
     suffix = args.dtype + ("" if args.quantize == "none" else f"-{args.quantize}")
     out_path = Path(__file__).parent / "results" / f"generate-{suffix}.json"
     out_path.write_text(json.dumps(results, indent=2))

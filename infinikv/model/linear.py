@@ -171,13 +171,6 @@ class Int8Linear(QuantizedLinear):
         return (self.high(xb).float() + self.low(xb).float()).to(x.dtype)  # summed in float32
 
 
-def store_bf16(module: nn.Module) -> None:
-    """Store every DenseLinear's weight inside `module` as bfloat16, in place (biases stay)."""
-    for child in module.modules():
-        if isinstance(child, DenseLinear):
-            child.weight = nn.Parameter(child.weight.detach().bfloat16(), requires_grad=False)
-
-
 def quantize_int4(module: nn.Module, keep_dense: bool = False) -> None:
     """Replace every DenseLinear inside `module` with its Int4Linear, in place."""
     for name, child in list(module.named_children()):

@@ -20,7 +20,7 @@ import torch
 from infinikv.errors import ModelNotFoundError, UnsupportedModelError
 from infinikv.model.config import ModelConfig
 from infinikv.model.default import default_gguf
-from infinikv.model.linear import QUANTIZATIONS, DenseLinear, Int8Linear, quantize_int4, store_bf16
+from infinikv.model.linear import QUANTIZATIONS, DenseLinear, Int8Linear, quantize_int4
 from infinikv.model.llama import LlamaModel
 from infinikv.model.weights import TensorGetter, build_model
 
@@ -66,9 +66,9 @@ def load_model(
     cfg = ModelConfig.from_hf(hf_config)
     tokenizer = AutoTokenizer.from_pretrained(path)
     with open_checkpoint(path) as get:
-        model = build_model(cfg, get, dtype=dtype, device=device)
+        matrices = torch.bfloat16 if quantize == "bf16" else None  # converted as read: no float32 copy
+        model = build_model(cfg, get, dtype=dtype, device=device, matrix_dtype=matrices)
     if quantize == "bf16":
-        store_bf16(model)
         if model.lm_head is None:
             model.lm_head = DenseLinear.of(model.embed.detach().bfloat16())
     elif quantize != "none":
