@@ -1,6 +1,6 @@
 """Which attention implementation runs: the plain-PyTorch path (any device; the reference),
 the C kernels of `infinikv.kernels.cpu` (CPU, float32: decode steps and draft
-verifications, their attention and their float32 projections) or the Triton kernels of
+verifications, their attention and their float32 or bfloat16-weight projections) or the Triton kernels of
 `infinikv.kernels` (CUDA). Chosen by name from the settings."""
 
 from __future__ import annotations
