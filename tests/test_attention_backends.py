@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from infinikv.attention.backends import few_rows_linear, resolve_backend
+from infinikv.attention.backends import few_row_kernels, resolve_backend
 from infinikv.attention.long_context_triton import triton_causal_attention, triton_long_context_attention
 from infinikv.attention.paged_cpu import cpu_causal_attention, cpu_long_context_attention
 from infinikv.engine.long_context import LongContextConfig
@@ -61,7 +61,7 @@ def test_long_context_logits_match_torch_backend(hf_model, backend, device, gran
     kw = dict(granularity=granularity, top_k=6, max_blocks=3)
     want, _ = logits_of(model, config(**kw), ids)
     model.long_context_attention = LONG_CONTEXT[backend]
-    model.use_few_rows(few_rows_linear(backend))
+    model.use_few_rows(few_row_kernels(backend))
     got, seq = logits_of(model, config(**kw), ids)
     assert seq.table.evicted_blocks > 5  # memory in play at prefill and decode
     assert seq.table.page_list().sinks == 8  # and the sinks moved beside the window (PageList.of)
@@ -76,7 +76,7 @@ def test_plain_causal_logits_match_torch_backend(hf_model, backend, device) -> N
     want, _ = logits_of(ours_from_hf(hf_model).to(device), None, ids)
     model = ours_from_hf(hf_model).to(device)
     model.attention = CAUSAL[backend]
-    model.use_few_rows(few_rows_linear(backend))
+    model.use_few_rows(few_row_kernels(backend))
     got, _ = logits_of(model, None, ids)
     torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
 

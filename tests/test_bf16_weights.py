@@ -9,18 +9,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from infinikv.attention.backends import causal_attention, few_rows_linear
+from infinikv.attention.backends import causal_attention
 from infinikv.engine.generator import Generator
 from infinikv.engine.sampling import SamplingParams
 from infinikv.engine.sequence import Sequence, feed
 from infinikv.errors import UnsupportedModelError
+from infinikv.kernels.cpu.ops import linear
 from infinikv.model.linear import FEW_ROWS, DenseLinear, dense
 from infinikv.model.loader import load_model
 from infinikv.service.runtime import attach_kernels
 
 from .conftest import CACHE_DIR
-
-linear = few_rows_linear("cpu")
 
 
 @pytest.mark.parametrize("rows", [1, 5, FEW_ROWS[torch.bfloat16], FEW_ROWS[torch.bfloat16] + 1, 100])

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from infinikv.attention.partial import reference_partial
-from infinikv.kernels.cpu.ops import linear, paged_attention
+from infinikv.kernels.cpu.ops import linear, mlp_residual, norm_project, paged_attention
 
 
 def paged(T: int, B: int, Hkv: int, d: int, gen: torch.Generator):
@@ -116,6 +116,81 @@ def test_linear_refuses_what_it_cannot_run() -> None:
         linear(x, torch.randn(32, 8).T)
     with pytest.raises(ValueError, match=r"need x \(M, K\)"):
         linear(x, torch.randn(8, 16))
+
+
+def layer_weights(D: int, A: int, F_: int, N: int, dtype: torch.dtype, bias: bool, gen: torch.Generator):
+    """A decoder layer's weights at scales that keep its activations O(1)."""
+
+    def w(rows: int, cols: int) -> torch.Tensor:
+        return (torch.randn(rows, cols, generator=gen) / cols**0.5).to(dtype)
+
+    def vec(n: int) -> torch.Tensor | None:
+        return torch.randn(n, generator=gen) if bias else None
+
+    norms = 1 + 0.1 * torch.randn(2, D, generator=gen)
+    return dict(
+        qkv=w(N, D), qkv_bias=vec(N), input_norm=norms[0], o=w(D, A), o_bias=vec(D),
+        post_norm=norms[1], gate_up=w(2 * F_, D), down=w(D, F_),
+    )  # fmt: skip
+
+
+# (M, D, A, F, N): SmolLM2's sizes at a decode step and at a 5-row verification; sizes that
+# are not multiples of 16 or 4, with 12 and 13 rows (3 whole 4-row tiles, and one more).
+LAYER_SHAPES = [(1, 576, 576, 1536, 960), (5, 576, 576, 1536, 960), (12, 40, 24, 37, 30), (13, 17, 8, 5, 9)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("M, D, A, F_, N", LAYER_SHAPES)
+def test_layer_parts_match_pytorch(M, D, A, F_, N, bias, dtype) -> None:
+    """norm_project and mlp_residual against the same layer in PyTorch operations, in float64
+    on the float32 values of the weights (bfloat16 ones widened exactly)."""
+    gen = torch.Generator().manual_seed(M * D + N + bias)
+    p = layer_weights(D, A, F_, N, dtype, bias, gen)
+    x, attn, eps = torch.randn(M, D, generator=gen), torch.randn(M, A, generator=gen), 1e-5
+    d = {k: None if v is None else v.double() for k, v in p.items()}
+    x64 = x.double()
+    want_qkv = torch.nn.functional.linear(
+        torch.nn.functional.rms_norm(x64, (D,), d["input_norm"], eps), d["qkv"], d["qkv_bias"]
+    )
+    got_qkv = norm_project(x, p["input_norm"], eps, p["qkv"], p["qkv_bias"])
+    torch.testing.assert_close(got_qkv, want_qkv.float(), atol=1e-4, rtol=1e-4)
+
+    h = x64 + torch.nn.functional.linear(attn.double(), d["o"], d["o_bias"])
+    gate, up = torch.nn.functional.linear(
+        torch.nn.functional.rms_norm(h, (D,), d["post_norm"], eps), d["gate_up"]
+    ).chunk(2, dim=-1)
+    want = h + torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, d["down"])
+    got = x.clone()
+    mlp_residual(got, attn, p["o"], p["o_bias"], p["post_norm"], eps, p["gate_up"], p["down"])
+    torch.testing.assert_close(got, want.float(), atol=1e-4, rtol=1e-4)
+
+
+def test_silu_keeps_large_negative_gates_finite() -> None:
+    """A gate far below zero contributes silu(g) ~ 0, not NaN (the kernel's exp stays finite)."""
+    D, F_ = 16, 4
+    x, attn = torch.zeros(1, D), torch.zeros(1, D)
+    gate_up = torch.zeros(2 * F_, D)
+    gate_up[:F_] = -1e4  # every gate ~ -1e4 * sum(norm(x)); x = 0 + bias below
+    gate_up[F_:] = 1.0
+    o_bias = torch.ones(D)
+    mlp_residual(x, attn, torch.zeros(D, D), o_bias, torch.ones(D), 1e-5, gate_up, torch.ones(D, F_))
+    torch.testing.assert_close(x, torch.ones(1, D))
+
+
+def test_layer_parts_refuse_what_they_cannot_run() -> None:
+    p = layer_weights(16, 8, 4, 12, torch.float32, True, torch.Generator().manual_seed(0))
+    x, attn = torch.randn(2, 16), torch.randn(2, 8)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        norm_project(x, p["input_norm"], 1e-5, p["qkv"].half(), None)
+    with pytest.raises(ValueError, match=r"need x \(M, K\), norm"):
+        norm_project(x, p["input_norm"][:8], 1e-5, p["qkv"], None)
+    with pytest.raises(ValueError, match="everything else float32"):
+        mlp_residual(x.double(), attn, p["o"], None, p["post_norm"], 1e-5, p["gate_up"], p["down"])
+    with pytest.raises(ValueError, match="float32 or bfloat16"):  # the weights in one format
+        mlp_residual(x, attn, p["o"].bfloat16(), None, p["post_norm"], 1e-5, p["gate_up"], p["down"])
+    with pytest.raises(ValueError, match=r"need x \(M, D\)"):
+        mlp_residual(x, attn[:, :4].contiguous(), p["o"], None, p["post_norm"], 1e-5, p["gate_up"], p["down"])
 
 
 def test_loading_the_kernels_leaves_the_process_floating_point_alone() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from infinikv.attention.backends import few_rows_linear
+from infinikv.attention.backends import few_row_kernels
 from infinikv.engine.sequence import Sequence, feed
 
 from .conftest import nan_pool, ours_from_hf, tiny_hf_model
@@ -49,7 +49,7 @@ def test_logits_match_transformers(name: str, chunk: int, page: int, projections
     model_type, overrides = CONFIGS[name]
     hf = tiny_hf_model(model_type, **overrides)
     ours = ours_from_hf(hf)
-    ours.use_few_rows(few_rows_linear(projections))
+    ours.use_few_rows(few_row_kernels(projections))
     ids = torch.randint(0, hf.config.vocab_size, (45,), generator=torch.Generator().manual_seed(1))
     pool = nan_pool(ours, page_size=page)
     got = feed(ours, pool, Sequence(pool), ids.tolist(), chunk, all_logits=True)  # (T, V)

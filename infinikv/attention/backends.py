@@ -1,7 +1,8 @@
 """Which attention implementation runs: the plain-PyTorch path (any device; the reference),
 the C kernels of `infinikv.kernels.cpu` (CPU, float32: decode steps and draft
-verifications, their attention and their float32 or bfloat16-weight projections) or the Triton kernels of
-`infinikv.kernels` (CUDA). Chosen by name from the settings."""
+verifications, their attention, their float32 or bfloat16-weight projections and the norms
+and MLP around them) or the Triton kernels of `infinikv.kernels` (CUDA). Chosen by name
+from the settings."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from infinikv.attention.backend import AttentionBackend, LongContextAttentionBac
 from infinikv.attention.long_context import paged_long_context_attention
 from infinikv.attention.paged_torch import paged_causal_attention
 from infinikv.errors import KernelBuildError
-from infinikv.model.linear import FewRows
+from infinikv.model.linear import FewRowKernels
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +97,11 @@ def long_context_attention(backend: str) -> LongContextAttentionBackend:
     return paged_long_context_attention
 
 
-def few_rows_linear(backend: str) -> FewRows | None:
-    """The projections' kernel for inputs of few rows of a resolved backend (None:
-    torch's matmul)."""
+def few_row_kernels(backend: str) -> FewRowKernels | None:
+    """The kernels for inputs of few rows of a resolved backend: the projections and the
+    work around them (None: PyTorch operations and torch's matmul)."""
     if backend == "cpu":
-        from infinikv.kernels.cpu.ops import linear
+        from infinikv.kernels.cpu.ops import linear, mlp_residual, norm_project
 
-        return linear
+        return FewRowKernels(linear, norm_project, mlp_residual)
     return None

@@ -28,6 +28,7 @@ through them: prefill at float32's speed, decode at int4's.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,19 @@ QUANTIZED_MAX_ROWS = 32
 
 # x W^T for inputs of few rows (the CPU kernel, `infinikv.kernels.cpu.ops.linear`).
 FewRows = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class FewRowKernels:
+    """Kernels for inputs of few rows (decode steps, draft verifications; the CPU's are
+    `infinikv.kernels.cpu.ops`, which documents the arguments): `linear` for one projection,
+    and a decoder layer's work before and after attention in one call each."""
+
+    linear: FewRows
+    norm_project: Callable[..., torch.Tensor]  # rms_norm, then a projection
+    mlp_residual: Callable[..., None]  # output projection, norm, MLP and residuals, in place
+
+
 # Inputs of at most this many rows (decode steps, draft verifications) go through a
 # FewRows kernel where the model has one, by weight dtype (benchmarks/bench_kernels_cpu.py,
 # SmolLM2's weights on this 2-core CPU): float32 weights 18-71 ms for 1-32 rows against

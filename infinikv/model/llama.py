@@ -19,7 +19,7 @@ from infinikv.attention.long_context import LongContextState, paged_long_context
 from infinikv.attention.paged_torch import paged_causal_attention
 from infinikv.memory.pages import LayerKV, PageList, PagePool
 from infinikv.model.config import ModelConfig
-from infinikv.model.linear import DenseLinear, FewRows, dense
+from infinikv.model.linear import FEW_ROWS, DenseLinear, FewRowKernels, dense
 from infinikv.model.rope import RotaryEmbedding
 
 
@@ -57,6 +57,28 @@ class DecoderLayer(nn.Module):
         self.gate_up = DenseLinear(2 * cfg.intermediate_size, D)
         self.down = DenseLinear(D, cfg.intermediate_size)
 
+    def attention_input(self, x: torch.Tensor, eps: float, kernels: FewRowKernels | None) -> torch.Tensor:
+        """q, k, v (N, (Hq + 2Hkv) d) of the layer's input x (N, D): projected after the norm."""
+        if kernels is not None:
+            return kernels.norm_project(x, self.input_norm, eps, self.qkv.weight, self.qkv.bias)
+        return self.qkv(F.rms_norm(x, (x.shape[-1],), self.input_norm, eps))
+
+    def finish(
+        self, x: torch.Tensor, attn: torch.Tensor, eps: float, kernels: FewRowKernels | None
+    ) -> torch.Tensor:
+        """The layer's output: x (N, D) plus the projection of attention's output attn (N, Hq d),
+        plus the MLP of that after the norm (with `kernels`, x itself is updated)."""
+        if kernels is not None:
+            o, gate_up, down = self.o, self.gate_up, self.down
+            kernels.mlp_residual(
+                x, attn.contiguous(), o.weight, o.bias, self.post_norm, eps, gate_up.weight, down.weight
+            )
+            return x
+        x = x + self.o(attn)
+        h = F.rms_norm(x, (x.shape[-1],), self.post_norm, eps)
+        gate, up = self.gate_up(h).chunk(2, dim=-1)  # (N, F) each
+        return x + self.down(F.silu(gate) * up)
+
 
 class LlamaModel(nn.Module):
     def __init__(
@@ -75,15 +97,24 @@ class LlamaModel(nn.Module):
         self.rope = RotaryEmbedding(cfg.rope, cfg.head_dim, device=device)
         self.attention = attention
         self.long_context_attention = long_context_attention
-        self.few_rows: FewRows | None = None  # the tied head's kernel for few rows (`use_few_rows`)
+        self.few_rows: FewRowKernels | None = None  # see `use_few_rows`
 
-    def use_few_rows(self, kernel: FewRows | None) -> None:
-        """Send the projections' and the head's inputs of few rows (decode steps,
-        verifications) through `kernel` (None: torch's matmul for every input)."""
-        self.few_rows = kernel
+    def use_few_rows(self, kernels: FewRowKernels | None) -> None:
+        """Send inputs of few rows (decode steps, verifications) through `kernels`: the
+        projections (quantized ones excepted) and the work around them (None: PyTorch
+        operations and torch's matmul for every input)."""
+        self.few_rows = kernels
         for module in self.modules():
             if isinstance(module, DenseLinear):
-                module.few_rows = kernel
+                module.few_rows = None if kernels is None else kernels.linear
+
+    def _layer_kernels(self, rows: int) -> FewRowKernels | None:
+        """The few-row kernels for a forward of `rows` rows, if they take its layers: plain
+        (not quantized) projections, and no more rows than FEW_ROWS for their weights."""
+        qkv = cast(DecoderLayer, self.layers[0]).qkv
+        if self.few_rows is None or not isinstance(qkv, DenseLinear):
+            return None
+        return self.few_rows if rows <= FEW_ROWS.get(qkv.weight.dtype, 0) else None
 
     def _apply(self, fn, recurse=True):
         """`.to(device)` moves the rotary table (not a buffer) along with the weights."""
@@ -141,22 +172,22 @@ class LlamaModel(nn.Module):
         D, eps = cfg.hidden_size, cfg.rms_norm_eps
         x = F.embedding(batch.tokens, self.embed)  # (N, D)
         phases = pool.key_phases(batch.positions)  # shared by all layers
+        kernels = self._layer_kernels(N)
         for i, module in enumerate(self.layers[:num_layers]):
             layer = cast(DecoderLayer, module)
-            h = F.rms_norm(x, (D,), layer.input_norm, eps)  # (N, D)
-            qkv = layer.qkv(h)  # (N, (Hq + 2Hkv) d)
+            qkv = layer.attention_input(x, eps, kernels)  # (N, (Hq + 2Hkv) d)
             q, k, v = qkv.split([Hq * d, Hkv * d, Hkv * d], dim=-1)
             pool.write_keys(i, batch.slots, k.view(N, Hkv, d), v.view(N, Hkv, d), phases)
             kv = pool.layer(i)
             q = q.view(N, Hq, d)
             outs = [self._attend(i, q, batch.positions, kv, s) for s in batch.seqs]  # each (n_s, Hq, d)
             attn = outs[0] if len(outs) == 1 else torch.cat(outs)  # (N, Hq, d)
-            x = x + layer.o(attn.reshape(N, Hq * d))  # (N, D)
-            h = F.rms_norm(x, (D,), layer.post_norm, eps)
-            gate, up = layer.gate_up(h).chunk(2, dim=-1)  # (N, F) each
-            x = x + layer.down(F.silu(gate) * up)  # (N, D)
+            x = layer.finish(x, attn.reshape(N, Hq * d), eps, kernels)  # (N, D)
         if batch.logits_rows is not None:
             x = x[batch.logits_rows]  # (S, D)
         x = F.rms_norm(x, (D,), self.norm, eps)
-        logits = dense(x, self.embed, few_rows=self.few_rows) if self.lm_head is None else self.lm_head(x)
+        if self.lm_head is None:
+            logits = dense(x, self.embed, few_rows=None if self.few_rows is None else self.few_rows.linear)
+        else:
+            logits = self.lm_head(x)
         return logits.float()  # (S, V)

@@ -9,7 +9,7 @@ import torch
 
 from infinikv.attention.backends import (
     causal_attention,
-    few_rows_linear,
+    few_row_kernels,
     long_context_attention,
     resolve_backend,
 )
@@ -64,7 +64,7 @@ def attach_kernels(loaded: LoadedModel, backend: str) -> None:
     resolved = resolve_backend(backend, model.device, model.dtype, loaded.config.head_dim)
     model.attention = causal_attention(resolved)
     model.long_context_attention = long_context_attention(resolved)
-    model.use_few_rows(few_rows_linear(resolved))
+    model.use_few_rows(few_row_kernels(resolved))
 
 
 def _drafter_factory(settings: Settings, target: LoadedModel) -> Callable[[], Drafter] | None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from infinikv.errors import KernelBuildError
 
-SOURCES = ("paged_attention.c", "linear.c")
+SOURCES = ("paged_attention.c", "linear.c", "decoder.c")
 # -ffast-math lets the compiler vectorize the reductions and exp; the source uses no
 # infinities. It is given to the compile step only: linked with it, gcc adds crtfastmath.o,
 # whose constructor sets flush-to-zero for the whole process (torch and numpy included).
@@ -34,10 +34,18 @@ SIGNATURES = {
         *(_int, _int, _int, _int, _int, _float),  # n, Hq, Hkv, d, B, scale
         *(_ptr, _ptr, _int),  # out, lse, threads
     ),
-    "linear_rows": (_ptr, _ptr, _ptr, _int, _int, _int, _int),  # x, W, y, M, N, K, threads
-    "linear_rows_bf16": (_ptr, _ptr, _ptr, _int, _int, _int, _int),
+    "linear_rows": (_ptr, _ptr, _int, _ptr, _int, _int, _int, _int),  # x, W, size, y, M, N, K, threads
+    "norm_project": (
+        *(_ptr, _ptr, _float, _ptr, _int, _ptr),  # x, norm, eps, W, size, bias
+        *(_ptr, _ptr, _int, _int, _int, _int),  # h, y, M, N, K, threads
+    ),
+    "mlp_residual": (
+        *(_ptr, _ptr, _ptr, _ptr, _int),  # x, a, Wo, bo, A
+        *(_ptr, _float, _ptr, _ptr, _int),  # norm, eps, Wgu, Wd, size
+        *(_ptr, _int, _int, _int, _int),  # scratch, M, D, F, threads
+    ),
 }
-RESTYPES = {"paged_attention": ctypes.c_int, "linear_rows": None, "linear_rows_bf16": None}
+RESTYPES = {"paged_attention": ctypes.c_int}  # the others return nothing
 
 
 def compiler() -> str:
@@ -66,5 +74,5 @@ def library() -> ctypes.CDLL:
         lib = ctypes.CDLL(str(so))  # mapped now: the file may go
     for name, argtypes in SIGNATURES.items():
         getattr(lib, name).argtypes = argtypes
-        getattr(lib, name).restype = RESTYPES[name]
+        getattr(lib, name).restype = RESTYPES.get(name)
     return lib

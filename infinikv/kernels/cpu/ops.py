@@ -10,8 +10,8 @@ from infinikv.kernels.cpu.build import library
 HEAD_DIMS = (64, 128)
 # Each thread takes at least this many slots (benchmarks/bench_kernels_cpu.py).
 MIN_KEYS_PER_THREAD = 256
-# The projection kernel's weight formats.
-LINEAR_WEIGHTS = {torch.float32: "linear_rows", torch.bfloat16: "linear_rows_bf16"}
+# The projection kernels' weight formats: bytes per weight.
+WEIGHT_SIZES = {torch.float32: 4, torch.bfloat16: 2}
 
 
 def supports(dtype: torch.dtype, head_dim: int) -> bool:
@@ -71,24 +71,101 @@ def paged_attention(
     return out, lse
 
 
+def _check_projection(x: torch.Tensor, *weights: torch.Tensor, floats: tuple[torch.Tensor, ...] = ()) -> int:
+    """Refuse what the projection kernels cannot run; the weights' bytes per value."""
+    tensors = (x, *weights, *floats)
+    if not (
+        all(t.dtype == torch.float32 for t in (x, *floats))
+        and weights[0].dtype in WEIGHT_SIZES
+        and all(w.dtype == weights[0].dtype for w in weights)
+        and all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+    ):
+        raise ValueError(
+            "the CPU kernel takes contiguous CPU tensors, the weights float32 or bfloat16 and "
+            "everything else float32, got "
+            + ", ".join(f"{tuple(t.shape)} {t.dtype} {t.device}" for t in tensors)
+        )
+    return WEIGHT_SIZES[weights[0].dtype]
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (M, K) @ weight (N, K)^T -> (M, N) float32, contiguous CPU tensors, x float32 and the
     weight float32 or bfloat16 (widened exactly; products and sums in float32): the kernel
     for few rows (it streams the weights once; M rows each reread them from L1)."""
-    tensors = (x, weight)
-    if not (
-        x.dtype == torch.float32
-        and weight.dtype in LINEAR_WEIGHTS
-        and all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
-    ):
-        raise ValueError(
-            "the CPU kernel takes contiguous CPU tensors, x float32 and the weight float32 or bfloat16, got "
-            + ", ".join(f"{tuple(t.shape)} {t.dtype} {t.device}" for t in tensors)
-        )
+    size = _check_projection(x, weight)
     if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != x.shape[1]:
         raise ValueError(f"need x (M, K) and weight (N, K), got {tuple(x.shape)} and {tuple(weight.shape)}")
     (M, K), N = x.shape, weight.shape[0]
     y = torch.empty(M, N)
-    kernel = getattr(library(), LINEAR_WEIGHTS[weight.dtype])
-    kernel(x.data_ptr(), weight.data_ptr(), y.data_ptr(), M, N, K, torch.get_num_threads())
+    library().linear_rows(
+        x.data_ptr(), weight.data_ptr(), size, y.data_ptr(), M, N, K, torch.get_num_threads()
+    )
     return y
+
+
+def norm_project(
+    x: torch.Tensor, norm: torch.Tensor, eps: float, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """rms_norm(x (M, K)) * norm (K,), then @ weight (N, K)^T (+ bias (N,)) -> (M, N) float32,
+    in one call (a decoder layer's q, k, v projections on its input)."""
+    vectors = (norm,) if bias is None else (norm, bias)
+    size = _check_projection(x, weight, floats=vectors)
+    M, K, N = x.shape[0], x.shape[-1], weight.shape[0]
+    if (
+        x.dim() != 2
+        or weight.dim() != 2
+        or weight.shape[1] != K
+        or norm.shape != (K,)
+        or (bias is not None and bias.shape != (N,))
+    ):
+        raise ValueError(
+            f"need x (M, K), norm (K,), weight (N, K), bias (N,), got {tuple(x.shape)}, "
+            f"{tuple(norm.shape)}, {tuple(weight.shape)}, {None if bias is None else tuple(bias.shape)}"
+        )
+    h, y = torch.empty(M, K), torch.empty(M, N)
+    # fmt: off
+    library().norm_project(
+        x.data_ptr(), norm.data_ptr(), eps, weight.data_ptr(), size, 0 if bias is None else bias.data_ptr(),
+        h.data_ptr(), y.data_ptr(), M, N, K, torch.get_num_threads(),
+    )
+    # fmt: on
+    return y
+
+
+def mlp_residual(
+    x: torch.Tensor,
+    attn: torch.Tensor,
+    o: torch.Tensor,
+    o_bias: torch.Tensor | None,
+    norm: torch.Tensor,
+    eps: float,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+) -> None:
+    """The rest of a decoder layer after attention, on x (M, D) in place, in one call:
+    x += attn (M, A) @ o (D, A)^T (+ o_bias); then with [gate | up] = rms_norm(x) * norm @
+    gate_up (2F, D)^T, x += (silu(gate) * up) @ down (D, F)^T."""
+    vectors = (norm,) if o_bias is None else (norm, o_bias)
+    size = _check_projection(x, o, gate_up, down, floats=(attn, *vectors))
+    M, D, A, F = x.shape[0], x.shape[-1], attn.shape[-1], down.shape[-1]
+    if not (
+        x.dim() == 2
+        and attn.shape == (M, A)
+        and o.shape == (D, A)
+        and norm.shape == (D,)
+        and gate_up.shape == (2 * F, D)
+        and down.shape == (D, F)
+        and (o_bias is None or o_bias.shape == (D,))
+    ):
+        raise ValueError(
+            "need x (M, D), attn (M, A), o (D, A), norm (D,), gate_up (2F, D), down (D, F), got "
+            + ", ".join(str(tuple(t.shape)) for t in (x, attn, o, norm, gate_up, down))
+        )
+    scratch = torch.empty(M * (D + 3 * F))
+    # fmt: off
+    library().mlp_residual(
+        x.data_ptr(), attn.data_ptr(), o.data_ptr(), 0 if o_bias is None else o_bias.data_ptr(), A,
+        norm.data_ptr(), eps, gate_up.data_ptr(), down.data_ptr(), size,
+        scratch.data_ptr(), M, D, F, torch.get_num_threads(),
+    )
+    # fmt: on
