@@ -1,7 +1,7 @@
 """CPU: the C kernels (`--attention-backend cpu`) vs the PyTorch path, per decode step:
 attention (every layer once) at 512 to 32k tokens of context, and the projections.
 
-    python benchmarks/bench_kernels_cpu.py [--parts attention projections]
+    python benchmarks/bench_kernels_cpu.py [--parts attention projections layers]
         [--lengths 512 2048 6144 16384 32768] [--repeats 15]
 
 Part `attention`:
@@ -16,6 +16,11 @@ tied 49152-token head; Qwen2.5-0.5B's 24 layers and 151936-token head), float32 
 (`infinikv.kernels.cpu.ops.linear`) vs the PyTorch path (`infinikv.model.linear.dense`
 without a kernel: `F.linear`, for bfloat16 weights on the rows rounded to bfloat16);
 "GB/s" is the weights read over the kernel's time.
+Part `layers`: the same models' decoder layers around attention (norm, q/k/v projection;
+output projection, norm, MLP, residuals; every layer once, random weights) at 1 and 5 rows,
+three ways: the plain PyTorch path; the projections through the C kernel and the rest in
+PyTorch operations (`DecoderLayer` with only `FewRowKernels.linear`, the kernels before the
+fused parts); and the fused parts (`norm_project`, `mlp_residual`: one call each per layer).
 Writes benchmarks/results/kernels_cpu.json (a part not run keeps its last results there).
 """
 
@@ -31,12 +36,14 @@ from pathlib import Path
 
 import torch
 
+from infinikv.attention.backends import few_row_kernels
 from infinikv.attention.paged_cpu import cpu_causal_attention
 from infinikv.attention.paged_torch import paged_causal_attention
 from infinikv.kernels.cpu.ops import linear
 from infinikv.memory.pages import PageList, PagePool
-from infinikv.model.config import RopeConfig
-from infinikv.model.linear import dense
+from infinikv.model.config import ModelConfig, RopeConfig
+from infinikv.model.linear import DenseLinear, dense
+from infinikv.model.llama import DecoderLayer
 from infinikv.model.rope import RotaryEmbedding
 
 PAGE = 16
@@ -133,10 +140,71 @@ def projection_rows(repeats: int) -> list[dict]:
     return rows
 
 
+def decoder_layers(name: str, dtype: torch.dtype) -> list[DecoderLayer]:
+    """MODELS[name]'s decoder layers with random weights (projections in `dtype`)."""
+    L, D, Hq, Hkv, d, inter, vocab = MODELS[name]
+    cfg = ModelConfig(name, vocab, D, inter, L, Hq, Hkv, d, 1e-5, 4096, RopeConfig(theta=10000.0))
+    layers = [DecoderLayer(cfg) for _ in range(L)]
+    for layer in layers:
+        for p in layer.parameters():
+            torch.nn.init.normal_(p, std=p.shape[-1] ** -0.5 if p.dim() == 2 else 1.0)
+        for m in layer.modules():
+            if isinstance(m, DenseLinear):
+                m.weight = torch.nn.Parameter(m.weight.to(dtype), requires_grad=False)
+    return layers
+
+
+@torch.inference_mode()
+def layer_rows(repeats: int) -> list[dict]:
+    kernels = few_row_kernels("cpu")
+    rows = []
+    print(
+        "| model | weights | rows | PyTorch ms | kernel projections ms | fused parts ms "
+        "| fused vs kernel projections |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for name, dtype in itertools.product(MODELS, (torch.float32, torch.bfloat16)):
+        layers = decoder_layers(name, dtype)
+        L, D, Hq, _, d, _, _ = MODELS[name]
+        kind = str(dtype).removeprefix("torch.")
+        for m in (1, 5):
+            x0, attn = torch.randn(m, D), torch.randn(m, Hq * d)
+            times = {}
+            for label, linear_kernel, fused in (
+                ("torch", None, None),
+                ("kernel", kernels.linear, None),
+                ("fused", kernels.linear, kernels),
+            ):
+                for layer in layers:
+                    for mod in layer.modules():
+                        if isinstance(mod, DenseLinear):
+                            mod.few_rows = linear_kernel
+                samples = []
+                for _ in range(repeats + 1):
+                    x = x0.clone()
+                    t0 = time.perf_counter()
+                    for layer in layers:
+                        layer.attention_input(x, 1e-5, fused)
+                        x = layer.finish(x, attn, 1e-5, fused)
+                    samples.append((time.perf_counter() - t0) * 1e3)
+                times[label] = statistics.median(samples[1:])
+            row = dict(model=name, weights=kind, rows=m, **{f"{k}_ms": v for k, v in times.items()})
+            rows.append(row)
+            print(
+                f"| {name} | {kind} | {m} | {times['torch']:.1f} | {times['kernel']:.1f} | "
+                f"{times['fused']:.1f} | {times['kernel'] / times['fused']:.2f}x |"
+            )
+        del layers
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
-        "--parts", nargs="+", choices=["attention", "projections"], default=["attention", "projections"]
+        "--parts",
+        nargs="+",
+        choices=["attention", "projections", "layers"],
+        default=["attention", "projections", "layers"],
     )
     ap.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 6144, 16384, 32768])
     ap.add_argument("--repeats", type=int, default=15)
@@ -148,6 +216,8 @@ def main() -> None:
         results["attention"] = attention_rows(args.lengths, args.repeats)
     if "projections" in args.parts:
         results["projections"] = projection_rows(args.repeats)
+    if "layers" in args.parts:
+        results["layers"] = layer_rows(args.repeats)
     RESULTS.write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {RESULTS}")
 
