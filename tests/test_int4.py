@@ -118,3 +118,33 @@ def test_int4_default_model_keeps_greedy_output(default_model, quantize: str) ->
     want = Generator(default_model, 1024).generate(ids, params).token_ids
     got = Generator(q4, 1024).generate(ids, params).token_ids
     assert got == want
+
+
+def test_int4_layers_keep_their_kernel_under_the_cpu_backend() -> None:
+    """With the `cpu` backend attached, quantized projections keep torch's int4 kernel and the
+    PyTorch operations around it (the fused layer parts take plain matrices only), while
+    attention goes through the C kernel: decode logits as with the PyTorch backend."""
+    from infinikv.attention.backends import causal_attention, few_row_kernels
+    from infinikv.model.linear import quantize_int4
+
+    from .conftest import nan_pool, ours_from_hf, tiny_hf_model
+
+    # head_dim 64, as the attention kernel needs
+    model = ours_from_hf(
+        tiny_hf_model("llama", hidden_size=128, num_attention_heads=2, num_key_value_heads=1)
+    )
+    quantize_int4(model)
+    ids = torch.randint(0, 160, (30,), generator=torch.Generator().manual_seed(5)).tolist()
+
+    def logits() -> torch.Tensor:
+        pool = nan_pool(model)
+        seq = Sequence(pool)
+        return torch.cat(
+            [feed(model, pool, seq, ids[:20], 20)] + [feed(model, pool, seq, [t], 1) for t in ids[20:]]
+        )
+
+    want = logits()
+    model.attention = causal_attention("cpu")
+    model.use_few_rows(few_row_kernels("cpu"))
+    assert model._layer_kernels(1) is None
+    torch.testing.assert_close(logits(), want, atol=1e-4, rtol=1e-4)
