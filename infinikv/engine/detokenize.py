@@ -23,13 +23,20 @@ class TextStream:
         self.text = ""  # all decoded text so far
         self.emitted = 0  # chars of self.text already returned
         self.stopped = False
+        # self.text holds ids[:read]; new ids are decoded after ids[prefix:read], the
+        # previous push's, as context (a tokenizer may decode a token's leading space only
+        # after another token), so a push costs a few tokens' decoding, not the whole text's.
+        self.prefix = self.read = 0
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith(REPLACEMENT):
+        decode = self.tokenizer.decode
+        window = decode(self.ids[self.prefix :], skip_special_tokens=True)
+        if window.endswith(REPLACEMENT):
             return ""
-        self.text = text
+        known = decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
+        self.text += window[len(known) :]
+        self.prefix, self.read = self.read, len(self.ids)
         return self._release()
 
     def flush(self) -> str:
