@@ -404,6 +404,13 @@ class EvictedMemory:
         are read), group p being the queries of position `position` + p.
         Returns slab rows (Hkv, P, nb * B) of `slab(layer)` (`gather` reads them), nb =
         min(max_blocks, blocks in memory), oldest block first."""
+        return self._block_rows(layer, self.rank_blocks(layer, queries, max_blocks, ranking, position))
+
+    def rank_blocks(
+        self, layer: int, queries: torch.Tensor, max_blocks: int, ranking: str, position: int = 0
+    ) -> torch.Tensor:
+        """The blocks `select_blocks` selects, as relative block numbers (Hkv, P, nb), in
+        ascending order."""
         if ranking not in RANKINGS:
             raise ValueError(f"ranking {ranking!r} is not one of {', '.join(RANKINGS)}")
         H, P = queries.shape[:2]
@@ -412,8 +419,7 @@ class EvictedMemory:
             best = self._rank_by_logits(layer, queries, nb, max_blocks, position)
         else:
             best = self._order_by_bound(layer, queries, max_blocks)[:, :nb]
-        chosen = best.sort(dim=1).values.cpu()  # (H * P, nb)
-        return self._block_rows(layer, chosen.view(H, P, -1))
+        return best.sort(dim=1).values.cpu().view(H, P, -1)
 
     def _rank_by_logits(
         self, layer: int, queries: torch.Tensor, nb: int, max_blocks: int, position: int
@@ -511,6 +517,19 @@ class EvictedMemory:
         rows = self._block_rows(layer, blocks)  # (Hkv, n * B)
         keys = self.slab(layer)[0].index_select(0, rows.flatten()).view(H, rows.shape[1], -1)
         out[:, : rows.shape[1]].copy_(keys)
+
+    def keys(self, layer: int) -> torch.Tensor:
+        """(Hkv, tokens, d) float32: every evicted key (before RoPE) of `layer`, oldest first,
+        read through the RAM tier a batch of blocks at a time (for oracles and evaluation:
+        a decode step never reads them all)."""
+        L, B, H, d = self.shape
+        nblocks = self.tokens // B
+        out = torch.empty(H, nblocks * B, d, device=self.cache.slab.device)
+        batch = max(1, min(LOAD_BATCH, (self.cache.capacity or nblocks) // H))
+        for start in range(0, nblocks, batch):
+            blocks = torch.arange(start, min(start + batch, nblocks)).expand(H, -1)
+            self._block_keys(layer, blocks, out[:, start * B :])
+        return out
 
     def _order_by_bound(self, layer: int, queries: torch.Tensor, max_blocks: int) -> torch.Tensor:
         """Blocks (relative numbers) in the order group (Hkv, P) prefers them, (Hkv * P, blocks).

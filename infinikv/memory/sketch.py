@@ -173,14 +173,15 @@ class KeySketch:
         )
         return self.segments[-1], 0
 
-    def block_scores(self, layer: int, queries: torch.Tensor) -> torch.Tensor:
+    def block_scores(self, layer: int, queries: torch.Tensor, channels: int | None = None) -> torch.Tensor:
         """queries (Hkv, P, m, d), rotated by the memory distance; each group of m queries
-        scores with the r channels where its |q| is largest. Returns (Hkv, P, blocks): each
+        scores with the r channels where its |q| is largest (r: `channels`, else the
+        sketch's own). Returns (Hkv, P, blocks): each
         block's best approximate logit over its tokens and the group's queries, rounded to
         bfloat16 (float noise in the queries, as a forward batching other positions makes,
         must not reorder blocks of equal keys)."""
         H, P, m, d = queries.shape
-        r, B = self.channels, self.page_size
+        r, B = min(channels or self.channels, d), self.page_size
         picked = queries.abs().sum(2).topk(r, dim=-1).indices  # (Hkv, P, r)
         weights = queries.gather(3, picked[:, :, None].expand(H, P, m, r)).float().view(H * P, m, r)
         heads = torch.arange(H, device=self.device).view(H, 1, 1)

@@ -1,0 +1,166 @@
+"""Retrieval measured against exact attention, whether or not the model answers: at a decode
+step, the share of the attention mass that exact attention over the evicted tokens puts on
+its top K keys that a ranking's selected blocks capture, K being the keys the selection
+reads (max_blocks x page size).
+
+    captured(ranking) = sum of p_j over the K heaviest keys that lie in the selection
+                        / sum of p_j over the K heaviest keys
+
+p = softmax of the query's logits over every evicted key at the memory distance, per query
+head; the blocks are chosen per kv-head (the query heads of a group share them, as a decode
+step does). A block ranking reaches 1.0 only when the K heaviest keys fill whole blocks.
+
+`RetrievalProbe` wraps a model's long-context attention and measures every ranking in
+RANKINGS at each decode step of a sequence with an evicted memory (block granularity).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from infinikv.attention.backend import LongContextAttentionBackend
+from infinikv.attention.long_context import LongContextState, memory_queries
+from infinikv.memory.evicted import EvictedMemory
+from infinikv.memory.pages import LayerKV, PageList
+from infinikv.model.rope import RotaryEmbedding
+
+
+@dataclass(frozen=True)
+class StepView:
+    """What a ranking sees at one decode step of one layer."""
+
+    memory: EvictedMemory
+    layer: int
+    queries: torch.Tensor  # (Hkv, g, d) float32, rotated by the memory distance
+    probs: torch.Tensor  # (Hkv, g, tokens): exact attention over the evicted keys
+    logits: torch.Tensor  # (Hkv, g, tokens): their logits (scaled)
+    blocks: int  # blocks selected per kv-head
+
+
+Ranking = Callable[[StepView], torch.Tensor]  # -> (Hkv, blocks) relative block numbers
+
+
+def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    return scores.topk(k, dim=-1).indices
+
+
+def _by_bound(view: StepView) -> torch.Tensor:
+    return view.memory.rank_blocks(view.layer, view.queries[:, None], view.blocks, "bound")[:, 0]
+
+
+def _by_sketch(channels: int) -> Ranking:
+    def rank(view: StepView) -> torch.Tensor:
+        assert view.memory.sketch is not None
+        scores = view.memory.sketch.block_scores(view.layer, view.queries[:, None], channels)
+        return _top(scores[:, 0], view.blocks)
+
+    return rank
+
+
+def _block_view(view: StepView, x: torch.Tensor) -> torch.Tensor:
+    """(Hkv, g, tokens) -> (Hkv, g, blocks, B)."""
+    B = view.memory.page_size
+    return x.view(*x.shape[:2], -1, B)
+
+
+def _by_exact_logit(view: StepView) -> torch.Tensor:
+    """Each block's best exact logit over its tokens and the group's queries: what the sketch
+    approximates with all channels and no quantization."""
+    return _top(_block_view(view, view.logits).amax(-1).amax(1), view.blocks)
+
+
+def _by_mass(view: StepView) -> torch.Tensor:
+    """The blocks holding the most exact attention mass of the group's queries: the ceiling
+    of any block ranking at this budget."""
+    return _top(_block_view(view, view.probs).sum(-1).sum(1), view.blocks)
+
+
+RANKINGS: dict[str, Ranking] = {
+    "bound": _by_bound,
+    "sketch8": _by_sketch(8),
+    "sketch16": _by_sketch(16),
+    "sketch32": _by_sketch(32),
+    "sketch64": _by_sketch(64),
+    "exact-logit": _by_exact_logit,
+    "oracle-mass": _by_mass,
+}
+
+
+def captured_share(probs: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    """probs (Hkv, g, tokens), selected (Hkv, g, K) token indices -> (Hkv, g): the mass of
+    the K heaviest keys that the selection holds, over the mass of those keys."""
+    top, heaviest = probs.topk(selected.shape[-1], dim=-1)  # (Hkv, g, K)
+    chosen = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, selected.to(probs.device), True)
+    return (top * chosen.gather(-1, heaviest)).sum(-1) / top.sum(-1)
+
+
+def block_tokens(blocks: torch.Tensor, g: int, page_size: int) -> torch.Tensor:
+    """blocks (Hkv, nb) relative numbers -> their token indices (Hkv, g, nb * page_size), the
+    same for the g query heads of a kv-head."""
+    tokens = (blocks[..., None] * page_size + torch.arange(page_size)).flatten(1)  # (Hkv, nb * B)
+    return tokens[:, None].expand(-1, g, -1)
+
+
+class RetrievalProbe:
+    """A long-context attention backend that runs `inner` and, at each decode step of a
+    block-granular memory, records every ranking's captured share per layer and query head."""
+
+    def __init__(self, inner: LongContextAttentionBackend, rankings: dict[str, Ranking] | None = None):
+        self.inner = inner
+        self.rankings = RANKINGS if rankings is None else rankings
+        # (ranking, layer) -> captured shares of each step's query heads
+        self.shares: dict[tuple[str, int], list[float]] = defaultdict(list)
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        q_positions: torch.Tensor,
+        kv: LayerKV,
+        pages: PageList,
+        resident: int,
+        layer: int,
+        rope: RotaryEmbedding,
+        state: LongContextState,
+    ) -> torch.Tensor:
+        memory = state.memory
+        if q.shape[0] == 1 and memory is not None and memory.tokens and memory.granularity == "block":
+            self.measure(memory, layer, q, rope, state)
+        return self.inner(q, q_positions, kv, pages, resident, layer, rope, state)
+
+    def measure(
+        self,
+        memory: EvictedMemory,
+        layer: int,
+        q: torch.Tensor,
+        rope: RotaryEmbedding,
+        state: LongContextState,
+    ) -> None:
+        """q (1, Hq, d) before RoPE: one decode step's query of `layer`."""
+        Hkv, d = memory.shape[2], memory.shape[3]
+        queries = memory_queries(q, rope, state.distance, Hkv).float()  # (Hkv, g, d)
+        keys = memory.keys(layer)  # (Hkv, tokens, d)
+        logits = torch.bmm(queries, keys.transpose(1, 2)) * d**-0.5  # (Hkv, g, tokens)
+        view = StepView(
+            memory,
+            layer,
+            queries,
+            logits.softmax(-1),
+            logits,
+            min(state.max_blocks, memory.tokens // memory.page_size),
+        )
+        for name, rank in self.rankings.items():
+            selected = block_tokens(rank(view), queries.shape[1], memory.page_size)
+            share = captured_share(view.probs, selected)
+            self.shares[name, layer] += share.flatten().tolist()
+
+    def layer_medians(self) -> dict[str, list[float]]:
+        """Per ranking, the median captured share of each layer (over steps and query heads)."""
+        layers = sorted({layer for _, layer in self.shares})
+        return {
+            name: [statistics.median(self.shares[name, layer]) for layer in layers] for name in self.rankings
+        }
