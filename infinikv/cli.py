@@ -204,9 +204,12 @@ def _prompt_text(args: argparse.Namespace) -> str:
         return str(args.prompt)
     try:
         with open(args.file, encoding="utf-8") as f:
-            return f.read() + "\n\n" + args.prompt
+            document = f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise InfinikvError(f"cannot read --file {args.file}: {e}") from e
+    if not document.strip():
+        raise InfinikvError(f"--file {args.file} is empty")
+    return document + "\n\n" + args.prompt
 
 
 def _generate(generator: Generator, text: str, args: argparse.Namespace, params: SamplingParams) -> None:

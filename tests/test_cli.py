@@ -65,6 +65,14 @@ def test_errors_print_one_line(capsys, argv, status, message) -> None:
     assert len(err) == 1 and err[0].startswith("infinikv: error:") and message in err[0], err
 
 
+def test_empty_file_is_refused(tmp_path, capsys) -> None:
+    book = tmp_path / "book.txt"
+    book.write_text("  \n\n")
+    assert run_cli(["generate", "Who is the narrator?", "--file", str(book)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"infinikv: error: --file {book} is empty"]
+
+
 def test_model_directory_without_config(tmp_path, capsys) -> None:
     assert run_cli(["generate", "hi", "--model", str(tmp_path)]) == 1
     assert "has no config.json" in capsys.readouterr().err

@@ -6,10 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from infinikv.kernels.cpu.sketch import sketch_logits
 from infinikv.memory.evicted import FAVOURITES_PER_BLOCK, EvictedMemory
 from infinikv.memory.sketch import (
     KeySketch,
     dequantize_rows,
+    dequantized_logits,
     fused_logits,
     gathered_logits,
 )
@@ -59,6 +61,41 @@ def test_block_scores_match_brute_force_across_chunks_segments_and_uneven_append
             torch.testing.assert_close(
                 sketch.block_scores(layer, q), brute_force_block_scores(q, keys, r, B), rtol=2**-8, atol=1e-6
             )
+
+
+@pytest.mark.parametrize("scorer", [dequantized_logits, sketch_logits])
+@pytest.mark.parametrize("d, m", [(64, 1), (64, 3), (128, 9), (64, 6)])
+def test_token_logits_equal_exact_logits_across_chunks_and_segments(scorer, d: int, m: int) -> None:
+    """Every channel of every evicted key: on keys 8 bits hold exactly, the approximate logits
+    are the exact ones (to float32 rounding), through the C kernel and its PyTorch reference;
+    the tail of a part-filled chunk never leaks."""
+    g = torch.Generator().manual_seed(d + m)
+    L, H, B, chunk = 2, 3, 16, 64
+    nblocks = (2 + 2 + 4) * chunk // B + 3  # segments of 2, 2, 4 chunks, then part of a fourth
+    k = grid_keys(L, nblocks, B, H, d, chunk, g)
+    sketch = KeySketch(L, H, d, B, channels=16, chunk_tokens=chunk, first_segment=2)
+    sketch.token_scorer = scorer
+    for start, stop in ((0, 3), (3, 9), (9, 30), (30, nblocks)):
+        sketch.append(k[:, start:stop])
+    sketch.segments[-1][:, 1:, :, :-8] = 255  # unwritten bytes of the last segment
+    q = torch.randn(H, m, d, generator=g)
+    for layer in range(L):
+        keys = k[layer].permute(2, 0, 1, 3).reshape(H, nblocks * B, d)
+        exact = torch.bmm(q, keys.transpose(1, 2))
+        # min * q + step * (q . u) rounds apart from q . k: a few float32 ulps of sum |q_c k_c|
+        bound = 8 * 2**-24 * torch.bmm(q.abs(), keys.abs().transpose(1, 2))
+        assert ((sketch.token_logits(layer, q) - exact).abs() <= bound).all()
+
+
+def test_the_sketch_kernel_refuses_what_it_cannot_run() -> None:
+    table = torch.zeros(2, 3 * 64, 64 + 8, dtype=torch.uint8)
+    q = torch.zeros(3, 2, 64)
+    with pytest.raises(ValueError, match="holding 129 tokens"):
+        sketch_logits(table, 2, 129, q)
+    with pytest.raises(ValueError, match="float32 queries"):
+        sketch_logits(table, 2, 100, q.double())
+    with pytest.raises(ValueError, match="C a multiple of 64"):
+        sketch_logits(torch.zeros(2, 3 * 64, 40, dtype=torch.uint8), 2, 60, q)
 
 
 def test_every_chunk_holds_its_keys_within_half_its_own_step() -> None:

@@ -62,6 +62,8 @@ class LongContextConfig:
     # the longest sequence (`memory_tokens`). 2 GiB: SmolLM2-135M's blocks of 39k tokens
     # with their search structures, or the memory of 170k tokens.
     ram_budget_mb: int = 2048
+    # Block granularity: how the selected blocks' keys are placed (LongContextState.layout).
+    layout: str = "same"
 
     @classmethod
     def derive(
@@ -92,6 +94,13 @@ class LongContextConfig:
             distance=max(window + math.ceil((resident - window) / group), 3 * trained_len // 16),
         )
         return replace(base, **given)
+
+    @property
+    def sink_gap(self) -> int:
+        """How far before the oldest other resident token the sinks sit once blocks between
+        were evicted (PageList.of): W with Self-Extend groups (they read grouped), else
+        right before it, so their distance stays that of the resident window."""
+        return self.window if self.group > 1 else 1
 
     def ram_blocks(self, model: ModelConfig, page_size: int) -> int:
         """Evicted blocks the RAM budget holds (before any search structures)."""
@@ -153,6 +162,7 @@ class LongContextConfig:
             (self.max_blocks >= 1, f"max_blocks={self.max_blocks} must be >= 1"),
             (self.sketch_channels >= 1, f"sketch_channels={self.sketch_channels} must be >= 1"),
             (self.sketch_every >= 1, f"sketch_every={self.sketch_every} must be >= 1"),
+            (self.layout in ("same", "ordered"), f"memory layout {self.layout!r} is not same or ordered"),
         ]
         if model is not None and self.memory and self.granularity == "block":
             held, needed = self.ram_blocks(model, page_size), self.ram_blocks_needed(model)
@@ -214,4 +224,5 @@ class LongContextConfig:
             self.distance,
             memory,
             self.max_blocks,
+            self.layout,
         )

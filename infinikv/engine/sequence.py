@@ -46,7 +46,7 @@ class Sequence:
         self.pool = pool
         # A long-context sequence's sinks sit a window W before its oldest other resident
         # token once blocks between them were evicted (PageList.of).
-        self.table = BlockTable(pool, 0 if long_context is None else long_context.window)
+        self.table = BlockTable(pool, 0 if long_context is None else long_context.sink_gap)
         self.tokens: list[int] = []
         self.long_config = long_context
         self.long_state: LongContextState | None = None

@@ -42,24 +42,42 @@ class StepView:
     blocks: int  # blocks selected per kv-head
 
 
-Ranking = Callable[[StepView], torch.Tensor]  # -> (Hkv, blocks) relative block numbers
+Ranking = Callable[[StepView], torch.Tensor]  # -> (Hkv, g, K) token indices selected
 
 
 def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
     return scores.topk(k, dim=-1).indices
 
 
+def _blocks(view: StepView, blocks: torch.Tensor) -> torch.Tensor:
+    """blocks (Hkv, nb) relative numbers -> their token indices (Hkv, g, nb * B), the same
+    for the g query heads of a kv-head."""
+    B = view.memory.page_size
+    tokens = (blocks[..., None] * B + torch.arange(B)).flatten(1)  # (Hkv, nb * B)
+    return tokens[:, None].expand(-1, view.queries.shape[1], -1)
+
+
 def _by_bound(view: StepView) -> torch.Tensor:
-    return view.memory.rank_blocks(view.layer, view.queries[:, None], view.blocks, "bound")[:, 0]
+    return _blocks(
+        view, view.memory.rank_blocks(view.layer, view.queries[:, None], view.blocks, "bound")[:, 0]
+    )
 
 
 def _by_sketch(channels: int) -> Ranking:
     def rank(view: StepView) -> torch.Tensor:
         assert view.memory.sketch is not None
         scores = view.memory.sketch.block_scores(view.layer, view.queries[:, None], channels)
-        return _top(scores[:, 0], view.blocks)
+        return _blocks(view, _top(scores[:, 0], view.blocks))
 
     return rank
+
+
+def _tokens_by_sketch(view: StepView) -> torch.Tensor:
+    """Each query head its own top tokens by approximate logit over the key sketch (all
+    channels), as many as a block selection reads."""
+    assert view.memory.sketch is not None
+    scores = view.memory.sketch.token_logits(view.layer, view.queries)  # (Hkv, g, tokens)
+    return _top(scores, view.blocks * view.memory.page_size)
 
 
 def _block_view(view: StepView, x: torch.Tensor) -> torch.Tensor:
@@ -71,13 +89,13 @@ def _block_view(view: StepView, x: torch.Tensor) -> torch.Tensor:
 def _by_exact_logit(view: StepView) -> torch.Tensor:
     """Each block's best exact logit over its tokens and the group's queries: what the sketch
     approximates with all channels and no quantization."""
-    return _top(_block_view(view, view.logits).amax(-1).amax(1), view.blocks)
+    return _blocks(view, _top(_block_view(view, view.logits).amax(-1).amax(1), view.blocks))
 
 
 def _by_mass(view: StepView) -> torch.Tensor:
     """The blocks holding the most exact attention mass of the group's queries: the ceiling
     of any block ranking at this budget."""
-    return _top(_block_view(view, view.probs).sum(-1).sum(1), view.blocks)
+    return _blocks(view, _top(_block_view(view, view.probs).sum(-1).sum(1), view.blocks))
 
 
 RANKINGS: dict[str, Ranking] = {
@@ -88,6 +106,7 @@ RANKINGS: dict[str, Ranking] = {
     "sketch64": _by_sketch(64),
     "exact-logit": _by_exact_logit,
     "oracle-mass": _by_mass,
+    "tokens-sketch": _tokens_by_sketch,
 }
 
 
@@ -97,13 +116,6 @@ def captured_share(probs: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
     top, heaviest = probs.topk(selected.shape[-1], dim=-1)  # (Hkv, g, K)
     chosen = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, selected.to(probs.device), True)
     return (top * chosen.gather(-1, heaviest)).sum(-1) / top.sum(-1)
-
-
-def block_tokens(blocks: torch.Tensor, g: int, page_size: int) -> torch.Tensor:
-    """blocks (Hkv, nb) relative numbers -> their token indices (Hkv, g, nb * page_size), the
-    same for the g query heads of a kv-head."""
-    tokens = (blocks[..., None] * page_size + torch.arange(page_size)).flatten(1)  # (Hkv, nb * B)
-    return tokens[:, None].expand(-1, g, -1)
 
 
 class RetrievalProbe:
@@ -154,8 +166,7 @@ class RetrievalProbe:
             min(state.max_blocks, memory.tokens // memory.page_size),
         )
         for name, rank in self.rankings.items():
-            selected = block_tokens(rank(view), queries.shape[1], memory.page_size)
-            share = captured_share(view.probs, selected)
+            share = captured_share(view.probs, rank(view))
             self.shares[name, layer] += share.flatten().tolist()
 
     def layer_medians(self) -> dict[str, list[float]]:

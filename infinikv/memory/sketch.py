@@ -22,8 +22,16 @@ were.
 
 from __future__ import annotations
 
+import functools
+import logging
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+
+from infinikv.errors import KernelBuildError
+
+log = logging.getLogger(__name__)
 
 # Tokens per quantized row (rounded up to whole pages): each row's range is its own.
 CHUNK_TOKENS = 1024
@@ -90,6 +98,31 @@ def gathered_logits(
     return torch.bmm(weights, keys.transpose(0, 1).reshape(G, r, -1))
 
 
+def dequantized_logits(table: torch.Tensor, chunks: int, tokens: int, queries: torch.Tensor) -> torch.Tensor:
+    """Logits of queries (H, m, d) with every channel of the first `tokens` keys of one layer's
+    segment, table (chunks held, H * d, C + 8): de-quantize, one batched matmul (any device;
+    the reference of the CPU kernel `kernels.cpu.sketch.sketch_logits`). Returns (H, m, tokens)."""
+    H, m, d = queries.shape
+    keys = dequantize_rows(table[:chunks].view(chunks, H, d, -1))  # (chunks, H, d, C)
+    keys = keys.permute(1, 2, 0, 3).reshape(H, d, -1)[..., :tokens]
+    return torch.bmm(queries, keys)
+
+
+@functools.cache
+def cpu_token_scorer() -> Callable[[torch.Tensor, int, int, torch.Tensor], torch.Tensor]:
+    """The C kernel for `token_logits` on the CPU when it builds and the sketch's rows suit it,
+    else `dequantized_logits` (the reason logged once)."""
+    try:
+        from infinikv.kernels.cpu.build import library
+        from infinikv.kernels.cpu.sketch import sketch_logits
+
+        library()
+    except KernelBuildError as e:
+        log.info("key sketch logits through PyTorch: the CPU kernel could not be built: %s", e)
+        return dequantized_logits
+    return sketch_logits
+
+
 def chunk_size(page_size: int, chunk_tokens: int = CHUNK_TOKENS) -> int:
     """Tokens per quantized row: chunk_tokens rounded up to whole pages."""
     return page_size * max(1, -(-chunk_tokens // page_size))
@@ -122,6 +155,9 @@ class KeySketch:
         self.chunk = chunk_size(page_size, chunk_tokens)
         self.device = torch.device(device)
         self.logits = fused_logits if self.device.type == "cpu" else gathered_logits
+        # All channels (token_logits): the C kernel on the CPU when its rows suit it.
+        fits_kernel = self.device.type == "cpu" and self.chunk % 64 == 0 and head_dim <= 128
+        self.token_scorer = cpu_token_scorer() if fits_kernel else dequantized_logits
         if first_segment is None:
             first_segment = FIRST_SEGMENT_CHUNKS_CPU if self.device.type == "cpu" else FIRST_SEGMENT_CHUNKS
         self.first_segment = first_segment
@@ -197,3 +233,17 @@ class KeySketch:
         tokens = logits[0] if len(logits) == 1 else torch.cat(logits, -1)
         best = F.max_pool1d(tokens.amax(1), B)  # over the group's queries, then each block's tokens
         return best[:, : self.tokens // B].bfloat16().float().view(H, P, -1)
+
+    def token_logits(self, layer: int, queries: torch.Tensor) -> torch.Tensor:
+        """queries (Hkv, n, d), rotated by the memory distance -> (Hkv, n, tokens): each
+        query's approximate logit (all channels of the 8-bit keys) with every evicted key."""
+        logits = []
+        left = self.tokens
+        for segment in self.segments:
+            tokens = min(left, segment.shape[1] * self.chunk)
+            if tokens == 0:
+                break
+            chunks = -(-tokens // self.chunk)
+            logits.append(self.token_scorer(segment[layer], chunks, tokens, queries.float()))
+            left -= tokens
+        return logits[0] if len(logits) == 1 else torch.cat(logits, -1)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from infinikv.errors import KernelBuildError
 
-SOURCES = ("paged_attention.c", "linear.c", "decoder.c")
+SOURCES = ("paged_attention.c", "linear.c", "decoder.c", "sketch.c")
 # -ffast-math lets the compiler vectorize the reductions and exp; the source uses no
 # infinities. It is given to the compile step only: linked with it, gcc adds crtfastmath.o,
 # whose constructor sets flush-to-zero for the whole process (torch and numpy included).
@@ -43,6 +43,10 @@ SIGNATURES = {
         *(_ptr, _ptr, _ptr, _ptr, _int),  # x, a, Wo, bo, A
         *(_ptr, _float, _ptr, _ptr, _int),  # norm, eps, Wgu, Wd, size
         *(_ptr, _int, _int, _int, _int),  # scratch, M, D, F, threads
+    ),
+    "sketch_logits": (
+        *(_ptr, _int, _int, _int, _int, _int),  # table, chunks, H, d, C, tokens
+        *(_ptr, _int, _ptr, _int),  # q, m, out, threads
     ),
 }
 RESTYPES = {"paged_attention": ctypes.c_int}  # the others return nothing
