@@ -38,9 +38,6 @@ class LongContextState:
     # Block granularity (memory.granularity "block"): whole blocks a query attends to; the
     # query heads of each trailing position choose together, a prefill chunk's others share.
     max_blocks: int = 0
-    # Block granularity: "same": every retrieved key at the memory distance; "ordered": the
-    # selected blocks read as one text in their order, the newest token at the distance.
-    layout: str = "same"
     # Block granularity: > 0: the trailing positions' query heads each attend to their own
     # top tokens by the key sketch instead of blocks.
     token_top_k: int = 0
@@ -107,9 +104,7 @@ def memory_partial_by_head(
     Hkv = memory.shape[2]
     g = Hq // Hkv
     queries = memory_queries(q, rope, state.distance, Hkv)  # (Hkv, n*g, d)
-    out, lse = memory_attention(
-        memory, layer, queries, int(q_positions[0]), state, g, rope
-    )  # (Hkv, n*g, ...)
+    out, lse = memory_attention(memory, layer, queries, int(q_positions[0]), state, g)  # (Hkv, n*g, ...)
     out = out.view(Hkv, n, g, d).transpose(0, 1).reshape(n, Hq, d)
     return out, lse.view(Hkv, n, g).transpose(0, 1).reshape(n, Hq)
 
@@ -169,19 +164,8 @@ def recall(
     ((group, rows),) = memory_selections(memory, layer, queries, position, state, q.shape[1] // Hkv)
     keys, values = memory.gather(layer, rows.clamp_min(0))
     if memory.granularity == "block":
-        return Recalled(group, placed(keys, rope, state.layout), values, None)
+        return Recalled(group, keys, values, None)
     return Recalled(group, keys, values, rows >= 0)
-
-
-def placed(keys: torch.Tensor, rope: RotaryEmbedding, layout: str) -> torch.Tensor:
-    """Keys (Hkv, P, T, d) of selected blocks (oldest first), before RoPE, as a query rotated
-    by the memory distance reads them: "same" as they are; "ordered" rotated back by their
-    distance from the newest, so key t reads at the memory distance plus T - 1 - t."""
-    if layout == "same":
-        return keys
-    T = keys.shape[2]
-    back = rope.phases(T).flip(0).conj()  # (T, d/2): R(-(T - 1 - t))
-    return rotate(keys.unsqueeze(-2), back).squeeze(-2)
 
 
 def memory_attention(
@@ -191,7 +175,6 @@ def memory_attention(
     position: int,
     state: LongContextState,
     g: int,
-    rope: RotaryEmbedding,
 ) -> Partial:
     """Attention of queries (Hkv, n * g, d), rows (position, head in group) from `position`
     on, rotated by the memory distance, to what `memory_selections` picks for them; out (Hkv, n * g, d),
@@ -203,7 +186,7 @@ def memory_attention(
         if memory.granularity == "token":  # m = 1, each row its own entries, some empty
             parts.append(memory_partial(group, k[:, :, None], v[:, :, None], (rows >= 0)[:, :, None]))
         else:
-            parts.append(folded_partial(group, placed(k, rope, state.layout), v))
+            parts.append(folded_partial(group, k, v))
     out = torch.cat([o.reshape(Hkv, -1, d) for o, _ in parts], 1)
     return out, torch.cat([lse.reshape(Hkv, -1) for _, lse in parts], 1)
 

@@ -62,8 +62,9 @@ class LongContextConfig:
     # the longest sequence (`memory_tokens`). 2 GiB: SmolLM2-135M's blocks of 39k tokens
     # with their search structures, or the memory of 170k tokens.
     ram_budget_mb: int = 2048
-    # Block granularity: how the selected blocks' keys are placed (LongContextState.layout).
-    layout: str = "same"
+    # Block granularity: > 0: the trailing positions' query heads each attend to their own
+    # top tokens by the key sketch (LongContextState.token_top_k).
+    token_top_k: int = 0
 
     @classmethod
     def derive(
@@ -162,7 +163,6 @@ class LongContextConfig:
             (self.max_blocks >= 1, f"max_blocks={self.max_blocks} must be >= 1"),
             (self.sketch_channels >= 1, f"sketch_channels={self.sketch_channels} must be >= 1"),
             (self.sketch_every >= 1, f"sketch_every={self.sketch_every} must be >= 1"),
-            (self.layout in ("same", "ordered"), f"memory layout {self.layout!r} is not same or ordered"),
         ]
         if model is not None and self.memory and self.granularity == "block":
             held, needed = self.ram_blocks(model, page_size), self.ram_blocks_needed(model)
@@ -224,5 +224,5 @@ class LongContextConfig:
             self.distance,
             memory,
             self.max_blocks,
-            self.layout,
+            self.token_top_k,
         )

@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     memory_distance: int | None = Field(None, ge=1)
     index: Literal["flat", "ivf", "hnsw"] = "flat"
     granularity: Literal["token", "block"] = "block"
-    memory_layout: Literal["same", "ordered"] | None = None
+    memory_token_top_k: int | None = Field(None, ge=0)
     # Block store for evicted blocks and snapshots: in-process when unset.
     redis_url: str | None = None
     redis_cluster: bool = False
@@ -116,7 +116,7 @@ class Settings(BaseSettings):
             distance=self.memory_distance,
             index=self.index,
             granularity=self.granularity,
-            layout=self.memory_layout,
+            token_top_k=self.memory_token_top_k,
         )
 
 
