@@ -54,11 +54,11 @@ CAUSAL = {"triton": triton_causal_attention, "cpu": cpu_causal_attention}
 
 
 @backend_param()
-@pytest.mark.parametrize("granularity", ["token", "block"])
-def test_long_context_logits_match_torch_backend(hf_model, backend, device, granularity) -> None:
+@pytest.mark.parametrize("granularity, token_top_k", [("token", 0), ("block", 0), ("block", 5)])
+def test_long_context_logits_match_torch_backend(hf_model, backend, device, granularity, token_top_k) -> None:
     model = ours_from_hf(hf_model).to(device)
     ids = torch.randint(0, 160, (90,), generator=torch.Generator().manual_seed(3)).tolist()
-    kw = dict(granularity=granularity, top_k=6, max_blocks=3)
+    kw = dict(granularity=granularity, top_k=6, max_blocks=3, token_top_k=token_top_k)
     want, _ = logits_of(model, config(**kw), ids)
     model.long_context_attention = LONG_CONTEXT[backend]
     model.use_few_rows(few_row_kernels(backend))

@@ -130,12 +130,16 @@ def test_evicted_blocks_are_written_through_and_deleted_on_release(model) -> Non
 
 
 def test_block_and_token_granularity_agree_when_covering_all_memory(model) -> None:
-    """Both reduce to attention over every evicted token at distance D."""
+    """All three (token, block, block with token_top_k) reduce to attention over every
+    evicted token at distance D."""
     ids = tokens(120, seed=6)
     token_mode, seq, _ = run(model, config(granularity="token", top_k=10_000), ids, chunk=6)
     block_mode, _, _ = run(model, config(granularity="block", top_k=10_000, max_blocks=10_000), ids, chunk=6)
     assert seq.table.evicted_blocks > 5
     torch.testing.assert_close(block_mode, token_mode, atol=1e-4, rtol=1e-4)
+    everything = dict(granularity="block", top_k=10_000, max_blocks=10_000, token_top_k=10_000)
+    tokens_of_blocks, _, _ = run(model, config(**everything), ids, chunk=6)
+    torch.testing.assert_close(tokens_of_blocks, token_mode, atol=1e-4, rtol=1e-4)
 
 
 def test_retrieve_blocks_returns_the_blocks_of_the_best_hits() -> None:

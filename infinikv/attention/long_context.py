@@ -128,7 +128,9 @@ def memory_selections(
     granularity: the query heads of each of the last OWN_BLOCK_POSITIONS positions (those
     whose logits are read: the next token, a draft's verification) choose their blocks
     together, as in a decode step, by approximate logits over the key sketch; earlier
-    positions of a prefill chunk share one set of blocks, by summary bound. `position`:
+    positions of a prefill chunk share one set of blocks, by summary bound. With
+    state.token_top_k the trailing query rows each take their own top tokens over the
+    sketch instead, one row per group. `position`:
     the first query row's position (the rows' positions are consecutive).
     """
     search = queries.float()  # the index copies what it searches to the host itself
@@ -141,9 +143,10 @@ def memory_selections(
     if split:
         group = search[:, None, :split]  # (Hkv, 1, split, d)
         yield queries[:, None, :split], memory.select_blocks(layer, group, state.max_blocks, "bound")
-    if state.token_top_k:  # each trailing query row its own tokens
-        rows = memory.select_tokens(layer, search[:, split:], state.token_top_k)
-        yield queries[:, split:, None], rows
+    if state.token_top_k:  # each trailing query row its own tokens, one row at a time
+        best = memory.top_tokens(layer, search[:, split:], state.token_top_k)  # (Hkv, rows, K)
+        for i in range(best.shape[1]):  # so RAM holds one row's blocks per kv-head at once
+            yield queries[:, split + i : split + i + 1, None], memory.slab_rows(layer, best[:, i : i + 1])
         return
     group = search[:, split:].reshape(Hkv, -1, g, d)  # (Hkv, positions, g, d)
     rows = memory.select_blocks(layer, group, state.max_blocks, "sketch", position + split // g)
@@ -161,11 +164,12 @@ def recall(
     """What the query (1, Hq, d) before RoPE of a decode step at `position` recalls."""
     Hkv = memory.shape[2]
     queries = memory_queries(q, rope, state.distance, Hkv)  # (Hkv, g, d)
-    ((group, rows),) = memory_selections(memory, layer, queries, position, state, q.shape[1] // Hkv)
-    keys, values = memory.gather(layer, rows.clamp_min(0))
-    if memory.granularity == "block":
-        return Recalled(group, keys, values, None)
-    return Recalled(group, keys, values, rows >= 0)
+    selections = memory_selections(memory, layer, queries, position, state, q.shape[1] // Hkv)
+    # gather copies, so each group's entries stay valid past the next selection
+    picked = [(group, *memory.gather(layer, rows.clamp_min(0)), rows) for group, rows in selections]
+    groups, keys, values, rows = zip(*picked, strict=True)
+    valid = None if memory.granularity == "block" else torch.cat(rows, 1) >= 0
+    return Recalled(torch.cat(groups, 1), torch.cat(keys, 1), torch.cat(values, 1), valid)
 
 
 def memory_attention(

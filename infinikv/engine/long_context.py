@@ -128,9 +128,10 @@ class LongContextConfig:
     def ram_blocks_needed(self, model: ModelConfig) -> int:
         """Blocks one layer's retrieval may read at once, per kv-head: max_blocks for each of
         the OWN_BLOCK_POSITIONS trailing positions and for the chunk's shared set, or the
-        favourites and up to max_blocks blocks evicted since they were ranked."""
+        favourites and up to max_blocks blocks evicted since they were ranked; or, with
+        token_top_k, one query row's tokens."""
         per_block = max(OWN_BLOCK_POSITIONS + 1, FAVOURITES_PER_BLOCK + 1)
-        return model.num_kv_heads * per_block * self.max_blocks
+        return model.num_kv_heads * max(per_block * self.max_blocks, self.token_top_k)
 
     def validate(self, trained_len: int, page_size: int, model: ModelConfig | None = None) -> None:
         """Refuse impossible combinations, naming the rule that failed (with `model`, also

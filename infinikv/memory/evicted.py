@@ -406,16 +406,20 @@ class EvictedMemory:
         min(max_blocks, blocks in memory), oldest block first."""
         return self._block_rows(layer, self.rank_blocks(layer, queries, max_blocks, ranking, position))
 
-    def select_tokens(self, layer: int, queries: torch.Tensor, top_k: int) -> torch.Tensor:
+    def top_tokens(self, layer: int, queries: torch.Tensor, top_k: int) -> torch.Tensor:
         """Block granularity, each query its own tokens: the top_k evicted keys by approximate
         logit over the key sketch (all channels), in position order. queries (Hkv, n, d)
-        float32, rotated by the memory distance. Returns slab rows (Hkv, n, K) of
-        `slab(layer)`, K = min(top_k, tokens)."""
+        float32, rotated by the memory distance. Returns memory rows (Hkv, n, K) for
+        `slab_rows`, K = min(top_k, tokens)."""
         assert self.sketch is not None
         scores = self.sketch.token_logits(layer, queries).bfloat16().float()  # (Hkv, n, tokens)
         K = min(top_k, self.tokens)
-        best = scores.topk(K, dim=-1, sorted=False).indices.sort(dim=-1).values.cpu()
-        return self._slab_rows(layer, best)
+        return scores.topk(K, dim=-1, sorted=False).indices.sort(dim=-1).values.cpu()
+
+    def slab_rows(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
+        """Memory rows (Hkv, ...) of `top_tokens` -> rows of `slab(layer)`, reading the blocks
+        not in RAM first (valid until the next selection)."""
+        return self._slab_rows(layer, rows)
 
     def rank_blocks(
         self, layer: int, queries: torch.Tensor, max_blocks: int, ranking: str, position: int = 0
