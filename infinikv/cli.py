@@ -34,6 +34,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def _build_parser() -> ArgumentParser:
     common = ArgumentParser(add_help=False)
     g = common.add_argument_group("model")
@@ -94,6 +101,16 @@ def _build_parser() -> ArgumentParser:
         help="positions per full read of the key sketch; between, its favourites only (default 1)",
     )
     lc.add_argument("--memory-distance", type=_positive_int, help="relative position memory is read at")
+    lc.add_argument(
+        "--memory-token-top-k",
+        type=_count,
+        help="memory tokens each query head of the answering positions reads (block granularity; 0: blocks)",
+    )
+    lc.add_argument(
+        "--evict-after",
+        type=_count,
+        help="tokens a sequence keeps resident before its first eviction (default: the trained length)",
+    )
     lc.add_argument("--index", choices=INDEX_KINDS, help="FAISS index for the memory")
     lc.add_argument(
         "--granularity",

@@ -26,7 +26,7 @@ def tokens(n: int, seed: int = 0) -> list[int]:
 
 
 def config(**kw) -> LongContextConfig:
-    base = dict(resident=32, sinks=8, window=12, group=2)
+    base = dict(resident=32, sinks=8, window=12, group=2, evict_after=0)
     base.update(kw)
     cfg = LongContextConfig.derive(256, PAGE, **base)
     cfg.validate(256, PAGE)
@@ -54,6 +54,20 @@ def test_group_one_without_eviction_equals_plain_attention_beyond_the_window(mod
     got, _, _ = run(model, config(resident=64, window=8, group=1), ids, chunk=5)
     want, _, _ = run(model, None, ids, chunk=5)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_nothing_leaves_until_evict_after_then_blocks_leave_down_to_resident(model) -> None:
+    """Up to evict_after tokens the plain model's attention exactly; past it the oldest
+    blocks leave at once, into the memory."""
+    ids = tokens(100, seed=7)
+    cfg = config(resident=32, window=16, group=1, evict_after=80)
+    got, seq, pool = run(model, cfg, ids[:80], chunk=7, pool_tokens=200)
+    want, _, _ = run(model, None, ids[:80], chunk=7, pool_tokens=200)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert seq.table.evicted_blocks == 0 and seq.tokens_before_eviction() == 1
+    feed(model, pool, seq, ids[80:], 7)
+    assert seq.table.resident <= cfg.resident + PAGE
+    assert seq.long_state.memory.tokens == seq.table.evicted_blocks * PAGE == 100 - seq.table.resident
 
 
 def test_a_pool_grouped_for_another_self_extend_is_refused(model) -> None:

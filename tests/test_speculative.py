@@ -38,7 +38,9 @@ def repetitive(n: int, seed: int) -> list[int]:
     return [motif[i % 12] if i % 5 else noise[i] for i in range(n)]
 
 
-LONG = LongContextConfig.derive(256, PAGE, resident=40, sinks=8, window=16, group=2, top_k=8, distance=32)
+LONG = LongContextConfig.derive(
+    256, PAGE, resident=40, sinks=8, window=16, group=2, top_k=8, distance=32, evict_after=0
+)
 
 
 def greedy_run(

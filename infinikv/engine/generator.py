@@ -78,7 +78,7 @@ class Generator:
             long_context.validate(loaded.config.max_position_embeddings, page_size, loaded.config)
             # Self-Extend's banded attention takes chunks of at most W queries.
             chunk_size = min(chunk_size, long_context.window)
-            pool_tokens = long_context.resident + chunk_size + 2 * page_size
+            pool_tokens = long_context.peak_resident + chunk_size + 2 * page_size
         self.chunk_size = chunk_size
         self.max_seq_len = max_seq_len
         self.slots = slots

@@ -65,6 +65,9 @@ class LongContextConfig:
     # Block granularity: > 0: the trailing positions' query heads each attend to their own
     # top tokens by the key sketch (LongContextState.token_top_k).
     token_top_k: int = 0
+    # A sequence keeps every token resident until it is longer than this, then its oldest
+    # blocks leave down to R at once. 0: they leave as soon as R is full.
+    evict_after: int = 0
 
     @classmethod
     def derive(
@@ -95,6 +98,11 @@ class LongContextConfig:
             distance=max(window + math.ceil((resident - window) / group), 3 * trained_len // 16),
         )
         return replace(base, **given)
+
+    @property
+    def peak_resident(self) -> int:
+        """Most tokens a sequence keeps in pages after a forward (before its first eviction)."""
+        return max(self.resident, self.evict_after)
 
     @property
     def sink_gap(self) -> int:
@@ -148,9 +156,9 @@ class LongContextConfig:
                 f"resident R={R} must hold sinks, window and two pages: R >= S + W + 2B = {S + W + 2 * B}",
             ),
             (
-                (L - W) * G + W >= R,
-                f"Self-Extend cannot cover the resident window: (L - W) * G + W = {(L - W) * G + W} < R={R} "
-                f"(L={L} trained length)",
+                (L - W) * G + W >= self.peak_resident,
+                f"Self-Extend cannot cover the resident window: (L - W) * G + W = {(L - W) * G + W} < "
+                f"max(R, evict_after) = {self.peak_resident} (L={L} trained length)",
             ),
             (
                 0 < self.distance < L,
@@ -184,8 +192,8 @@ class LongContextConfig:
         for ok, message in rules:
             if not ok:
                 raise ValueError(f"invalid long-context settings: {message}")
-        farthest = W + (R - W) / G
-        if farthest >= 2 * L / 3:
+        farthest = W + (self.peak_resident - W) / G
+        if G > 1 and farthest >= 2 * L / 3:
             log.warning(
                 "Self-Extend uses relative positions up to W + (R - W)/G = %.0f, beyond 2/3 of the "
                 "trained length %d, which LongLM found poorly trained",

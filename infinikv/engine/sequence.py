@@ -32,7 +32,8 @@ class Sequence:
     """Token history of one sequence and its block table in a shared page pool.
 
     With a long-context config, the oldest blocks past `resident` tokens leave the pages
-    after every forward (`evict_overflow`), into the sequence's memory if it has one.
+    after every forward once the sequence is longer than `evict_after` (`evict_overflow`),
+    into the sequence's memory if it has one.
     """
 
     def __init__(
@@ -92,9 +93,10 @@ class Sequence:
     def tokens_before_eviction(self) -> int | None:
         """How many more tokens can be fed before `evict_overflow` would evict (the eviction
         falls after the last of them); None when this sequence never evicts."""
-        if self.long_config is None:
+        cfg = self.long_config
+        if cfg is None:
             return None
-        return self.long_config.resident + self.pool.page_size - self.table.resident
+        return max(cfg.resident + self.pool.page_size - self.table.resident, cfg.evict_after + 1 - len(self))
 
     def evict_overflow(self) -> None:
         """Move whole blocks beyond the resident budget (oldest first, never sinks) to memory.
@@ -103,7 +105,7 @@ class Sequence:
         speculative tokens are written), so any full block may go.
         """
         cfg, state = self.long_config, self.long_state
-        if cfg is None or state is None:
+        if cfg is None or state is None or len(self) <= cfg.evict_after:
             return
         B = self.pool.page_size
         over = self.table.resident - cfg.resident

@@ -57,7 +57,8 @@ class Settings(BaseSettings):
     memory_distance: int | None = Field(None, ge=1)
     index: Literal["flat", "ivf", "hnsw"] = "flat"
     granularity: Literal["token", "block"] = "block"
-    memory_token_top_k: int | None = Field(None, ge=0)
+    memory_token_top_k: int | None = Field(None, ge=0, description="memory tokens per answering query head")
+    evict_after: int | None = Field(None, ge=0, description="tokens resident before the first eviction")
     # Block store for evicted blocks and snapshots: in-process when unset.
     redis_url: str | None = None
     redis_cluster: bool = False
@@ -117,6 +118,7 @@ class Settings(BaseSettings):
             index=self.index,
             granularity=self.granularity,
             token_top_k=self.memory_token_top_k,
+            evict_after=self.evict_after,
         )
 
 
