@@ -1,8 +1,9 @@
-"""Long-context decode speed, infinikv (the `se+memory` mode of bench_long_context.py) vs
-transformers full attention, interleaved in one process so that both see the same machine:
+"""Long-context decode speed, infinikv (the `se+memory` mode of bench_long_context.py, or the
+default settings with `--infinikv defaults`) vs transformers full attention, interleaved in one
+process so that both see the same machine:
 
     python benchmarks/bench_decode_ratio.py --lengths 4096 32768 [--rounds 6] [--round-tokens 8]
-        [--quantize int4-decode]
+        [--quantize int4-decode] [--infinikv defaults]
 
 Both engines prefill the same passkey prompt (depth 0.5), then decode greedily in
 alternating rounds of `--round-tokens` tokens (which engine goes first alternates too), so
@@ -12,7 +13,7 @@ transformers decodes in a plain loop over `model(token, past_key_values=...)`, w
 `generate`'s per-step logits processing.
 --quantize applies to infinikv only (transformers runs the de-quantized float32 weights).
 Prints each round's tok/s and the ratio of the medians; rows replace those of the same
-length and quantization in benchmarks/results/decode_ratio.json.
+length, quantization and infinikv settings in benchmarks/results/decode_ratio.json.
 """
 
 from __future__ import annotations
@@ -43,14 +44,20 @@ def transformers_tokens(model, prompt: list[int]) -> Iterator[int]:
 
 
 def infinikv_tokens(
-    settings, prompt: list[int], length: int, max_tokens: int, quantize: str
+    settings, prompt: list[int], length: int, max_tokens: int, quantize: str, mode: str
 ) -> Iterator[int]:
     """Greedy tokens of infinikv in bench_long_context.py's se+memory mode, default variant
-    but for `quantize` (the model loads here; the prefill runs at the first token)."""
+    but for `quantize`, or (mode "defaults") the default settings with `quantize` (the model
+    loads here; the prefill runs at the first token)."""
     from infinikv.engine.sampling import SamplingParams
+    from infinikv.service.runtime import build_generator
 
-    variant = arguments().parse_args(["--quantize", quantize])
-    gen = long_context_generator(settings, "se+memory", length, variant)
+    if mode == "defaults":
+        gen = build_generator(settings.model_copy(update={"quantize": quantize}))
+    else:
+        gen = long_context_generator(
+            settings, "se+memory", length, arguments().parse_args(["--quantize", quantize])
+        )
     events = gen.stream(prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
     return (e.token_id for e in events if e.token_id is not None)
 
@@ -62,7 +69,7 @@ def timed(tokens: Iterator[int], n: int, out: list[int]) -> float:
     return time.perf_counter() - start
 
 
-def measure(length: int, rounds: int, round_tokens: int, quantize: str) -> dict:
+def measure(length: int, rounds: int, round_tokens: int, quantize: str, mode: str) -> dict:
     from transformers import AutoModelForCausalLM
 
     from infinikv.evaluation.passkey import found, passkey_case
@@ -74,7 +81,7 @@ def measure(length: int, rounds: int, round_tokens: int, quantize: str) -> dict:
     model = AutoModelForCausalLM.from_pretrained(_model_dir(settings), dtype=torch.float32).eval()
     engines = {
         "transformers": transformers_tokens(model, case.prompt),
-        "infinikv": infinikv_tokens(settings, case.prompt, length, 1 + rounds * round_tokens, quantize),
+        "infinikv": infinikv_tokens(settings, case.prompt, length, 1 + rounds * round_tokens, quantize, mode),
     }
     produced: dict[str, list[int]] = {name: [] for name in engines}
     prefill = {name: timed(tokens, 1, produced[name]) for name, tokens in engines.items()}
@@ -93,6 +100,7 @@ def measure(length: int, rounds: int, round_tokens: int, quantize: str) -> dict:
     return {
         "length": length,
         "quantize": quantize,
+        "infinikv": mode,
         "rounds": rounds,
         "round_tokens": round_tokens,
         "prefill_s": {name: round(seconds, 1) for name, seconds in prefill.items()},
@@ -103,9 +111,10 @@ def measure(length: int, rounds: int, round_tokens: int, quantize: str) -> dict:
     }
 
 
-def key(row: dict) -> tuple[int, str]:
-    """A results row's length and quantization (rows from before the option: none)."""
-    return row["length"], row.get("quantize", "none")
+def key(row: dict) -> tuple[int, str, str]:
+    """A results row's length, quantization and infinikv settings (rows from before the
+    options: none, se+memory)."""
+    return row["length"], row.get("quantize", "none"), row.get("infinikv", "se+memory")
 
 
 def main() -> None:
@@ -114,13 +123,17 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--round-tokens", type=int, default=8)
     ap.add_argument("--quantize", choices=QUANTIZATIONS, default="none", help="infinikv's decoder weights")
+    ap.add_argument(
+        "--infinikv", choices=["se+memory", "defaults"], default="se+memory", help="infinikv's settings"
+    )
     args = ap.parse_args()
-    rows = [measure(n, args.rounds, args.round_tokens, args.quantize) for n in args.lengths]
+    rows = [measure(n, args.rounds, args.round_tokens, args.quantize, args.infinikv) for n in args.lengths]
     for row in rows:
         speeds = row["decode_tok_s"]
         print(
-            f"{row['length']:>6} tokens, quantize={row['quantize']}: infinikv {speeds['infinikv']:.2f} "
-            f"tok/s, transformers {speeds['transformers']:.2f} tok/s: {row['ratio']:.2f}x "
+            f"{row['length']:>6} tokens, quantize={row['quantize']}, {row['infinikv']}: "
+            f"infinikv {speeds['infinikv']:.2f} tok/s, transformers {speeds['transformers']:.2f} tok/s: "
+            f"{row['ratio']:.2f}x "
             f"(rounds {row['round_ratios']}), "
             f"key found {row['found_key']}"
         )

@@ -44,7 +44,6 @@ TRAINED = 8192  # SmolLM2-135M's trained length
 
 def long_context_config(mode: str, length: int, args: argparse.Namespace):
     memory = {
-        "evict_after": 0,  # the 1024-token budget from the first block on
         "index": args.index,
         "granularity": args.granularity,
         "sketch_every": args.sketch_every,
@@ -52,7 +51,7 @@ def long_context_config(mode: str, length: int, args: argparse.Namespace):
     }
     if mode == "sliding":
         return LongContextConfig.derive(
-            TRAINED, 16, resident=RESIDENT, window=RESIDENT // 2, group=1, memory=False, evict_after=0
+            TRAINED, 16, resident=RESIDENT, window=RESIDENT // 2, group=1, memory=False
         )
     if mode == "memory":
         return LongContextConfig.derive(

@@ -28,7 +28,7 @@ def hf_model():
 
 
 def config(**kw) -> LongContextConfig:
-    cfg = LongContextConfig.derive(256, PAGE, resident=32, sinks=8, window=12, group=2, evict_after=0, **kw)
+    cfg = LongContextConfig.derive(256, PAGE, resident=32, sinks=8, window=12, group=2, **kw)
     cfg.validate(256, PAGE)
     return cfg
 

@@ -20,7 +20,7 @@ PARAMS = SamplingParams(max_tokens=40, ignore_eos=True)
 
 
 def generator(model, drafter_factory=None) -> Generator:
-    config = LongContextConfig.derive(8192, 16, resident=1024, window=256, group=4, evict_after=0)
+    config = LongContextConfig.derive(8192, 16, resident=1024, window=256, group=4)
     return Generator(model, 8192, long_context=config, slots=2, drafter_factory=drafter_factory)
 
 

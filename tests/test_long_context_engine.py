@@ -26,7 +26,7 @@ def tokens(n: int, seed: int = 0) -> list[int]:
 
 
 def config(**kw) -> LongContextConfig:
-    base = dict(resident=32, sinks=8, window=12, group=2, evict_after=0)
+    base = dict(resident=32, sinks=8, window=12, group=2)
     base.update(kw)
     cfg = LongContextConfig.derive(256, PAGE, **base)
     cfg.validate(256, PAGE)

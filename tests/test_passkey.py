@@ -19,7 +19,7 @@ DEPTHS = [0.05, 0.2, 0.35, 0.5, 0.65, 0.8]
 
 def accuracy(default_model, memory: bool, granularity: str = "token") -> float:
     cfg = LongContextConfig.derive(
-        8192, 16, resident=512, window=128, group=4, memory=memory, granularity=granularity, evict_after=0
+        8192, 16, resident=512, window=128, group=4, memory=memory, granularity=granularity
     )
     gen = Generator(default_model, max_seq_len=PROMPT_TOKENS + 64, long_context=cfg)
     hits = 0

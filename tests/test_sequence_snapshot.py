@@ -27,7 +27,7 @@ def ids(n: int, seed: int) -> list[int]:
     return torch.randint(0, 160, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-CFG = LongContextConfig.derive(256, PAGE, resident=32, sinks=8, window=12, group=2, top_k=8, evict_after=0)
+CFG = LongContextConfig.derive(256, PAGE, resident=32, sinks=8, window=12, group=2, top_k=8)
 
 
 @pytest.mark.parametrize("granularity", ["token", "block"])

@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.redis]
 
 KEY_A, KEY_B = "key-a-secret", "key-b-secret"
 # A small resident window, so ingested documents and long conversations go through memory.
-LONG_CONTEXT = ["--resident", "512", "--window", "128", "--evict-after", "0"]
+LONG_CONTEXT = ["--resident", "512", "--window", "128"]
 LIMITS = ["--max-tokens-limit", "64", "--max-body-bytes", "1000000", "--slots", "3"]
 
 

@@ -16,18 +16,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def api_schema(tmp_path_factory):
     # Tiny generations and bodies keep every generated case cheap.
-    args = [
-        "--resident",
-        "512",
-        "--window",
-        "128",
-        "--evict-after",
-        "0",
-        "--max-tokens-limit",
-        "4",
-        "--max-body-bytes",
-        "65536",
-    ]
+    args = ["--resident", "512", "--window", "128", "--max-tokens-limit", "4", "--max-body-bytes", "65536"]
     with infinikv_server(tmp_path_factory.mktemp("fuzz"), *args) as base:
         yield schemathesis.openapi.from_url(f"{base}/openapi.json")
 

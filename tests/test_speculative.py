@@ -38,9 +38,7 @@ def repetitive(n: int, seed: int) -> list[int]:
     return [motif[i % 12] if i % 5 else noise[i] for i in range(n)]
 
 
-LONG = LongContextConfig.derive(
-    256, PAGE, resident=40, sinks=8, window=16, group=2, top_k=8, distance=32, evict_after=0
-)
+LONG = LongContextConfig.derive(256, PAGE, resident=40, sinks=8, window=16, group=2, top_k=8, distance=32)
 
 
 def greedy_run(

@@ -25,7 +25,7 @@ PASSAGE = (
 
 
 def generate(default_model, drafter_factory=None):
-    cfg = LongContextConfig.derive(8192, 16, resident=512, window=128, group=4, evict_after=0)
+    cfg = LongContextConfig.derive(8192, 16, resident=512, window=128, group=4)
     gen = Generator(default_model, 8192, long_context=cfg, drafter_factory=drafter_factory, max_draft=6)
     prompt = gen.encode(PASSAGE * 6 + "\nThe keeper's log, copied word for word:\n" + PASSAGE[:60])
     assert 350 < len(prompt) < 512 - 16
