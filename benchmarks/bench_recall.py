@@ -216,8 +216,11 @@ def chart(summary: dict, split: str, columns: list[tuple[str, str]], path: Path)
         ax.minorticks_off()
         ax.set(title=task, xlabel="prompt tokens")
     axes[0].set_ylabel(f"accuracy % ({split} split)")
-    axes[-1].legend(fontsize=7)
-    fig.tight_layout()
+    labelled = {label: h for ax in axes for h, label in zip(*ax.get_legend_handles_labels(), strict=True)}
+    fig.legend(labelled.values(), labelled.keys(), loc="lower center", ncol=2, fontsize=7)
+    legend_rows = math.ceil(len(labelled) / 2)
+    fig.set_figheight(3.6 + 0.2 * legend_rows)
+    fig.tight_layout(rect=(0, 0.2 * legend_rows / fig.get_figheight() + 0.02, 1, 1))
     path.parent.mkdir(exist_ok=True)
     fig.savefig(path, dpi=110)
 

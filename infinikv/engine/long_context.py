@@ -37,12 +37,13 @@ class LongContextConfig:
     # query head its own exact top-k tokens (6/6), but every prefill chunk searches every
     # evicted key.
     granularity: str = "block"
-    # Block granularity: memory blocks attended to per position (or prefill chunk), kv-head
-    # and layer: 16 blocks of 16 tokens = 256 keys, a quarter of the default window's worth.
+    # Block granularity: memory blocks a prefill chunk's earlier positions share (and, with
+    # token_top_k 0, the answering positions' own), per kv-head and layer: 16 blocks of 16
+    # tokens = 256 keys. Not tuned on the recall suite (docs/recall.md).
     max_blocks: int = 16
-    # Block granularity: channels per query the trailing positions rank blocks with over the
-    # key sketch (sketch.py, SparQ's r; at most head_dim). 16 of SmolLM2's 64 recalled the
-    # 16k-token passkeys that summary bounds lost.
+    # Block granularity with token_top_k 0: channels per query the answering positions rank
+    # blocks with over the key sketch (sketch.py, SparQ's r; at most head_dim). 16 of 64:
+    # 4/10 at 16k where token selection made 5/10 (docs/recall.md).
     sketch_channels: int = 16
     # Block granularity: a layer ranks every evicted block over the sketch at one position
     # in this many (staggered across layers); the positions between pick by exact logits
@@ -62,8 +63,8 @@ class LongContextConfig:
     # the longest sequence (`memory_tokens`). 2 GiB: SmolLM2-135M's blocks of 39k tokens
     # with their search structures, or the memory of 170k tokens.
     ram_budget_mb: int = 2048
-    # Block granularity: > 0: the trailing positions' query heads each attend to their own
-    # top tokens by the key sketch (LongContextState.token_top_k).
+    # Block granularity: > 0: the answering positions' query heads each attend to their own
+    # top tokens by the key sketch (LongContextState.token_top_k); derive() sets 256.
     token_top_k: int = 0
     # A sequence keeps every token resident until it is longer than this, then its oldest
     # blocks leave down to R at once. 0: they leave as soon as R is full.
