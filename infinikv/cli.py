@@ -109,7 +109,7 @@ def _build_parser() -> ArgumentParser:
     lc.add_argument(
         "--evict-after",
         type=_count,
-        help="tokens a sequence keeps resident before its first eviction (default: the trained length)",
+        help="tokens kept resident before the first eviction (default 0: from the first full block)",
     )
     lc.add_argument("--index", choices=INDEX_KINDS, help="FAISS index for the memory")
     lc.add_argument(

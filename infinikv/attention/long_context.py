@@ -167,9 +167,13 @@ def recall(
     selections = memory_selections(memory, layer, queries, position, state, q.shape[1] // Hkv)
     # gather copies, so each group's entries stay valid past the next selection
     picked = [(group, *memory.gather(layer, rows.clamp_min(0)), rows) for group, rows in selections]
-    groups, keys, values, rows = zip(*picked, strict=True)
-    valid = None if memory.granularity == "block" else torch.cat(rows, 1) >= 0
-    return Recalled(torch.cat(groups, 1), torch.cat(keys, 1), torch.cat(values, 1), valid)
+    groups, keys, values, rows = (_joined(parts) for parts in zip(*picked, strict=True))
+    return Recalled(groups, keys, values, None if memory.granularity == "block" else rows >= 0)
+
+
+def _joined(parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Groups' tensors side by side (dim 1); a decode step's one group without a copy."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
 
 def memory_attention(

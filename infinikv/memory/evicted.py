@@ -389,7 +389,7 @@ class EvictedMemory:
         valid = ids >= 0
         block, offset = split_id(ids.clamp_min(0))
         rows = ((block - (self.first_block or 0)) * self.page_size + offset).where(valid, 0)
-        return self._slab_rows(layer, rows), valid
+        return self.slab_rows(layer, rows), valid
 
     def select_blocks(
         self, layer: int, queries: torch.Tensor, max_blocks: int, ranking: str, position: int = 0
@@ -415,11 +415,6 @@ class EvictedMemory:
         scores = self.sketch.token_logits(layer, queries).bfloat16().float()  # (Hkv, n, tokens)
         K = min(top_k, self.tokens)
         return scores.topk(K, dim=-1, sorted=False).indices.sort(dim=-1).values.cpu()
-
-    def slab_rows(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
-        """Memory rows (Hkv, ...) of `top_tokens` -> rows of `slab(layer)`, reading the blocks
-        not in RAM first (valid until the next selection)."""
-        return self._slab_rows(layer, rows)
 
     def rank_blocks(
         self, layer: int, queries: torch.Tensor, max_blocks: int, ranking: str, position: int = 0
@@ -565,9 +560,10 @@ class EvictedMemory:
         order = best_score.argsort(dim=1, descending=True, stable=True)
         return order.gather(1, best_rank.gather(1, order).argsort(dim=1, stable=True))
 
-    def _slab_rows(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
+    def slab_rows(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
         """Memory rows (Hkv, ...) -> rows of the `slab(layer)` views, reading the blocks not
-        in RAM first. Memory row r of head h is offset r % B of the (r // B)-th evicted block."""
+        in RAM first (valid until the next selection). Memory row r of head h is offset
+        r % B of the (r // B)-th evicted block."""
         B = self.page_size
         slots = self._slots(layer, rows.div(B, rounding_mode="floor"))
         return self._head_rows(slots * B + rows % B)
