@@ -158,6 +158,15 @@ def _build_parser() -> ArgumentParser:
     srv.add_argument("--max-queue", type=_positive_int, help="queued requests before 429")
     srv.add_argument("--max-body-bytes", type=_positive_int, help="largest request body")
     srv.add_argument("--max-tokens-limit", type=_positive_int, help="largest max_tokens of a request")
+    srv.add_argument(
+        "--public-metrics", action="store_true", default=None, help="with --api-keys, /metrics without a key"
+    )
+    srv.add_argument(
+        "--lease-seconds", type=float, help="a session lease's time to live across servers (default 30)"
+    )
+    srv.add_argument(
+        "--lease-wait", type=float, help="longest wait for a session another server holds (default 30)"
+    )
     return parser
 
 

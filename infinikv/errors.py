@@ -23,3 +23,23 @@ class MemoryFullError(InfinikvError):
 
 class KernelBuildError(InfinikvError):
     """The CPU kernels (`infinikv.kernels.cpu`) could not be compiled or loaded on this machine."""
+
+
+class CapacityError(InfinikvError):
+    """A prompt or document is longer than what its sequence can hold."""
+
+
+class SessionNotFoundError(InfinikvError):
+    """No session with this id belongs to the caller (or it was deleted)."""
+
+
+class SessionBusyError(InfinikvError):
+    """Another process holds the session's lease; retry after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class LeaseLostError(InfinikvError):
+    """Another process took the session's lease: this process's write was refused."""

@@ -71,7 +71,7 @@ def memory_with_blocks(store, prefix: str, nblocks: int = 5, granularity: str = 
 @pytest.mark.parametrize("granularity", ["token", "block"])
 def test_snapshot_round_trip_gives_identical_retrieval(store, granularity) -> None:
     mem = memory_with_blocks(store, "sess:a:", granularity=granularity)
-    mem.save()
+    store.put_many(mem.save())
     back = EvictedMemory.load(store, "sess:a:")
     assert back.granularity == granularity
     q = torch.randn(3, 4, 16, generator=torch.Generator().manual_seed(1))
@@ -92,10 +92,10 @@ def test_snapshot_round_trip_gives_identical_retrieval(store, granularity) -> No
 def test_blocks_evicted_after_the_last_snapshot_are_indexed_again_on_load(store) -> None:
     """A crash between snapshots loses nothing: the blocks are the truth, the snapshot a cache."""
     mem = memory_with_blocks(store, "sess:t:", nblocks=3)
-    mem.save()
+    store.put_many(mem.save())
     g = torch.Generator().manual_seed(2)
     mem.add_blocks([5, 6], torch.randn(2, 2, 4, 3, 16, generator=g), torch.randn(2, 2, 4, 3, 16, generator=g))
-    mem.save(index=False)
+    store.put_many(mem.save(index=False))
     back = EvictedMemory.load(store, "sess:t:")
     assert back.tokens == mem.tokens == 20 and back.index.ntotal == 20 and back.snapshot_blocks == 3
     q = torch.randn(3, 4, 16, generator=g)
@@ -112,7 +112,7 @@ def test_favourites_survive_a_snapshot_and_damaged_ones_are_refused(store) -> No
     mem.add_blocks(list(range(40)), k, v)
     for position in range(3):  # the full ranking at 0 chose favourites; 1 and 2 used them
         retrieve_blocks(mem, 0, torch.randn(3, 1, 2, 16, generator=g), 2, "sketch", position)
-    mem.save()
+    store.put_many(mem.save())
     back = EvictedMemory.load(store, "sess:f:", sketch_every=4)
     q = torch.randn(3, 1, 2, 16, generator=g)
     for got, want in zip(*(retrieve_blocks(m, 0, q, 2, "sketch", 3) for m in (back, mem)), strict=True):
@@ -135,8 +135,8 @@ def test_favourites_survive_a_snapshot_and_damaged_ones_are_refused(store) -> No
 
 def test_delete_really_deletes_and_leaves_other_sessions(store) -> None:
     a, b = memory_with_blocks(store, "sess:a:"), memory_with_blocks(store, "sess:b:")
-    a.save()
-    b.save()
+    store.put_many(a.save())
+    store.put_many(b.save())
     assert a.delete() == 5 + 2  # blocks, meta, index
     assert store.keys("sess:a:") == []
     with pytest.raises(CorruptSnapshotError, match="no memory snapshot"):
@@ -144,10 +144,10 @@ def test_delete_really_deletes_and_leaves_other_sessions(store) -> None:
     assert EvictedMemory.load(store, "sess:b:").tokens == 20
 
 
-@pytest.mark.parametrize("damage", ["index", "meta", "block:3"])
+@pytest.mark.parametrize("damage", ["index@5", "meta", "block:3"])
 def test_corrupt_snapshot_is_reported_and_other_sessions_survive(store, damage) -> None:
-    memory_with_blocks(store, "sess:bad:").save()
-    memory_with_blocks(store, "sess:good:").save()
+    bad, good = memory_with_blocks(store, "sess:bad:"), memory_with_blocks(store, "sess:good:")
+    store.put_many({**bad.save(), **good.save()})
     store.put_many({f"sess:bad:{damage}": b"\x00garbage"})
     with pytest.raises(CorruptSnapshotError, match="sess:bad:"):
         EvictedMemory.load(store, "sess:bad:")
@@ -232,7 +232,8 @@ def test_extents_never_overlap_and_shrink_back_to_nothing() -> None:
 def test_a_snapshot_with_another_payload_layout_is_refused_not_scrambled(store) -> None:
     import json
 
-    memory_with_blocks(store, "sess:old:").save()
+    old = memory_with_blocks(store, "sess:old:")
+    store.put_many(old.save())
     (raw,) = store.get_many(["sess:old:meta"])
     meta = json.loads(raw)
     del meta["layout"]  # as an older build wrote it
@@ -253,12 +254,12 @@ def test_redis_cluster_three_nodes(tmp_path) -> None:
     with redis_cluster(tmp_path) as ports:
         store = RedisBlockStore(f"redis://127.0.0.1:{ports[0]}", cluster=True)
         mem = memory_with_blocks(store, "sess:c:", nblocks=40)  # keys spread over all nodes' slots
-        mem.save()
+        store.put_many(mem.save())
         back = EvictedMemory.load(store, "sess:c:")
         q = torch.randn(3, 2, 16)
         assert torch.equal(retrieve(back, 1, q, 5)[0], retrieve(mem, 1, q, 5)[0])
         assert sorted(store.keys("sess:c:")) == sorted(
-            [f"sess:c:block:{b}" for b in range(2, 42)] + ["sess:c:meta", "sess:c:index"]
+            [f"sess:c:block:{b}" for b in range(2, 42)] + ["sess:c:meta", "sess:c:index@40"]
         )
         assert mem.delete() == 42 and store.keys("sess:c:") == []
         store.close()
@@ -344,7 +345,7 @@ def test_a_memory_bounded_in_ram_retrieves_what_an_unbounded_one_does(store) -> 
         ):
             assert torch.equal(got, want)
     assert max(bounded.cache.held(layer) for layer in range(2)) <= 3 and bounded.cache.fetched > 0
-    bounded.save()
+    store.put_many(bounded.save())
     back = EvictedMemory.load(store, "sess:ram:", ram_blocks=3)
     assert back.cache.held(0) == back.cache.held(1) == 3 and back.tokens == 32
     q = torch.randn(3, 1, 2, 16, generator=g)  # at most 3 blocks at once

@@ -69,8 +69,9 @@ def test_tasks_of_one_session_run_in_order_and_cancelled_tasks_stop() -> None:
 
         return run
 
-    first = e.submit(body("a", 3), TaskHandle(), session_id="s1")
-    second = e.submit(body("b", 2), TaskHandle(), session_id="s1")
+    sid = e.call_blocking(lambda en: en.create_session("").id, timeout=10)
+    first = e.submit(body("a", 3), TaskHandle(), session_id=sid)
+    second = e.submit(body("b", 2), TaskHandle(), session_id=sid)
     doomed = e.submit(body("c", 1000), TaskHandle())
     doomed.cancel()
     gate.set()

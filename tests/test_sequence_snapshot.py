@@ -38,9 +38,9 @@ def test_restored_sequence_continues_bit_identically(model, snapshots, granulari
     pool = nan_pool(model, max_tokens=200, page_size=PAGE, long_context=cfg)
     seq = Sequence(pool, cfg, model.cfg, store, "s:1:")
     feed(model, pool, seq, ids(50, 0), 7)
-    seq.save(store, "s:1:", index_snapshot=True)
+    store.put_many(seq.save(store, "s:1:", index_snapshot=True))
     feed(model, pool, seq, ids(23, 1), 5)  # more evictions after the first snapshot
-    seq.save(store, "s:1:", index_snapshot=snapshots == "every save")
+    store.put_many(seq.save(store, "s:1:", index_snapshot=snapshots == "every save"))
     assert seq.table.evicted_blocks > 0 and len(seq) == 73
 
     other_pool = nan_pool(model, max_tokens=200, page_size=PAGE, long_context=cfg)
@@ -64,7 +64,7 @@ def saved_sequence(model, prefix: str, prompt: list[int]):
     pool = nan_pool(model, max_tokens=200, page_size=PAGE, long_context=CFG)
     seq = Sequence(pool, CFG, model.cfg, store, prefix)
     feed(model, pool, seq, prompt, 8)
-    seq.save(store, prefix, index_snapshot=True)
+    store.put_many(seq.save(store, prefix, index_snapshot=True))
     return store, pool, seq
 
 

@@ -13,7 +13,7 @@ from infinikv.engine.detokenize import TextStream
 from infinikv.engine.long_context import LongContextConfig
 from infinikv.engine.sampling import Sampler, SamplingParams
 from infinikv.engine.sequence import ProgressFn, Sequence, feed
-from infinikv.errors import InfinikvError
+from infinikv.errors import CapacityError, InfinikvError
 from infinikv.memory.store import BlockStore
 from infinikv.model.loader import LoadedModel
 from infinikv.speculative.decoder import SpeculativeDecoder
@@ -111,16 +111,17 @@ class Generator:
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         return list(self.tokenizer(self.chat_text(messages), add_special_tokens=False)["input_ids"])
 
-    def new_sequence(self, prefix: str) -> Sequence:
-        """An empty sequence in this generator's pool; its blocks go to the store under prefix."""
-        return Sequence(self.pool, self.long_context, self.loaded.config, self.store, prefix)
+    def new_sequence(self, prefix: str, store: BlockStore | None = None) -> Sequence:
+        """An empty sequence in this generator's pool; its evicted blocks go under prefix to
+        `store` (a session's), else to this generator's scratch store."""
+        return Sequence(self.pool, self.long_context, self.loaded.config, store or self.store, prefix)
 
     def check_fits(self, seq_len: int, prompt: list[int]) -> None:
         if not prompt:
             raise InfinikvError("empty prompt")
         if seq_len + len(prompt) >= self.capacity:
             setting = "max_seq_len" if self.long_context is None else "ram_budget_mb"
-            raise InfinikvError(
+            raise CapacityError(
                 f"{seq_len} + {len(prompt)} prompt tokens do not fit the context capacity of "
                 f"{self.capacity} tokens (raise {setting})"
             )

@@ -6,10 +6,10 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Generator as Steps
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from infinikv.engine.generator import GenerationEvent
+from infinikv.engine.jobs import INTERRUPTED, IngestJob
 from infinikv.engine.sampling import SamplingParams
 from infinikv.engine.scheduler import Engine, StepFn, Task
 from infinikv.engine.sequence import feed
@@ -36,7 +36,9 @@ class TurnResult:
 
 
 def run_turn(turn: Turn) -> StepFn:
-    """Yields GenerationEvents (PREFILL_TICK between prefill chunks); returns a TurnResult."""
+    """Yields GenerationEvents (PREFILL_TICK between prefill chunks); returns a TurnResult. A
+    session's turn is committed when it ends (as far as it went, if the client went away);
+    one that fails, or whose commit fails, leaves the session as it was before it."""
 
     def run(engine: Engine, task: Task) -> Steps[object, None, TurnResult]:
         gen = engine.generator
@@ -57,6 +59,7 @@ def run_turn(turn: Turn) -> StepFn:
         pieces: list[str] = []
         reason = "length"
         speculation = None
+        ended = False  # finished, or cancelled by its client: either way the turn counts
         try:
             event: GenerationEvent
             for event in gen.run(seq, prompt, turn.params):
@@ -66,10 +69,16 @@ def run_turn(turn: Turn) -> StepFn:
                 reason = event.finish_reason or reason
                 speculation = event.speculation or speculation
                 yield event
+            ended = True
+        except GeneratorExit:
+            ended = not engine.stopping
+            raise
         finally:
             if session is None:
                 seq.release()
-            elif len(seq) > before:  # record the turn as far as it went (even if cancelled)
+            elif not ended:
+                engine.discard(session)
+            elif len(seq) > before:
                 _record(engine, session, turn, ids, "".join(pieces))
         return TurnResult("".join(pieces), reason, len(prompt), len(ids), speculation)
 
@@ -77,75 +86,52 @@ def run_turn(turn: Turn) -> StepFn:
 
 
 def _record(engine: Engine, session: Session, turn: Turn, ids: list[int], reply: str) -> None:
-    if turn.messages is not None:
-        session.after_chat(engine.generator, turn.messages, ids, reply)
-    else:
-        session.after_completion(ids)
-    session.save(engine.store)
-
-
-@dataclass
-class IngestJob:
-    """A document being prefilled into a session; read by other threads for progress."""
-
-    session_id: str
-    owner: str
-    name: str
-    id: str = field(default_factory=lambda: f"job_{uuid.uuid4().hex}")
-    document_id: str = field(default_factory=lambda: f"doc_{uuid.uuid4().hex[:16]}")
-    status: str = "queued"  # queued | running | succeeded | failed | cancelled
-    total_tokens: int = 0
-    done_tokens: int = 0
-    error: str | None = None
-    created: float = field(default_factory=time.time)
-    finished: float | None = None
-
-    def view(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "object": "ingestion_job",
-            "session_id": self.session_id,
-            "document_id": self.document_id,
-            "name": self.name,
-            "status": self.status,
-            "total_tokens": self.total_tokens,
-            "done_tokens": self.done_tokens,
-            "progress": self.done_tokens / self.total_tokens if self.total_tokens else 0.0,
-            "error": self.error,
-            "created": int(self.created),
-            "finished": int(self.finished) if self.finished else None,
-        }
+    """Commit the turn; if that fails, the session goes back to its last commit."""
+    try:
+        if turn.messages is not None:
+            session.after_chat(engine.generator, turn.messages, ids, reply)
+        else:
+            session.after_completion(ids)
+        session.save()
+    except BaseException:
+        engine.discard(session)
+        raise
 
 
 def run_ingest(job: IngestJob, text: str) -> StepFn:
-    """Prefill `text` into the job's session, one chunk per step, then snapshot the session."""
+    """Prefill `text` into the job's session, one chunk per step, then commit the session
+    with the document. Until that commit the document is not part of it: a job that fails,
+    is cancelled or is interrupted leaves the session as it was."""
 
     def run(engine: Engine, task: Task) -> Steps[object, None, None]:
         gen = engine.generator
         session = engine.session(job.session_id, task.owner)
         assert session.seq is not None, "the scheduler loads a session before its task runs"
         seq = task.seq = session.seq
-        ids = session.completion_prompt(gen, text)
-        gen.check_fits(len(seq), ids)
-        job.status, job.total_tokens = "running", len(ids)
-        start = len(seq)
         try:
+            ids = session.completion_prompt(gen, text)
+            gen.check_fits(len(seq), ids)
+            start = len(seq)
+            job.status, job.total_tokens = "running", len(ids)
+            engine.jobs.record(job)
             for i in range(0, len(ids), gen.chunk_size):
                 feed(gen.model, gen.pool, seq, ids[i : i + gen.chunk_size], gen.chunk_size)
-                session.pending = []
                 job.done_tokens = min(len(ids), i + gen.chunk_size)
                 yield None
+            session.pending = []
+            session.documents.append(DocumentSpan(job.document_id, job.name, start, len(seq)))
+            session.save(index_snapshot=True)
             job.status = "succeeded"
         except GeneratorExit:
-            job.status = "cancelled"
+            engine.discard(session)
+            job.status, job.error = ("failed", INTERRUPTED) if engine.stopping else ("cancelled", None)
             raise
         except Exception as e:
+            engine.discard(session)
             job.status, job.error = "failed", str(e)
             raise
         finally:
             job.finished = time.time()
-            if len(seq) > start:
-                session.documents.append(DocumentSpan(job.document_id, job.name, start, len(seq)))
-            session.save(engine.store, index_snapshot=True)
+            engine.jobs.record(job)
 
     return run

@@ -2,21 +2,27 @@
 to it and never touch tensors themselves.
 
 A task is a step function (a generator): every `next()` is at most one forward, a prefill
-chunk or one decode token. The worker advances the running tasks round-robin, one step each,
-so a book being ingested does not stall a chat reply. Tasks of one session run in arrival
-order. Sequences are not batched into one forward yet: steps of different tasks run one after
-another.
+chunk or one decode token. The worker advances the running interactive tasks round-robin,
+one step each; a background task (an ingestion) gets a step when none is running or once a
+`BACKGROUND_EVERY` seconds, so a book being ingested does not stall a chat reply. Tasks of
+one session run in arrival order, under the session's lease (leases.py): a session another
+server holds waits for it, up to `lease_wait` seconds. Sequences are not batched into one
+forward yet: steps of different tasks run one after another.
 
 The pool holds `slots` sequences: the running stateless requests plus the sessions loaded in
 pages. When a task needs a slot and none is free, the least recently used idle session is
-parked (saved to the block store, pages given back); it comes back on its next request.
+parked (committed to the block store, pages given back); it comes back on its next request.
+A loaded session whose committed generation moved on (another server wrote it) is dropped
+and read back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
+import socket
 import threading
 import time
 import uuid
@@ -27,17 +33,20 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from infinikv.engine.generator import Generator
+from infinikv.engine.jobs import JobRegistry
+from infinikv.engine.leases import FencedStore, Lease, Leases, control_key
 from infinikv.engine.sequence import Sequence
-from infinikv.engine.session import SESSION_NAMESPACE, Session, session_prefix
-from infinikv.errors import InfinikvError
+from infinikv.engine.session import SESSION_NAMESPACE, Session, record_key, session_id_of
+from infinikv.errors import InfinikvError, SessionBusyError, SessionNotFoundError
 from infinikv.memory.index import CorruptSnapshotError
 from infinikv.memory.store import BlockStore
 
 log = logging.getLogger(__name__)
 
-
-class SessionNotFoundError(InfinikvError):
-    """No session with this id belongs to the caller."""
+# A running background task (ingestion) gets a step at least this often, in seconds.
+BACKGROUND_EVERY = 1.0
+# Seconds between two tries of a session lease that another server holds.
+LEASE_RETRY = 0.05
 
 
 class EngineOverloadedError(InfinikvError):
@@ -106,10 +115,15 @@ class Task:
     session_id: str | None = None  # tasks naming a session run one at a time, in order
     owner: str = ""  # who asks (the session must be theirs)
     needs_sequence: bool = False  # it runs a sequence: a slot in the pool (its session's, loaded)
+    background: bool = False  # steps only between interactive ones (see BACKGROUND_EVERY)
     seq: Sequence | None = None  # set by the step function; read for retrieval metrics
     steps: Steps[object, None, Any] | None = None
     search_seen: float = 0.0
     uses_slot: bool = field(default=False, init=False)  # a stateless sequence of its own
+    lease: Lease | None = field(default=None, init=False)  # its session's, while it runs
+    arrived: float = field(default_factory=time.monotonic, init=False)
+    retry_at: float = field(default=0.0, init=False)  # next try of a lease held elsewhere
+    renew_at: float = field(default=0.0, init=False)  # when its lease is half gone
 
 
 class Engine:
@@ -119,11 +133,17 @@ class Engine:
         store: BlockStore,
         max_queue: int = 64,
         observer: EngineObserver | None = None,
+        lease_seconds: float = 30.0,
+        lease_wait: float = 30.0,
     ):
         self.generator = generator
         self.store = store
         self.max_queue = max_queue
         self.observer = observer
+        self.holder = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.leases = Leases(store, self.holder, int(lease_seconds * 1000))
+        self.lease_wait = lease_wait
+        self.jobs = JobRegistry(store, self.holder, int(lease_seconds * 1000))
         self.sessions: dict[str, Session] = {}
         self._inbox: queue.SimpleQueue[Task | None] = queue.SimpleQueue()
         self._queued = 0  # submitted, not yet admitted (read by other threads: approximate)
@@ -131,6 +151,7 @@ class Engine:
         self._running: deque[Task] = deque()
         self._busy: dict[str, Task] = {}
         self._stateless = 0  # running tasks holding a sequence of their own
+        self._background_at = 0.0  # when a background task last stepped
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="infinikv-engine", daemon=True)
 
@@ -149,6 +170,10 @@ class Engine:
     def queued(self) -> int:
         return self._queued
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
     def submit(
         self,
         run: StepFn,
@@ -156,13 +181,14 @@ class Engine:
         session_id: str | None = None,
         owner: str = "",
         needs_sequence: bool = False,
+        background: bool = False,
     ) -> TaskHandle:
         if self._stopping:
             raise EngineStoppedError("the server is shutting down")
         if self._queued >= self.max_queue:
             raise EngineOverloadedError(f"too many queued requests ({self._queued}); retry later")
         self._queued += 1
-        self._inbox.put(Task(run, handle, session_id, owner, needs_sequence))
+        self._inbox.put(Task(run, handle, session_id, owner, needs_sequence, background))
         return handle
 
     def call_blocking(
@@ -188,33 +214,55 @@ class Engine:
     # ---- sessions (worker thread only) ------------------------------------------------------
 
     def create_session(self, owner: str) -> Session:
-        session = Session(id=f"sess_{uuid.uuid4().hex}", owner=owner)
-        self.sessions[session.id] = session
-        session.save(self.store)
+        sid = f"sess_{uuid.uuid4().hex}"
+        session = Session(id=sid, owner=owner, store=FencedStore(self.leases))
+        session.store.lease = self.leases.acquire(sid)
+        try:
+            session.save()
+        finally:
+            self._release(session.store.lease)
+            session.store.lease = None
+        self.sessions[sid] = session
         return session
 
     def session(self, session_id: str, owner: str) -> Session:
         """The caller's session, read back from the store when this process has not seen it
-        (a restart, another replica). Another owner's session is reported as not found."""
+        or its copy is older than the store's (a restart, another replica). Another owner's
+        session, or a deleted one, is reported as not found."""
         session = self.sessions.get(session_id)
+        if session is not None and session_id not in self._busy:
+            if self.leases.generation(session_id) != session.generation:
+                self._forget(session)
+                session = None
         if session is None:
-            (raw,) = self.store.get_many([f"{session_prefix(session_id)}session"])
-            if raw is None:
-                raise SessionNotFoundError(f"session {session_id!r} not found")
-            session = Session.from_json(raw)
+            session = self._read(session_id)
             self.sessions[session_id] = session
         if session.owner != owner:
             raise SessionNotFoundError(f"session {session_id!r} not found")
         return session
 
+    def check_fits(self, session_id: str, owner: str, text: str) -> None:
+        """Refuse (CapacityError) text that would not fit the session, before it is queued."""
+        session = self.session(session_id, owner)
+        self.generator.check_fits(session.tokens, session.completion_prompt(self.generator, text))
+
+    def _read(self, session_id: str) -> Session:
+        raw, generation, deleted = self.store.get_many(
+            [
+                record_key(session_id),
+                control_key(session_id, "generation"),
+                control_key(session_id, "deleted"),
+            ]
+        )
+        if raw is None or deleted is not None:
+            raise SessionNotFoundError(f"session {session_id!r} not found")
+        return Session.from_json(raw, FencedStore(self.leases), int(generation or 0))
+
     def list_sessions(self, owner: str) -> list[Session]:
-        ids = {
-            key[len(SESSION_NAMESPACE) : -len(":session")]
-            for key in self.store.keys(SESSION_NAMESPACE)
-            if key.endswith(":session")
-        }
+        ids = {session_id_of(key) for key in self.store.keys(SESSION_NAMESPACE)} - {None}
         found = []
         for sid in sorted(ids | set(self.sessions)):
+            assert sid is not None
             try:
                 found.append(self.session(sid, owner))
             except (SessionNotFoundError, CorruptSnapshotError):
@@ -222,30 +270,91 @@ class Engine:
         return found
 
     def delete_session(self, session_id: str, owner: str) -> int:
-        """Pages, memory, index and every store key of the session; returns the keys deleted."""
+        """A tombstone first (no server can lease the session again, no stale one write it),
+        then every store key of the session; returns the keys deleted. Runs under the lease."""
         session = self.session(session_id, owner)
-        if session.seq is not None:
-            session.seq.table.release()
-            session.seq = None
-        del self.sessions[session_id]
+        assert session.store.lease is not None, "a session task holds the session's lease"
+        self.leases.tombstone(session.store.lease)
+        self._forget(session)
         return self.store.delete_prefix(session.prefix)
 
+    def discard(self, session: Session) -> None:
+        """Roll a session back to its committed records after a request that failed: drop this
+        copy (it reloads on its next request) and the payloads the request left unreferenced."""
+        self._forget(session)
+        try:
+            session.collect_garbage()
+        except InfinikvError as e:  # store down or lease lost: the next load collects them
+            log.warning("session %s: garbage left for the next load (%s)", session.id, e)
+
+    def _forget(self, session: Session) -> None:
+        session.drop()
+        if self.sessions.get(session.id) is session:
+            del self.sessions[session.id]
+
+    def _park(self, session: Session) -> None:
+        """Commit an idle session with its index snapshot and give its pages back; a copy that
+        is no longer the latest, or cannot be committed, is only dropped."""
+        try:
+            lease = self.leases.acquire(session.id)
+        except InfinikvError as e:
+            log.info("session %s dropped unsaved (%s)", session.id, e)
+            self._forget(session)
+            return
+        session.store.lease = lease
+        try:
+            if lease.generation == session.generation:
+                session.park()
+        except InfinikvError as e:
+            log.warning("session %s dropped unsaved (%s)", session.id, e)
+        finally:
+            session.store.lease = None
+            self._release(lease)
+            self._forget(session)
+
     def save_all(self) -> None:
-        for session in self.sessions.values():
+        for session in list(self.sessions.values()):
             if session.seq is not None:
-                session.save(self.store, index_snapshot=True)
+                self._park(session)
+
+    def _release(self, lease: Lease) -> None:
+        try:
+            self.leases.release(lease)
+        except InfinikvError as e:  # the lease expires on its own
+            log.warning("lease of session %s not released (%s)", lease.session_id, e)
 
     # ---- the worker -------------------------------------------------------------------------
 
     def _loop(self) -> None:
         while self._drain(block=not self._running and not self._waiting):
+            self._beat()
             self._admit()
             if self._running:
-                self._step(self._running.popleft())
-            elif self._waiting:  # none can start yet (not expected): wait for news, briefly
-                if not self._drain(block=True, timeout=0.05):
+                self._step(self._next())
+            elif self._waiting:  # waiting for a lease or a slot: wait for news, briefly
+                if not self._drain(block=True, timeout=LEASE_RETRY):
                     break
         self._shutdown()
+
+    def _next(self) -> Task:
+        """The next task to step: interactive ones round-robin, a background one when no
+        interactive task runs or when it last had a step BACKGROUND_EVERY seconds ago."""
+        now = time.monotonic()
+        if now - self._background_at < BACKGROUND_EVERY:
+            for task in self._running:
+                if not task.background:
+                    self._running.remove(task)
+                    return task
+        task = self._running.popleft()
+        if task.background:
+            self._background_at = now
+        return task
+
+    def _beat(self) -> None:
+        try:
+            self.jobs.beat()
+        except InfinikvError as e:
+            log.warning("heartbeat not written (%s)", e)
 
     def _drain(self, block: bool, timeout: float | None = None) -> bool:
         """Move submitted tasks to the waiting list (waiting for one if `block`); False once
@@ -263,10 +372,11 @@ class Engine:
     def _shutdown(self) -> None:
         for task in [*self._running, *self._waiting]:
             if task.steps is not None:
-                task.steps.close()
-            task.handle.emit(Failed(EngineStoppedError("the server is shutting down")))
+                self._close(task)
+            self._finish(task, Failed(EngineStoppedError("the server is shutting down")))
         try:
             self.save_all()
+            self.jobs.stop_beating()
         except Exception:  # noqa: BLE001 - a store outage at exit is logged, not raised
             log.exception("saving sessions at shutdown failed")
 
@@ -281,7 +391,7 @@ class Engine:
             return False
         victim = min(idle, key=lambda s: s.last_used)
         log.info("parking session %s to free pages", victim.id)
-        victim.park(self.store)
+        self._park(victim)
         return True
 
     def _admit(self) -> None:
@@ -292,14 +402,19 @@ class Engine:
                 continue
             if task.session_id is not None and task.session_id in self._busy:
                 continue
-            if task.needs_sequence:
-                try:
-                    if not self._reserve(task):
-                        continue
-                except InfinikvError as e:  # unknown session, corrupt snapshot
-                    self._dequeue(task)
-                    task.handle.emit(Failed(e))
+            try:
+                if not self._claim(task) or not self._reserve(task):
+                    if task.lease is not None:
+                        self._release(task.lease)
+                        task.lease = None
                     continue
+            except InfinikvError as e:  # unknown session, held elsewhere too long, corrupt snapshot
+                if task.lease is not None:
+                    self._release(task.lease)
+                    task.lease = None
+                self._dequeue(task)
+                task.handle.emit(Failed(e))
+                continue
             self._dequeue(task)
             if task.session_id is not None:
                 self._busy[task.session_id] = task
@@ -307,16 +422,41 @@ class Engine:
             task.steps = task.run(self, task)
             self._running.append(task)
 
+    def _claim(self, task: Task) -> bool:
+        """Take the lease of the task's session (if it names one); its copy here is dropped
+        if the store's is newer. False while another server holds it (up to lease_wait)."""
+        if task.session_id is None:
+            return True
+        now = time.monotonic()
+        if now < task.retry_at:
+            return False
+        try:
+            lease = self.leases.acquire(task.session_id)
+        except SessionBusyError as e:
+            if now - task.arrived >= self.lease_wait:
+                raise
+            task.retry_at = now + min(max(e.retry_after, LEASE_RETRY), 1.0)
+            return False
+        task.lease, task.renew_at = lease, now + self.leases.ttl_ms / 2000
+        session = self.sessions.get(task.session_id)
+        if session is not None and session.generation != lease.generation:
+            self._forget(session)
+        session = self.session(task.session_id, task.owner)
+        session.store.lease = lease
+        return True
+
     def _reserve(self, task: Task) -> bool:
         """Take a pool slot for the task's sequence: its own, or its session's (loaded now)."""
+        if not task.needs_sequence:
+            return True
         if task.session_id is None:
             task.uses_slot = self._make_room()
             return task.uses_slot
-        session = self.session(task.session_id, task.owner)
+        session = self.sessions[task.session_id]
         if session.seq is None:
             if not self._make_room():
                 return False
-            session.warm(self.generator, self.store)
+            session.warm(self.generator)
         return True
 
     def _dequeue(self, task: Task) -> None:
@@ -325,16 +465,33 @@ class Engine:
 
     def _finish(self, task: Task, outcome: object) -> None:
         if task.session_id is not None:
-            self._busy.pop(task.session_id, None)
+            if self._busy.get(task.session_id) is task:
+                del self._busy[task.session_id]
+            session = self.sessions.get(task.session_id)
+            if session is not None and session.store.lease is task.lease:
+                session.store.lease = None
+        if task.lease is not None:
+            self._release(task.lease)
+            task.lease = None
         self._stateless -= task.uses_slot
+        task.uses_slot = False
         task.handle.emit(outcome)
+
+    def _close(self, task: Task) -> None:
+        """End a task's steps early (cancelled, shutting down); its own clean-up may fail."""
+        assert task.steps is not None
+        try:
+            task.steps.close()
+        except Exception:  # noqa: BLE001 - reported in the log; the task ends either way
+            log.exception("task clean-up failed")
 
     def _step(self, task: Task) -> None:
         assert task.steps is not None
         if task.handle.cancelled:
-            task.steps.close()
+            self._close(task)
             self._finish(task, Failed(InfinikvError("cancelled")))
             return
+        self._renew(task)
         t0 = time.perf_counter()
         try:
             item = next(task.steps)
@@ -350,6 +507,17 @@ class Engine:
             self._observe(task, time.perf_counter() - t0)
         task.handle.emit(item)
         self._running.append(task)
+
+    def _renew(self, task: Task) -> None:
+        """Renew the task's lease once half its time is gone (a lost one fails its next write)."""
+        lease, now = task.lease, time.monotonic()
+        if lease is None or now < task.renew_at:
+            return
+        try:
+            self.leases.renew(lease)
+            task.renew_at = now + self.leases.ttl_ms / 2000
+        except InfinikvError as e:
+            log.warning("lease of session %s not renewed (%s)", lease.session_id, e)
 
     def _observe(self, task: Task, seconds: float) -> None:
         if self.observer is None:

@@ -118,22 +118,25 @@ class Sequence:
             state.memory.add_blocks([block for block, _ in victims], self.pool.k[:, idx], self.pool.v[:, idx])
         self.pool.free(pages)
 
-    def save(self, store: BlockStore, prefix: str, index_snapshot: bool) -> None:
-        """Write this sequence to `store` under `prefix`, incrementally: resident blocks not yet
-        there (a full block once, the partial last block every time), the token history and the
-        table layout; the memory's layout, and with `index_snapshot` its index. Evicted blocks
-        are already in the store (written through at eviction, under the same keys)."""
+    def save(
+        self, store: BlockStore, prefix: str, index_snapshot: bool, version: int = 0
+    ) -> dict[str, bytes]:
+        """Write this sequence's new payloads to `store` under `prefix` and return its records
+        (token history, table layout, the memory's records) for the caller to commit.
+        Incremental: a full block is written once, the partial last block under a key of
+        `version`, so no payload a committed record names is ever overwritten; evicted
+        blocks are already in the store (written through at eviction, under the same keys)."""
         L, _, B, H, d = self.pool.k.shape
         table = self.table
+        partial = table.length % B != 0
+        last = table.length // B  # the partial block's number, when there is one
         fresh = [(b, p) for b, p in zip(table.blocks, table.pages, strict=True) if b >= self.saved_blocks]
-        items: dict[str, bytes] = {}
         if fresh:
             idx = torch.tensor([p for _, p in fresh], device=self.pool.k.device)
             kv = torch.stack([self.pool.k[:, idx], self.pool.v[:, idx]]).float().cpu()  # (2, L, n, B, H, d)
-            items.update(
-                {block_key(prefix, b): p for (b, _), p in zip(fresh, blocks_to_bytes(kv), strict=True)}
-            )
-        self.saved_blocks = table.length // B
+            keys = [_resident_key(prefix, b, version if partial and b == last else None) for b, _ in fresh]
+            store.put_many(dict(zip(keys, blocks_to_bytes(kv), strict=True)))
+        self.saved_blocks = last
         meta = {
             "length": table.length,
             "blocks": table.blocks,
@@ -141,13 +144,32 @@ class Sequence:
             "evicted_until": table.evicted_until,
             "shape": [L, H, d],
             "layout": LAYOUT,
+            "partial_version": version if partial else None,
         }
-        items[f"{prefix}sequence"] = json.dumps(meta).encode()
-        items[f"{prefix}tokens"] = to_bytes(torch.tensor(self.tokens, dtype=torch.int32))
-        store.put_many(items)
+        records = {
+            f"{prefix}sequence": json.dumps(meta).encode(),
+            f"{prefix}tokens": to_bytes(torch.tensor(self.tokens, dtype=torch.int32)),
+        }
         memory = self.long_state.memory if self.long_state is not None else None
         if memory is not None and memory.store is not None:
-            memory.save(index=index_snapshot)
+            records.update(memory.save(index=index_snapshot))
+        return records
+
+    @staticmethod
+    def referenced_keys(prefix: str, records: dict[str, bytes | None]) -> set[str]:
+        """Every store key a saved sequence needs: its records (`records` holds them by key,
+        as read back) and the payloads they name."""
+        meta_raw = records.get(f"{prefix}sequence")
+        if meta_raw is None:
+            return set()
+        meta = json.loads(meta_raw)
+        keys = {f"{prefix}sequence", f"{prefix}tokens"}
+        keys |= set(_resident_keys(prefix, [int(b) for b in meta["blocks"]], meta.get("partial_version")))
+        memory_meta = records.get(f"{prefix}meta")
+        if memory_meta is not None:
+            keys |= {f"{prefix}meta", f"{prefix}favourites"}
+            keys |= EvictedMemory.referenced_keys(prefix, memory_meta)
+        return keys
 
     @classmethod
     def restore(
@@ -186,7 +208,7 @@ class Sequence:
         length, evicted = int(meta["length"]), int(meta["evicted_blocks"])
         if len(tokens) != length or len(blocks) + evicted != -(-length // B):
             raise ValueError(f"{len(tokens)} tokens, {len(blocks)} resident + {evicted} evicted blocks")
-        payloads = store.get_many([block_key(prefix, b) for b in blocks])
+        payloads = store.get_many(_resident_keys(prefix, blocks, meta.get("partial_version")))
         if any(p is None for p in payloads):
             raise ValueError("a resident block payload is missing")
         state = self.long_state
@@ -215,6 +237,19 @@ class Sequence:
                 self.pool.write_keys(layer, slots, k[layer], v[layer], phases)
         self.tokens = tokens
         self.saved_blocks = length // B
+
+
+def _resident_key(prefix: str, block: int, version: int | None) -> str:
+    """A resident block's payload key: a full block's is its own, a partial one's versioned."""
+    return block_key(prefix, block) if version is None else f"{block_key(prefix, block)}@{version}"
+
+
+def _resident_keys(prefix: str, blocks: list[int], partial_version: int | None) -> list[str]:
+    """Payload keys of a saved table's resident blocks, the last one partial with a version."""
+    return [
+        _resident_key(prefix, b, partial_version if i == len(blocks) - 1 else None)
+        for i, b in enumerate(blocks)
+    ]
 
 
 def feed(

@@ -1,28 +1,46 @@
 """A session: one long conversation or document collection bound to a persistent sequence.
 
 Only new turns arrive; the history lives in the sequence's resident window and memory. A
-session is saved to the block store after every request (incrementally: new blocks, token
-history, chat state), so it can leave the page pool when idle (`park`) and come back after a
-restart of the server.
+session is committed to the block store after every request that changed it: new payloads
+first, then its records (chat state, token history, layouts) in one fenced write under its
+lease (leases.py), so a reader sees the session before the request or after it, never a mix.
+It can leave the page pool when idle (`park`) and come back after a restart of the server.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from infinikv.engine.generator import Generator
+from infinikv.engine.leases import FencedStore
 from infinikv.engine.sequence import Sequence
+from infinikv.errors import InfinikvError
 from infinikv.memory.index import CorruptSnapshotError
-from infinikv.memory.store import BlockStore
+
+log = logging.getLogger(__name__)
 
 SESSION_NAMESPACE = "ikv:session:"
+RECORD = "session"
 
 
 def session_prefix(session_id: str) -> str:
-    return f"{SESSION_NAMESPACE}{session_id}:"
+    """Every key of a session starts so; `{id}` keeps them in one Redis Cluster hash slot."""
+    return f"{SESSION_NAMESPACE}{{{session_id}}}:"
+
+
+def record_key(session_id: str) -> str:
+    return f"{session_prefix(session_id)}{RECORD}"
+
+
+def session_id_of(record: str) -> str | None:
+    """The id in a session record's key; None for any other key."""
+    head, _, rest = record.partition("{")
+    sid, _, tail = rest.partition("}")
+    return sid if head == SESSION_NAMESPACE and tail == f":{RECORD}" else None
 
 
 @dataclass
@@ -39,6 +57,7 @@ class DocumentSpan:
 class Session:
     id: str
     owner: str  # a hash of the API key that created it ("" without auth)
+    store: FencedStore = field(repr=False)  # writes go under the session's lease
     created: float = field(default_factory=time.time)
     seq: Sequence | None = None  # None while parked (only in the store)
     # Tokens sampled but not fed yet: the last token of the previous generation.
@@ -48,6 +67,8 @@ class Session:
     documents: list[DocumentSpan] = field(default_factory=list)
     last_used: float = field(default_factory=time.monotonic)
     saved_tokens: int = 0  # tokens of the sequence in the store (what a parked session holds)
+    generation: int = 0  # of the records this copy was loaded from or last committed
+    referenced: set[str] = field(default_factory=set)  # store keys the committed records need
 
     @property
     def prefix(self) -> str:
@@ -102,47 +123,82 @@ class Session:
         ).encode()
 
     @classmethod
-    def from_json(cls, raw: bytes) -> Session:
+    def from_json(cls, raw: bytes, store: FencedStore, generation: int) -> Session:
         try:
             data: dict[str, Any] = json.loads(raw)
             made = cls(
                 id=str(data["id"]),
                 owner=str(data["owner"]),
+                store=store,
                 created=float(data["created"]),
                 pending=[int(t) for t in data["pending"]],
                 messages=[{"role": str(m["role"]), "content": str(m["content"])} for m in data["messages"]],
                 chat_text=str(data["chat_text"]),
                 documents=[DocumentSpan(**d) for d in data["documents"]],
+                generation=generation,
             )
             made.saved_tokens = int(data["tokens"]) - len(made.pending)
         except (ValueError, KeyError, TypeError) as e:
             raise CorruptSnapshotError(f"session record is corrupt: {e}") from e
         return made
 
-    def save(self, store: BlockStore, index_snapshot: bool = False) -> None:
-        """Write what changed since the last save. Without `index_snapshot` the memory index is
-        not re-serialized: a load indexes the blocks evicted since the last snapshot again."""
+    def save(self, index_snapshot: bool = False) -> None:
+        """Commit what changed since the last commit (the lease must be held): new payloads,
+        then every record with the next generation in one fenced write, then the payloads
+        only the previous commit named are deleted. Without `index_snapshot` the memory
+        index is not re-serialized: a load indexes the blocks evicted since then again."""
+        generation = self.generation + 1
+        records: dict[str, bytes] = {}
         if self.seq is not None:
-            self.seq.save(store, self.prefix, index_snapshot)
-            self.saved_tokens = len(self.seq)
-        store.put_many({f"{self.prefix}session": self.to_json()})
-
-    def park(self, store: BlockStore) -> None:
-        """Save everything and give the pages back; the session reloads on its next request."""
+            records = self.seq.save(self.store, self.prefix, index_snapshot, generation)
+        records[f"{self.prefix}{RECORD}"] = self.to_json()
+        self.store.commit(records, generation)
+        self.generation = generation
         if self.seq is None:
             return
-        self.save(store, index_snapshot=True)
-        self.seq.table.release()
-        self.seq = None
+        self.saved_tokens = len(self.seq)
+        referenced = Sequence.referenced_keys(self.prefix, dict(records)) | {f"{self.prefix}{RECORD}"}
+        superseded = sorted(self.referenced - referenced)
+        self.referenced = referenced
+        try:
+            self.store.delete(superseded)
+        except InfinikvError:  # committed; the next load collects them
+            log.warning("session %s: %d superseded keys left for the next load", self.id, len(superseded))
 
-    def warm(self, generator: Generator, store: BlockStore) -> Sequence:
-        """The session's sequence in pages, restored from the store if it was parked."""
+    def collect_garbage(self) -> int:
+        """Delete the session's keys that its committed records do not name (payloads of
+        a request that failed or of a process that died before its commit); returns how many."""
+        names = [f"{self.prefix}sequence", f"{self.prefix}meta"]
+        records = dict(zip(names, self.store.get_many(names), strict=True))
+        referenced = Sequence.referenced_keys(self.prefix, records) | {f"{self.prefix}{RECORD}"}
+        doomed = [k for k in self.store.keys(self.prefix) if k not in referenced]
+        self.store.delete(doomed)
+        self.referenced = referenced
+        return len(doomed)
+
+    def park(self) -> None:
+        """Commit everything and give the pages back; the session reloads on its next request."""
         if self.seq is None:
+            return
+        self.save(index_snapshot=True)
+        self.drop()
+
+    def drop(self) -> None:
+        """Give the pages back without writing: the store's committed records stay the truth."""
+        if self.seq is not None:
+            self.seq.table.release()
+            self.seq = None
+
+    def warm(self, generator: Generator) -> Sequence:
+        """The session's sequence in pages, restored from the store if it was parked; keys
+        that no committed record names are collected first."""
+        if self.seq is None:
+            self.collect_garbage()
             if self.saved_tokens == 0:
-                self.seq = generator.new_sequence(self.prefix)
+                self.seq = generator.new_sequence(self.prefix, self.store)
             else:
                 self.seq = Sequence.restore(
-                    generator.model, generator.pool, generator.long_context, store, self.prefix
+                    generator.model, generator.pool, generator.long_context, self.store, self.prefix
                 )
         self.last_used = time.monotonic()
         return self.seq

@@ -234,16 +234,17 @@ class EvictedMemory:
         self.cache.put(blocks, kv)
         self.tokens += len(blocks) * B
 
-    def save(self, index: bool = True) -> None:
-        """Write the layout to the store (the blocks are already there) and, with `index`, a
-        snapshot of the index. Without it the last snapshot stays: `load` adds the blocks
-        evicted after it to the index again, so a snapshot is a cache and the blocks the truth."""
+    def save(self, index: bool = True) -> dict[str, bytes]:
+        """The memory's records (layout, favourites) for the caller to commit; with `index`, a
+        snapshot of the index is written first under a key of its own, which they name.
+        Without it the last snapshot stays: `load` adds the blocks evicted after it to the
+        index again, so a snapshot is a cache and the blocks the truth."""
         if self.store is None:
             raise ValueError("this memory has no block store to save to")
-        items = {}
-        if index:
-            items[f"{self.prefix}index"] = self.index.serialize()
-            self.snapshot_blocks = self.tokens // self.page_size
+        blocks = self.tokens // self.page_size
+        if index and blocks != self.snapshot_blocks:
+            self.store.put_many({index_key(self.prefix, blocks): self.index.serialize()})
+            self.snapshot_blocks = blocks
         L, _, H, d = self.shape
         meta = {
             "shape": [L, H, d],
@@ -253,18 +254,29 @@ class EvictedMemory:
             "index_kind": self.index.kind,
             "granularity": self.granularity,
             "first_block": self.first_block,
-            "blocks": self.tokens // self.page_size,
+            "blocks": blocks,
             "snapshot_blocks": self.snapshot_blocks,
         }
-        items[f"{self.prefix}meta"] = json.dumps(meta).encode()
+        records = {f"{self.prefix}meta": json.dumps(meta).encode()}
         if self.sketch is not None:  # block granularity: the ranking's favourites
-            items[f"{self.prefix}favourites"] = json.dumps(
+            records[f"{self.prefix}favourites"] = json.dumps(
                 [
                     [[f.position, f.blocks.tolist(), f.ranked, f.covered, f.buffer.shape[1]] for f in sets]
                     for sets in self._favourites
                 ]
             ).encode()
-        self.store.put_many(items)
+        return records
+
+    @staticmethod
+    def referenced_keys(prefix: str, meta_raw: bytes) -> set[str]:
+        """The store keys a saved memory's records (its `meta`) need besides themselves."""
+        meta = json.loads(meta_raw)
+        total, indexed = int(meta["blocks"]), int(meta["snapshot_blocks"])
+        first = meta["first_block"] or 0
+        keys = {block_key(prefix, b) for b in range(first, first + total)}
+        if indexed:
+            keys.add(index_key(prefix, indexed))
+        return keys
 
     @classmethod
     def load(
@@ -309,7 +321,7 @@ class EvictedMemory:
             if not 0 <= indexed <= total:
                 raise ValueError(f"{indexed} indexed blocks of {total}")
             if indexed:
-                (index_raw,) = store.get_many([f"{prefix}index"])
+                (index_raw,) = store.get_many([index_key(prefix, indexed)])
                 if index_raw is None:
                     raise ValueError("the index snapshot is missing")
                 made.index = MemoryIndex.deserialize(index_raw, device)
@@ -609,6 +621,11 @@ class EvictedMemory:
     def delete(self) -> int:
         """Remove everything this memory wrote to the store; returns the number of keys."""
         return 0 if self.store is None else self.store.delete_prefix(self.prefix)
+
+
+def index_key(prefix: str, blocks: int) -> str:
+    """Store key of the index snapshot over a memory's first `blocks` blocks."""
+    return f"{prefix}index@{blocks}"
 
 
 def best_logits(queries: torch.Tensor, keys: torch.Tensor, page_size: int) -> torch.Tensor:

@@ -8,6 +8,7 @@ import contextlib
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
@@ -35,6 +36,21 @@ class BlockStore(Protocol):
 
     def keys(self, prefix: str) -> list[str]: ...
 
+    def compare_and_set(
+        self, guard: str, expected: bytes | None, items: dict[str, bytes], deletes: list[str]
+    ) -> bool:
+        """Atomically: if the value at `guard` is `expected` (None: absent), write `items` and
+        delete `deletes`, and return True; else change nothing and return False."""
+        ...
+
+    def time_ms(self) -> int:
+        """The store's clock (milliseconds), one clock for every process that shares the store."""
+        ...
+
+    def ping(self) -> None:
+        """Raise StoreUnavailableError unless the store answers."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -54,14 +70,7 @@ class InProcessBlockStore:
     def put_many(self, items: dict[str, bytes]) -> None:
         with self._lock, self._file_errors():
             for key, value in items.items():
-                start = self._space.take(len(value))
-                try:
-                    self._write(start, value)
-                except OSError:  # the old value, if any, stays
-                    self._space.give(start, len(value))
-                    raise
-                self._free(key)
-                self._where[key] = (start, len(value))
+                self._put(key, value)
 
     def get_many(self, keys: list[str]) -> list[bytes | None]:
         with self._lock, self._file_errors():
@@ -84,9 +93,40 @@ class InProcessBlockStore:
             os.ftruncate(self._file.fileno(), self._space.end)  # give the disk back
         return len(doomed)
 
+    def compare_and_set(
+        self, guard: str, expected: bytes | None, items: dict[str, bytes], deletes: list[str]
+    ) -> bool:
+        with self._lock, self._file_errors():
+            place = self._where.get(guard)
+            found = None if place is None else self._read(*place)
+            if found != expected:
+                return False
+            for key in deletes:
+                self._free(key)
+            for key, value in items.items():
+                self._put(key, value)
+            return True
+
+    def time_ms(self) -> int:
+        return time.time_ns() // 1_000_000
+
+    def ping(self) -> None:
+        with self._lock, self._file_errors():
+            os.fstat(self._file.fileno())
+
     def close(self) -> None:
         with self._lock:
             self._file.close()
+
+    def _put(self, key: str, value: bytes) -> None:
+        start = self._space.take(len(value))
+        try:
+            self._write(start, value)
+        except OSError:  # the old value, if any, stays
+            self._space.give(start, len(value))
+            raise
+        self._free(key)
+        self._where[key] = (start, len(value))
 
     def _write(self, start: int, value: bytes) -> None:
         view = memoryview(value)
@@ -119,6 +159,20 @@ class InProcessBlockStore:
 # Keys per pipeline / SCAN page: large enough to amortize round trips, small enough to keep
 # one reply well under Redis's default 512 MB bulk limit for KV blocks of small models.
 REDIS_BATCH = 256
+# KEYS[1] the guard, KEYS[2..n+1] the keys to write (ARGV[3..n+2] their values), the rest
+# to delete; ARGV[1] the expected guard value, ARGV[2] "1" when the guard must be absent.
+_COMPARE_AND_SET = """
+local found = redis.call('GET', KEYS[1])
+if ARGV[2] == '1' then
+  if found then return 0 end
+elseif found ~= ARGV[1] then
+  return 0
+end
+local n = #ARGV - 2
+for i = 1, n do redis.call('SET', KEYS[i + 1], ARGV[i + 2]) end
+for i = n + 2, #KEYS do redis.call('UNLINK', KEYS[i]) end
+return 1
+"""
 
 
 class RedisBlockStore:
@@ -145,6 +199,7 @@ class RedisBlockStore:
         except (redis.RedisError, OSError, ValueError) as e:
             raise StoreUnavailableError(f"cannot reach Redis at {url}: {e}") from e
         self._cluster = cluster
+        self._cas = self._client.register_script(_COMPARE_AND_SET)
 
     @contextlib.contextmanager
     def _reachable(self) -> Iterator[None]:
@@ -175,6 +230,23 @@ class RedisBlockStore:
     def delete_prefix(self, prefix: str) -> int:
         with self._reachable():
             return self._delete_prefix(prefix)
+
+    def compare_and_set(
+        self, guard: str, expected: bytes | None, items: dict[str, bytes], deletes: list[str]
+    ) -> bool:
+        keys = [guard, *items, *deletes]
+        args = [expected or b"", b"1" if expected is None else b"0", *items.values()]
+        with self._reachable():
+            return bool(self._cas(keys=keys, args=args))
+
+    def time_ms(self) -> int:
+        with self._reachable():
+            seconds, micros = self._client.time()
+        return int(seconds) * 1000 + int(micros) // 1000
+
+    def ping(self) -> None:
+        with self._reachable():
+            self._client.ping()
 
     def _pipelined(self, names: list[str], queue: Callable[[Any, str], object]) -> list[Any]:
         """`queue(pipeline, name)` for every name, REDIS_BATCH commands per round trip; the replies."""

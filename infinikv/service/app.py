@@ -9,7 +9,6 @@ import hmac
 import json
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import PurePath
@@ -20,8 +19,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import ValidationError
 
 from infinikv.engine.generator import GenerationEvent
-from infinikv.engine.requests import IngestJob, Turn, TurnResult, run_ingest, run_turn
+from infinikv.engine.jobs import IngestJob
+from infinikv.engine.requests import Turn, TurnResult, run_ingest, run_turn
 from infinikv.engine.scheduler import Engine, Failed, Finished, TaskHandle
+from infinikv.errors import InfinikvError
 from infinikv.service.errors import ApiError, as_api_error, error_body, install_handlers
 from infinikv.service.limits import BodySizeLimit
 from infinikv.service.metrics import Metrics
@@ -35,8 +36,6 @@ from infinikv.service.schemas import (
 from infinikv.service.settings import Settings
 
 DOCUMENT_SUFFIXES = (".txt", ".md", ".markdown", ".text")
-# Finished ingestion jobs kept for GET /v1/jobs/{id}.
-MAX_JOBS = 1000
 
 SessionId = Path(pattern=SESSION_ID, max_length=64)
 
@@ -70,8 +69,8 @@ def create_app(engine: Engine, settings: Settings, metrics: Metrics | None = Non
             if s.seq is not None and s.seq.long_state is not None and s.seq.long_state.memory is not None
         ),
     )
+    metrics.store_up.set_function(lambda: _store_answers(engine))
     keys = {hashlib.sha256(k.encode()).hexdigest(): k for k in settings.api_key_list}
-    jobs: OrderedDict[str, IngestJob] = OrderedDict()
     model_id = settings.model_id
     started = int(time.time())
 
@@ -81,7 +80,16 @@ def create_app(engine: Engine, settings: Settings, metrics: Metrics | None = Non
         yield
         await asyncio.to_thread(engine.stop)
 
-    app = FastAPI(title="infinikv", version="0.1.0", lifespan=lifespan)
+    # With API keys, the schema, the docs and the metrics answer only to a key (the metrics
+    # to anyone if the operator says so: a scraper inside the network).
+    app = FastAPI(
+        title="infinikv",
+        version="0.1.0",
+        lifespan=lifespan,
+        docs_url=None if keys else "/docs",
+        redoc_url=None if keys else "/redoc",
+        openapi_url=None if keys else "/openapi.json",
+    )
     install_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
 
@@ -154,11 +162,29 @@ def create_app(engine: Engine, settings: Settings, metrics: Metrics | None = Non
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": model_id, "queued": engine.queued}
+        """ok, or degraded while the block store does not answer (sessions get 503 then)."""
+        try:
+            await asyncio.to_thread(engine.store.ping)
+            store = "ok"
+        except InfinikvError as e:
+            store = f"unreachable: {e}"
+        status = "ok" if store == "ok" else "degraded"
+        return {"status": status, "model": model_id, "queued": engine.queued, "store": store}
 
-    @app.get("/metrics")
+    async def metrics_reader(request: Request) -> None:
+        if keys and not settings.public_metrics:
+            owner(request)
+
+    @app.get("/metrics", dependencies=[Depends(metrics_reader)])
     async def prometheus() -> Response:
-        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+        body = await asyncio.to_thread(metrics.render)
+        return PlainTextResponse(body, media_type="text/plain; version=0.0.4")
+
+    if keys:
+
+        @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(owner)])
+        async def schema() -> dict[str, Any]:
+            return app.openapi()
 
     @app.get("/v1/models")
     async def models(_: str = Depends(owner)) -> dict[str, Any]:
@@ -206,21 +232,31 @@ def create_app(engine: Engine, settings: Settings, metrics: Metrics | None = Non
         request: Request, session_id: str = SessionId, who: str = Depends(owner)
     ) -> dict[str, Any]:
         name, text = await _document(request)
-        await engine.call(lambda e: e.session(session_id, who).id)  # 404 now, not in the job
+        # An unknown session is a 404 and a document too long for it a 413 now, not in the job.
+        await engine.call(lambda e: e.check_fits(session_id, who, text))
         job = IngestJob(session_id, who, name)
         handle = TaskHandle(asyncio.get_running_loop())
-        engine.submit(run_ingest(job, text), handle, session_id, who, needs_sequence=True)
-        jobs[job.id] = job
-        while len(jobs) > MAX_JOBS and next(iter(jobs.values())).finished is not None:
-            jobs.popitem(last=False)
+        engine.submit(run_ingest(job, text), handle, session_id, who, needs_sequence=True, background=True)
+        engine.jobs.add(job, handle.cancel)
         asyncio.get_running_loop().create_task(_count_ingested(handle, job, metrics))
         return job.view()
 
-    @app.get("/v1/jobs/{job_id}")
-    async def get_job(job_id: str = Path(max_length=64), who: str = Depends(owner)) -> dict[str, Any]:
-        job = jobs.get(job_id)
+    async def find_job(job_id: str, who: str) -> IngestJob:
+        job = await asyncio.to_thread(engine.jobs.get, job_id)
         if job is None or job.owner != who:
             raise ApiError(404, f"job {job_id!r} not found", code="job_not_found")
+        return job
+
+    @app.get("/v1/jobs/{job_id}")
+    async def get_job(job_id: str = Path(max_length=64), who: str = Depends(owner)) -> dict[str, Any]:
+        return (await find_job(job_id, who)).view()
+
+    @app.delete("/v1/jobs/{job_id}")
+    async def cancel_job(job_id: str = Path(max_length=64), who: str = Depends(owner)) -> dict[str, Any]:
+        """Stop an ingestion; the session stays as it was before the job."""
+        job = await find_job(job_id, who)
+        if not engine.jobs.cancel(job.id):
+            raise ApiError(409, f"job {job_id!r} is {job.status}, not running here", code="job_not_running")
         return job.view()
 
     return app
@@ -358,6 +394,14 @@ async def _document(request: Request) -> tuple[str, str]:
             raise ApiError(400, f"{'.'.join(map(str, first['loc'])) or 'body'}: {first['msg']}") from e
         return doc.name, doc.text
     raise ApiError(415, "send application/json {'text', 'name'} or multipart/form-data with a 'file'")
+
+
+def _store_answers(engine: Engine) -> float:
+    try:
+        engine.store.ping()
+    except InfinikvError:
+        return 0.0
+    return 1.0
 
 
 async def _count_ingested(handle: TaskHandle, job: IngestJob, metrics: Metrics) -> None:

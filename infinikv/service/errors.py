@@ -10,8 +10,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from infinikv.engine.scheduler import EngineOverloadedError, EngineStoppedError, SessionNotFoundError
-from infinikv.errors import InfinikvError
+from infinikv.engine.scheduler import EngineOverloadedError, EngineStoppedError
+from infinikv.errors import (
+    CapacityError,
+    InfinikvError,
+    LeaseLostError,
+    SessionBusyError,
+    SessionNotFoundError,
+)
 from infinikv.memory.index import CorruptSnapshotError
 from infinikv.memory.store import StoreUnavailableError
 
@@ -20,10 +26,16 @@ log = logging.getLogger(__name__)
 
 class ApiError(Exception):
     def __init__(
-        self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        code: str | None = None,
+        retry_after: float | None = None,
     ):
         super().__init__(message)
         self.status, self.message, self.kind, self.code = status, message, kind, code
+        self.retry_after = retry_after
 
 
 def error_body(message: str, kind: str, code: str | None = None, param: str | None = None) -> dict:
@@ -36,6 +48,12 @@ def as_api_error(e: BaseException) -> ApiError:
         return e
     if isinstance(e, SessionNotFoundError):
         return ApiError(404, str(e), code="session_not_found")
+    if isinstance(e, SessionBusyError):
+        return ApiError(409, str(e), code="session_busy", retry_after=e.retry_after)
+    if isinstance(e, LeaseLostError):
+        return ApiError(409, str(e), code="session_taken_over", retry_after=1)
+    if isinstance(e, CapacityError):
+        return ApiError(413, str(e), code="context_length_exceeded")
     if isinstance(e, EngineOverloadedError):
         return ApiError(429, str(e), kind="rate_limit_error", code="queue_full")
     if isinstance(e, EngineStoppedError | StoreUnavailableError):
@@ -51,7 +69,8 @@ def as_api_error(e: BaseException) -> ApiError:
 def install_handlers(app: FastAPI) -> None:
     async def api_error(_: Request, e: Exception) -> JSONResponse:
         err = as_api_error(e)
-        return JSONResponse(error_body(err.message, err.kind, err.code), status_code=err.status)
+        headers = None if err.retry_after is None else {"Retry-After": str(max(1, round(err.retry_after)))}
+        return JSONResponse(error_body(err.message, err.kind, err.code), err.status, headers)
 
     async def validation(_: Request, e: Exception) -> JSONResponse:
         assert isinstance(e, RequestValidationError)

@@ -53,6 +53,7 @@ class Metrics:
         )
         self.queued = Gauge("infinikv_queued_requests", "requests waiting for the engine", registry=r)
         self.sessions = Gauge("infinikv_sessions_loaded", "sessions with pages in the KV pool", registry=r)
+        self.store_up = Gauge("infinikv_store_up", "1 while the block store answers, else 0", registry=r)
         self.memory_tokens = Gauge(
             "infinikv_memory_tokens", "evicted tokens in the kNN memory of loaded sessions", registry=r
         )

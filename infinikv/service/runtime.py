@@ -15,7 +15,7 @@ from infinikv.attention.backends import (
 )
 from infinikv.engine.generator import Generator
 from infinikv.memory.index import gpu_resources
-from infinikv.memory.store import open_store
+from infinikv.memory.store import InProcessBlockStore
 from infinikv.model.loader import LoadedModel, load_model
 from infinikv.service.settings import Settings
 from infinikv.speculative.draft_model import DraftModelDrafter, check_same_vocabulary
@@ -27,8 +27,8 @@ log = logging.getLogger(__name__)
 
 
 def build_generator(settings: Settings, slots: int = 1) -> Generator:
-    """Model + generator from settings; an unreachable Redis fails here, before the model loads."""
-    store = open_store(settings.redis_url, settings.redis_cluster)
+    """Model + generator from settings. Its sequences (stateless generations) evict into a
+    store of this process: sessions, the only state that outlives it, use the engine's."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
     loaded = load_model(
@@ -53,7 +53,7 @@ def build_generator(settings: Settings, slots: int = 1) -> Generator:
         page_size=settings.page_size,
         chunk_size=settings.chunk_size,
         long_context=long_context,
-        store=store,
+        store=InProcessBlockStore(),
         slots=slots,
     )
 

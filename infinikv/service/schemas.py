@@ -4,9 +4,9 @@ we cannot honour when set (n > 1, logprobs, echo) are refused by name."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from infinikv.engine.sampling import SamplingParams
 
@@ -14,16 +14,28 @@ from infinikv.engine.sampling import SamplingParams
 SESSION_ID = r"^[A-Za-z0-9_\-]{1,64}$"
 
 
+def _encodable(text: str) -> str:
+    """JSON can carry a lone surrogate (\\ud800) that no tokenizer can encode: refuse it here."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"text holds a lone surrogate at character {e.start}, not valid Unicode") from e
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+
+
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    content: Text | list[TextPart]
 
     def as_template_message(self) -> dict[str, str]:
         text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -44,8 +56,8 @@ class GenerationRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
+    stop: Text | list[Text] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Literal[1] = 1
@@ -79,7 +91,7 @@ class ChatCompletionRequest(GenerationRequest):
 
 
 class CompletionRequest(GenerationRequest):
-    prompt: str | list[str]
+    prompt: Text | list[Text]
     echo: Literal[False, None] = None
 
     @field_validator("prompt")
@@ -96,5 +108,5 @@ class CompletionRequest(GenerationRequest):
 
 
 class DocumentText(BaseModel):
-    text: str = Field(min_length=1)
-    name: str = Field("document", max_length=256)
+    text: Text = Field(min_length=1)
+    name: Text = Field("document", max_length=256)

@@ -7,6 +7,7 @@ import logging
 import uvicorn
 
 from infinikv.engine.scheduler import Engine
+from infinikv.memory.store import open_store
 from infinikv.service.app import create_app
 from infinikv.service.runtime import build_generator
 from infinikv.service.settings import Settings
@@ -15,10 +16,17 @@ log = logging.getLogger(__name__)
 
 
 def serve(settings: Settings) -> None:
-    """Blocks until the server is stopped (SIGINT/SIGTERM); loaded sessions are saved on the way out."""
+    """Blocks until the server is stopped (SIGINT/SIGTERM); loaded sessions are committed on the
+    way out. An unreachable Redis fails here, before the model loads."""
+    store = open_store(settings.redis_url, settings.redis_cluster)
     generator = build_generator(settings, slots=settings.slots)
-    assert generator.store is not None
-    engine = Engine(generator, generator.store, max_queue=settings.max_queue)
+    engine = Engine(
+        generator,
+        store,
+        max_queue=settings.max_queue,
+        lease_seconds=settings.lease_seconds,
+        lease_wait=settings.lease_wait,
+    )
     app = create_app(engine, settings)
     log.info("serving %s on http://%s:%d", settings.model_id, settings.host, settings.port)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=30)

@@ -76,6 +76,11 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     served_model_name: str | None = Field(None, description="model id in the API; default: from --model")
     api_keys: str | None = Field(None, description="comma-separated Bearer keys; unset: no auth")
+    public_metrics: bool = Field(False, description="with api_keys, /metrics without a key")
+    # Sessions across servers on one store: a server holds a session's lease while it runs a
+    # request of it (renewed at half time); a request for a session held elsewhere waits.
+    lease_seconds: float = Field(30.0, gt=0, description="a session lease's time to live")
+    lease_wait: float = Field(30.0, ge=0, description="longest wait for a session held elsewhere")
     # Sequences the KV pool holds at once: running stateless requests plus loaded sessions
     # (idle sessions beyond that are parked to the block store).
     slots: int = Field(4, ge=1, le=256)
