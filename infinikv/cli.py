@@ -122,10 +122,6 @@ def _build_parser() -> ArgumentParser:
         type=_positive_int,
         help="host RAM for evicted blocks and search structures (block granularity): sets the longest input",
     )
-    lc.add_argument("--redis-url", help="block store for evicted blocks (default: in-process)")
-    lc.add_argument(
-        "--redis-cluster", action="store_true", default=None, help="--redis-url is a Redis Cluster node"
-    )
     sp = common.add_argument_group("speculative decoding")
     sp.add_argument("--draft", help="lookup | self:N (the first N layers) | model (with --draft-model)")
     sp.add_argument("--draft-model", help="draft model sharing the tokenizer (directory, .gguf, hub id)")
@@ -154,6 +150,10 @@ def _build_parser() -> ArgumentParser:
     srv.add_argument("--port", type=int, help="port (default: 8000)")
     srv.add_argument("--served-model-name", help="model id in the API")
     srv.add_argument("--api-keys", help="comma-separated Bearer keys (default: no auth)")
+    srv.add_argument("--redis-url", help="store of the sessions (default: in-process, gone with it)")
+    srv.add_argument(
+        "--redis-cluster", action="store_true", default=None, help="--redis-url is a Redis Cluster node"
+    )
     srv.add_argument("--slots", type=_positive_int, help="sequences the KV pool holds at once")
     srv.add_argument("--max-queue", type=_positive_int, help="queued requests before 429")
     srv.add_argument("--max-body-bytes", type=_positive_int, help="largest request body")

@@ -41,7 +41,7 @@ def run_cli(argv: list[str]) -> int:
         (["generate", "hi", "--max-seq-len", "8"], 2, "invalid max_seq_len"),
         (["bogus"], 2, "invalid choice"),
         (
-            ["generate", "hi", "--redis-url", "redis://127.0.0.1:1/0"],
+            ["serve", "--redis-url", "redis://127.0.0.1:1/0"],
             1,
             "cannot reach Redis at redis://127.0.0.1:1/0",
         ),
