@@ -432,10 +432,10 @@ class Engine:
             return False
         try:
             lease = self.leases.acquire(task.session_id)
-        except SessionBusyError as e:
+        except SessionBusyError:
             if now - task.arrived >= self.lease_wait:
                 raise
-            task.retry_at = now + min(max(e.retry_after, LEASE_RETRY), 1.0)
+            task.retry_at = now + LEASE_RETRY
             return False
         task.lease, task.renew_at = lease, now + self.leases.ttl_ms / 2000
         session = self.sessions.get(task.session_id)
