@@ -5,9 +5,11 @@
   same request, so the HTTP + scheduling overhead shows as a ratio.
 * Ingestion of a document into a session (POST /v1/sessions/{id}/documents, polled to
   completion): tokens/s, beside prefilling the same tokens into an in-process sequence.
+* Interference: one 16-token chat request alone, then the same request while a 6k-token
+  document is being ingested into another session (interactive requests come first).
 
 Run from the repository root (it starts `infinikv serve` through tests/server_process.py):
-    python benchmarks/bench_service.py [--ingest-tokens 100000] [--parts concurrency ingestion]
+    python benchmarks/bench_service.py [--ingest-tokens 100000] [--parts concurrency ingestion interference]
 The parts measured replace theirs in benchmarks/results/service.json; the others stay.
 """
 
@@ -105,6 +107,38 @@ def ingest(base: str, text: str) -> dict:
     return {"tokens": job["total_tokens"], "seconds": elapsed, "tokens_per_s": job["total_tokens"] / elapsed}
 
 
+def interference(base: str, text: str) -> dict:
+    """Seconds of a 16-token chat request alone and beside an ingestion of `text`."""
+    c = openai.OpenAI(base_url=f"{base}/v1", api_key="bench", max_retries=0, timeout=600)
+
+    def timed_chat() -> float:
+        t0 = time.perf_counter()
+        c.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=16, temperature=0)
+        return time.perf_counter() - t0
+
+    alone = timed_chat()
+    session = requests.post(f"{base}/v1/sessions", timeout=30).json()["id"]
+    job = requests.post(f"{base}/v1/sessions/{session}/documents", json={"text": text}, timeout=60).json()
+    for _ in range(10_000):  # bounded: until its first chunk is in
+        job = requests.get(f"{base}/v1/jobs/{job['id']}", timeout=30).json()
+        if job["done_tokens"] > 0:
+            break
+        time.sleep(0.05)
+    beside = timed_chat()
+    still_running = requests.get(f"{base}/v1/jobs/{job['id']}", timeout=30).json()["status"] == "running"
+    for _ in range(100_000):  # bounded poll
+        if requests.get(f"{base}/v1/jobs/{job['id']}", timeout=30).json()["status"] != "running":
+            break
+        time.sleep(0.5)
+    requests.delete(f"{base}/v1/sessions/{session}", timeout=60)
+    return {
+        "ingest_tokens": job["total_tokens"],
+        "chat_alone_s": alone,
+        "chat_beside_ingestion_s": beside,
+        "ingestion_still_running_after": still_running,
+    }
+
+
 def in_process(settings: Settings, text: str, parts: list[str]) -> dict:
     """The reference: the same chat request and the same document prefill without HTTP."""
     gen = build_generator(settings)
@@ -135,7 +169,10 @@ def main() -> None:
     ap.add_argument("--ingest-tokens", type=int, default=100_000)
     ap.add_argument("--per-client", type=int, default=2, help="requests per client")
     ap.add_argument(
-        "--parts", nargs="+", choices=["concurrency", "ingestion"], default=["concurrency", "ingestion"]
+        "--parts",
+        nargs="+",
+        choices=["concurrency", "ingestion", "interference"],
+        default=["concurrency", "ingestion", "interference"],
     )
     ap.add_argument("--out", default="benchmarks/results/service.json")
     args = ap.parse_args()
@@ -144,7 +181,8 @@ def main() -> None:
     text = FILLER * (args.ingest_tokens // 22)
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {}
-    reference = in_process(Settings(), text, args.parts)
+    measured_in_process = {"concurrency", "ingestion"} & set(args.parts)
+    reference = in_process(Settings(), text, args.parts) if measured_in_process else {}
     print(f"in-process: {json.dumps(reference)}", flush=True)
     with tempfile.TemporaryDirectory() as logs, infinikv_server(Path(logs)) as base:
         if "concurrency" in args.parts:
@@ -157,6 +195,8 @@ def main() -> None:
                 "tokens": reference["ingest_tokens"],
                 "tokens_per_s": reference["ingest_tokens_per_s"],
             }
+        if "interference" in args.parts:
+            results["interference"] = interference(base, FILLER * (6000 // 22))
     out.write_text(json.dumps(results, indent=2))
 
     print(f"\n| clients | req/s | TTFT p50 | TTFT p95 | gen tok/s | vs in-process ({MAX_TOKENS} tokens) |")
@@ -166,6 +206,13 @@ def main() -> None:
         print(
             f"| {r['clients']} | {r['requests_per_s']:.2f} | {r['ttft_p50_s'] * 1000:.0f} ms | "
             f"{r['ttft_p95_s'] * 1000:.0f} ms | {r['generated_tokens_per_s']:.1f} | {ratio:.2f}x |"
+        )
+    if "interference" in results:
+        r = results["interference"]
+        print(
+            f"\n16-token chat: {r['chat_alone_s']:.2f} s alone, {r['chat_beside_ingestion_s']:.2f} s "
+            f"beside a {r['ingest_tokens']}-token ingestion (still running after: "
+            f"{r['ingestion_still_running_after']})"
         )
     if "ingestion" in results:
         http, local = results["ingestion"], results["ingestion_in_process"]

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from infinikv.engine.scheduler import Engine, EngineOverloadedError, Failed, Finished, TaskHandle
+from infinikv.errors import SessionBusyError
 from infinikv.memory.store import InProcessBlockStore
 
 
@@ -106,3 +107,67 @@ def test_a_full_queue_is_refused_and_errors_reach_their_requester() -> None:
     err = result(second)
     assert isinstance(err, Failed) and str(err.error) == "bad input"
     e.stop()
+
+
+def test_interactive_steps_come_before_a_background_tasks() -> None:
+    """An ingestion (background) steps between interactive tasks' steps only once a
+    BACKGROUND_EVERY since its last step: a chat beside it waits for one step at most."""
+    e = engine(slots=4)
+    order: list[str] = []
+    started = threading.Event()
+
+    def body(name: str, steps: int):
+        def run(_engine, _task):
+            for _ in range(steps):
+                order.append(name)
+                started.set()
+                time.sleep(0.01)
+                yield None
+            return name
+
+        return run
+
+    ingestion = e.submit(body("doc", 40), TaskHandle(), background=True)
+    assert started.wait(10)
+    chat = e.submit(body("chat", 20), TaskHandle())
+    assert result(chat) == Finished("chat")
+    chat_steps = [i for i, name in enumerate(order) if name == "chat"]
+    between = order[chat_steps[0] : chat_steps[-1]]
+    assert between.count("doc") == 0  # 20 steps of 10 ms fit in one BACKGROUND_EVERY
+    assert result(ingestion) == Finished("doc")
+    e.stop()
+
+
+def test_a_session_another_engine_holds_waits_for_it_or_is_refused_as_busy() -> None:
+    """Two engines (two servers) on one store: a task on a session the other one is running
+    waits for its lease, up to lease_wait, then fails with SessionBusyError."""
+    store = InProcessBlockStore()
+    a = Engine(SimpleNamespace(slots=2), store, lease_wait=30)  # type: ignore[arg-type]
+    b = Engine(SimpleNamespace(slots=2), store, lease_wait=0.2)  # type: ignore[arg-type]
+    for made in (a, b):
+        made.start()
+    sid = a.call_blocking(lambda en: en.create_session("").id, timeout=10)
+    gate, holding = threading.Event(), threading.Event()
+
+    def hold(_engine, _task):
+        holding.set()
+        gate.wait(10)
+        yield None
+        return "a"
+
+    def quick(_engine, _task):
+        return "next"
+        yield None
+
+    first = a.submit(hold, TaskHandle(), session_id=sid)
+    assert holding.wait(10)
+    refused = result(b.submit(quick, TaskHandle(), session_id=sid))
+    assert isinstance(refused, Failed) and isinstance(refused.error, SessionBusyError)
+    b.lease_wait = 30
+    waiting = b.submit(quick, TaskHandle(), session_id=sid)
+    time.sleep(0.3)  # it tries, and waits
+    gate.set()
+    assert result(first) == Finished("a")
+    assert result(waiting) == Finished("next")
+    for made in (a, b):
+        made.stop()

@@ -11,6 +11,7 @@ import openai
 import pytest
 import requests
 
+from infinikv.engine.session import session_prefix
 from infinikv.evaluation.passkey import QUESTION, found, passkey_document
 
 from .redis_server import redis_server
@@ -139,6 +140,12 @@ def test_bad_requests_get_clear_4xx_and_the_server_keeps_serving(server) -> None
         (dict(json={**ok_body, "model": "gpt-9"}), 404, "not served here"),
         (dict(json={**ok_body, "session_id": "sess_nope"}), 404, "not found"),
         (dict(data=b"x" * 2_000_000, headers=as_json), 413, "limit"),
+        (
+            dict(data=b'{"messages": [{"role": "user", "content": "\\ud800"}]}', headers=as_json),
+            400,
+            "surrogate",
+        ),
+        (dict(json={**ok_body, "seed": 2**70}), 400, "seed"),
     ]
     for kwargs, status, words in cases:
         kwargs.setdefault("headers", auth())
@@ -154,6 +161,10 @@ def test_bad_requests_get_clear_4xx_and_the_server_keeps_serving(server) -> None
         "tokens_per_forward",
     }
     assert requests.get(f"{server}/health", timeout=5).json()["status"] == "ok"
+    for path in ("/metrics", "/openapi.json"):  # they follow --api-keys
+        assert requests.get(f"{server}{path}", timeout=30).status_code == 401
+        assert requests.get(f"{server}{path}", headers=auth(), timeout=30).status_code == 200
+    assert requests.get(f"{server}/docs", timeout=30).status_code == 404
 
 
 def test_sessions_belong_to_their_key_and_delete_really_deletes(server, redis_url) -> None:
@@ -180,10 +191,11 @@ def test_sessions_belong_to_their_key_and_delete_really_deletes(server, redis_ur
     ]
 
     r_client = redis.Redis.from_url(redis_url)
-    assert list(r_client.scan_iter(match=f"ikv:session:{session}:*"))  # blocks, tokens, record
+    pattern = session_prefix(session).replace("{", "\\{") + "*"
+    assert list(r_client.scan_iter(match=pattern))  # blocks, tokens, record
     deleted = requests.delete(f"{server}/v1/sessions/{session}", headers=auth(), timeout=30).json()
-    assert deleted["deleted"] and deleted["store_keys_deleted"] > 3
-    assert list(r_client.scan_iter(match=f"ikv:session:{session}:*")) == []
+    assert deleted.get("deleted") and deleted["store_keys_deleted"] > 3, deleted
+    assert list(r_client.scan_iter(match=pattern)) == []
     assert requests.get(f"{server}/v1/sessions/{session}", headers=auth(), timeout=30).status_code == 404
 
 

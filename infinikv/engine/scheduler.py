@@ -192,19 +192,23 @@ class Engine:
         return handle
 
     def call_blocking(
-        self, fn: Callable[[Engine], Any], timeout: float | None = None, session_id: str | None = None
+        self,
+        fn: Callable[[Engine], Any],
+        timeout: float | None = None,
+        session_id: str | None = None,
+        owner: str = "",
     ) -> Any:
         """Run fn(engine) on the worker between steps and return its result (or raise its error);
-        with `session_id`, after the work queued on that session."""
-        handle = self.submit(_call(fn), TaskHandle(), session_id)
+        with `session_id` (`owner`'s), after the work queued on that session, under its lease."""
+        handle = self.submit(_call(fn), TaskHandle(), session_id, owner)
         out = handle.next_blocking(timeout)
         if isinstance(out, Failed):
             raise out.error
         assert isinstance(out, Finished)
         return out.value
 
-    async def call(self, fn: Callable[[Engine], Any], session_id: str | None = None) -> Any:
-        handle = self.submit(_call(fn), TaskHandle(asyncio.get_running_loop()), session_id)
+    async def call(self, fn: Callable[[Engine], Any], session_id: str | None = None, owner: str = "") -> Any:
+        handle = self.submit(_call(fn), TaskHandle(asyncio.get_running_loop()), session_id, owner)
         out = await handle.next()
         if isinstance(out, Failed):
             raise out.error
@@ -330,7 +334,10 @@ class Engine:
             self._beat()
             self._admit()
             if self._running:
-                self._step(self._next())
+                task = self._next()
+                self._step(task)
+                if task.background:  # its share is counted from the end of its step
+                    self._background_at = time.monotonic()
             elif self._waiting:  # waiting for a lease or a slot: wait for news, briefly
                 if not self._drain(block=True, timeout=LEASE_RETRY):
                     break
@@ -338,17 +345,13 @@ class Engine:
 
     def _next(self) -> Task:
         """The next task to step: interactive ones round-robin, a background one when no
-        interactive task runs or when it last had a step BACKGROUND_EVERY seconds ago."""
-        now = time.monotonic()
-        if now - self._background_at < BACKGROUND_EVERY:
+        interactive task runs or when the last background step ended BACKGROUND_EVERY ago."""
+        if time.monotonic() - self._background_at < BACKGROUND_EVERY:
             for task in self._running:
                 if not task.background:
                     self._running.remove(task)
                     return task
-        task = self._running.popleft()
-        if task.background:
-            self._background_at = now
-        return task
+        return self._running.popleft()
 
     def _beat(self) -> None:
         try:

@@ -219,7 +219,7 @@ def create_app(engine: Engine, settings: Settings, metrics: Metrics | None = Non
 
     @app.delete("/v1/sessions/{session_id}")
     async def delete_session(session_id: str = SessionId, who: str = Depends(owner)) -> dict[str, Any]:
-        keys_deleted = await engine.call(lambda e: e.delete_session(session_id, who), session_id=session_id)
+        keys_deleted = await engine.call(lambda e: e.delete_session(session_id, who), session_id, who)
         return {
             "id": session_id,
             "object": "session.deleted",
