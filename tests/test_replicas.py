@@ -223,6 +223,53 @@ def test_a_replica_stopped_mid_ingestion_leaves_the_session_as_before(
         assert stats(base, session)["turns"] == 2
 
 
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+def test_a_replica_stopped_mid_turn_keeps_the_turn_only_if_it_answered(
+    tmp_path, redis_url, text, stop
+) -> None:
+    """A long prompt (seconds of prefill) stopped part way: the session holds the turn
+    exactly when the client got its answer (SIGTERM lets in-flight requests finish)."""
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        with infinikv_server(tmp_path, *ARGS, "--redis-url", redis_url, stop_signal=stop) as base:
+            session = new_session(base)
+            reply(chat(base, session, QUESTIONS[0]))
+            before = stats(base, session)
+            pending = pool.submit(chat, base, session, text[:12_000])
+            time.sleep(2)  # leaving the block stops the server while the turn is in its prefill
+        try:
+            answered = pending.result().status_code == 200
+        except requests.RequestException:
+            answered = False
+    finally:
+        pool.shutdown()
+    with infinikv_server(tmp_path, *ARGS, "--redis-url", redis_url) as base:
+        after = stats(base, session)
+        assert after["turns"] == before["turns"] + answered
+        if not answered:
+            assert same_history(after, before)
+        reply(chat(base, session, QUESTIONS[1]))
+        assert orphans(redis_url, session) == set()
+
+
+def test_a_cancelled_ingestion_leaves_the_session_as_before(replicas, redis_url, text) -> None:
+    a, _ = replicas
+    session = new_session(a)
+    reply(chat(a, session, QUESTIONS[0]))
+    before = stats(a, session)
+    job = ingest_until(a, session, text[:12_000], 0.2)
+    cancelled = requests.delete(f"{a}/v1/jobs/{job}", timeout=30)
+    assert cancelled.status_code == 200, cancelled.text
+    for _ in range(300):  # bounded: 60 s
+        state = requests.get(f"{a}/v1/jobs/{job}", timeout=30).json()
+        if state["status"] != "running":
+            break
+        time.sleep(0.2)
+    assert state["status"] == "cancelled"
+    assert requests.delete(f"{a}/v1/jobs/{job}", timeout=30).status_code == 409
+    assert same_history(stats(a, session), before) and orphans(redis_url, session) == set()
+
+
 def same_history(a: dict, b: dict) -> bool:
     return all(a[k] == b[k] for k in ("tokens", "turns", "documents"))
 
