@@ -151,7 +151,7 @@ class Engine:
         self._running: deque[Task] = deque()
         self._busy: dict[str, Task] = {}
         self._stateless = 0  # running tasks holding a sequence of their own
-        self._background_at = 0.0  # when a background task last stepped
+        self._background_at = 0.0  # when the last background step ended
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="infinikv-engine", daemon=True)
 
