@@ -29,11 +29,11 @@ import torch.nn.functional as F
 
 from infinikv.attention.long_context import band_bounds, banded_resident_partials
 from infinikv.attention.paged_torch import attend
-from infinikv.attention.partial import flash_partial, reference_partial
-from infinikv.attention.self_extend import SelfExtend, resident_partials
+from infinikv.core.config import RopeConfig
+from infinikv.core.partial import flash_partial, reference_partial
+from infinikv.core.rope import RotaryEmbedding, rotate
+from infinikv.core.self_extend import SelfExtend, resident_partials
 from infinikv.memory.sketch import KeySketch, gathered_logits
-from infinikv.model.config import RopeConfig
-from infinikv.model.rope import RotaryEmbedding, rotate
 
 LAYERS, HQ, HKV, D = 30, 9, 3, 64
 CHUNK, WINDOW, GROUP = 512, 2048, 4

@@ -69,14 +69,14 @@ def or_oom(fn, device: str) -> float | None:
 
 
 def kernel_rows(length: int, device: str, repeats: int) -> list[dict]:
-    from infinikv.attention.partial import folded_partial, merge_partials
-    from infinikv.attention.self_extend import SelfExtend
+    from infinikv.cache.pages import PageList
+    from infinikv.core.config import RopeConfig
+    from infinikv.core.partial import folded_partial, merge_partials
+    from infinikv.core.rope import RotaryEmbedding
+    from infinikv.core.self_extend import SelfExtend
     from infinikv.kernels.memory.ops import memory_merge_
     from infinikv.kernels.self_extend.naive import self_extend_naive
     from infinikv.kernels.self_extend.ops import self_extend_attention
-    from infinikv.memory.pages import PageList
-    from infinikv.model.config import RopeConfig
-    from infinikv.model.rope import RotaryEmbedding
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float16
     pages_n = -(-length // PAGE)

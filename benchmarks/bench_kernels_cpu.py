@@ -36,15 +36,14 @@ from pathlib import Path
 
 import torch
 
-from infinikv.attention.backends import few_row_kernels
 from infinikv.attention.paged_cpu import cpu_causal_attention
 from infinikv.attention.paged_torch import paged_causal_attention
+from infinikv.cache.pages import PageList, PagePool
+from infinikv.core.config import ModelConfig, RopeConfig
+from infinikv.core.rope import RotaryEmbedding
 from infinikv.kernels.cpu.ops import linear
-from infinikv.memory.pages import PageList, PagePool
-from infinikv.model.config import ModelConfig, RopeConfig
-from infinikv.model.linear import DenseLinear, dense
+from infinikv.model.linear import DenseLinear, dense, few_row_kernels
 from infinikv.model.llama import DecoderLayer
-from infinikv.model.rope import RotaryEmbedding
 
 PAGE = 16
 SHAPES = {  # name: (layers, query heads, kv-heads, head_dim)

@@ -24,12 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from infinikv.engine.generator import Generator  # noqa: E402
 from infinikv.engine.sampling import SamplingParams  # noqa: E402
+from infinikv.engine.speculative.draft_model import DraftModelDrafter  # noqa: E402
+from infinikv.engine.speculative.lookup import LookupDrafter  # noqa: E402
+from infinikv.engine.speculative.self_draft import SelfDrafter  # noqa: E402
 from infinikv.evaluation.passkey import QUESTION, passkey_document  # noqa: E402
 from infinikv.model.loader import LoadedModel, load_model  # noqa: E402
 from infinikv.service.settings import Settings  # noqa: E402
-from infinikv.speculative.draft_model import DraftModelDrafter  # noqa: E402
-from infinikv.speculative.lookup import LookupDrafter  # noqa: E402
-from infinikv.speculative.self_draft import SelfDrafter  # noqa: E402
 
 NEW_TOKENS = {"qa": 128, "chat": 128, "16k": 64}
 

@@ -18,11 +18,11 @@ import itertools
 import torch
 import triton
 
-from infinikv.attention.self_extend import SelfExtend
+from infinikv.cache.pages import PageList
+from infinikv.core.config import RopeConfig
+from infinikv.core.rope import RotaryEmbedding
+from infinikv.core.self_extend import SelfExtend
 from infinikv.kernels.self_extend.ops import Launch, self_extend_attention
-from infinikv.memory.pages import PageList
-from infinikv.model.config import RopeConfig
-from infinikv.model.rope import RotaryEmbedding
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
 

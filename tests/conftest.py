@@ -15,9 +15,9 @@ if not torch.cuda.is_available():
     # variable must be set before the first kernel module is imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from infinikv.core.config import ModelConfig
 from infinikv.engine.long_context import LongContextConfig
 from infinikv.memory.evicted import EvictedMemory
-from infinikv.model.config import ModelConfig
 from infinikv.model.llama import LlamaModel
 from infinikv.model.loader import LoadedModel, load_model
 from infinikv.model.weights import build_model

@@ -7,12 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from infinikv.attention.backends import few_row_kernels, resolve_backend
+from infinikv.attention.backends import resolve_backend
 from infinikv.attention.long_context_triton import triton_causal_attention, triton_long_context_attention
 from infinikv.attention.paged_cpu import cpu_causal_attention, cpu_long_context_attention
 from infinikv.engine.long_context import LongContextConfig
 from infinikv.engine.sequence import Sequence, feed
 from infinikv.kernels.cpu import build
+from infinikv.model.linear import few_row_kernels
 
 from .conftest import nan_pool, ours_from_hf, tiny_hf_model
 

@@ -7,9 +7,9 @@ import torch
 from transformers import AutoConfig, LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from infinikv.core.config import ModelConfig
+from infinikv.core.rope import RotaryEmbedding, interleave_rotary_pairs, inverse_frequencies, rotate
 from infinikv.errors import UnsupportedModelError
-from infinikv.model.config import ModelConfig
-from infinikv.model.rope import RotaryEmbedding, interleave_rotary_pairs, inverse_frequencies, rotate
 
 
 def test_unsupported_architecture_is_named() -> None:

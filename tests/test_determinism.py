@@ -9,9 +9,9 @@ import pytest
 from infinikv.engine.generator import Generator
 from infinikv.engine.long_context import LongContextConfig
 from infinikv.engine.sampling import SamplingParams
+from infinikv.engine.speculative.lookup import LookupDrafter
 from infinikv.evaluation.haystack import HaystackMissing
 from infinikv.evaluation.recall import recall_case
-from infinikv.speculative.lookup import LookupDrafter
 
 pytestmark = pytest.mark.slow
 

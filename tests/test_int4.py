@@ -124,8 +124,8 @@ def test_int4_layers_keep_their_kernel_under_the_cpu_backend() -> None:
     """With the `cpu` backend attached, quantized projections keep torch's int4 kernel and the
     PyTorch operations around it (the fused layer parts take plain matrices only), while
     attention goes through the C kernel: decode logits as with the PyTorch backend."""
-    from infinikv.attention.backends import causal_attention, few_row_kernels
-    from infinikv.model.linear import quantize_int4
+    from infinikv.attention.backends import causal_attention
+    from infinikv.model.linear import few_row_kernels, quantize_int4
 
     from .conftest import nan_pool, ours_from_hf, tiny_hf_model
 

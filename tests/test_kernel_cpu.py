@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from infinikv.attention.partial import reference_partial
+from infinikv.core.partial import reference_partial
 from infinikv.kernels.cpu.ops import linear, mlp_residual, norm_project, paged_attention
 
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from infinikv.attention.self_extend import SelfExtend
+from infinikv.cache.pages import PageList
+from infinikv.core.config import RopeConfig
+from infinikv.core.rope import RotaryEmbedding
+from infinikv.core.self_extend import SelfExtend
 from infinikv.kernels.self_extend.naive import self_extend_naive
 from infinikv.kernels.self_extend.ops import self_extend_attention
-from infinikv.memory.pages import PageList
-from infinikv.model.config import RopeConfig
-from infinikv.model.rope import RotaryEmbedding
 
 
 def paged_case(T, page, Hq, Hkv, d, n, evicted, dtype, device, seed=0):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from infinikv.attention.backends import few_row_kernels
 from infinikv.engine.sequence import Sequence, feed
+from infinikv.model.linear import few_row_kernels
 
 from .conftest import nan_pool, ours_from_hf, tiny_hf_model
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from infinikv.cache.pages import NULL_PAGE, BlockTable, PagePool
 from infinikv.engine.sequence import Sequence, feed
 from infinikv.errors import CacheFullError
-from infinikv.memory import BlockTable, PagePool
-from infinikv.memory.pages import NULL_PAGE
 from infinikv.model.llama import ForwardBatch, SequenceSlice
 
 from .conftest import nan_pool, ours_from_hf, tiny_hf_model
@@ -58,7 +57,7 @@ def test_block_table_slots_and_truncate_frees_pages() -> None:
 
 @pytest.mark.parametrize("pages", [[2, 3, 4], [4, 1, 3]], ids=["one run (a view)", "gathered"])
 def test_page_list_gathers_any_range_of_resident_tokens(pages) -> None:
-    from infinikv.memory.pages import PageList
+    from infinikv.cache.pages import PageList
 
     cache = torch.arange(6 * 4 * 2.0).view(6, 4, 1, 2)  # (P, B, H, d): page p's token t at 8p + 2t
     page_list = PageList.of(pages, [0, 1, 2], 4, torch.device("cpu"))
@@ -68,7 +67,7 @@ def test_page_list_gathers_any_range_of_resident_tokens(pages) -> None:
 
 
 def test_a_grouped_pool_keeps_keys_at_their_grouped_positions(model) -> None:
-    from infinikv.model.rope import rotate
+    from infinikv.core.rope import rotate
 
     pool = model.new_page_pool(64, 4, fill_value=float("nan"), group=3)
     plain = model.new_page_pool(64, 4)
@@ -132,7 +131,7 @@ def test_two_sequences_in_one_batch_equal_separate_runs(model) -> None:
 
 
 def test_sinks_move_beside_the_rest_once_blocks_between_are_evicted() -> None:
-    from infinikv.memory.pages import PageList
+    from infinikv.cache.pages import PageList
 
     cpu = torch.device("cpu")
     # Sinks: blocks 0 and 1 (B = 4); blocks 2-4 evicted; the next resident token is at 20.

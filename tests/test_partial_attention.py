@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from infinikv.attention.paged_torch import attend
-from infinikv.attention.partial import flash_partial, merge_partials, reference_partial
+from infinikv.core.partial import flash_partial, merge_partials, reference_partial
 
 
 def qkv(n: int, T: int, Hq: int, Hkv: int, d: int, seed: int = 0):

@@ -7,9 +7,9 @@ import torch
 from transformers import LlamaConfig
 
 from infinikv.attention.paged_torch import attend
-from infinikv.attention.self_extend import SelfExtend, long_context_attention
-from infinikv.model.config import ModelConfig
-from infinikv.model.rope import RotaryEmbedding, rotate
+from infinikv.core.config import ModelConfig
+from infinikv.core.rope import RotaryEmbedding, rotate
+from infinikv.core.self_extend import SelfExtend, long_context_attention
 
 D_HEAD = 16
 
@@ -120,8 +120,8 @@ def test_memory_covering_everything_equals_one_softmax(rope) -> None:
 def test_banded_paged_regions_equal_the_reference(rope, n, W, G, evicted) -> None:
     """The fast split into far / band / near runs == the masked reference."""
     from infinikv.attention.long_context import band_bounds, banded_resident_partials
-    from infinikv.attention.partial import merge_partials
-    from infinikv.attention.self_extend import resident_partials
+    from infinikv.core.partial import merge_partials
+    from infinikv.core.self_extend import resident_partials
 
     k_pos = torch.cat([torch.arange(0, 8), torch.arange(24, 70)]) if evicted else torch.arange(0, 70)
     T = k_pos.shape[0]
@@ -143,7 +143,7 @@ def test_moved_sinks_are_attended_at_their_new_positions(rope, n) -> None:
     their k_group rows again, PagePool.regroup), the paged path == the reference at the
     table's positions."""
     from infinikv.attention.long_context import LongContextState, paged_long_context_attention
-    from infinikv.memory.pages import BlockTable, PagePool
+    from infinikv.cache.pages import BlockTable, PagePool
 
     B, W, G = 4, 8, 3
     pool = PagePool(1, 16, B, num_kv_heads=2, head_dim=D_HEAD, fill_value=float("nan"), group=G, rope=rope)
@@ -174,8 +174,8 @@ def test_paged_memory_covering_everything_equals_one_softmax(rope, n, granularit
     whole, the paged path (a decode step: one softmax over its far, near and recalled keys;
     a chunk: parts merged by log-sum-exp) == the reference at the table's positions."""
     from infinikv.attention.long_context import LongContextState, paged_long_context_attention
+    from infinikv.cache.pages import BlockTable, PagePool
     from infinikv.memory.evicted import EvictedMemory
-    from infinikv.memory.pages import BlockTable, PagePool
 
     B, W, G, D, Hkv = 4, 8, 3, 20, 2
     pool = PagePool(1, 16, B, num_kv_heads=Hkv, head_dim=D_HEAD, fill_value=float("nan"), group=G, rope=rope)
@@ -239,7 +239,7 @@ def test_sinks_k_group_rows_follow_every_move(rope) -> None:
     """The pool's k_group holds every resident key at the grouped place of its table
     position: after the sinks move, move further, and move back when a truncation leaves
     the sinks alone."""
-    from infinikv.memory.pages import BlockTable, PagePool
+    from infinikv.cache.pages import BlockTable, PagePool
 
     B, W, G = 4, 6, 2
     pool = PagePool(2, 20, B, num_kv_heads=2, head_dim=D_HEAD, fill_value=float("nan"), group=G, rope=rope)

@@ -12,12 +12,12 @@ import torch
 from infinikv.engine.long_context import LongContextConfig
 from infinikv.engine.sampling import Sampler, SamplingParams, target_probs
 from infinikv.engine.sequence import Sequence, feed
-from infinikv.speculative.decoder import SpeculativeDecoder
-from infinikv.speculative.draft_model import DraftModelDrafter
-from infinikv.speculative.drafter import Draft
-from infinikv.speculative.lookup import LookupDrafter
-from infinikv.speculative.self_draft import SelfDrafter
-from infinikv.speculative.verify import accept_greedy, accept_sampled
+from infinikv.engine.speculative.decoder import SpeculativeDecoder
+from infinikv.engine.speculative.draft_model import DraftModelDrafter
+from infinikv.engine.speculative.drafter import Draft
+from infinikv.engine.speculative.lookup import LookupDrafter
+from infinikv.engine.speculative.self_draft import SelfDrafter
+from infinikv.engine.speculative.verify import accept_greedy, accept_sampled
 
 from .conftest import nan_pool, ours_from_hf, tiny_hf_model
 
@@ -137,7 +137,7 @@ def test_a_drafters_setup_is_not_charged_to_the_drafted_tokens(model, monkeypatc
     """A draft model's first proposal prefills its window; charged to the one token of the
     probe, drafting would look dearer than a plain step and pause for 256 steps."""
     clock = [0.0]
-    monkeypatch.setattr("infinikv.speculative.decoder.time.perf_counter", lambda: clock[0])
+    monkeypatch.setattr("infinikv.engine.speculative.decoder.time.perf_counter", lambda: clock[0])
     prompt = repetitive(26, seed=4)
     pool = nan_pool(model, max_tokens=300, page_size=PAGE, long_context=LONG)
     seq = Sequence(pool, LONG, model.cfg)

@@ -8,10 +8,10 @@ import pytest
 from infinikv.engine.generator import Generator
 from infinikv.engine.long_context import LongContextConfig
 from infinikv.engine.sampling import SamplingParams
+from infinikv.engine.speculative.draft_model import DraftModelDrafter, check_same_vocabulary
+from infinikv.engine.speculative.lookup import LookupDrafter
+from infinikv.engine.speculative.self_draft import SelfDrafter
 from infinikv.model.loader import load_model
-from infinikv.speculative.draft_model import DraftModelDrafter, check_same_vocabulary
-from infinikv.speculative.lookup import LookupDrafter
-from infinikv.speculative.self_draft import SelfDrafter
 
 from .conftest import CACHE_DIR
 

@@ -8,8 +8,8 @@ from typing import Protocol
 import torch
 
 from infinikv.attention.long_context import LongContextState
-from infinikv.memory.pages import LayerKV, PageList
-from infinikv.model.rope import RotaryEmbedding
+from infinikv.cache.pages import LayerKV, PageList
+from infinikv.core.rope import RotaryEmbedding
 
 
 class AttentionBackend(Protocol):

@@ -15,7 +15,6 @@ from infinikv.attention.backend import AttentionBackend, LongContextAttentionBac
 from infinikv.attention.long_context import paged_long_context_attention
 from infinikv.attention.paged_torch import paged_causal_attention
 from infinikv.errors import KernelBuildError
-from infinikv.model.linear import FewRowKernels
 
 log = logging.getLogger(__name__)
 
@@ -95,13 +94,3 @@ def long_context_attention(backend: str) -> LongContextAttentionBackend:
 
         return cpu_long_context_attention
     return paged_long_context_attention
-
-
-def few_row_kernels(backend: str) -> FewRowKernels | None:
-    """The kernels for inputs of few rows of a resolved backend: the projections and the
-    work around them (None: PyTorch operations and torch's matmul)."""
-    if backend == "cpu":
-        from infinikv.kernels.cpu.ops import linear, mlp_residual, norm_project
-
-        return FewRowKernels(linear, norm_project, mlp_residual)
-    return None

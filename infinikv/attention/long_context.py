@@ -10,16 +10,16 @@ from typing import NamedTuple
 import torch
 
 from infinikv.attention.paged_torch import attend
-from infinikv.attention.partial import (
+from infinikv.cache.pages import LayerKV, PageList
+from infinikv.core.partial import (
     Partial,
     flash_partial,
     folded_partial,
     merge_partials,
 )
-from infinikv.attention.self_extend import SelfExtend, at_memory_distance, memory_partial
+from infinikv.core.rope import RotaryEmbedding, rotate
+from infinikv.core.self_extend import SelfExtend, at_memory_distance, memory_partial
 from infinikv.memory.evicted import EvictedMemory
-from infinikv.memory.pages import LayerKV, PageList
-from infinikv.model.rope import RotaryEmbedding, rotate
 
 # Trailing positions of a forward that retrieve memory blocks for themselves at block
 # granularity: the last one predicts the next token; a speculative verification reads the

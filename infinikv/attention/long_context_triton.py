@@ -7,11 +7,11 @@ from __future__ import annotations
 import torch
 
 from infinikv.attention.long_context import LongContextState, memory_queries, memory_selections
-from infinikv.attention.self_extend import SelfExtend
+from infinikv.cache.pages import LayerKV, PageList
+from infinikv.core.rope import RotaryEmbedding
+from infinikv.core.self_extend import SelfExtend
 from infinikv.kernels.memory.ops import memory_merge_
 from infinikv.kernels.self_extend.ops import self_extend_attention
-from infinikv.memory.pages import LayerKV, PageList
-from infinikv.model.rope import RotaryEmbedding
 
 
 def triton_long_context_attention(

@@ -16,10 +16,10 @@ from infinikv.attention.long_context import (
     paged_long_context_attention,
 )
 from infinikv.attention.paged_torch import SMALL_QUERY_ROWS, check_last, paged_causal_attention
-from infinikv.attention.partial import merge_partials
+from infinikv.cache.pages import LayerKV, PageList
+from infinikv.core.partial import merge_partials
+from infinikv.core.rope import RotaryEmbedding, rotate
 from infinikv.kernels.cpu.ops import paged_attention
-from infinikv.memory.pages import LayerKV, PageList
-from infinikv.model.rope import RotaryEmbedding, rotate
 
 
 def cpu_causal_attention(

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from infinikv.attention.partial import flash_partial, merge_partials
-from infinikv.memory.pages import LayerKV, PageList
-from infinikv.model.rope import RotaryEmbedding, rotate
+from infinikv.cache.pages import LayerKV, PageList
+from infinikv.core.partial import flash_partial, merge_partials
+from infinikv.core.rope import RotaryEmbedding, rotate
 
 
 def paged_causal_attention(

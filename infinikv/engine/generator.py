@@ -13,11 +13,11 @@ from infinikv.engine.detokenize import TextStream
 from infinikv.engine.long_context import LongContextConfig
 from infinikv.engine.sampling import Sampler, SamplingParams
 from infinikv.engine.sequence import ProgressFn, Sequence, feed
+from infinikv.engine.speculative.decoder import SpeculativeDecoder
+from infinikv.engine.speculative.drafter import Drafter
 from infinikv.errors import CapacityError, InfinikvError
 from infinikv.memory.store import BlockStore
 from infinikv.model.loader import LoadedModel
-from infinikv.speculative.decoder import SpeculativeDecoder
-from infinikv.speculative.drafter import Drafter
 
 # With long-context memory a sequence has no length limit.
 UNBOUNDED = sys.maxsize

@@ -11,7 +11,6 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 from infinikv.errors import InfinikvError
 from infinikv.memory.store import BlockStore
@@ -48,22 +47,6 @@ class IngestJob:
     error: str | None = None
     created: float = field(default_factory=time.time)
     finished: float | None = None
-
-    def view(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "object": "ingestion_job",
-            "session_id": self.session_id,
-            "document_id": self.document_id,
-            "name": self.name,
-            "status": self.status,
-            "total_tokens": self.total_tokens,
-            "done_tokens": self.done_tokens,
-            "progress": self.done_tokens / self.total_tokens if self.total_tokens else 0.0,
-            "error": self.error,
-            "created": int(self.created),
-            "finished": int(self.finished) if self.finished else None,
-        }
 
 
 class JobRegistry:

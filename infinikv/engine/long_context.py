@@ -11,12 +11,12 @@ from typing import Any
 import torch
 
 from infinikv.attention.long_context import OWN_BLOCK_POSITIONS, LongContextState
-from infinikv.attention.self_extend import SelfExtend
+from infinikv.core.config import ModelConfig
+from infinikv.core.self_extend import SelfExtend
 from infinikv.memory.cache import block_bytes
 from infinikv.memory.evicted import FAVOURITES_PER_BLOCK, EvictedMemory, RamBudget, memory_capacity
 from infinikv.memory.index import INDEX_KINDS
 from infinikv.memory.store import BlockStore
-from infinikv.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
 

@@ -174,6 +174,16 @@ class Engine:
     def stopping(self) -> bool:
         return self._stopping
 
+    @property
+    def loaded_sessions(self) -> int:
+        """Sessions with pages in the pool (read by other threads: approximate)."""
+        return sum(1 for s in list(self.sessions.values()) if s.seq is not None)
+
+    @property
+    def memory_tokens(self) -> int:
+        """Evicted tokens in the memories of the loaded sessions (approximate, as above)."""
+        return sum(s.memory_tokens for s in list(self.sessions.values()))
+
     def submit(
         self,
         run: StepFn,

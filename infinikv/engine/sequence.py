@@ -8,10 +8,11 @@ from collections.abc import Callable
 import torch
 
 from infinikv.attention.long_context import LongContextState
+from infinikv.cache.pages import BlockTable, PagePool
+from infinikv.core.config import ModelConfig
 from infinikv.engine.long_context import LongContextConfig
 from infinikv.memory.evicted import EvictedMemory
 from infinikv.memory.index import CorruptSnapshotError
-from infinikv.memory.pages import BlockTable, PagePool
 from infinikv.memory.payload import (
     LAYOUT,
     block_key,
@@ -22,7 +23,6 @@ from infinikv.memory.payload import (
     to_bytes,
 )
 from infinikv.memory.store import BlockStore
-from infinikv.model.config import ModelConfig
 from infinikv.model.llama import ForwardBatch, LlamaModel, SequenceSlice
 
 ProgressFn = Callable[[int, int], None]  # (tokens done, tokens total)

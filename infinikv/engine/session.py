@@ -203,6 +203,13 @@ class Session:
         self.last_used = time.monotonic()
         return self.seq
 
+    @property
+    def memory_tokens(self) -> int:
+        """Evicted tokens in the memory of the loaded sequence (0 when parked)."""
+        seq = self.seq
+        memory = seq.long_state.memory if seq is not None and seq.long_state is not None else None
+        return memory.tokens if memory is not None else 0
+
     def stats(self) -> dict[str, Any]:
         seq = self.seq
         resident = seq.table.resident if seq is not None else None
@@ -217,7 +224,6 @@ class Session:
             nbytes += memory.nbytes
         return {
             "id": self.id,
-            "object": "session",
             "created": int(self.created),
             "tokens": self.tokens,
             "loaded": seq is not None,

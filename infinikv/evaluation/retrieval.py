@@ -25,9 +25,9 @@ import torch
 
 from infinikv.attention.backend import LongContextAttentionBackend
 from infinikv.attention.long_context import LongContextState, memory_queries
+from infinikv.cache.pages import LayerKV, PageList
+from infinikv.core.rope import RotaryEmbedding
 from infinikv.memory.evicted import EvictedMemory
-from infinikv.memory.pages import LayerKV, PageList
-from infinikv.model.rope import RotaryEmbedding
 
 
 @dataclass(frozen=True)

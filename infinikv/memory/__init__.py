@@ -1,6 +1,2 @@
-"""Where KV lives: device pages for the resident window (tier 1) and, for evicted blocks,
-the external memory tiers described in DESIGN.md."""
-
-from infinikv.memory.pages import BlockTable, LayerKV, PageList, PagePool
-
-__all__ = ["BlockTable", "LayerKV", "PageList", "PagePool"]
+"""The external memory of evicted KV blocks: the kNN index and key sketch that search them,
+the RAM tier and the block store that hold their payloads (tiers 2 and 3 of DESIGN.md)."""

@@ -1,6 +1,6 @@
 """kNN search over evicted keys by inner product: one FAISS index per (layer, kv-head).
 
-Keys go in before RoPE; the attention searches with R(D) q (see attention/self_extend.py),
+Keys go in before RoPE; the attention searches with R(D) q (see core/self_extend.py),
 so the inner product is the true attention logit and the top-k are exact for flat indexes.
 Ids are int64 and name (block, offset) via `entry_id`. An "ivf" index is exact (flat) until
 it holds IVF_TRAIN_KEYS keys; then k-means over them trains IVF_LISTS lists and every key

@@ -192,3 +192,13 @@ def quantize_int4(module: nn.Module, keep_dense: bool = False) -> None:
             setattr(module, name, Int4Linear(child, keep_dense))
         else:
             quantize_int4(child, keep_dense)
+
+
+def few_row_kernels(backend: str) -> FewRowKernels | None:
+    """The kernels for inputs of few rows of a resolved attention backend: the projections
+    and the work around them (None: PyTorch operations and torch's matmul)."""
+    if backend == "cpu":
+        from infinikv.kernels.cpu.ops import linear, mlp_residual, norm_project
+
+        return FewRowKernels(linear, norm_project, mlp_residual)
+    return None

@@ -17,10 +17,10 @@ from torch import nn
 from infinikv.attention.backend import AttentionBackend, LongContextAttentionBackend
 from infinikv.attention.long_context import LongContextState, paged_long_context_attention
 from infinikv.attention.paged_torch import paged_causal_attention
-from infinikv.memory.pages import LayerKV, PageList, PagePool
-from infinikv.model.config import ModelConfig
+from infinikv.cache.pages import LayerKV, PageList, PagePool
+from infinikv.core.config import ModelConfig
+from infinikv.core.rope import RotaryEmbedding
 from infinikv.model.linear import FEW_ROWS, DenseLinear, FewRowKernels, dense
-from infinikv.model.rope import RotaryEmbedding
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
+from infinikv.core.config import ModelConfig
 from infinikv.errors import ModelNotFoundError, UnsupportedModelError
-from infinikv.model.config import ModelConfig
 from infinikv.model.default import default_gguf
 from infinikv.model.linear import QUANTIZATIONS, DenseLinear, Int8Linear, quantize_int4
 from infinikv.model.llama import LlamaModel

@@ -6,10 +6,10 @@ from collections.abc import Callable
 
 import torch
 
+from infinikv.core.config import ModelConfig
+from infinikv.core.rope import interleave_rotary_pairs
 from infinikv.errors import UnsupportedModelError
-from infinikv.model.config import ModelConfig
 from infinikv.model.llama import LlamaModel
-from infinikv.model.rope import interleave_rotary_pairs
 
 # name -> tensor, reading lazily (a safetensors handle) or from a dict.
 TensorGetter = Callable[[str], torch.Tensor]

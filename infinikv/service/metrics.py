@@ -59,12 +59,17 @@ class Metrics:
         )
 
     def watch(
-        self, queued: Callable[[], float], sessions: Callable[[], float], memory_tokens: Callable[[], float]
+        self,
+        queued: Callable[[], float],
+        sessions: Callable[[], float],
+        memory_tokens: Callable[[], float],
+        store_up: Callable[[], float],
     ) -> None:
         """Gauges read at scrape time."""
         self.queued.set_function(queued)
         self.sessions.set_function(sessions)
         self.memory_tokens.set_function(memory_tokens)
+        self.store_up.set_function(store_up)
 
     def step(self, seconds: float, retrieval_seconds: float) -> None:
         self.step_seconds.observe(seconds)

@@ -7,21 +7,17 @@ from collections.abc import Callable
 
 import torch
 
-from infinikv.attention.backends import (
-    causal_attention,
-    few_row_kernels,
-    long_context_attention,
-    resolve_backend,
-)
+from infinikv.attention.backends import causal_attention, long_context_attention, resolve_backend
 from infinikv.engine.generator import Generator
+from infinikv.engine.speculative.draft_model import DraftModelDrafter, check_same_vocabulary
+from infinikv.engine.speculative.drafter import Drafter
+from infinikv.engine.speculative.lookup import LookupDrafter
+from infinikv.engine.speculative.self_draft import SelfDrafter
 from infinikv.memory.index import gpu_resources
 from infinikv.memory.store import InProcessBlockStore
+from infinikv.model.linear import few_row_kernels
 from infinikv.model.loader import LoadedModel, load_model
 from infinikv.service.settings import Settings
-from infinikv.speculative.draft_model import DraftModelDrafter, check_same_vocabulary
-from infinikv.speculative.drafter import Drafter
-from infinikv.speculative.lookup import LookupDrafter
-from infinikv.speculative.self_draft import SelfDrafter
 
 log = logging.getLogger(__name__)
 

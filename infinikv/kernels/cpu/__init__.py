@@ -2,4 +2,4 @@
 float32 or bfloat16 weight matrix, and a decoder layer's norms, projections and MLP around
 attention in two calls; compiled for this machine when first used (`build.py`), called
 through ctypes (`ops.py`), tested against the plain-PyTorch partial attention
-(`infinikv.attention.partial.reference_partial`), `x @ W.T` and the layer in PyTorch."""
+(`infinikv.core.partial.reference_partial`), `x @ W.T` and the layer in PyTorch."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from infinikv.attention.partial import Partial
+from infinikv.core.partial import Partial
 from infinikv.kernels.cpu.build import library
 
 HEAD_DIMS = (64, 128)

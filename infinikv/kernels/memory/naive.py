@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from infinikv.attention.partial import Partial, merge_partials
-from infinikv.attention.self_extend import memory_partial
+from infinikv.core.partial import Partial, merge_partials
+from infinikv.core.self_extend import memory_partial
 
 
 def memory_merge_naive(

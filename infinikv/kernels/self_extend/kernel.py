@@ -4,7 +4,7 @@ One program owns a tile of query rows of one kv-head (rows = (position, head in 
 group), so a decode step's g heads share the key loads) and a range of resident keys.
 Keys are read through the block table, rotated inside the kernel at their exact position
 (neighbor region) and at j // G (grouped region), and the queries at i and at
-i // G + W - W // G: both regions of `infinikv.attention.self_extend` in one pass with an
+i // G + W - W // G: both regions of `infinikv.core.self_extend` in one pass with an
 online softmax. A key tile that is near (or far) for every row skips the other placement.
 Interleaved rotary pairs (dims 2f, 2f+1) are loaded whole (contiguous, vectorized) and split
 into two half-width operands, so a rotated dot product is two `tl.dot`s.

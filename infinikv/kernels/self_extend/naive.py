@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from infinikv.attention.partial import Partial, merge_partials
-from infinikv.attention.self_extend import SelfExtend, resident_partials
-from infinikv.memory.pages import PageList
-from infinikv.model.rope import RotaryEmbedding, rotate
+from infinikv.cache.pages import PageList
+from infinikv.core.partial import Partial, merge_partials
+from infinikv.core.rope import RotaryEmbedding, rotate
+from infinikv.core.self_extend import SelfExtend, resident_partials
 
 
 def self_extend_naive(

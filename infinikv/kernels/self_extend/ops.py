@@ -8,12 +8,12 @@ from typing import NamedTuple
 import torch
 import triton
 
-from infinikv.attention.partial import Partial, merge_stacked
-from infinikv.attention.self_extend import SelfExtend
+from infinikv.cache.pages import PageList
+from infinikv.core.partial import Partial, merge_stacked
+from infinikv.core.rope import RotaryEmbedding
+from infinikv.core.self_extend import SelfExtend
 from infinikv.kernels import LOG2_E
 from infinikv.kernels.self_extend.kernel import self_extend_fwd
-from infinikv.memory.pages import PageList
-from infinikv.model.rope import RotaryEmbedding
 
 # tl.dot needs every operand dimension >= 16: the rotary half-width is one of them.
 MIN_HALF_DIM = 16
@@ -57,7 +57,7 @@ def self_extend_attention(
     q: (n, Hq, d) before RoPE at absolute positions q_pos (n,) long, resident tokens of
     `pages`; k_pages, v_pages: (P, B, Hkv, d), keys before RoPE (any strides). Returns out
     (n, Hq, d) in q's dtype and lse (n, Hq) float32, as
-    `infinikv.attention.self_extend.resident_partials` merged.
+    `infinikv.core.self_extend.resident_partials` merged.
 
     A chunk (n > 1: prefill, draft verification) runs CHUNK_LAUNCH's query tiles over all
     its keys. One position (decode) runs one 16-row tile per kv-head with its keys cut into

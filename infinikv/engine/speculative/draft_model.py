@@ -13,10 +13,10 @@ import torch
 
 from infinikv.engine.sampling import SamplingParams, target_probs
 from infinikv.engine.sequence import Sequence, feed
+from infinikv.engine.speculative.drafter import Draft
 from infinikv.errors import InfinikvError
 from infinikv.model.llama import LlamaModel
 from infinikv.model.loader import LoadedModel
-from infinikv.speculative.drafter import Draft
 
 # 512 recent tokens: enough local context to predict the next few tokens, and cheap to
 # re-prefill (256 tokens once per 256 generated; the first catch-up after a long prompt

@@ -8,7 +8,7 @@ import torch
 
 from infinikv.engine.sampling import SamplingParams
 from infinikv.engine.sequence import Sequence
-from infinikv.speculative.drafter import Draft
+from infinikv.engine.speculative.drafter import Draft
 
 # Longest suffix matched first: a 3-token match predicts a continuation much better than
 # a 1-token one, which is tried only when nothing longer matches.

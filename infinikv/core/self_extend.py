@@ -20,9 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from infinikv.attention.partial import Partial, merge_partials, reference_partial
-from infinikv.memory.pages import grouped_key_positions
-from infinikv.model.rope import RotaryEmbedding, rotate
+from infinikv.core.partial import Partial, merge_partials, reference_partial
+from infinikv.core.rope import RotaryEmbedding, grouped_key_positions, rotate
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,9 @@ import torch
 
 from infinikv.engine.sampling import Sampler, SamplingParams
 from infinikv.engine.sequence import Sequence, feed
+from infinikv.engine.speculative.drafter import Draft, Drafter
+from infinikv.engine.speculative.verify import accept_greedy, accept_sampled
 from infinikv.model.llama import LlamaModel
-from infinikv.speculative.drafter import Draft, Drafter
-from infinikv.speculative.verify import accept_greedy, accept_sampled
 
 EMA = 0.3  # weight of the newest observation (timings, acceptance)
 PAUSE = 32  # plain steps when drafting does not pay (doubled each time, up to MAX_PAUSE)

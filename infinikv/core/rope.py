@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from infinikv.model.config import RopeConfig
+from infinikv.core.config import RopeConfig
 
 
 def inverse_frequencies(rope: RopeConfig, head_dim: int) -> torch.Tensor:
@@ -90,3 +90,8 @@ def interleave_rotary_pairs(w: torch.Tensor, num_heads: int, head_dim: int) -> t
     perm = torch.stack([torch.arange(half), torch.arange(half) + half], dim=-1).flatten()  # (d,)
     heads = w.reshape(num_heads, head_dim, *w.shape[1:])
     return heads[:, perm].reshape(w.shape)
+
+
+def grouped_key_positions(k_pos: torch.Tensor, group: int) -> torch.Tensor:
+    """Where a key sits in Self-Extend's grouped region: what `k_group` is rotated at."""
+    return k_pos // group

@@ -1,6 +1,6 @@
 """Paged KV cache: a fixed pool of pages shared by all sequences, one block table each.
 
-Keys are stored before RoPE (`k`, see `infinikv.model.rope`): that is the canonical copy,
+Keys are stored before RoPE (`k`, see `infinikv.core.rope`): that is the canonical copy,
 which later placements (Self-Extend groups, memory distance) and eviction read. Beside it,
 `k_rope` holds each key rotated at its own position, written once with the key: exact-position
 attention reads it directly instead of re-rotating the whole cache at every decode step
@@ -24,15 +24,10 @@ from dataclasses import dataclass
 
 import torch
 
+from infinikv.core.rope import RotaryEmbedding, grouped_key_positions, rotate
 from infinikv.errors import CacheFullError
-from infinikv.model.rope import RotaryEmbedding, rotate
 
 NULL_PAGE = 0
-
-
-def grouped_key_positions(k_pos: torch.Tensor, group: int) -> torch.Tensor:
-    """Where a key sits in Self-Extend's grouped region: what `k_group` is rotated at."""
-    return k_pos // group
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,9 @@ import torch
 
 from infinikv.engine.sampling import SamplingParams, target_probs
 from infinikv.engine.sequence import Sequence
+from infinikv.engine.speculative.drafter import Draft
 from infinikv.errors import InfinikvError
 from infinikv.model.llama import LlamaModel
-from infinikv.speculative.drafter import Draft
 
 
 class SelfDrafter:

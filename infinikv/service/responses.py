@@ -1,0 +1,151 @@
+"""Engine results in OpenAI's shapes: a chat or text completion, whole or as an SSE chunk
+stream, with its usage; and the metrics each finished request adds to."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from infinikv.engine.generator import GenerationEvent
+from infinikv.engine.requests import TurnResult
+from infinikv.service.errors import as_api_error, error_body
+from infinikv.service.metrics import Metrics
+
+Events = AsyncIterator[GenerationEvent | TurnResult]
+
+
+@dataclass(frozen=True)
+class Shape:
+    """How one kind of completion looks: its ids, object names and choices."""
+
+    chat: bool
+
+    @property
+    def id_prefix(self) -> str:
+        return "chatcmpl" if self.chat else "cmpl"
+
+    @property
+    def object(self) -> str:
+        return "chat.completion" if self.chat else "text_completion"
+
+    @property
+    def chunk_object(self) -> str:
+        return "chat.completion.chunk" if self.chat else "text_completion"
+
+    def choice(self, text: str) -> dict[str, Any]:
+        if self.chat:
+            return {"index": 0, "message": {"role": "assistant", "content": text}}
+        return {"index": 0, "text": text, "logprobs": None}
+
+    def delta(self, text: str | None) -> dict[str, Any]:
+        if self.chat:
+            return {"index": 0, "delta": {} if text is None else {"content": text}}
+        return {"index": 0, "text": text or "", "logprobs": None}
+
+
+CHAT, TEXT = Shape(chat=True), Shape(chat=False)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One completion request being answered."""
+
+    shape: Shape
+    id: str
+    created: int
+    model: str
+    arrived: float  # perf_counter() when the request arrived
+
+    def header(self, obj: str) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+
+def usage(result: TurnResult) -> dict[str, int]:
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "total_tokens": result.prompt_tokens + result.completion_tokens,
+    }
+
+
+def completion(reply: Reply, result: TurnResult) -> dict[str, Any]:
+    choice = {**reply.shape.choice(result.text), "finish_reason": result.finish_reason}
+    extra = {} if result.speculation is None else {"speculation": result.speculation}
+    return {**extra, **reply.header(reply.shape.object), "choices": [choice], "usage": usage(result)}
+
+
+async def collect(events: Events) -> tuple[TurnResult, float | None]:
+    """A turn's result and when its first token came (perf_counter), from its events."""
+    first_token: float | None = None
+    async for item in events:
+        if isinstance(item, TurnResult):
+            return item, first_token
+        if first_token is None and (item.token_id is not None or item.finish_reason):
+            first_token = time.perf_counter()
+    raise AssertionError("a turn always ends with its result")
+
+
+async def first_event(events: Events) -> GenerationEvent | TurnResult:
+    """The first event with a token (or the result): what decides a stream's status."""
+    async for item in events:
+        if isinstance(item, TurnResult) or item.token_id is not None or item.finish_reason:
+            return item
+    raise AssertionError("a turn always ends with its result")
+
+
+async def sse(
+    reply: Reply,
+    first: GenerationEvent | TurnResult,
+    events: Events,
+    include_usage: bool,
+    metrics: Metrics,
+) -> AsyncIterator[str]:
+    """OpenAI's chunk stream: role, content deltas, the finish reason, usage if asked, [DONE]."""
+    first_token = time.perf_counter()
+    shape = reply.shape
+
+    def chunk(delta: str | None, finish: str | None, counts: dict[str, int] | None = None) -> str:
+        body: dict[str, Any] = reply.header(shape.chunk_object)
+        body["choices"] = [] if counts is not None else [{**shape.delta(delta), "finish_reason": finish}]
+        if counts is not None or include_usage:
+            body["usage"] = counts
+        return f"data: {json.dumps(body)}\n\n"
+
+    if shape.chat:
+        role = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+        opening: dict[str, Any] = {**reply.header(shape.chunk_object), "choices": [role]}
+        if include_usage:
+            opening["usage"] = None
+        yield f"data: {json.dumps(opening)}\n\n"
+    try:
+        item = first
+        while True:
+            if isinstance(item, TurnResult):
+                account(metrics, item, reply.arrived, first_token)
+                yield chunk(None, item.finish_reason)
+                if include_usage:
+                    yield chunk(None, None, usage(item))
+                break
+            if item.text:
+                yield chunk(item.text, None)
+            item = await anext(events)
+    except Exception as e:  # noqa: BLE001 - the status line is sent: report in the stream
+        err = as_api_error(e)
+        yield f"data: {json.dumps(error_body(err.message, err.kind, err.code))}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+def account(metrics: Metrics, result: TurnResult, arrived: float, first_token: float | None) -> None:
+    now = time.perf_counter()
+    first_token = first_token or now
+    metrics.prompt_tokens.inc(result.prompt_tokens)
+    metrics.generated_tokens.inc(result.completion_tokens)
+    metrics.ttft.observe(first_token - arrived)
+    if result.speculation is not None:
+        metrics.drafted_tokens.inc(result.speculation["drafted"])
+        metrics.accepted_tokens.inc(result.speculation["accepted"])
+    if result.completion_tokens > 1 and now > first_token:
+        metrics.decode_rate.observe((result.completion_tokens - 1) / (now - first_token))
