@@ -297,11 +297,27 @@ def test_a_redis_outage_refuses_session_requests_and_loses_nothing(tmp_path, tex
             ]
             assert [r.status_code for r in refused] == [503, 503, 503], [r.text for r in refused]
             assert chat_stateless(base).status_code == 200  # what needs no store still works
-            with redis_server(tmp_path / "redis", DURABLE, port):  # back, from its append-only file
+            second = redis_server(tmp_path / "redis", DURABLE, port)  # back, from its append-only file
+            second.__enter__()
+            try:
                 assert requests.get(f"{base}/health", timeout=60).json()["status"] == "ok"
                 assert same_history(stats(base, session), before)
                 reply(chat(base, session, QUESTIONS[1]))
                 assert stats(base, session)["turns"] == 2
+                assert orphans(url, session) == set()
+                before = stats(base, session)
+                job = ingest_until(base, session, text[:12_000], 0.3)
+            finally:
+                second.__exit__(None, None, None)  # gone again, mid-ingestion
+            for _ in range(600):  # bounded: 2 minutes
+                state = requests.get(f"{base}/v1/jobs/{job}", timeout=60).json()
+                if state["status"] != "running":
+                    break
+                time.sleep(0.2)
+            assert state["status"] == "failed" and "Redis" in state["error"], state
+            with redis_server(tmp_path / "redis", DURABLE, port):
+                assert same_history(stats(base, session), before)
+                reply(chat(base, session, QUESTIONS[2]))
                 assert orphans(url, session) == set()
     finally:
         first.__exit__(None, None, None)
@@ -320,3 +336,8 @@ def test_two_replicas_on_a_redis_cluster_take_turns_on_one_session(tmp_path) -> 
             for base, question in zip([a, b, a], QUESTIONS[:3], strict=True):
                 assert reply(chat(base, shared, question)) == reply(chat(b, single, question))
             assert stats(b, shared)["turns"] == stats(a, shared)["turns"] == 3
+            asks = [(a if i % 2 else b, f"Turn {i}: say the number {i}.") for i in range(4)]
+            with concurrent.futures.ThreadPoolExecutor(4) as pool:
+                answers = list(pool.map(lambda ask: chat(ask[0], shared, ask[1]), asks))
+            assert [r.status_code for r in answers] == [200] * 4  # each waited for the lease
+            assert stats(a, shared)["turns"] == stats(b, shared)["turns"] == 7
