@@ -10,7 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from infinikv.engine.scheduler import Engine, EngineOverloadedError, Failed, Finished, TaskHandle
+from infinikv.engine.scheduler import Engine
+from infinikv.engine.tasks import EngineOverloadedError, Failed, Finished, TaskHandle
 from infinikv.errors import SessionBusyError
 from infinikv.memory.store import InProcessBlockStore
 
@@ -70,7 +71,7 @@ def test_tasks_of_one_session_run_in_order_and_cancelled_tasks_stop() -> None:
 
         return run
 
-    sid = e.call_blocking(lambda en: en.create_session("").id, timeout=10)
+    sid = e.call_blocking(lambda en: en.sessions.create("").id, timeout=10)
     first = e.submit(body("a", 3), TaskHandle(), session_id=sid)
     second = e.submit(body("b", 2), TaskHandle(), session_id=sid)
     doomed = e.submit(body("c", 1000), TaskHandle())
@@ -146,7 +147,7 @@ def test_a_session_another_engine_holds_waits_for_it_or_is_refused_as_busy() -> 
     b = Engine(SimpleNamespace(slots=2), store, lease_wait=0.2)  # type: ignore[arg-type]
     for made in (a, b):
         made.start()
-    sid = a.call_blocking(lambda en: en.create_session("").id, timeout=10)
+    sid = a.call_blocking(lambda en: en.sessions.create("").id, timeout=10)
     gate, holding = threading.Event(), threading.Event()
 
     def hold(_engine, _task):

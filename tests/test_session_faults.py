@@ -15,9 +15,10 @@ from infinikv.engine.generator import Generator
 from infinikv.engine.jobs import IngestJob
 from infinikv.engine.requests import Turn, run_ingest, run_turn
 from infinikv.engine.sampling import SamplingParams
-from infinikv.engine.scheduler import Engine, Failed, Finished, TaskHandle
+from infinikv.engine.scheduler import Engine
 from infinikv.engine.sequence import Sequence, feed
 from infinikv.engine.session import record_key, session_prefix
+from infinikv.engine.tasks import Failed, Finished, TaskHandle
 from infinikv.errors import SessionNotFoundError
 from infinikv.evaluation.haystack import HaystackMissing, haystack_text
 from infinikv.memory.store import InProcessBlockStore, StoreUnavailableError
@@ -83,7 +84,7 @@ def ingest(e: Engine, sid: str, text: str) -> object:
 
 def history(e: Engine, text: str) -> str:
     """H0: a session holding a document (past its resident window) and one turn."""
-    sid = e.call_blocking(lambda en: en.create_session("").id, timeout=60)
+    sid = e.call_blocking(lambda en: en.sessions.create("").id, timeout=60)
     assert isinstance(ingest(e, sid, text[:1800]), Finished)
     assert isinstance(ask(e, sid, " What was created first?"), Finished)
     return sid
@@ -101,12 +102,12 @@ def read_back(model, store, sid: str) -> tuple[list[int], list[dict], torch.Tens
     e = engine(model, store)
 
     def probe(en: Engine):
-        session = en.session(sid, "")
+        session = en.sessions.get(sid, "")
         seq = session.warm(en.generator)
         tokens, messages = [*seq.tokens, *session.pending], list(session.messages)
         ids = session.completion_prompt(en.generator, PROBE)
         logits = feed(en.generator.model, en.generator.pool, seq, ids, en.generator.chunk_size)
-        en.discard(session)  # the probe is not part of the session
+        en.sessions.discard(session)  # the probe is not part of the session
         return tokens, messages, logits
 
     try:
@@ -184,17 +185,17 @@ def test_two_engines_on_one_store_see_each_others_turns_and_deletions(default_mo
     alone = engine(default_model, InProcessBlockStore())
     questions = [" The first turn, on A.", " The second, on B.", " The third, on A again."]
     try:
-        shared = a.call_blocking(lambda en: en.create_session("").id, timeout=60)
-        single = alone.call_blocking(lambda en: en.create_session("").id, timeout=60)
+        shared = a.call_blocking(lambda en: en.sessions.create("").id, timeout=60)
+        single = alone.call_blocking(lambda en: en.sessions.create("").id, timeout=60)
         for replica, question in zip([a, b, a], questions, strict=True):
             got, want = ask(replica, shared, question), ask(alone, single, question)
             assert isinstance(got, Finished) and isinstance(want, Finished)
             assert got.value.text == want.value.text  # the same session, whoever served it
-        history_a = a.call_blocking(lambda en: en.session(shared, "").tokens, timeout=60)
-        history_b = b.call_blocking(lambda en: en.session(shared, "").tokens, timeout=60)
-        history_alone = alone.call_blocking(lambda en: en.session(single, "").tokens, timeout=60)
+        history_a = a.call_blocking(lambda en: en.sessions.get(shared, "").tokens, timeout=60)
+        history_b = b.call_blocking(lambda en: en.sessions.get(shared, "").tokens, timeout=60)
+        history_alone = alone.call_blocking(lambda en: en.sessions.get(single, "").tokens, timeout=60)
         assert history_a == history_b == history_alone
-        a.call_blocking(lambda en: en.delete_session(shared, ""), timeout=60, session_id=shared)
+        a.call_blocking(lambda en: en.sessions.delete(shared, ""), timeout=60, session_id=shared)
         deleted = ask(b, shared, " Still there?")
         assert isinstance(deleted, Failed) and isinstance(deleted.error, SessionNotFoundError)
         assert store.keys(session_prefix(shared)) == []

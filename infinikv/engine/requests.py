@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from infinikv.engine.generator import GenerationEvent
 from infinikv.engine.jobs import INTERRUPTED, IngestJob
 from infinikv.engine.sampling import SamplingParams
-from infinikv.engine.scheduler import Engine, StepFn, Task
+from infinikv.engine.scheduler import Engine
 from infinikv.engine.sequence import feed
 from infinikv.engine.session import DocumentSpan, Session
+from infinikv.engine.tasks import StepFn, Task
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ def run_turn(turn: Turn) -> StepFn:
 
     def run(engine: Engine, task: Task) -> Steps[object, None, TurnResult]:
         gen = engine.generator
-        session = engine.session(turn.session_id, task.owner) if turn.session_id is not None else None
+        session = engine.sessions.get(turn.session_id, task.owner) if turn.session_id is not None else None
         if session is None:
             seq = gen.new_sequence(f"ikv:gen:{uuid.uuid4().hex}:")
             prompt = gen.encode(turn.text) if turn.text is not None else gen.encode_chat(turn.messages or [])
@@ -77,7 +78,7 @@ def run_turn(turn: Turn) -> StepFn:
             if session is None:
                 seq.release()
             elif not ended:
-                engine.discard(session)
+                engine.sessions.discard(session)
             elif len(seq) > before:
                 _record(engine, session, turn, ids, "".join(pieces))
         return TurnResult("".join(pieces), reason, len(prompt), len(ids), speculation)
@@ -94,7 +95,7 @@ def _record(engine: Engine, session: Session, turn: Turn, ids: list[int], reply:
             session.after_completion(ids)
         session.save()
     except BaseException:
-        engine.discard(session)
+        engine.sessions.discard(session)
         raise
 
 
@@ -105,7 +106,7 @@ def run_ingest(job: IngestJob, text: str) -> StepFn:
 
     def run(engine: Engine, task: Task) -> Steps[object, None, None]:
         gen = engine.generator
-        session = engine.session(job.session_id, task.owner)
+        session = engine.sessions.get(job.session_id, task.owner)
         assert session.seq is not None, "the scheduler loads a session before its task runs"
         seq = task.seq = session.seq
         try:
@@ -123,11 +124,11 @@ def run_ingest(job: IngestJob, text: str) -> StepFn:
             session.save(index_snapshot=True)
             job.status = "succeeded"
         except GeneratorExit:
-            engine.discard(session)
+            engine.sessions.discard(session)
             job.status, job.error = ("failed", INTERRUPTED) if engine.stopping else ("cancelled", None)
             raise
         except Exception as e:
-            engine.discard(session)
+            engine.sessions.discard(session)
             job.status, job.error = "failed", str(e)
             raise
         finally:

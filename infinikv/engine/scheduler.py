@@ -29,16 +29,23 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from collections.abc import Generator as Steps
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from infinikv.engine.generator import Generator
 from infinikv.engine.jobs import JobRegistry
-from infinikv.engine.leases import FencedStore, Lease, Leases, control_key
-from infinikv.engine.sequence import Sequence
-from infinikv.engine.session import SESSION_NAMESPACE, Session, record_key, session_id_of
-from infinikv.errors import InfinikvError, SessionBusyError, SessionNotFoundError
-from infinikv.memory.index import CorruptSnapshotError
+from infinikv.engine.leases import Leases
+from infinikv.engine.sessions import SessionTable
+from infinikv.engine.tasks import (
+    EngineObserver,
+    EngineOverloadedError,
+    EngineStoppedError,
+    Failed,
+    Finished,
+    StepFn,
+    Task,
+    TaskHandle,
+)
+from infinikv.errors import InfinikvError, SessionBusyError
 from infinikv.memory.store import BlockStore
 
 log = logging.getLogger(__name__)
@@ -47,83 +54,6 @@ log = logging.getLogger(__name__)
 BACKGROUND_EVERY = 1.0
 # Seconds between two tries of a session lease that another server holds.
 LEASE_RETRY = 0.05
-
-
-class EngineOverloadedError(InfinikvError):
-    """The queue of waiting requests is full."""
-
-
-class EngineStoppedError(InfinikvError):
-    """The engine is shutting down and takes no more work."""
-
-
-@dataclass(frozen=True)
-class Finished:
-    """The task's step function returned `value`."""
-
-    value: Any
-
-
-@dataclass(frozen=True)
-class Failed:
-    error: BaseException
-
-
-class TaskHandle:
-    """The requester's end of a task: what the worker emits, in order, ending with Finished
-    or Failed. Async requesters read through their event loop, others block on a queue."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop | None = None):
-        self._loop = loop
-        self._async: asyncio.Queue[object] | None = asyncio.Queue() if loop is not None else None
-        self._sync: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self.cancelled = False
-
-    def emit(self, item: object) -> None:
-        if self._loop is not None and self._async is not None:
-            try:
-                self._loop.call_soon_threadsafe(self._async.put_nowait, item)
-            except RuntimeError:  # the requester's loop is gone: nobody is listening
-                self.cancelled = True
-        else:
-            self._sync.put(item)
-
-    async def next(self) -> object:
-        assert self._async is not None, "an async read needs a handle made with a loop"
-        return await self._async.get()
-
-    def next_blocking(self, timeout: float | None = None) -> object:
-        return self._sync.get(timeout=timeout)
-
-    def cancel(self) -> None:
-        """Stop the task at its next step (the client went away)."""
-        self.cancelled = True
-
-
-class EngineObserver(Protocol):
-    def step(self, seconds: float, retrieval_seconds: float) -> None: ...
-
-
-# A task body: every next() is one step; the return value is the result.
-StepFn = Callable[["Engine", "Task"], Steps[object, None, Any]]
-
-
-@dataclass(eq=False)
-class Task:
-    run: StepFn
-    handle: TaskHandle
-    session_id: str | None = None  # tasks naming a session run one at a time, in order
-    owner: str = ""  # who asks (the session must be theirs)
-    needs_sequence: bool = False  # it runs a sequence: a slot in the pool (its session's, loaded)
-    background: bool = False  # steps only between interactive ones (see BACKGROUND_EVERY)
-    seq: Sequence | None = None  # set by the step function; read for retrieval metrics
-    steps: Steps[object, None, Any] | None = None
-    search_seen: float = 0.0
-    uses_slot: bool = field(default=False, init=False)  # a stateless sequence of its own
-    lease: Lease | None = field(default=None, init=False)  # its session's, while it runs
-    arrived: float = field(default_factory=time.monotonic, init=False)
-    retry_at: float = field(default=0.0, init=False)  # next try of a lease held elsewhere
-    renew_at: float = field(default=0.0, init=False)  # when its lease is half gone
 
 
 class Engine:
@@ -144,7 +74,7 @@ class Engine:
         self.leases = Leases(store, self.holder, int(lease_seconds * 1000))
         self.lease_wait = lease_wait
         self.jobs = JobRegistry(store, self.holder, int(lease_seconds * 1000))
-        self.sessions: dict[str, Session] = {}
+        self.sessions = SessionTable(store, self.leases, generator, lambda sid: sid in self._busy)
         self._inbox: queue.SimpleQueue[Task | None] = queue.SimpleQueue()
         self._queued = 0  # submitted, not yet admitted (read by other threads: approximate)
         self._waiting: deque[Task] = deque()
@@ -173,16 +103,6 @@ class Engine:
     @property
     def stopping(self) -> bool:
         return self._stopping
-
-    @property
-    def loaded_sessions(self) -> int:
-        """Sessions with pages in the pool (read by other threads: approximate)."""
-        return sum(1 for s in list(self.sessions.values()) if s.seq is not None)
-
-    @property
-    def memory_tokens(self) -> int:
-        """Evicted tokens in the memories of the loaded sessions (approximate, as above)."""
-        return sum(s.memory_tokens for s in list(self.sessions.values()))
 
     def submit(
         self,
@@ -224,118 +144,6 @@ class Engine:
             raise out.error
         assert isinstance(out, Finished)
         return out.value
-
-    # ---- sessions (worker thread only) ------------------------------------------------------
-
-    def create_session(self, owner: str) -> Session:
-        sid = f"sess_{uuid.uuid4().hex}"
-        session = Session(id=sid, owner=owner, store=FencedStore(self.leases))
-        session.store.lease = self.leases.acquire(sid)
-        try:
-            session.save()
-        finally:
-            self._release(session.store.lease)
-            session.store.lease = None
-        self.sessions[sid] = session
-        return session
-
-    def session(self, session_id: str, owner: str) -> Session:
-        """The caller's session, read back from the store when this process has not seen it
-        or its copy is older than the store's (a restart, another replica). Another owner's
-        session, or a deleted one, is reported as not found."""
-        session = self.sessions.get(session_id)
-        if session is not None and session_id not in self._busy:
-            if self.leases.generation(session_id) != session.generation:
-                self._forget(session)
-                session = None
-        if session is None:
-            session = self._read(session_id)
-            self.sessions[session_id] = session
-        if session.owner != owner:
-            raise SessionNotFoundError(f"session {session_id!r} not found")
-        return session
-
-    def check_fits(self, session_id: str, owner: str, text: str) -> None:
-        """Refuse (CapacityError) text that would not fit the session, before it is queued."""
-        session = self.session(session_id, owner)
-        self.generator.check_fits(session.tokens, session.completion_prompt(self.generator, text))
-
-    def _read(self, session_id: str) -> Session:
-        raw, generation, deleted = self.store.get_many(
-            [
-                record_key(session_id),
-                control_key(session_id, "generation"),
-                control_key(session_id, "deleted"),
-            ]
-        )
-        if raw is None or deleted is not None:
-            raise SessionNotFoundError(f"session {session_id!r} not found")
-        return Session.from_json(raw, FencedStore(self.leases), int(generation or 0))
-
-    def list_sessions(self, owner: str) -> list[Session]:
-        ids = {session_id_of(key) for key in self.store.keys(SESSION_NAMESPACE)} - {None}
-        found = []
-        for sid in sorted(ids | set(self.sessions)):
-            assert sid is not None
-            try:
-                found.append(self.session(sid, owner))
-            except (SessionNotFoundError, CorruptSnapshotError):
-                continue
-        return found
-
-    def delete_session(self, session_id: str, owner: str) -> int:
-        """A tombstone first (no server can lease the session again, no stale one write it),
-        then every store key of the session; returns the keys deleted. Runs under the lease."""
-        session = self.session(session_id, owner)
-        assert session.store.lease is not None, "a session task holds the session's lease"
-        self.leases.tombstone(session.store.lease)
-        self._forget(session)
-        return self.store.delete_prefix(session.prefix)
-
-    def discard(self, session: Session) -> None:
-        """Roll a session back to its committed records after a request that failed: drop this
-        copy (it reloads on its next request) and the payloads the request left unreferenced."""
-        self._forget(session)
-        try:
-            session.collect_garbage()
-        except InfinikvError as e:  # store down or lease lost: the next load collects them
-            log.warning("session %s: garbage left for the next load (%s)", session.id, e)
-
-    def _forget(self, session: Session) -> None:
-        session.drop()
-        if self.sessions.get(session.id) is session:
-            del self.sessions[session.id]
-
-    def _park(self, session: Session) -> None:
-        """Commit an idle session with its index snapshot and give its pages back; a copy that
-        is no longer the latest, or cannot be committed, is only dropped."""
-        try:
-            lease = self.leases.acquire(session.id)
-        except InfinikvError as e:
-            log.info("session %s dropped unsaved (%s)", session.id, e)
-            self._forget(session)
-            return
-        session.store.lease = lease
-        try:
-            if lease.generation == session.generation:
-                session.park()
-        except InfinikvError as e:
-            log.warning("session %s dropped unsaved (%s)", session.id, e)
-        finally:
-            session.store.lease = None
-            self._release(lease)
-            self._forget(session)
-
-    def save_all(self) -> None:
-        for session in list(self.sessions.values()):
-            if session.seq is not None:
-                self._park(session)
-
-    def _release(self, lease: Lease) -> None:
-        try:
-            self.leases.release(lease)
-        except InfinikvError as e:  # the lease expires on its own
-            log.warning("lease of session %s not released (%s)", lease.session_id, e)
 
     # ---- the worker -------------------------------------------------------------------------
 
@@ -388,23 +196,24 @@ class Engine:
                 self._close(task)
             self._finish(task, Failed(EngineStoppedError("the server is shutting down")))
         try:
-            self.save_all()
+            self.sessions.save_all()
             self.jobs.stop_beating()
         except Exception:  # noqa: BLE001 - a store outage at exit is logged, not raised
             log.exception("saving sessions at shutdown failed")
 
     def _slots_used(self) -> int:
-        return self._stateless + sum(1 for s in self.sessions.values() if s.seq is not None)
+        return self._stateless + self.sessions.in_pages
 
     def _make_room(self) -> bool:
         if self._slots_used() < self.generator.slots:
             return True
-        idle = [s for s in self.sessions.values() if s.seq is not None and s.id not in self._busy]
+        loaded = self.sessions.loaded.values()
+        idle = [s for s in loaded if s.seq is not None and s.id not in self._busy]
         if not idle:
             return False
         victim = min(idle, key=lambda s: s.last_used)
         log.info("parking session %s to free pages", victim.id)
-        self._park(victim)
+        self.sessions.park(victim)
         return True
 
     def _admit(self) -> None:
@@ -418,12 +227,12 @@ class Engine:
             try:
                 if not self._claim(task) or not self._reserve(task):
                     if task.lease is not None:
-                        self._release(task.lease)
+                        self.sessions.release(task.lease)
                         task.lease = None
                     continue
             except InfinikvError as e:  # unknown session, held elsewhere too long, corrupt snapshot
                 if task.lease is not None:
-                    self._release(task.lease)
+                    self.sessions.release(task.lease)
                     task.lease = None
                 self._dequeue(task)
                 task.handle.emit(Failed(e))
@@ -451,10 +260,10 @@ class Engine:
             task.retry_at = now + LEASE_RETRY
             return False
         task.lease, task.renew_at = lease, now + self.leases.ttl_ms / 2000
-        session = self.sessions.get(task.session_id)
+        session = self.sessions.loaded.get(task.session_id)
         if session is not None and session.generation != lease.generation:
-            self._forget(session)
-        session = self.session(task.session_id, task.owner)
+            self.sessions.forget(session)
+        session = self.sessions.get(task.session_id, task.owner)
         session.store.lease = lease
         return True
 
@@ -465,7 +274,7 @@ class Engine:
         if task.session_id is None:
             task.uses_slot = self._make_room()
             return task.uses_slot
-        session = self.sessions[task.session_id]
+        session = self.sessions.loaded[task.session_id]
         if session.seq is None:
             if not self._make_room():
                 return False
@@ -480,11 +289,11 @@ class Engine:
         if task.session_id is not None:
             if self._busy.get(task.session_id) is task:
                 del self._busy[task.session_id]
-            session = self.sessions.get(task.session_id)
+            session = self.sessions.loaded.get(task.session_id)
             if session is not None and session.store.lease is task.lease:
                 session.store.lease = None
         if task.lease is not None:
-            self._release(task.lease)
+            self.sessions.release(task.lease)
             task.lease = None
         self._stateless -= task.uses_slot
         task.uses_slot = False

@@ -29,8 +29,8 @@ def create_app(engine: Engine, settings: Settings, metrics: Metrics | None = Non
     engine.observer = metrics
     metrics.watch(
         lambda: engine.queued,
-        lambda: engine.loaded_sessions,
-        lambda: engine.memory_tokens,
+        lambda: engine.sessions.in_pages,
+        lambda: engine.sessions.memory_tokens,
         lambda: _store_answers(engine),
     )
     keys = {hashlib.sha256(k.encode()).hexdigest() for k in settings.api_key_list}

@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from infinikv.engine.scheduler import EngineOverloadedError, EngineStoppedError
+from infinikv.engine.tasks import EngineOverloadedError, EngineStoppedError
 from infinikv.errors import (
     CapacityError,
     InfinikvError,

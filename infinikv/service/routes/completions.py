@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from infinikv.engine.generator import GenerationEvent
 from infinikv.engine.requests import Turn, TurnResult, run_turn
-from infinikv.engine.scheduler import Failed, Finished, TaskHandle
+from infinikv.engine.tasks import Failed, Finished, TaskHandle
 from infinikv.service.errors import ApiError
 from infinikv.service.responses import (
     CHAT,

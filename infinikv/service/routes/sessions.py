@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from infinikv.engine.jobs import IngestJob
 from infinikv.engine.requests import run_ingest
-from infinikv.engine.scheduler import Failed, Finished, TaskHandle
+from infinikv.engine.tasks import Failed, Finished, TaskHandle
 from infinikv.service.errors import ApiError
 from infinikv.service.metrics import Metrics
 from infinikv.service.routes.jobs import job_body
@@ -46,23 +46,23 @@ def session_body(stats: dict[str, Any]) -> dict[str, Any]:
 
 @router.post("/v1/sessions", status_code=201)
 async def create_session(who: Caller, state: Server) -> dict[str, Any]:
-    return session_body(await state.engine.call(lambda e: e.create_session(who).stats()))
+    return session_body(await state.engine.call(lambda e: e.sessions.create(who).stats()))
 
 
 @router.get("/v1/sessions")
 async def list_sessions(who: Caller, state: Server) -> dict[str, Any]:
-    found = await state.engine.call(lambda e: [s.stats() for s in e.list_sessions(who)])
+    found = await state.engine.call(lambda e: [s.stats() for s in e.sessions.owned_by(who)])
     return {"object": "list", "data": [session_body(s) for s in found]}
 
 
 @router.get("/v1/sessions/{session_id}")
 async def get_session(session_id: SessionId, who: Caller, state: Server) -> dict[str, Any]:
-    return session_body(await state.engine.call(lambda e: e.session(session_id, who).stats()))
+    return session_body(await state.engine.call(lambda e: e.sessions.get(session_id, who).stats()))
 
 
 @router.delete("/v1/sessions/{session_id}")
 async def delete_session(session_id: SessionId, who: Caller, state: Server) -> dict[str, Any]:
-    deleted = await state.engine.call(lambda e: e.delete_session(session_id, who), session_id, who)
+    deleted = await state.engine.call(lambda e: e.sessions.delete(session_id, who), session_id, who)
     return {"id": session_id, "object": "session.deleted", "deleted": True, "store_keys_deleted": deleted}
 
 
@@ -76,7 +76,7 @@ async def add_document(
     name, text = await document(request)
     engine = state.engine
     # An unknown session is a 404 and a document too long for it a 413 now, not in the job.
-    await engine.call(lambda e: e.check_fits(session_id, who, text))
+    await engine.call(lambda e: e.sessions.check_fits(session_id, who, text))
     job = IngestJob(session_id, who, name)
     handle = TaskHandle(asyncio.get_running_loop())
     engine.submit(run_ingest(job, text), handle, session_id, who, needs_sequence=True, background=True)
