@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 
-from infinikv.memory.evicted import EvictedMemory
+from infinikv.memory import snapshot
+from infinikv.memory.evicted import EvictedMemory, MemorySpec
 from infinikv.memory.index import CorruptSnapshotError
 from infinikv.memory.store import InProcessBlockStore, RedisBlockStore, StoreUnavailableError, open_store
 
@@ -60,7 +61,7 @@ def test_slices_read_part_of_each_value(store) -> None:
 
 
 def memory_with_blocks(store, prefix: str, nblocks: int = 5, granularity: str = "token") -> EvictedMemory:
-    mem = EvictedMemory(2, 3, 16, 4, store=store, prefix=prefix, granularity=granularity)
+    mem = EvictedMemory(MemorySpec(2, 3, 16, 4, granularity=granularity), store=store, prefix=prefix)
     g = torch.Generator().manual_seed(0)
     k = torch.randn(2, nblocks, 4, 3, 16, generator=g)
     v = torch.randn(2, nblocks, 4, 3, 16, generator=g)
@@ -71,8 +72,8 @@ def memory_with_blocks(store, prefix: str, nblocks: int = 5, granularity: str = 
 @pytest.mark.parametrize("granularity", ["token", "block"])
 def test_snapshot_round_trip_gives_identical_retrieval(store, granularity) -> None:
     mem = memory_with_blocks(store, "sess:a:", granularity=granularity)
-    store.put_many(mem.save())
-    back = EvictedMemory.load(store, "sess:a:")
+    store.put_many(snapshot.records(mem))
+    back = snapshot.load(store, "sess:a:")
     assert back.granularity == granularity
     q = torch.randn(3, 4, 16, generator=torch.Generator().manual_seed(1))
     for layer in range(2):
@@ -92,11 +93,11 @@ def test_snapshot_round_trip_gives_identical_retrieval(store, granularity) -> No
 def test_blocks_evicted_after_the_last_snapshot_are_indexed_again_on_load(store) -> None:
     """A crash between snapshots loses nothing: the blocks are the truth, the snapshot a cache."""
     mem = memory_with_blocks(store, "sess:t:", nblocks=3)
-    store.put_many(mem.save())
+    store.put_many(snapshot.records(mem))
     g = torch.Generator().manual_seed(2)
     mem.add_blocks([5, 6], torch.randn(2, 2, 4, 3, 16, generator=g), torch.randn(2, 2, 4, 3, 16, generator=g))
-    store.put_many(mem.save(index=False))
-    back = EvictedMemory.load(store, "sess:t:")
+    store.put_many(snapshot.records(mem, index=False))
+    back = snapshot.load(store, "sess:t:")
     assert back.tokens == mem.tokens == 20 and back.index.ntotal == 20 and back.snapshot_blocks == 3
     q = torch.randn(3, 4, 16, generator=g)
     for got, want in zip(retrieve(back, 1, q, 20), retrieve(mem, 1, q, 20), strict=True):
@@ -107,22 +108,24 @@ def test_favourites_survive_a_snapshot_and_damaged_ones_are_refused(store) -> No
     """A reloaded block memory picks what the saved one picks from its favourites on; a
     damaged favourites record is a CorruptSnapshotError for that memory."""
     g = torch.Generator().manual_seed(5)
-    mem = EvictedMemory(2, 3, 16, 4, store=store, prefix="sess:f:", granularity="block", sketch_every=4)
+    mem = EvictedMemory(
+        MemorySpec(2, 3, 16, 4, granularity="block", sketch_every=4), store=store, prefix="sess:f:"
+    )
     k, v = torch.randn(2, 40, 4, 3, 16, generator=g), torch.randn(2, 40, 4, 3, 16, generator=g)
     mem.add_blocks(list(range(40)), k, v)
     for position in range(3):  # the full ranking at 0 chose favourites; 1 and 2 used them
         retrieve_blocks(mem, 0, torch.randn(3, 1, 2, 16, generator=g), 2, "sketch", position)
-    store.put_many(mem.save())
-    back = EvictedMemory.load(store, "sess:f:", sketch_every=4)
+    store.put_many(snapshot.records(mem))
+    back = snapshot.load(store, "sess:f:", sketch_every=4)
     q = torch.randn(3, 1, 2, 16, generator=g)
     for got, want in zip(*(retrieve_blocks(m, 0, q, 2, "sketch", 3) for m in (back, mem)), strict=True):
         assert torch.equal(got, want)
-    fresh = EvictedMemory(2, 3, 16, 4, granularity="block", sketch_every=4)
+    fresh = EvictedMemory(MemorySpec(2, 3, 16, 4, granularity="block", sketch_every=4))
     fresh.add_blocks(list(range(40)), k, v)
     assert not torch.equal(
         retrieve_blocks(fresh, 0, q, 2, "sketch", 3)[0], retrieve_blocks(mem, 0, q, 2, "sketch", 3)[0]
     )
-    bigger = EvictedMemory.load(store, "sess:f:", sketch_every=4)  # used with max_blocks 8
+    bigger = snapshot.load(store, "sess:f:", sketch_every=4)  # used with max_blocks 8
     bigger.add_blocks([40, 41, 42], k[:, :3], v[:, :3])  # more than the saved buffer has room for
     for position in (3, 4):  # 2's favourites were chosen for max_blocks 2: ranked in full again
         keys, _ = retrieve_blocks(bigger, 0, torch.randn(3, 1, 2, 16, generator=g), 8, "sketch", position)
@@ -130,28 +133,28 @@ def test_favourites_survive_a_snapshot_and_damaged_ones_are_refused(store) -> No
     for damaged in (b"not json", b"[[[0, [[99]], 40, 40, 64]], []]"):
         store.put_many({"sess:f:favourites": damaged})
         with pytest.raises(CorruptSnapshotError, match="sess:f:"):
-            EvictedMemory.load(store, "sess:f:", sketch_every=4)
+            snapshot.load(store, "sess:f:", sketch_every=4)
 
 
 def test_delete_really_deletes_and_leaves_other_sessions(store) -> None:
     a, b = memory_with_blocks(store, "sess:a:"), memory_with_blocks(store, "sess:b:")
-    store.put_many(a.save())
-    store.put_many(b.save())
+    store.put_many(snapshot.records(a))
+    store.put_many(snapshot.records(b))
     assert a.delete() == 5 + 2  # blocks, meta, index
     assert store.keys("sess:a:") == []
     with pytest.raises(CorruptSnapshotError, match="no memory snapshot"):
-        EvictedMemory.load(store, "sess:a:")
-    assert EvictedMemory.load(store, "sess:b:").tokens == 20
+        snapshot.load(store, "sess:a:")
+    assert snapshot.load(store, "sess:b:").tokens == 20
 
 
 @pytest.mark.parametrize("damage", ["index@5", "meta", "block:3"])
 def test_corrupt_snapshot_is_reported_and_other_sessions_survive(store, damage) -> None:
     bad, good = memory_with_blocks(store, "sess:bad:"), memory_with_blocks(store, "sess:good:")
-    store.put_many({**bad.save(), **good.save()})
+    store.put_many({**snapshot.records(bad), **snapshot.records(good)})
     store.put_many({f"sess:bad:{damage}": b"\x00garbage"})
     with pytest.raises(CorruptSnapshotError, match="sess:bad:"):
-        EvictedMemory.load(store, "sess:bad:")
-    assert EvictedMemory.load(store, "sess:good:").tokens == 20
+        snapshot.load(store, "sess:bad:")
+    assert snapshot.load(store, "sess:good:").tokens == 20
 
 
 def test_in_process_store_reuses_freed_space_and_shrinks_its_file() -> None:
@@ -233,13 +236,13 @@ def test_a_snapshot_with_another_payload_layout_is_refused_not_scrambled(store) 
     import json
 
     old = memory_with_blocks(store, "sess:old:")
-    store.put_many(old.save())
+    store.put_many(snapshot.records(old))
     (raw,) = store.get_many(["sess:old:meta"])
     meta = json.loads(raw)
     del meta["layout"]  # as an older build wrote it
     store.put_many({"sess:old:meta": json.dumps(meta).encode()})
     with pytest.raises(CorruptSnapshotError, match="laid out .*older build"):
-        EvictedMemory.load(store, "sess:old:")
+        snapshot.load(store, "sess:old:")
 
 
 def test_unreachable_redis_names_the_url() -> None:
@@ -254,8 +257,8 @@ def test_redis_cluster_three_nodes(tmp_path) -> None:
     with redis_cluster(tmp_path) as ports:
         store = RedisBlockStore(f"redis://127.0.0.1:{ports[0]}", cluster=True)
         mem = memory_with_blocks(store, "sess:c:", nblocks=40)  # keys spread over all nodes' slots
-        store.put_many(mem.save())
-        back = EvictedMemory.load(store, "sess:c:")
+        store.put_many(snapshot.records(mem))
+        back = snapshot.load(store, "sess:c:")
         q = torch.randn(3, 2, 16)
         assert torch.equal(retrieve(back, 1, q, 5)[0], retrieve(mem, 1, q, 5)[0])
         assert sorted(store.keys("sess:c:")) == sorted(
@@ -331,8 +334,10 @@ def test_a_memory_bounded_in_ram_retrieves_what_an_unbounded_one_does(store) -> 
     """Block granularity: at most 3 of 8 blocks in RAM, the rest read back from the store."""
     g = torch.Generator().manual_seed(3)
     k, v = torch.randn(2, 8, 4, 3, 16, generator=g), torch.randn(2, 8, 4, 3, 16, generator=g)
-    bounded = EvictedMemory(2, 3, 16, 4, store=store, prefix="sess:ram:", granularity="block", ram_blocks=3)
-    everything = EvictedMemory(2, 3, 16, 4, granularity="block")
+    bounded = EvictedMemory(
+        MemorySpec(2, 3, 16, 4, granularity="block", ram_blocks=3), store=store, prefix="sess:ram:"
+    )
+    everything = EvictedMemory(MemorySpec(2, 3, 16, 4, granularity="block"))
     for mem in (bounded, everything):
         mem.add_blocks(list(range(8)), k, v)
     for step in range(8):
@@ -345,8 +350,8 @@ def test_a_memory_bounded_in_ram_retrieves_what_an_unbounded_one_does(store) -> 
         ):
             assert torch.equal(got, want)
     assert max(bounded.cache.held(layer) for layer in range(2)) <= 3 and bounded.cache.fetched > 0
-    store.put_many(bounded.save())
-    back = EvictedMemory.load(store, "sess:ram:", ram_blocks=3)
+    store.put_many(snapshot.records(bounded))
+    back = snapshot.load(store, "sess:ram:", ram_blocks=3)
     assert back.cache.held(0) == back.cache.held(1) == 3 and back.tokens == 32
     q = torch.randn(3, 1, 2, 16, generator=g)  # at most 3 blocks at once
     for ranking in ("bound", "sketch"):
@@ -360,16 +365,16 @@ def test_the_ram_tier_gives_way_to_the_search_structures_within_the_budget(store
     index grow the tier holds fewer blocks, retrieval still equals an unbounded memory's,
     and the block past the budget's capacity is refused with nothing added."""
     from infinikv.errors import MemoryFullError
-    from infinikv.memory.evicted import RamBudget, search_bytes
+    from infinikv.memory.budget import RamBudget, search_bytes
     from infinikv.memory.payload import block_key
 
     L, H, d, B = 2, 3, 16, 4
     budget = RamBudget(2**20, min_blocks=8)
     g = torch.Generator().manual_seed(6)
     bounded = EvictedMemory(
-        L, H, d, B, store=store, prefix="sess:budget:", granularity="block", ram_budget=budget
+        MemorySpec(L, H, d, B, granularity="block", ram_budget=budget), store=store, prefix="sess:budget:"
     )
-    everything = EvictedMemory(L, H, d, B, granularity="block")
+    everything = EvictedMemory(MemorySpec(L, H, d, B, granularity="block"))
     capacity = bounded.capacity
     assert capacity is not None and capacity % B == 0
     tiers = []
@@ -439,8 +444,8 @@ def test_favourites_are_read_back_through_a_bounded_ram_tier(store) -> None:
     g = torch.Generator().manual_seed(4)
     k, v = torch.randn(2, 40, 4, 3, 16, generator=g), torch.randn(2, 40, 4, 3, 16, generator=g)
     kw = dict(granularity="block", sketch_every=3)
-    bounded = EvictedMemory(2, 3, 16, 4, store=store, prefix="sess:fav:", ram_blocks=12, **kw)
-    everything = EvictedMemory(2, 3, 16, 4, **kw)
+    bounded = EvictedMemory(MemorySpec(2, 3, 16, 4, ram_blocks=12, **kw), store=store, prefix="sess:fav:")
+    everything = EvictedMemory(MemorySpec(2, 3, 16, 4, **kw))
     for mem in (bounded, everything):
         mem.add_blocks(list(range(40)), k, v)
     for step in range(12):

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from infinikv.kernels.cpu.sketch import sketch_logits
-from infinikv.memory.evicted import FAVOURITES_PER_BLOCK, EvictedMemory
+from infinikv.memory.evicted import EvictedMemory, MemorySpec
+from infinikv.memory.favourites import FAVOURITES_PER_BLOCK
 from infinikv.memory.sketch import (
     KeySketch,
     dequantize_rows,
@@ -134,7 +135,7 @@ def test_appends_in_any_split_give_the_same_sketch() -> None:
 def test_sketch_ranking_finds_the_block_a_summary_bound_overrates_another_for() -> None:
     """Block 0 has large channels 0 and 1 on different keys (bound 10, best logit 5); block 1
     one key with both at 4 (logit 8): the bound prefers block 0, the logits block 1."""
-    mem = EvictedMemory(1, 1, 4, 2, granularity="block")
+    mem = EvictedMemory(MemorySpec(1, 1, 4, 2, granularity="block"))
     k = torch.zeros(1, 2, 2, 1, 4)
     k[0, 0, 0, 0, 0] = k[0, 0, 1, 0, 1] = 5.0
     k[0, 1, 0, 0, :2] = 4.0
@@ -149,7 +150,9 @@ def block_memory(k: torch.Tensor, every: int, channels: int = 2) -> EvictedMemor
     """A block-granular memory of keys k (L, n, B, 1, d) whose values name their block
     (every value channel of block b is b), so what a selection reads says which blocks."""
     L, n, B, _, d = k.shape
-    mem = EvictedMemory(L, 1, d, B, granularity="block", sketch_channels=channels, sketch_every=every)
+    mem = EvictedMemory(
+        MemorySpec(L, 1, d, B, granularity="block", sketch_channels=channels, sketch_every=every)
+    )
     mem.add_blocks(list(range(n)), k, block_values(L, 0, n, B, d))
     return mem
 
@@ -238,7 +241,9 @@ def test_selections_depend_on_positions_not_on_forwards_nor_on_rejected_drafts()
         _, values = retrieve_blocks(mem, layer, q.transpose(0, 1), nb, "sketch", first)  # (H, P, nb * B, d)
         return [[set(values[h, p, :, 0].int().tolist()) for h in range(H)] for p in range(q.shape[0])]
 
-    plain, speculative = (EvictedMemory(L, H, d, B, granularity="block", sketch_every=4) for _ in range(2))
+    plain, speculative = (
+        EvictedMemory(MemorySpec(L, H, d, B, granularity="block", sketch_every=4)) for _ in range(2)
+    )
     for mem in (plain, speculative):
         mem.add_blocks(list(range(n)), k[:, :n], v[:, :n])
     want = {}

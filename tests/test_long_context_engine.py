@@ -157,9 +157,9 @@ def test_block_and_token_granularity_agree_when_covering_all_memory(model) -> No
 
 
 def test_retrieve_blocks_returns_the_blocks_of_the_best_hits() -> None:
-    from infinikv.memory.evicted import EvictedMemory
+    from infinikv.memory.evicted import EvictedMemory, MemorySpec
 
-    mem = EvictedMemory(1, 1, 8, 4, granularity="block")
+    mem = EvictedMemory(MemorySpec(1, 1, 8, 4, granularity="block"))
     k = torch.zeros(1, 6, 4, 1, 8)
     k[0, 4, 2, 0, 0] = 5.0  # block 14 (the 5th evicted block), offset 2, matches the query best
     k[0, 1, 0, 0, 0] = 3.0  # block 11 second best
@@ -176,9 +176,9 @@ def test_retrieve_blocks_returns_the_blocks_of_the_best_hits() -> None:
 
 def test_shared_blocks_give_every_query_its_favourite_first() -> None:
     """A query with large logits everywhere must not take all the shared blocks."""
-    from infinikv.memory.evicted import EvictedMemory
+    from infinikv.memory.evicted import EvictedMemory, MemorySpec
 
-    mem = EvictedMemory(1, 1, 8, 4, granularity="block")
+    mem = EvictedMemory(MemorySpec(1, 1, 8, 4, granularity="block"))
     k = torch.zeros(1, 5, 4, 1, 8)
     k[0, :4, 0, 0, 0] = torch.tensor([10.0, 9.0, 8.0, 7.0])  # loud query's blocks 0..3
     k[0, 4, 0, 0, 1] = 1.0  # the quiet query's only match: block 4
@@ -192,9 +192,9 @@ def test_shared_blocks_give_every_query_its_favourite_first() -> None:
 
 
 def test_memory_refuses_blocks_out_of_order() -> None:
-    from infinikv.memory.evicted import EvictedMemory
+    from infinikv.memory.evicted import EvictedMemory, MemorySpec
 
-    mem = EvictedMemory(1, 1, 8, 4)
+    mem = EvictedMemory(MemorySpec(1, 1, 8, 4))
     kv = torch.zeros(1, 2, 4, 1, 8)
     mem.add_blocks([3, 4], kv, kv)
     with pytest.raises(ValueError, match="consecutive from 5, got \\[6, 7\\]"):

@@ -175,7 +175,7 @@ def test_paged_memory_covering_everything_equals_one_softmax(rope, n, granularit
     a chunk: parts merged by log-sum-exp) == the reference at the table's positions."""
     from infinikv.attention.long_context import LongContextState, paged_long_context_attention
     from infinikv.cache.pages import BlockTable, PagePool
-    from infinikv.memory.evicted import EvictedMemory
+    from infinikv.memory.evicted import EvictedMemory, MemorySpec
 
     B, W, G, D, Hkv = 4, 8, 3, 20, 2
     pool = PagePool(1, 16, B, num_kv_heads=Hkv, head_dim=D_HEAD, fill_value=float("nan"), group=G, rope=rope)
@@ -186,7 +186,7 @@ def test_paged_memory_covering_everything_equals_one_softmax(rope, n, granularit
     evicted = table.evict_oldest(5, protected=2)  # blocks 2-6
     pool.free([page for _, page in evicted])
     blocks = [b for b, _ in evicted]
-    memory = EvictedMemory(1, Hkv, D_HEAD, B, granularity=granularity)
+    memory = EvictedMemory(MemorySpec(1, Hkv, D_HEAD, B, granularity=granularity))
     gone = torch.arange(blocks[0] * B, (blocks[-1] + 1) * B)
     memory.add_blocks(
         blocks, k_all[gone].view(1, -1, B, Hkv, D_HEAD), v_all[gone].view(1, -1, B, Hkv, D_HEAD)

@@ -13,8 +13,10 @@ import torch
 from infinikv.attention.long_context import OWN_BLOCK_POSITIONS, LongContextState
 from infinikv.core.config import ModelConfig
 from infinikv.core.self_extend import SelfExtend
+from infinikv.memory.budget import RamBudget, memory_capacity
 from infinikv.memory.cache import block_bytes
-from infinikv.memory.evicted import FAVOURITES_PER_BLOCK, EvictedMemory, RamBudget, memory_capacity
+from infinikv.memory.evicted import EvictedMemory, MemorySpec
+from infinikv.memory.favourites import FAVOURITES_PER_BLOCK
 from infinikv.memory.index import INDEX_KINDS
 from infinikv.memory.store import BlockStore
 
@@ -47,7 +49,7 @@ class LongContextConfig:
     sketch_channels: int = 16
     # Block granularity: a layer ranks every evicted block over the sketch at one position
     # in this many (staggered across layers); the positions between pick by exact logits
-    # among that ranking's favourites (memory/evicted.py, FAVOURITES_PER_BLOCK x max_blocks
+    # among that ranking's favourites (memory/favourites.py, FAVOURITES_PER_BLOCK x max_blocks
     # per kv-head) and the blocks evicted since, so a decode step's cost stops growing with
     # the memory. Favourites are a function of position, so speculative decoding stays
     # identical to plain decoding. 1 (the default): every position reads the whole sketch.
@@ -219,18 +221,20 @@ class LongContextConfig:
         memory = None
         if self.memory:
             memory = EvictedMemory(
-                model.num_layers,
-                model.num_kv_heads,
-                model.head_dim,
-                page_size,
-                self.index,
+                MemorySpec(
+                    model.num_layers,
+                    model.num_kv_heads,
+                    model.head_dim,
+                    page_size,
+                    index_kind=self.index,
+                    granularity=self.granularity,
+                    sketch_channels=self.sketch_channels,
+                    sketch_every=self.sketch_every,
+                    ram_budget=self.ram_budget(model),
+                ),
                 store=store,
                 prefix=prefix,
-                granularity=self.granularity,
-                sketch_channels=self.sketch_channels,
                 device=device,
-                sketch_every=self.sketch_every,
-                ram_budget=self.ram_budget(model),
             )
         return LongContextState(
             SelfExtend(self.window, self.group),

@@ -11,7 +11,7 @@ from infinikv.attention.long_context import LongContextState
 from infinikv.cache.pages import BlockTable, PagePool
 from infinikv.core.config import ModelConfig
 from infinikv.engine.long_context import LongContextConfig
-from infinikv.memory.evicted import EvictedMemory
+from infinikv.memory import snapshot
 from infinikv.memory.index import CorruptSnapshotError
 from infinikv.memory.payload import (
     LAYOUT,
@@ -152,7 +152,7 @@ class Sequence:
         }
         memory = self.long_state.memory if self.long_state is not None else None
         if memory is not None and memory.store is not None:
-            records.update(memory.save(index=index_snapshot))
+            records.update(snapshot.records(memory, index=index_snapshot))
         return records
 
     @staticmethod
@@ -168,7 +168,7 @@ class Sequence:
         memory_meta = records.get(f"{prefix}meta")
         if memory_meta is not None:
             keys |= {f"{prefix}meta", f"{prefix}favourites"}
-            keys |= EvictedMemory.referenced_keys(prefix, memory_meta)
+            keys |= snapshot.referenced_keys(prefix, memory_meta)
         return keys
 
     @classmethod
@@ -215,7 +215,7 @@ class Sequence:
         if evicted and state is not None and state.memory is not None:
             assert self.long_config is not None
             config = self.long_config
-            state.memory = EvictedMemory.load(
+            state.memory = snapshot.load(
                 store,
                 prefix,
                 sketch_channels=config.sketch_channels,

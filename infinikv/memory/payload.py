@@ -1,11 +1,15 @@
-"""Byte encoding of KV blocks for the block store: the raw tensor bytes, read back with the
-dtype and shape recorded beside them (numpy has no bfloat16, so the bytes go through an
-integer view of the same width). A block's payload is layer-major, each layer's keys then
-values, so one layer of a block is one byte range (`layer_range`) a store reads alone."""
+"""Byte encoding of KV blocks for the block store, and their reads from it: the raw tensor
+bytes, read back with the dtype and shape recorded beside them (numpy has no bfloat16, so
+the bytes go through an integer view of the same width). A block's payload is layer-major,
+each layer's keys then values, so one layer of a block is one byte range (`layer_range`) a
+store reads alone."""
 
 from __future__ import annotations
 
 import torch
+
+from infinikv.memory.index import CorruptSnapshotError
+from infinikv.memory.store import BlockStore
 
 _BITS = {
     torch.int32: torch.int32,
@@ -67,3 +71,33 @@ def layers_from_bytes(
 def block_key(prefix: str, block: int) -> str:
     """Store key of block `block` (k and v of B tokens, every layer) under a sequence's prefix."""
     return f"{prefix}block:{block}"
+
+
+def read_blocks(
+    store: BlockStore, prefix: str, dtype: torch.dtype, shape: tuple[int, int, int, int], blocks: list[int]
+) -> torch.Tensor:
+    """Payloads (2, L, n, B, Hkv, d) of a memory's stored blocks, in one store call."""
+    payloads = store.get_many([block_key(prefix, b) for b in blocks])
+    return blocks_from_bytes(_found(payloads, blocks, prefix), dtype, shape)
+
+
+def read_layer(
+    store: BlockStore,
+    prefix: str,
+    dtype: torch.dtype,
+    shape: tuple[int, int, int, int],
+    layer: int,
+    blocks: list[int],
+) -> torch.Tensor:
+    """One layer (2, n, B, Hkv, d) of a memory's stored blocks, in one store call. A function
+    of the store and prefix, not a method: the RAM tier calls it, and a bound method would
+    make memory and tier a reference cycle that only the cyclic GC frees."""
+    slices = store.get_slices([block_key(prefix, b) for b in blocks], *layer_range(layer, dtype, shape))
+    return layers_from_bytes(_found(slices, blocks, prefix), dtype, shape)
+
+
+def _found(payloads: list[bytes | None], blocks: list[int], prefix: str) -> list[bytes]:
+    missing = [b for b, p in zip(blocks, payloads, strict=True) if p is None]
+    if missing:
+        raise CorruptSnapshotError(f"memory blocks {missing[:5]} are missing under {prefix!r}")
+    return [p for p in payloads if p is not None]
