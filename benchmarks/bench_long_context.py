@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from infinikv.attention.backends import BACKENDS
-from infinikv.engine.long_context import LongContextConfig
+from infinikv.engine.regions import LongContextConfig
 from infinikv.memory.index import INDEX_KINDS
 from infinikv.model.linear import QUANTIZATIONS
 

@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from infinikv.core.config import ModelConfig
-from infinikv.engine.long_context import LongContextConfig
+from infinikv.engine.regions import LongContextConfig
 from infinikv.memory.evicted import EvictedMemory
 from infinikv.model.llama import LlamaModel
 from infinikv.model.loader import LoadedModel, load_model

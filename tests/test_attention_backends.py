@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from infinikv.attention.backends import resolve_backend
-from infinikv.attention.long_context_triton import triton_causal_attention, triton_long_context_attention
-from infinikv.attention.paged_cpu import cpu_causal_attention, cpu_long_context_attention
-from infinikv.engine.long_context import LongContextConfig
+from infinikv.attention.cpu import cpu_causal_attention, cpu_long_context_attention
+from infinikv.attention.triton import triton_causal_attention, triton_long_context_attention
+from infinikv.engine.regions import LongContextConfig
 from infinikv.engine.sequence import Sequence, feed
 from infinikv.kernels.cpu import build
 from infinikv.model.linear import few_row_kernels

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from infinikv.engine.generator import Generator
-from infinikv.engine.long_context import LongContextConfig
+from infinikv.engine.regions import LongContextConfig
 from infinikv.engine.sampling import SamplingParams
 from infinikv.engine.speculative.lookup import LookupDrafter
 from infinikv.evaluation.haystack import HaystackMissing

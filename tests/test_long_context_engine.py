@@ -8,7 +8,7 @@ import weakref
 import pytest
 import torch
 
-from infinikv.engine.long_context import LongContextConfig
+from infinikv.engine.regions import LongContextConfig
 from infinikv.engine.sequence import Sequence, feed
 
 from .conftest import nan_pool, ours_from_hf, retrieve_blocks, tiny_hf_model

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from infinikv.engine.long_context import LongContextConfig
+from infinikv.engine.regions import LongContextConfig
 from infinikv.engine.sequence import Sequence, feed
 from infinikv.memory.index import CorruptSnapshotError
 from infinikv.memory.store import InProcessBlockStore

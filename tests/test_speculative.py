@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from infinikv.engine.long_context import LongContextConfig
+from infinikv.engine.regions import LongContextConfig
 from infinikv.engine.sampling import Sampler, SamplingParams, target_probs
 from infinikv.engine.sequence import Sequence, feed
 from infinikv.engine.speculative.decoder import SpeculativeDecoder

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from infinikv.engine.generator import Generator
-from infinikv.engine.long_context import LongContextConfig
+from infinikv.engine.regions import LongContextConfig
 from infinikv.engine.sampling import SamplingParams
 from infinikv.engine.speculative.draft_model import DraftModelDrafter, check_same_vocabulary
 from infinikv.engine.speculative.lookup import LookupDrafter

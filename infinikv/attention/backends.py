@@ -11,7 +11,7 @@ import logging
 
 import torch
 
-from infinikv.attention.backend import AttentionBackend, LongContextAttentionBackend
+from infinikv.attention.interface import AttentionBackend, LongContextAttentionBackend
 from infinikv.attention.long_context import paged_long_context_attention
 from infinikv.attention.paged_torch import paged_causal_attention
 from infinikv.errors import KernelBuildError
@@ -73,11 +73,11 @@ def _cpu_unfit(device: torch.device, dtype: torch.dtype, head_dim: int) -> str |
 def causal_attention(backend: str) -> AttentionBackend:
     """The plain causal attention (no long-context regions) of a resolved backend."""
     if backend == "triton":
-        from infinikv.attention.long_context_triton import triton_causal_attention
+        from infinikv.attention.triton import triton_causal_attention
 
         return triton_causal_attention
     if backend == "cpu":
-        from infinikv.attention.paged_cpu import cpu_causal_attention
+        from infinikv.attention.cpu import cpu_causal_attention
 
         return cpu_causal_attention
     return paged_causal_attention
@@ -86,11 +86,11 @@ def causal_attention(backend: str) -> AttentionBackend:
 def long_context_attention(backend: str) -> LongContextAttentionBackend:
     """The long-context attention (regions plus memory) of a resolved backend."""
     if backend == "triton":
-        from infinikv.attention.long_context_triton import triton_long_context_attention
+        from infinikv.attention.triton import triton_long_context_attention
 
         return triton_long_context_attention
     if backend == "cpu":
-        from infinikv.attention.paged_cpu import cpu_long_context_attention
+        from infinikv.attention.cpu import cpu_long_context_attention
 
         return cpu_long_context_attention
     return paged_long_context_attention

@@ -89,10 +89,6 @@ class PagePool:
     def num_free(self) -> int:
         return len(self._free)
 
-    @property
-    def capacity_tokens(self) -> int:
-        return (self.num_pages - 1) * self.page_size
-
     def allocate(self, n: int) -> list[int]:
         if n > len(self._free):
             raise CacheFullError(

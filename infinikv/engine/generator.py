@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from infinikv.engine.detokenize import TextStream
-from infinikv.engine.long_context import LongContextConfig
+from infinikv.engine.regions import LongContextConfig
 from infinikv.engine.sampling import Sampler, SamplingParams
 from infinikv.engine.sequence import ProgressFn, Sequence, feed
 from infinikv.engine.speculative.decoder import SpeculativeDecoder

@@ -10,7 +10,7 @@ import torch
 from infinikv.attention.long_context import LongContextState
 from infinikv.cache.pages import BlockTable, PagePool
 from infinikv.core.config import ModelConfig
-from infinikv.engine.long_context import LongContextConfig
+from infinikv.engine.regions import LongContextConfig
 from infinikv.memory import snapshot
 from infinikv.memory.index import CorruptSnapshotError
 from infinikv.memory.payload import (

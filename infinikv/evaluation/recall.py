@@ -1,5 +1,6 @@
 """Recall tasks over real text, after RULER (NVIDIA's long-context benchmark): facts planted
-at chosen depths of a window of a real book, asked for at the end.
+at chosen depths of a window of a real book, asked for at the end. (Over 350 lines: the five
+tasks share their case's window, phrasings and depths; most of the length is their texts.)
 
 Tasks (RULER's names in brackets):
 

@@ -10,7 +10,9 @@ With a RAM budget (block granularity with a store), the RAM tier and the search 
 share it: the tier gives up blocks as the search structures grow, down to what one
 retrieval reads at once, and a memory that would need more is refused (MemoryFullError).
 So a sequence's evicted memory holds at most its budget in host RAM however long it gets,
-and the budget sets the longest sequence (`memory_capacity`)."""
+and the budget sets the longest sequence (`memory_capacity`). (Over 350 lines: the two
+retrieval modes share the RAM tier's slot and row bookkeeping, which would otherwise be
+passed between files on every selection.)"""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from infinikv.attention.backend import AttentionBackend, LongContextAttentionBackend
+from infinikv.attention.interface import AttentionBackend, LongContextAttentionBackend
 from infinikv.attention.long_context import LongContextState, paged_long_context_attention
 from infinikv.attention.paged_torch import paged_causal_attention
 from infinikv.cache.pages import LayerKV, PageList, PagePool

@@ -10,7 +10,7 @@ import torch
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from infinikv.engine.long_context import LongContextConfig
+from infinikv.engine.regions import LongContextConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -40,7 +40,7 @@ class Settings(BaseSettings):
     threads: int | None = Field(None, ge=1)
     # Long context: Self-Extend over a bounded resident window, older blocks evicted into a
     # kNN memory. Unset knobs are derived from the model's trained length
-    # (engine/long_context.py); impossible combinations are refused at start.
+    # (engine/regions.py); impossible combinations are refused at start.
     long_context: bool = True
     resident: int | None = Field(None, ge=1, description="tokens kept in pages, sinks included")
     sinks: int | None = Field(None, ge=0)

@@ -33,30 +33,18 @@ class LongContextConfig:
     distance: int  # D: the relative position every memory entry is read at
     memory: bool = True  # False: evicted blocks are dropped (sliding window)
     index: str = "flat"
-    # "block": one summary per evicted block in the index (summary.py) plus a key sketch
-    # (sketch.py), whole blocks attended to: passkey 6/6 in tests/test_passkey.py, ~2.6x
-    # faster prefill than "token" at 8k tokens, so it scales to long inputs. "token": every
-    # query head its own exact top-k tokens (6/6), but every prefill chunk searches every
-    # evicted key.
+    # "block": one summary per block in the index plus a key sketch, ~2.6x faster prefill
+    # at 8k than "token", whose chunks search every evicted key (the README's settings).
     granularity: str = "block"
     # Block granularity: memory blocks a prefill chunk's earlier positions share (and, with
     # token_top_k 0, the answering positions' own), per kv-head and layer: 16 blocks of 16
     # tokens = 256 keys. Not tuned on the recall suite (docs/recall.md).
     max_blocks: int = 16
-    # Block granularity with token_top_k 0: channels per query the answering positions rank
-    # blocks with over the key sketch (sketch.py, SparQ's r; at most head_dim). 16 of 64:
-    # 4/10 at 16k where token selection made 5/10 (docs/recall.md).
+    # Block granularity with token_top_k 0: query channels the answering positions rank
+    # blocks with over the key sketch (SparQ's r; at most head_dim; docs/recall.md).
     sketch_channels: int = 16
-    # Block granularity: a layer ranks every evicted block over the sketch at one position
-    # in this many (staggered across layers); the positions between pick by exact logits
-    # among that ranking's favourites (memory/favourites.py, FAVOURITES_PER_BLOCK x max_blocks
-    # per kv-head) and the blocks evicted since, so a decode step's cost stops growing with
-    # the memory. Favourites are a function of position, so speculative decoding stays
-    # identical to plain decoding. 1 (the default): every position reads the whole sketch.
-    # 8 decodes 1.17x faster at 32k tokens but recalled less: the 30-turn conversation of
-    # tests/test_service.py found its fact in 3 of 7 runs on a CPU without AMX (in every
-    # run with 1: 4 of 4, and with exact logits over every block: 2 of 2), and one more 32k
-    # passkey depth was lost.
+    # Block granularity: positions per full ranking over the sketch (memory/favourites.py);
+    # 8 decodes 1.17x faster at 32k but recalls less than 1 (docs/long_context.md).
     sketch_every: int = 1
     # Block granularity: host RAM for the evicted memory: blocks' keys and values (the block
     # store holds them all; the least recently used leave RAM first) and the search
@@ -78,15 +66,13 @@ class LongContextConfig:
     ) -> LongContextConfig:
         """Defaults for a model trained to `trained_len` tokens; None overrides are ignored."""
         given: dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}
-        # The numbers below are the recall suite's tuning split (docs/recall.md, "Choosing
-        # the defaults"). The trained length resident: up to it the plain model's attention,
-        # exactly (every task at 4k and 8k as transformers); beyond it the memory. 16k single
-        # needle: 5/10 (1024 resident, blocks leaving from 8192 on: 3/9; 2048: 5/10).
+        # Chosen on the recall suite's tuning split (docs/recall.md, "Choosing the defaults").
+        # The trained length resident: up to it exactly the plain model; beyond it the memory.
         resident = int(given.get("resident", trained_len))
         # 64 sink tokens keep the BOS and a short system prompt exact, rounded to whole pages.
         sinks = int(given.get("sinks", page_size * math.ceil(64 / page_size)))
         # No Self-Extend groups: the resident tokens stay within the trained length at exact
-        # positions (16k, 8192 resident, block ranking: G=4 over W=4096 5/10, G=1 4/10).
+        # positions.
         group = int(given.get("group", 1))
         window = int(given.get("window", resident - sinks - 2 * page_size if group == 1 else resident // 2))
         base = cls(
@@ -96,12 +82,11 @@ class LongContextConfig:
             group=group,
             # 64 entries per head: a few blocks' worth, enough for a passkey-sized fact.
             top_k=64,
-            # Memory read L/16 (512) tokens back: at 8k (R=1024) D=2048 lost two evicted
-            # needles that 512 found and found two near ones that 512 lost (6/10 each).
+            # Memory read L/16 (512) tokens back: as good as 2048 at 8k, closer to the
+            # positions the model was trained on.
             distance=trained_len // 16,
             # Each answering query head its own 256 keys by the sketch's all-channel logits:
-            # 16k single needle 5/10 against 4/10 for blocks ranked by 16 channels (8192
-            # resident); 8k with 1024 resident 6/10, the plain model 5/10.
+            # they capture 0.96-1.00 of exact attention's mass, whole blocks 0.03-0.15.
             token_top_k=256,
         )
         return replace(base, **given)
