@@ -4,6 +4,7 @@ checked now (404, 413) and prefilled by a background job (202)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import PurePath
 from typing import Annotated, Any
 
@@ -13,6 +14,7 @@ from pydantic import ValidationError
 from infinikv.engine.jobs import IngestJob
 from infinikv.engine.requests import run_ingest
 from infinikv.engine.tasks import Failed, Finished, TaskHandle
+from infinikv.errors import InfinikvError
 from infinikv.service.errors import ApiError
 from infinikv.service.metrics import Metrics
 from infinikv.service.routes.jobs import job_body
@@ -79,8 +81,14 @@ async def add_document(
     await engine.call(lambda e: e.sessions.check_fits(session_id, who, text))
     job = IngestJob(session_id, who, name)
     handle = TaskHandle(asyncio.get_running_loop())
-    engine.submit(run_ingest(job, text), handle, session_id, who, needs_sequence=True, background=True)
-    engine.jobs.add(job, handle.cancel)
+    # Recorded before the job can run, so its final record is never overwritten by "queued".
+    await asyncio.to_thread(engine.jobs.add, job, handle.cancel)
+    try:
+        engine.submit(run_ingest(job, text), handle, session_id, who, needs_sequence=True, background=True)
+    except InfinikvError as e:  # a full queue, a stopping server: the job ends here
+        job.status, job.error, job.finished = "failed", str(e), time.time()
+        await asyncio.to_thread(engine.jobs.record, job)
+        raise
     asyncio.get_running_loop().create_task(_count_ingested(handle, job, state.metrics))
     return job_body(job)
 
