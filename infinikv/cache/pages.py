@@ -182,7 +182,7 @@ class PageList:
         `sink_gap` positions before the next resident token, as StreamingLLM (Xiao et al.
         2024) places its sinks beside the window it keeps. Left at their own positions, a
         model trained to L tokens would read its sinks ever farther back; at 32k tokens
-        SmolLM2 (L = 8k) lost a passkey encoded 23k to 27k tokens in (docs/long_context.md,
+        SmolLM2 (L = 8k) lost a passkey encoded 23k to 27k tokens in (docs/notes/long_context.md,
         "What failed at 32k") and found it with the sinks moved."""
         run = bool(pages) and pages[-1] - pages[0] == len(pages) - 1 and pages == sorted(pages)
         ids = torch.tensor(pages, dtype=torch.long, device=device)

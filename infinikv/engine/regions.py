@@ -44,7 +44,7 @@ class LongContextConfig:
     # blocks with over the key sketch (SparQ's r; at most head_dim; docs/recall.md).
     sketch_channels: int = 16
     # Block granularity: positions per full ranking over the sketch (memory/favourites.py);
-    # 8 decodes 1.17x faster at 32k but recalls less than 1 (docs/long_context.md).
+    # 8 decodes 1.17x faster at 32k but recalls less than 1 (docs/notes/long_context.md).
     sketch_every: int = 1
     # Block granularity: host RAM for the evicted memory: blocks' keys and values (the block
     # store holds them all; the least recently used leave RAM first) and the search
