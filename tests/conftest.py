@@ -18,11 +18,14 @@ if not torch.cuda.is_available():
 from infinikv.core.config import ModelConfig
 from infinikv.engine.regions import LongContextConfig
 from infinikv.memory.evicted import EvictedMemory
+from infinikv.memory.store import InProcessBlockStore, RedisBlockStore
 from infinikv.model.llama import LlamaModel
 from infinikv.model.loader import LoadedModel, load_model
 from infinikv.model.weights import build_model
 from infinikv.service.runtime import attach_kernels
 from infinikv.service.settings import Settings
+
+from .redis_server import redis_server
 
 CACHE_DIR = Settings().cache_dir
 
@@ -109,3 +112,22 @@ def retrieve_blocks(
     """Block granularity: keys, values (Hkv, P, nb * B, d) of the blocks a memory selects
     for groups q (Hkv, P, m, d), group p at position `position` + p."""
     return mem.gather(layer, mem.select_blocks(layer, q, max_blocks, ranking, position))
+
+
+# A redis-server of each test module's own (loopback, no persistence); the block stores a
+# test runs against: in-process, and Redis emptied first.
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    with redis_server(tmp_path_factory.mktemp("redis")) as port:
+        yield f"redis://127.0.0.1:{port}/0"
+
+
+@pytest.fixture(params=["inprocess", "redis"])
+def store(request):
+    if request.param == "inprocess":
+        yield InProcessBlockStore()
+        return
+    made = RedisBlockStore(request.getfixturevalue("redis_url"))
+    made.delete_prefix("")
+    yield made
+    made.close()

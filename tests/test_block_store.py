@@ -19,23 +19,6 @@ from .conftest import retrieve, retrieve_blocks
 from .redis_server import free_port, redis_server
 
 
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
-    with redis_server(tmp_path_factory.mktemp("redis")) as port:
-        yield f"redis://127.0.0.1:{port}/0"
-
-
-@pytest.fixture(params=["inprocess", "redis"])
-def store(request):
-    if request.param == "inprocess":
-        yield InProcessBlockStore()
-        return
-    made = RedisBlockStore(request.getfixturevalue("redis_url"))
-    made.delete_prefix("")
-    yield made
-    made.close()
-
-
 def test_batched_put_get_and_prefix_delete(store) -> None:
     items = {f"s1:block:{i}": bytes([i % 256]) * (i + 1) for i in range(600)}  # > one pipeline
     items["s2:block:0"] = b"\x00\xff binary \x00"

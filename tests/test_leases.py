@@ -11,26 +11,9 @@ import pytest
 from infinikv.engine.leases import FencedStore, Leases, control_key
 from infinikv.engine.session import session_prefix
 from infinikv.errors import LeaseLostError, SessionBusyError, SessionNotFoundError
-from infinikv.memory.store import InProcessBlockStore, RedisBlockStore
+from infinikv.memory.store import RedisBlockStore
 
-from .redis_server import redis_cluster, redis_server
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
-    with redis_server(tmp_path_factory.mktemp("redis")) as port:
-        yield f"redis://127.0.0.1:{port}/0"
-
-
-@pytest.fixture(params=["inprocess", "redis"])
-def store(request):
-    if request.param == "inprocess":
-        yield InProcessBlockStore()
-        return
-    made = RedisBlockStore(request.getfixturevalue("redis_url"))
-    made.delete_prefix("")
-    yield made
-    made.close()
+from .redis_server import redis_cluster
 
 
 def test_compare_and_set_writes_and_deletes_only_when_the_guard_matches(store) -> None:

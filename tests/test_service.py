@@ -14,7 +14,6 @@ import requests
 from infinikv.engine.session import session_prefix
 from infinikv.evaluation.passkey import QUESTION, found, passkey_document
 
-from .redis_server import redis_server
 from .server_process import infinikv_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
@@ -23,12 +22,6 @@ KEY_A, KEY_B = "key-a-secret", "key-b-secret"
 # A small resident window, so ingested documents and long conversations go through memory.
 LONG_CONTEXT = ["--resident", "512", "--window", "128"]
 LIMITS = ["--max-tokens-limit", "64", "--max-body-bytes", "1000000", "--slots", "3"]
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
-    with redis_server(tmp_path_factory.mktemp("redis")) as port:
-        yield f"redis://127.0.0.1:{port}/0"
 
 
 @pytest.fixture(scope="module")

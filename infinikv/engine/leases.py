@@ -28,7 +28,6 @@ class Lease:
     session_id: str
     epoch: int
     generation: int  # of the session's committed records when the lease was taken
-    expires_ms: int  # on the store's clock
 
 
 class Leases:
@@ -61,13 +60,12 @@ class Leases:
             raise SessionBusyError(f"session {session_id!r} was taken by another server", retry_after=0.1)
         # Read after taking it: no commit of an older epoch can land from here on.
         (generation,) = self.store.get_many([control_key(session_id, "generation")])
-        return Lease(session_id, epoch, int(generation or 0), expires_ms)
+        return Lease(session_id, epoch, int(generation or 0))
 
     def renew(self, lease: Lease) -> None:
         expires_ms = self.store.time_ms() + self.ttl_ms
         value = f"{self.holder} {lease.epoch} {expires_ms}".encode()
         self.write(lease, {control_key(lease.session_id, "lease"): value})
-        lease.expires_ms = expires_ms
 
     def release(self, lease: Lease) -> None:
         """Give the lease up (a no-op once another holder took it)."""

@@ -260,10 +260,7 @@ class Engine:
             task.retry_at = now + LEASE_RETRY
             return False
         task.lease, task.renew_at = lease, now + self.leases.ttl_ms / 2000
-        session = self.sessions.loaded.get(task.session_id)
-        if session is not None and session.generation != lease.generation:
-            self.sessions.forget(session)
-        session = self.sessions.get(task.session_id, task.owner)
+        session = self.sessions.get(task.session_id, task.owner, lease.generation)
         session.store.lease = lease
         return True
 

@@ -47,13 +47,15 @@ class SessionTable:
         self.loaded[sid] = session
         return session
 
-    def get(self, session_id: str, owner: str) -> Session:
+    def get(self, session_id: str, owner: str, generation: int | None = None) -> Session:
         """The caller's session, read back from the store when this process has not seen it
-        or its copy is older than the store's (a restart, another replica). Another owner's
+        or its copy is older than the store's (a restart, another replica); `generation`:
+        the store's, when the caller just read it (taking the lease). Another owner's
         session, or a deleted one, is reported as not found."""
         session = self.loaded.get(session_id)
-        if session is not None and not self.busy(session_id):
-            if self.leases.generation(session_id) != session.generation:
+        if session is not None and (generation is not None or not self.busy(session_id)):
+            current = self.leases.generation(session_id) if generation is None else generation
+            if current != session.generation:
                 self.forget(session)
                 session = None
         if session is None:
