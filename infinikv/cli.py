@@ -11,10 +11,13 @@ from typing import NoReturn
 from pydantic import ValidationError
 
 from infinikv.attention.backends import BACKENDS
-from infinikv.engine.generator import Generator
+from infinikv.engine.requests import Turn, TurnResult, stream_turn
 from infinikv.engine.sampling import SamplingParams
+from infinikv.engine.scheduler import Engine
+from infinikv.engine.sequence import ProgressFn
 from infinikv.errors import InfinikvError
 from infinikv.memory.index import INDEX_KINDS
+from infinikv.memory.store import InProcessBlockStore
 from infinikv.model.linear import QUANTIZATIONS
 from infinikv.service.settings import Settings
 
@@ -186,40 +189,41 @@ def _sampling(args: argparse.Namespace) -> SamplingParams:
     )
 
 
-def _progress_bar(total_hint: int):  # noqa: ANN202 - a tqdm-backed callback
+def _progress_bar() -> ProgressFn:
     from tqdm import tqdm
 
     bar: list[tqdm] = []
 
     def update(done: int, total: int) -> None:
         if not bar:
-            # Only worth a bar when the prompt spans several chunks; hidden when not a TTY.
+            if done >= total:  # a bar is only worth it when the prompt spans several chunks
+                return
             bar.append(tqdm(total=total, unit="tok", desc="prefill", disable=None, leave=False))
         bar[0].update(done - bar[0].n)
         if done >= total:
             bar[0].close()
 
-    return update if total_hint else None
+    return update
 
 
-def _stream(generator: Generator, prompt: list[int], params: SamplingParams) -> str:
-    """Write the generation to stdout as it comes (and drafting stats to stderr); return it."""
-    progress = _progress_bar(len(prompt) > generator.chunk_size)
-    pieces = []
-    for event in generator.stream(prompt, params, progress):
-        pieces.append(event.text)
-        sys.stdout.write(event.text)
+def _stream(engine: Engine, turn: Turn) -> str:
+    """Run the turn on the engine, writing its text to stdout as it comes (and drafting stats
+    to stderr); return the text."""
+    for item in stream_turn(engine, turn):
+        if isinstance(item, TurnResult):
+            break
+        sys.stdout.write(item.text)
         sys.stdout.flush()
-        if event.speculation:
-            s = event.speculation
-            print(
-                f"\n[speculation: {s['accepted']}/{s['drafted']} drafts accepted, "
-                f"{s['tokens_per_forward']:.2f} tokens per target forward]",
-                file=sys.stderr,
-                end="",
-            )
+    if item.speculation:
+        s = item.speculation
+        print(
+            f"\n[speculation: {s['accepted']}/{s['drafted']} drafts accepted, "
+            f"{s['tokens_per_forward']:.2f} tokens per target forward]",
+            file=sys.stderr,
+            end="",
+        )
     sys.stdout.write("\n")
-    return "".join(pieces)
+    return item.text
 
 
 def _prompt_text(args: argparse.Namespace) -> str:
@@ -238,16 +242,17 @@ def _prompt_text(args: argparse.Namespace) -> str:
     return document + "\n\n" + args.prompt
 
 
-def _generate(generator: Generator, text: str, args: argparse.Namespace, params: SamplingParams) -> None:
+def _generate(engine: Engine, text: str, args: argparse.Namespace, params: SamplingParams) -> None:
     if args.chat_template:
-        prompt = generator.encode_chat([{"role": "user", "content": text}])
+        turn = Turn(params, messages=[{"role": "user", "content": text}], progress=_progress_bar())
     else:
-        prompt = generator.encode(text)
-    _stream(generator, prompt, params)
+        turn = Turn(params, text=text, progress=_progress_bar())
+    _stream(engine, turn)
 
 
-def _chat(generator: Generator, params: SamplingParams) -> None:
-    messages: list[dict[str, str]] = []
+def _chat(engine: Engine, params: SamplingParams) -> None:
+    """A conversation in a session of the engine: each turn appends to its cache."""
+    session_id = engine.call_blocking(lambda e: e.sessions.create("").id)
     print("infinikv chat: type a message; /reset clears the conversation, /exit quits.", file=sys.stderr)
     while True:
         try:
@@ -257,13 +262,16 @@ def _chat(generator: Generator, params: SamplingParams) -> None:
         if line == "/exit":
             return
         if line == "/reset":
-            messages.clear()
+            _delete_session(engine, session_id)
+            session_id = engine.call_blocking(lambda e: e.sessions.create("").id)
             continue
-        if not line:
-            continue
-        messages.append({"role": "user", "content": line})
-        reply = _stream(generator, generator.encode_chat(messages), params)
-        messages.append({"role": "assistant", "content": reply})
+        if line:
+            message = {"role": "user", "content": line}
+            _stream(engine, Turn(params, messages=[message], session_id=session_id, progress=_progress_bar()))
+
+
+def _delete_session(engine: Engine, session_id: str) -> None:
+    engine.call_blocking(lambda e: e.sessions.delete(session_id, ""), session_id=session_id)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -283,11 +291,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         params = _sampling(args)
         from infinikv.service.runtime import build_generator
 
-        generator = build_generator(settings)
-        if args.command == "generate":
-            _generate(generator, text, args, params)
-        else:
-            _chat(generator, params)
+        engine = Engine(build_generator(settings), InProcessBlockStore())
+        engine.start()
+        try:
+            if args.command == "generate":
+                _generate(engine, text, args, params)
+            else:
+                _chat(engine, params)
+        finally:
+            engine.stop()
     except ValidationError as e:
         err = e.errors()[0]
         print(f"{PROG}: error: invalid {'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr)

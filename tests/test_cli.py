@@ -92,12 +92,14 @@ def test_generate_end_to_end_subprocess() -> None:
 
 @pytest.mark.slow
 def test_chat_end_to_end_subprocess() -> None:
+    """Turns go to a session of the engine; /reset starts a new one."""
+    question = "What is the capital of France?"
     out = subprocess.run(
         [sys.executable, "-m", "infinikv.cli", "chat", "--max-tokens", "24"],
-        input="What is the capital of France?\n/exit\n",
+        input=f"{question}\n/reset\n{question}\n/exit\n",
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert out.returncode == 0, out.stderr
-    assert "Paris" in out.stdout
+    assert out.stdout.count("Paris") >= 2, out.stdout

@@ -7,7 +7,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from infinikv.engine.detokenize import TextStream
 from infinikv.engine.regions import LongContextConfig
@@ -33,6 +33,27 @@ class GenerationEvent:
 
 # Yielded by Generator.run between prefill chunks: no text, no token, not finished.
 PREFILL_TICK = GenerationEvent("", None, None)
+
+
+@dataclass
+class Transcript:
+    """What a run's events add up to: its text, its tokens and how it ended."""
+
+    pieces: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = "length"
+    speculation: dict[str, float | int] | None = None
+
+    def add(self, event: GenerationEvent) -> None:
+        self.pieces.append(event.text)
+        if event.token_id is not None:
+            self.token_ids.append(event.token_id)
+        if event.finish_reason:
+            self.finish_reason, self.speculation = event.finish_reason, event.speculation
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
 
 
 @dataclass
@@ -198,31 +219,24 @@ class Generator:
         """Run `stream` to the end and collect the result, with prefill/decode timings."""
         t0 = time.perf_counter()
         first: float | None = None
-        pieces: list[str] = []
-        ids: list[int] = []
-        reason = "length"
-        speculation = None
         end = t0
+        out = Transcript()
         for event in self.stream(prompt, params, progress):
             # Decoding ends at the last event, before the sequence's release (which frees
             # its memory and store keys after the answer is complete).
             end = time.perf_counter()
             if first is None:
                 first = end
-            pieces.append(event.text)
-            if event.token_id is not None:
-                ids.append(event.token_id)
-            if event.finish_reason:
-                reason, speculation = event.finish_reason, event.speculation
+            out.add(event)
         first = first or end
         return Generation(
-            text="".join(pieces),
-            token_ids=ids,
-            finish_reason=reason,
+            text=out.text,
+            token_ids=out.token_ids,
+            finish_reason=out.finish_reason,
             prompt_tokens=len(prompt),
             prefill_seconds=first - t0,
             decode_seconds=end - first,
-            speculation=speculation,
+            speculation=out.speculation,
         )
 
 

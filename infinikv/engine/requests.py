@@ -6,15 +6,16 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Generator as Steps
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
-from infinikv.engine.generator import GenerationEvent
+from infinikv.engine.generator import GenerationEvent, Transcript
 from infinikv.engine.jobs import INTERRUPTED, IngestJob
 from infinikv.engine.sampling import SamplingParams
 from infinikv.engine.scheduler import Engine
-from infinikv.engine.sequence import feed
+from infinikv.engine.sequence import ProgressFn, feed
 from infinikv.engine.session import DocumentSpan, Session
-from infinikv.engine.tasks import StepFn, Task
+from infinikv.engine.tasks import Failed, Finished, StepFn, Task, TaskHandle
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class Turn:
     text: str | None = None
     messages: list[dict[str, str]] | None = None
     session_id: str | None = None
+    progress: ProgressFn | None = field(default=None, compare=False)  # prefill chunks done, total
 
 
 @dataclass(frozen=True)
@@ -56,19 +58,12 @@ def run_turn(turn: Turn) -> StepFn:
                 prompt = session.chat_prompt(gen, turn.messages or [])
         task.seq = seq
         before = len(seq)
-        ids: list[int] = []
-        pieces: list[str] = []
-        reason = "length"
-        speculation = None
+        out = Transcript()
         ended = False  # finished, or cancelled by its client: either way the turn counts
         try:
             event: GenerationEvent
-            for event in gen.run(seq, prompt, turn.params):
-                if event.token_id is not None:
-                    ids.append(event.token_id)
-                pieces.append(event.text)
-                reason = event.finish_reason or reason
-                speculation = event.speculation or speculation
+            for event in gen.run(seq, prompt, turn.params, turn.progress):
+                out.add(event)
                 yield event
             ended = True
         except GeneratorExit:
@@ -80,10 +75,37 @@ def run_turn(turn: Turn) -> StepFn:
             elif not ended:
                 engine.sessions.discard(session)
             elif len(seq) > before:
-                _record(engine, session, turn, ids, "".join(pieces))
-        return TurnResult("".join(pieces), reason, len(prompt), len(ids), speculation)
+                _record(engine, session, turn, out.token_ids, out.text)
+        return TurnResult(out.text, out.finish_reason, len(prompt), len(out.token_ids), out.speculation)
 
     return run
+
+
+def submit_turn(engine: Engine, turn: Turn, handle: TaskHandle, owner: str = "") -> TaskHandle:
+    """Queue a turn; it runs a sequence (its session's, or one of its own)."""
+    return engine.submit(run_turn(turn), handle, turn.session_id, owner, needs_sequence=True)
+
+
+def unwrap(item: object) -> GenerationEvent | TurnResult:
+    """What a turn's handle emitted, for its requester: an event or the result; its error raised."""
+    if isinstance(item, Failed):
+        raise item.error
+    if isinstance(item, Finished):
+        assert isinstance(item.value, TurnResult)
+        return item.value
+    assert isinstance(item, GenerationEvent)
+    return item
+
+
+def stream_turn(engine: Engine, turn: Turn) -> Iterator[GenerationEvent | TurnResult]:
+    """A turn's events, then its result, read by a thread that may block (the CLI)."""
+    handle = submit_turn(engine, turn, TaskHandle())
+    try:
+        while not isinstance(item := unwrap(handle.next_blocking()), TurnResult):
+            yield item
+        yield item
+    finally:
+        handle.cancel()  # a no-op once finished; stops the task if the reader went away
 
 
 def _record(engine: Engine, session: Session, turn: Turn, ids: list[int], reply: str) -> None:

@@ -10,9 +10,8 @@ import uuid
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from infinikv.engine.generator import GenerationEvent
-from infinikv.engine.requests import Turn, TurnResult, run_turn
-from infinikv.engine.tasks import Failed, Finished, TaskHandle
+from infinikv.engine.requests import Turn, TurnResult, submit_turn, unwrap
+from infinikv.engine.tasks import TaskHandle
 from infinikv.service.errors import ApiError
 from infinikv.service.responses import (
     CHAT,
@@ -53,9 +52,7 @@ async def answer(state: ServerState, body: GenerationRequest, turn: Turn, who: s
     reply = Reply(
         shape, f"{shape.id_prefix}-{uuid.uuid4().hex}", int(time.time()), state.model_id, time.perf_counter()
     )
-    handle = state.engine.submit(
-        run_turn(turn), TaskHandle(asyncio.get_running_loop()), turn.session_id, who, needs_sequence=True
-    )
+    handle = submit_turn(state.engine, turn, TaskHandle(asyncio.get_running_loop()), who)
     stream = events(handle)
     if body.stream:
         # The first event decides the status: an unknown session is a 404, not a broken stream.
@@ -73,15 +70,8 @@ async def answer(state: ServerState, body: GenerationRequest, turn: Turn, who: s
 async def events(handle: TaskHandle) -> Events:
     """A turn task's generation events, then its result; its error raised."""
     try:
-        while True:
-            item = await handle.next()
-            if isinstance(item, Failed):
-                raise item.error
-            if isinstance(item, Finished):
-                assert isinstance(item.value, TurnResult)
-                yield item.value
-                return
-            if isinstance(item, GenerationEvent):
-                yield item
+        while not isinstance(item := unwrap(await handle.next()), TurnResult):
+            yield item
+        yield item
     finally:
         handle.cancel()  # a no-op once finished; stops the task if the client went away
