@@ -27,8 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from infinikv.attention.long_context import band_bounds, banded_resident_partials
-from infinikv.attention.paged_torch import attend
+from infinikv.attention.pytorch import attend, band_bounds, banded_resident_partials
 from infinikv.core.config import RopeConfig
 from infinikv.core.partial import flash_partial, reference_partial
 from infinikv.core.rope import RotaryEmbedding, rotate

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from infinikv.attention.cpu import cpu_causal_attention
-from infinikv.attention.paged_torch import paged_causal_attention
+from infinikv.attention.pytorch import paged_causal_attention
 from infinikv.cache.pages import PageList, PagePool
 from infinikv.core.config import ModelConfig, RopeConfig
 from infinikv.core.rope import RotaryEmbedding

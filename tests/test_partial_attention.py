@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from infinikv.attention.paged_torch import attend
+from infinikv.attention.pytorch import attend
 from infinikv.core.partial import flash_partial, merge_partials, reference_partial
 
 

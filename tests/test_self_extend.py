@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from infinikv.attention.paged_torch import attend
+from infinikv.attention.pytorch import attend
 from infinikv.core.config import ModelConfig
 from infinikv.core.rope import RotaryEmbedding, rotate
 from infinikv.core.self_extend import SelfExtend, long_context_attention
@@ -119,7 +119,7 @@ def test_memory_covering_everything_equals_one_softmax(rope) -> None:
 )
 def test_banded_paged_regions_equal_the_reference(rope, n, W, G, evicted) -> None:
     """The fast split into far / band / near runs == the masked reference."""
-    from infinikv.attention.long_context import band_bounds, banded_resident_partials
+    from infinikv.attention.pytorch import band_bounds, banded_resident_partials
     from infinikv.core.partial import merge_partials
     from infinikv.core.self_extend import resident_partials
 
@@ -142,7 +142,8 @@ def test_moved_sinks_are_attended_at_their_new_positions(rope, n) -> None:
     """Through a block table whose sinks moved (PageList.of's sink_gap; the table rotates
     their k_group rows again, PagePool.regroup), the paged path == the reference at the
     table's positions."""
-    from infinikv.attention.long_context import LongContextState, paged_long_context_attention
+    from infinikv.attention.memory_reads import LongContextState
+    from infinikv.attention.pytorch import paged_long_context_attention
     from infinikv.cache.pages import BlockTable, PagePool
 
     B, W, G = 4, 8, 3
@@ -173,7 +174,8 @@ def test_paged_memory_covering_everything_equals_one_softmax(rope, n, granularit
     """Through a block table (sinks moved) and an evicted memory that every query recalls
     whole, the paged path (a decode step: one softmax over its far, near and recalled keys;
     a chunk: parts merged by log-sum-exp) == the reference at the table's positions."""
-    from infinikv.attention.long_context import LongContextState, paged_long_context_attention
+    from infinikv.attention.memory_reads import LongContextState
+    from infinikv.attention.pytorch import paged_long_context_attention
     from infinikv.cache.pages import BlockTable, PagePool
     from infinikv.memory.evicted import EvictedMemory, MemorySpec
 
@@ -211,7 +213,8 @@ def test_paged_memory_covering_everything_equals_one_softmax(rope, n, granularit
 def test_decode_attention_skips_empty_memory_slots() -> None:
     """Token granularity: each query head its own entries, some slots empty (an approximate
     index found fewer): those are left out of the one softmax (oracle: a loop per head)."""
-    from infinikv.attention.long_context import Recalled, decode_attention
+    from infinikv.attention.memory_reads import Recalled
+    from infinikv.attention.pytorch import decode_attention
 
     Hq, Hkv, K = 6, 2, 5
     g = Hq // Hkv

@@ -1,6 +1,6 @@
 """Attention over the paged, pre-RoPE KV cache, behind one small backend interface."""
 
 from infinikv.attention.interface import AttentionBackend
-from infinikv.attention.paged_torch import paged_causal_attention
+from infinikv.attention.pytorch import paged_causal_attention
 
 __all__ = ["AttentionBackend", "paged_causal_attention"]

@@ -12,8 +12,7 @@ import logging
 import torch
 
 from infinikv.attention.interface import AttentionBackend, LongContextAttentionBackend
-from infinikv.attention.long_context import paged_long_context_attention
-from infinikv.attention.paged_torch import paged_causal_attention
+from infinikv.attention.pytorch import paged_causal_attention, paged_long_context_attention
 from infinikv.errors import KernelBuildError
 
 log = logging.getLogger(__name__)

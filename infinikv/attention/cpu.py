@@ -1,21 +1,22 @@
-"""The attention of `paged_torch.py` and `long_context.py` with decode steps and short
-draft verifications through the CPU kernel (`infinikv.kernels.cpu`): one pass over the
-pages for all heads instead of a gather and batched matmuls, which read the keys at a
-fraction of the memory bandwidth (benchmarks/bench_kernels_cpu.py). Longer chunks
-(prefill) keep the PyTorch path, whose fused flash kernel suits them."""
+"""The attention of `pytorch.py` with decode steps and short draft verifications through the
+CPU kernel (`infinikv.kernels.cpu`): one pass over the pages for all heads instead of a
+gather and batched matmuls, which read the keys at a fraction of the memory bandwidth
+(benchmarks/bench_kernels_cpu.py). Longer chunks (prefill) keep the PyTorch path, whose
+fused flash kernel suits them."""
 
 from __future__ import annotations
 
 import torch
 
-from infinikv.attention.long_context import (
-    LongContextState,
+from infinikv.attention.memory_reads import LongContextState, memory_partial_by_head
+from infinikv.attention.pytorch import (
+    SMALL_QUERY_ROWS,
     band_bounds,
     check_grouping,
-    memory_partial_by_head,
+    check_last,
+    paged_causal_attention,
     paged_long_context_attention,
 )
-from infinikv.attention.paged_torch import SMALL_QUERY_ROWS, check_last, paged_causal_attention
 from infinikv.cache.pages import LayerKV, PageList
 from infinikv.core.partial import merge_partials
 from infinikv.core.rope import RotaryEmbedding, rotate

@@ -7,7 +7,7 @@ from typing import Protocol
 
 import torch
 
-from infinikv.attention.long_context import LongContextState
+from infinikv.attention.memory_reads import LongContextState
 from infinikv.cache.pages import LayerKV, PageList
 from infinikv.core.rope import RotaryEmbedding
 

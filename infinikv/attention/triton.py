@@ -1,12 +1,12 @@
-"""The attention of `long_context.py` and `paged_torch.py` through the Triton kernels:
-resident regions by the Self-Extend kernel straight from the paged pre-RoPE keys, then
-each memory selection attended to and merged in place by the memory kernel."""
+"""The attention of `pytorch.py` through the Triton kernels: resident regions by the
+Self-Extend kernel straight from the paged pre-RoPE keys, then each memory selection
+attended to and merged in place by the memory kernel."""
 
 from __future__ import annotations
 
 import torch
 
-from infinikv.attention.long_context import LongContextState, memory_queries, memory_selections
+from infinikv.attention.memory_reads import LongContextState, memory_queries, memory_selections
 from infinikv.cache.pages import LayerKV, PageList
 from infinikv.core.rope import RotaryEmbedding
 from infinikv.core.self_extend import SelfExtend

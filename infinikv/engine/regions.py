@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from infinikv.attention.long_context import OWN_BLOCK_POSITIONS, LongContextState
+from infinikv.attention.memory_reads import OWN_BLOCK_POSITIONS, LongContextState
 from infinikv.core.config import ModelConfig
 from infinikv.core.self_extend import SelfExtend
 from infinikv.memory.budget import RamBudget, memory_capacity

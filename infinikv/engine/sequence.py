@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from infinikv.attention.long_context import LongContextState
+from infinikv.attention.memory_reads import LongContextState
 from infinikv.cache.pages import BlockTable, PagePool
 from infinikv.core.config import ModelConfig
 from infinikv.engine.regions import LongContextConfig

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from infinikv.attention.interface import LongContextAttentionBackend
-from infinikv.attention.long_context import LongContextState, memory_queries
+from infinikv.attention.memory_reads import LongContextState, memory_queries
 from infinikv.cache.pages import LayerKV, PageList
 from infinikv.core.rope import RotaryEmbedding
 from infinikv.memory.evicted import EvictedMemory

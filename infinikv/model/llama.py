@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from infinikv.attention.interface import AttentionBackend, LongContextAttentionBackend
-from infinikv.attention.long_context import LongContextState, paged_long_context_attention
-from infinikv.attention.paged_torch import paged_causal_attention
+from infinikv.attention.memory_reads import LongContextState
+from infinikv.attention.pytorch import paged_causal_attention, paged_long_context_attention
 from infinikv.cache.pages import LayerKV, PageList, PagePool
 from infinikv.core.config import ModelConfig
 from infinikv.core.rope import RotaryEmbedding
