@@ -1,6 +1,6 @@
 """Self-Extend and memory attention for one sequence, in plain PyTorch (the reference).
 
-A query at absolute position i sees four regions (DESIGN.md):
+A query at absolute position i sees four regions (docs/architecture.md):
 
 * neighbor: resident keys j with 0 <= i - j < W, at their exact positions (plain RoPE);
 * grouped:  resident keys j with i - j >= W, Self-Extend positions: the query at
