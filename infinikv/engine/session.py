@@ -53,6 +53,22 @@ class DocumentSpan:
     end: int
 
 
+@dataclass(frozen=True)
+class SessionStats:
+    """What a session holds, as its owner may read it (None: not loaded in pages)."""
+
+    id: str
+    created: int
+    tokens: int
+    loaded: bool
+    resident_tokens: int | None
+    evicted_blocks: int | None
+    memory_tokens: int
+    bytes: int
+    documents: list[DocumentSpan]
+    turns: int
+
+
 @dataclass
 class Session:
     id: str
@@ -210,7 +226,7 @@ class Session:
         memory = seq.long_state.memory if seq is not None and seq.long_state is not None else None
         return memory.tokens if memory is not None else 0
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> SessionStats:
         seq = self.seq
         resident = seq.table.resident if seq is not None else None
         evicted = seq.table.evicted_blocks if seq is not None else None
@@ -222,18 +238,18 @@ class Session:
             nbytes = len(seq.table.pages) * per_page
         if memory is not None:
             nbytes += memory.nbytes
-        return {
-            "id": self.id,
-            "created": int(self.created),
-            "tokens": self.tokens,
-            "loaded": seq is not None,
-            "resident_tokens": resident,
-            "evicted_blocks": evicted,
-            "memory_tokens": memory.tokens if memory is not None else 0,
-            "bytes": nbytes,
-            "documents": [vars(d) for d in self.documents],
-            "turns": sum(1 for m in self.messages if m["role"] == "user"),
-        }
+        return SessionStats(
+            id=self.id,
+            created=int(self.created),
+            tokens=self.tokens,
+            loaded=seq is not None,
+            resident_tokens=resident,
+            evicted_blocks=evicted,
+            memory_tokens=memory.tokens if memory is not None else 0,
+            bytes=nbytes,
+            documents=list(self.documents),
+            turns=sum(1 for m in self.messages if m["role"] == "user"),
+        )
 
 
 def _common_prefix_len(a: str, b: str) -> int:

@@ -4,6 +4,7 @@ checked now (404, 413) and prefilled by a background job (202)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from pathlib import PurePath
 from typing import Annotated, Any
@@ -13,6 +14,7 @@ from pydantic import ValidationError
 
 from infinikv.engine.jobs import IngestJob
 from infinikv.engine.requests import run_ingest
+from infinikv.engine.session import SessionStats
 from infinikv.engine.tasks import Failed, Finished, TaskHandle
 from infinikv.errors import InfinikvError
 from infinikv.service.errors import ApiError
@@ -42,8 +44,8 @@ _DOCUMENT_BODY: dict[str, Any] = {
 }
 
 
-def session_body(stats: dict[str, Any]) -> dict[str, Any]:
-    return {"object": "session", **stats}
+def session_body(stats: SessionStats) -> dict[str, Any]:
+    return {"object": "session", **dataclasses.asdict(stats)}
 
 
 @router.post("/v1/sessions", status_code=201)
