@@ -158,6 +158,9 @@ def _build_parser() -> ArgumentParser:
         "--redis-cluster", action="store_true", default=None, help="--redis-url is a Redis Cluster node"
     )
     srv.add_argument("--slots", type=_positive_int, help="sequences the KV pool holds at once")
+    srv.add_argument(
+        "--step-tokens", type=_positive_int, help="prompt tokens per engine round beside the decode batch"
+    )
     srv.add_argument("--max-queue", type=_positive_int, help="queued requests before 429")
     srv.add_argument("--max-body-bytes", type=_positive_int, help="largest request body")
     srv.add_argument("--max-tokens-limit", type=_positive_int, help="largest max_tokens of a request")

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 import os
+import uuid
+from typing import Any
 
 import pytest
 import torch
@@ -16,7 +18,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from infinikv.core.config import ModelConfig
+from infinikv.engine.generator import Transcript
 from infinikv.engine.regions import LongContextConfig
+from infinikv.engine.sampling import SamplingParams
+from infinikv.engine.scheduler import Engine
+from infinikv.engine.tasks import Failed, Finished, TaskHandle
 from infinikv.memory.evicted import EvictedMemory
 from infinikv.memory.store import InProcessBlockStore, RedisBlockStore
 from infinikv.model.llama import LlamaModel
@@ -131,3 +137,29 @@ def store(request):
     made.delete_prefix("")
     yield made
     made.close()
+
+
+def generation_task(prompt: list[int], params: SamplingParams):
+    """A step function for the engine: the tokens of `prompt`'s generation, in a sequence
+    of its own."""
+
+    def run(engine: Engine, task):
+        seq = task.seq = engine.generator.new_sequence(f"ikv:test:{uuid.uuid4().hex}:")
+        try:
+            out = Transcript()
+            yield from engine.generator.run(seq, prompt, params, None, out)
+            return out.token_ids
+        finally:
+            seq.release()
+
+    return run
+
+
+def task_result(handle: TaskHandle) -> Any:
+    """A task's result (its error raised), its other items skipped."""
+    while True:  # bounded by the timeout of each read
+        item = handle.next_blocking(timeout=600)
+        if isinstance(item, Failed):
+            raise item.error
+        if isinstance(item, Finished):
+            return item.value

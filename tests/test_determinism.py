@@ -1,6 +1,6 @@
 """Real model, real text: the same greedy request gives the same tokens every time, with or
-without a drafter, alone or with another sequence's forwards between its own (as the engine's
-worker interleaves requests), through the CPU kernels and an evicting memory."""
+without a drafter, alone or batched with another sequence in the engine, through the CPU
+kernels and an evicting memory."""
 
 from __future__ import annotations
 
@@ -9,9 +9,14 @@ import pytest
 from infinikv.engine.generator import Generator
 from infinikv.engine.regions import LongContextConfig
 from infinikv.engine.sampling import SamplingParams
+from infinikv.engine.scheduler import Engine
 from infinikv.engine.speculative.lookup import LookupDrafter
+from infinikv.engine.tasks import TaskHandle
 from infinikv.evaluation.haystack import HaystackMissing
 from infinikv.evaluation.recall import recall_case
+from infinikv.memory.store import InProcessBlockStore
+
+from .conftest import generation_task, task_result
 
 pytestmark = pytest.mark.slow
 
@@ -39,20 +44,16 @@ def test_greedy_output_is_the_same_every_time(cpu_kernels, prompts) -> None:
     drafted = generator(cpu_kernels, LookupDrafter).generate(prompts[0], PARAMS)
     assert drafted.speculation is not None and drafted.speculation["drafted"] > 0
     assert drafted.token_ids == alone
-    # Beside another request: the two sequences' prefill chunks and decode steps alternate in
-    # one pool, as the engine's worker runs its tasks.
-    seqs = [gen.new_sequence(f"ikv:test:{i}:") for i in range(2)]
-    runs = [gen.run(seq, prompt, PARAMS) for seq, prompt in zip(seqs, prompts, strict=True)]
-    tokens: list[list[int]] = [[], []]
-    live = [0, 1]
-    while live:
-        for i in list(live):
-            event = next(runs[i], None)
-            if event is None:
-                live.remove(i)
-            elif event.token_id is not None:
-                tokens[i].append(event.token_id)
-    for seq in seqs:
-        seq.release()
+    # Beside another request, in the engine: their prefill chunks take turns and their
+    # decode steps run in one batched forward.
+    engine = Engine(gen, InProcessBlockStore())
+    engine.start()
+    try:
+        handles = [
+            engine.submit(generation_task(p, PARAMS), TaskHandle(), needs_sequence=True) for p in prompts
+        ]
+        tokens = [task_result(h) for h in handles]
+    finally:
+        engine.stop()
     assert tokens[0] == alone
     assert tokens[1] == gen.generate(prompts[1], PARAMS).token_ids

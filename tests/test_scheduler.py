@@ -16,8 +16,13 @@ from infinikv.errors import SessionBusyError
 from infinikv.memory.store import InProcessBlockStore
 
 
+def fake_generator(slots: int) -> SimpleNamespace:
+    """What the worker reads of a generator when its tasks run no model."""
+    return SimpleNamespace(slots=slots, chunk_size=1, model=SimpleNamespace(invariant_rows=1))
+
+
 def engine(slots: int = 2, max_queue: int = 64) -> Engine:
-    made = Engine(SimpleNamespace(slots=slots), InProcessBlockStore(), max_queue=max_queue)  # type: ignore[arg-type]
+    made = Engine(fake_generator(slots), InProcessBlockStore(), max_queue=max_queue)  # type: ignore[arg-type]
     made.start()
     return made
 
@@ -143,8 +148,8 @@ def test_a_session_another_engine_holds_waits_for_it_or_is_refused_as_busy() -> 
     """Two engines (two servers) on one store: a task on a session the other one is running
     waits for its lease, up to lease_wait, then fails with SessionBusyError."""
     store = InProcessBlockStore()
-    a = Engine(SimpleNamespace(slots=2), store, lease_wait=30)  # type: ignore[arg-type]
-    b = Engine(SimpleNamespace(slots=2), store, lease_wait=0.2)  # type: ignore[arg-type]
+    a = Engine(fake_generator(2), store, lease_wait=30)  # type: ignore[arg-type]
+    b = Engine(fake_generator(2), store, lease_wait=0.2)  # type: ignore[arg-type]
     for made in (a, b):
         made.start()
     sid = a.call_blocking(lambda en: en.sessions.create("").id, timeout=10)

@@ -7,8 +7,11 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from collections.abc import Generator as Steps
 from dataclasses import dataclass, field
+from typing import Any
 
+from infinikv.engine.batch import Forward, run_alone
 from infinikv.engine.detokenize import TextStream
 from infinikv.engine.regions import LongContextConfig
 from infinikv.engine.sampling import Sampler, SamplingParams
@@ -31,8 +34,9 @@ class GenerationEvent:
     speculation: dict[str, float | int] | None = None  # drafting stats, on the closing event
 
 
-# Yielded by Generator.run between prefill chunks: no text, no token, not finished.
-PREFILL_TICK = GenerationEvent("", None, None)
+# Yielded by Generator.run before each forward of its own (a prefill chunk but the first, a
+# speculative step): no text, no token, not finished; the worker moves to other tasks there.
+TICK = GenerationEvent("", None, None)
 
 
 @dataclass
@@ -44,12 +48,13 @@ class Transcript:
     finish_reason: str = "length"
     speculation: dict[str, float | int] | None = None
 
-    def add(self, event: GenerationEvent) -> None:
+    def add(self, event: GenerationEvent) -> GenerationEvent:
         self.pieces.append(event.text)
         if event.token_id is not None:
             self.token_ids.append(event.token_id)
         if event.finish_reason:
             self.finish_reason, self.speculation = event.finish_reason, event.speculation
+        return event
 
     @property
     def text(self) -> str:
@@ -156,28 +161,37 @@ class Generator:
             # Evicted blocks of this generation live under their own prefix in the store.
             seq = self.new_sequence(f"ikv:gen:{uuid.uuid4().hex}:")
             try:
-                yield from (e for e in self.run(seq, prompt, params, progress) if e is not PREFILL_TICK)
+                steps = self.run(seq, prompt, params, progress)
+                yield from (e for e in run_alone(self.model, self.pool, steps) if e is not TICK)
             finally:
                 seq.release()
 
     def run(
-        self, seq: Sequence, prompt: list[int], params: SamplingParams, progress: ProgressFn | None = None
-    ) -> Iterator[GenerationEvent]:
-        """Extend `seq` by `prompt`, then generate. Yields PREFILL_TICK after every prefill chunk
-        but the last (so a scheduler can interleave other work), one event per generated token,
-        then a closing event. Every token is fed to `seq` except the last one sampled (EOS
-        included), which the caller feeds first if the sequence continues."""
+        self,
+        seq: Sequence,
+        prompt: list[int],
+        params: SamplingParams,
+        progress: ProgressFn | None = None,
+        transcript: Transcript | None = None,
+    ) -> Steps[object, Any, None]:
+        """Extend `seq` by `prompt`, then generate: a step function (batch.py). A prefill chunk
+        and a speculative step are forwards of its own, each but the first after a TICK; a
+        plain decode token is a `Forward` for the worker's batch. Yields one event per
+        generated token, then a closing event. Every token is fed to `seq` except the last
+        one sampled (EOS included), which the caller feeds first if the sequence continues.
+        Each event is added to `transcript` as it is yielded."""
         self.check_fits(len(seq), prompt)
+        out = transcript if transcript is not None else Transcript()
         sampler = Sampler(params)
         text = TextStream(self.tokenizer, params.stop)
         eos = frozenset() if params.ignore_eos else self.loaded.eos_token_ids
         for start in range(0, len(prompt), self.chunk_size):
+            if start:
+                yield TICK
             chunk = prompt[start : start + self.chunk_size]
             logits = feed(self.model, self.pool, seq, chunk, self.chunk_size)
             if progress is not None:
                 progress(start + len(chunk), len(prompt))
-            if start + len(chunk) < len(prompt):
-                yield PREFILL_TICK
         budget = min(params.max_tokens, self.capacity - len(seq))
         decoder = None
         if self.drafter_factory is not None:
@@ -192,23 +206,25 @@ class Generator:
                     finish = None
                     if token in eos:
                         seq.truncate(len(seq) - unneeded)
-                        yield GenerationEvent(text.flush(), None, "stop", _stats(decoder))
+                        yield out.add(GenerationEvent(text.flush(), None, "stop", _stats(decoder)))
                         return
                     delta = text.push(token)
                     emitted += 1
-                    yield GenerationEvent(delta, token, None)
+                    yield out.add(GenerationEvent(delta, token, None))
                     if text.stopped:
                         finish, delta = "stop", ""
                     elif emitted == budget:
                         finish, delta = "length", text.flush()
                     if finish is not None:
                         seq.truncate(len(seq) - unneeded)
-                        yield GenerationEvent(delta, None, finish, _stats(decoder))
+                        yield out.add(GenerationEvent(delta, None, finish, _stats(decoder)))
                         return
                 if decoder is not None:
+                    yield TICK
                     pending = decoder.step(seq, pending[-1])
                 else:
-                    pending = [int(sampler(feed(self.model, self.pool, seq, [pending[-1]], 1))[0])]
+                    logits = yield Forward(seq, pending[-1])
+                    pending = [int(sampler(logits)[0])]
         finally:
             if decoder is not None:
                 decoder.release()

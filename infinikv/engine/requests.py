@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Generator as Steps
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from infinikv.engine.generator import GenerationEvent, Transcript
 from infinikv.engine.jobs import INTERRUPTED, IngestJob
@@ -39,11 +40,11 @@ class TurnResult:
 
 
 def run_turn(turn: Turn) -> StepFn:
-    """Yields GenerationEvents (PREFILL_TICK between prefill chunks); returns a TurnResult. A
+    """Generator.run's step function (GenerationEvents, TICKs, Forwards); returns a TurnResult. A
     session's turn is committed when it ends (as far as it went, if the client went away);
     one that fails, or whose commit fails, leaves the session as it was before it."""
 
-    def run(engine: Engine, task: Task) -> Steps[object, None, TurnResult]:
+    def run(engine: Engine, task: Task) -> Steps[object, Any, TurnResult]:
         gen = engine.generator
         session = engine.sessions.get(turn.session_id, task.owner) if turn.session_id is not None else None
         if session is None:
@@ -61,10 +62,7 @@ def run_turn(turn: Turn) -> StepFn:
         out = Transcript()
         ended = False  # finished, or cancelled by its client: either way the turn counts
         try:
-            event: GenerationEvent
-            for event in gen.run(seq, prompt, turn.params, turn.progress):
-                out.add(event)
-                yield event
+            yield from gen.run(seq, prompt, turn.params, turn.progress, out)
             ended = True
         except GeneratorExit:
             ended = not engine.stopping

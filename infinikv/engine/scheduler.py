@@ -32,7 +32,8 @@ from collections.abc import Callable
 from collections.abc import Generator as Steps
 from typing import Any
 
-from infinikv.engine.generator import Generator
+from infinikv.engine.batch import Forward, forward_batch
+from infinikv.engine.generator import TICK, GenerationEvent, Generator
 from infinikv.engine.jobs import JobRegistry
 from infinikv.engine.leases import Leases
 from infinikv.engine.sessions import SessionTable
@@ -66,8 +67,10 @@ class Engine:
         observer: EngineObserver | None = None,
         lease_seconds: float = 30.0,
         lease_wait: float = 30.0,
+        step_tokens: int = 512,
     ):
         self.generator = generator
+        self.step_tokens = step_tokens  # prompt tokens per round through forwards of their own
         self.store = store
         self.max_queue = max_queue
         self.observer = observer
@@ -79,7 +82,7 @@ class Engine:
         self._inbox: queue.SimpleQueue[Task | None] = queue.SimpleQueue()
         self._queued = 0  # submitted, not yet admitted (read by other threads: approximate)
         self._waiting: deque[Task] = deque()
-        self._running: deque[Task] = deque()
+        self._running: list[Task] = []
         self._busy: dict[str, Task] = {}
         self._stateless = 0  # running tasks holding a sequence of their own
         self._background_at = 0.0  # when the last background step ended
@@ -153,24 +156,33 @@ class Engine:
             self._beat()
             self._admit()
             if self._running:
-                task = self._next()
-                self._step(task)
-                if task.background:  # its share is counted from the end of its step
-                    self._background_at = time.monotonic()
+                self._round()
             elif self._waiting:  # waiting for a lease or a slot: wait for news, briefly
                 if not self._drain(block=True, timeout=LEASE_RETRY):
                     break
         self._shutdown()
 
-    def _next(self) -> Task:
-        """The next task to step: interactive ones round-robin, a background one when no
-        interactive task runs or when the last background step ended BACKGROUND_EVERY ago."""
-        if time.monotonic() - self._background_at < BACKGROUND_EVERY:
-            for task in self._running:
-                if not task.background:
-                    self._running.remove(task)
-                    return task
-        return self._running.popleft()
+    def _round(self) -> None:
+        """Every running task one step: forwards of their own (prefill chunks, speculative
+        steps, ingestion chunks) up to `step_tokens` tokens, taking turns across rounds, then
+        the decode tokens of all in batched forwards. A background task steps only when no
+        interactive one runs or when its last step ended BACKGROUND_EVERY ago."""
+        due = time.monotonic() - self._background_at >= BACKGROUND_EVERY
+        due = due or all(t.background for t in self._running)
+        spent = 0
+        for task in list(self._running):
+            if task.background and not due:
+                continue
+            if task.own_forward:
+                if spent >= self.step_tokens:
+                    continue
+                spent += self.generator.chunk_size
+                self._running.remove(task)  # the next round starts with another one
+                self._running.append(task)
+            self._advance(task)
+            if task.background:  # its share is counted from the end of its step
+                self._background_at = time.monotonic()
+        self._forward([t for t in self._running if t.forward is not None and not t.handle.cancelled])
 
     def _beat(self) -> None:
         try:
@@ -239,6 +251,8 @@ class Engine:
                 task.handle.emit(Failed(e))
                 continue
             self._dequeue(task)
+            if self.observer is not None:
+                self.observer.waited(time.monotonic() - task.arrived)
             if task.session_id is not None:
                 self._busy[task.session_id] = task
             self._stateless += task.uses_slot
@@ -305,28 +319,52 @@ class Engine:
         except Exception:  # noqa: BLE001 - reported in the log; the task ends either way
             log.exception("task clean-up failed")
 
-    def _step(self, task: Task) -> None:
+    def _advance(self, task: Task) -> None:
+        """Run the task to its next Forward (left for the batch) or tick, passing its events on."""
         assert task.steps is not None
         if task.handle.cancelled:
             self._close(task)
-            self._finish(task, Failed(InfinikvError("cancelled")))
+            self._end(task, Failed(InfinikvError("cancelled")))
             return
         self._renew(task)
-        t0 = time.perf_counter()
+        reply, task.reply = task.reply, None
+        own, t0 = task.own_forward, time.perf_counter()
         try:
-            item = next(task.steps)
+            while True:
+                item = task.steps.throw(reply) if isinstance(reply, Exception) else task.steps.send(reply)
+                reply = None
+                if isinstance(item, Forward):
+                    task.forward, task.own_forward = item, False
+                    return
+                task.handle.emit(item)
+                if not isinstance(item, GenerationEvent) or item is TICK:  # a tick: its share ends
+                    task.own_forward = True
+                    return
         except StopIteration as done:
-            self._finish(task, Finished(done.value))
-            return
+            self._end(task, Finished(done.value))
         except Exception as e:  # noqa: BLE001 - the error goes to its requester; others go on
             if not isinstance(e, InfinikvError):
                 log.exception("task failed")
-            self._finish(task, Failed(e))
-            return
+            self._end(task, Failed(e))
         finally:
-            self._observe(task, time.perf_counter() - t0)
-        task.handle.emit(item)
-        self._running.append(task)
+            if own:
+                self._observe([task], time.perf_counter() - t0)
+
+    def _forward(self, tasks: list[Task]) -> None:
+        """The tasks' decode tokens in forwards of at most the model's invariant rows each."""
+        rows = self.generator.model.invariant_rows
+        for i in range(0, len(tasks), rows):
+            group = tasks[i : i + rows]
+            t0 = time.perf_counter()
+            requests = [t.forward for t in group]
+            replies = forward_batch(self.generator.model, self.generator.pool, requests)  # type: ignore[arg-type]
+            for task, reply in zip(group, replies, strict=True):
+                task.forward, task.reply = None, reply
+            self._observe(group, time.perf_counter() - t0)
+
+    def _end(self, task: Task, outcome: object) -> None:
+        self._running.remove(task)
+        self._finish(task, outcome)
 
     def _renew(self, task: Task) -> None:
         """Renew the task's lease once half its time is gone (a lost one fails its next write)."""
@@ -339,15 +377,16 @@ class Engine:
         except InfinikvError as e:
             log.warning("lease of session %s not renewed (%s)", lease.session_id, e)
 
-    def _observe(self, task: Task, seconds: float) -> None:
+    def _observe(self, tasks: list[Task], seconds: float) -> None:
         if self.observer is None:
             return
         retrieval = 0.0
-        state = task.seq.long_state if task.seq is not None else None
-        if state is not None and state.memory is not None:
-            retrieval = state.memory.search_seconds - task.search_seen
-            task.search_seen = state.memory.search_seconds
-        self.observer.step(seconds, retrieval)
+        for task in tasks:
+            state = task.seq.long_state if task.seq is not None else None
+            if state is not None and state.memory is not None:
+                retrieval += state.memory.search_seconds - task.search_seen
+                task.search_seen = state.memory.search_seconds
+        self.observer.step(seconds, retrieval, len(tasks))
 
 
 def _call(fn: Callable[[Engine], Any]) -> StepFn:

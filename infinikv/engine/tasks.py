@@ -12,6 +12,7 @@ from collections.abc import Generator as Steps
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from infinikv.engine.batch import Forward, Reply
 from infinikv.engine.leases import Lease
 from infinikv.engine.sequence import Sequence
 from infinikv.errors import InfinikvError
@@ -72,11 +73,15 @@ class TaskHandle:
 
 
 class EngineObserver(Protocol):
-    def step(self, seconds: float, retrieval_seconds: float) -> None: ...
+    def step(self, seconds: float, retrieval_seconds: float, sequences: int) -> None:
+        """A forward of `sequences` sequences (one: a prefill chunk or a speculative step)."""
+
+    def waited(self, seconds: float) -> None:
+        """A task waited this long in the queue before it started."""
 
 
 # A task body: every next() is one step; the return value is the result.
-StepFn = Callable[["Engine", "Task"], Steps[object, None, Any]]
+StepFn = Callable[["Engine", "Task"], Steps[object, Any, Any]]
 
 
 @dataclass(eq=False)
@@ -90,6 +95,9 @@ class Task:
     seq: Sequence | None = None  # set by the step function; read for retrieval metrics
     steps: Steps[object, None, Any] | None = None
     search_seen: float = 0.0
+    forward: Forward | None = None  # its decode token, waiting for the round's batch
+    reply: Reply | None = None  # what its step function is sent next (logits, or an error)
+    own_forward: bool = True  # its next step runs a forward of its own (a chunk, a verification)
     uses_slot: bool = field(default=False, init=False)  # a stateless sequence of its own
     lease: Lease | None = field(default=None, init=False)  # its session's, while it runs
     arrived: float = field(default_factory=time.monotonic, init=False)

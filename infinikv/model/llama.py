@@ -116,6 +116,15 @@ class LlamaModel(nn.Module):
             return None
         return self.few_rows if rows <= FEW_ROWS.get(qkv.weight.dtype, 0) else None
 
+    @property
+    def invariant_rows(self) -> int:
+        """Most rows of one-token sequences a forward may hold with each row's logits equal
+        to its logits alone: the few-row kernels' limit (their arithmetic is per row), else 1."""
+        qkv = cast(DecoderLayer, self.layers[0]).qkv
+        if self.few_rows is None or not isinstance(qkv, DenseLinear):
+            return 1
+        return FEW_ROWS.get(qkv.weight.dtype, 1)
+
     def _apply(self, fn, recurse=True):
         """`.to(device)` moves the rotary table (not a buffer) along with the weights."""
         super()._apply(fn, recurse)

@@ -41,7 +41,19 @@ class Metrics:
         )
         self.step_seconds = Histogram(
             "infinikv_engine_step_seconds",
-            "one engine step (a prefill chunk or a token)",
+            "one forward of the engine (a prefill chunk, a speculative step, a batch of decode tokens)",
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "infinikv_engine_batch_sequences",
+            "sequences in one forward of the engine (decode tokens batched; 1 for a forward of its own)",
+            buckets=(1, 2, 4, 8, 12, 16, 32),
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "infinikv_queue_wait_seconds",
+            "time a request waited before it started",
             buckets=_LATENCY,
             registry=r,
         )
@@ -71,10 +83,14 @@ class Metrics:
         self.memory_tokens.set_function(memory_tokens)
         self.store_up.set_function(store_up)
 
-    def step(self, seconds: float, retrieval_seconds: float) -> None:
+    def step(self, seconds: float, retrieval_seconds: float, sequences: int) -> None:
         self.step_seconds.observe(seconds)
+        self.batch_size.observe(sequences)
         if retrieval_seconds > 0:
             self.retrieval_seconds.observe(retrieval_seconds)
+
+    def waited(self, seconds: float) -> None:
+        self.queue_wait.observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

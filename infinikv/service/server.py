@@ -26,6 +26,7 @@ def serve(settings: Settings) -> None:
         max_queue=settings.max_queue,
         lease_seconds=settings.lease_seconds,
         lease_wait=settings.lease_wait,
+        step_tokens=settings.step_tokens,
     )
     app = create_app(engine, settings)
     log.info("serving %s on http://%s:%d", settings.model_id, settings.host, settings.port)

@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     # Sequences the KV pool holds at once: running stateless requests plus loaded sessions
     # (idle sessions beyond that are parked to the block store).
     slots: int = Field(4, ge=1, le=256)
+    # Each worker round: every running sequence's decode token in one batched forward, and
+    # prompt chunks (forwards of their own) up to this many tokens, so they delay decoding by one.
+    step_tokens: int = Field(512, ge=1, description="prompt tokens per engine round beside the decode batch")
     max_queue: int = Field(64, ge=1, description="requests waiting for the engine before 429")
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="largest request body (documents)")
     max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")

@@ -1,0 +1,159 @@
+"""Decode steps of several sequences in one forward (engine/batch.py, the worker's rounds):
+each sequence's greedy tokens equal its tokens alone, plain and long-context (evicting,
+retrieving from memory while batched), with mixed prompt lengths and sequences joining
+and leaving mid-batch; seeded sampling likewise; one sequence's error fails it alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from infinikv.engine.batch import Forward, forward_alone, forward_batch
+from infinikv.engine.generator import Generator
+from infinikv.engine.regions import LongContextConfig
+from infinikv.engine.sampling import SamplingParams
+from infinikv.engine.scheduler import Engine
+from infinikv.engine.tasks import TaskHandle
+from infinikv.memory.store import InProcessBlockStore
+from infinikv.model.loader import LoadedModel
+from infinikv.service.runtime import attach_kernels
+
+from .conftest import generation_task, ours_from_hf, task_result, tiny_hf_model
+
+PAGE = 4
+VOCAB = 160
+
+
+class Recorder:
+    """The engine's observer: how many sequences each forward held."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def step(self, seconds: float, retrieval_seconds: float, sequences: int) -> None:
+        self.sizes.append(sequences)
+
+    def waited(self, seconds: float) -> None:
+        pass
+
+
+@pytest.fixture(scope="module", params=["cpu", "torch"])
+def tiny(request, tokenizer) -> LoadedModel:
+    """A random model whose head_dim (64) the CPU kernels take, with the default tokenizer
+    for detokenizing (its first VOCAB ids are real tokens)."""
+    hf = tiny_hf_model("llama", seed=7, hidden_size=256, num_attention_heads=4, max_position_embeddings=256)
+    model = ours_from_hf(hf)
+    loaded = LoadedModel(model, tokenizer, model.cfg, Path("tiny"), frozenset())
+    attach_kernels(loaded, request.param)
+    return loaded
+
+
+def long_context() -> LongContextConfig:
+    cfg = LongContextConfig.derive(256, PAGE, resident=32, sinks=8, window=12, group=2)
+    cfg.validate(256, PAGE)
+    return cfg
+
+
+def generator(loaded: LoadedModel, long: bool) -> Generator:
+    return Generator(
+        loaded,
+        256,
+        page_size=PAGE,
+        chunk_size=16,
+        fill_value=float("nan"),  # a read of an unwritten slot would show up
+        long_context=long_context() if long else None,
+        store=InProcessBlockStore(),
+        slots=4,
+    )
+
+
+def ids(n: int, seed: int) -> list[int]:
+    return torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.parametrize("long", [False, True], ids=["plain", "long-context"])
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "seeded"])
+def test_batched_sequences_match_their_runs_alone(tiny, long, sampled) -> None:
+    gen = generator(tiny, long)
+    # Prompts of mixed lengths (long-context ones past the 32-token resident window, so
+    # blocks leave for the memory during prefill and while batched); different lengths of
+    # output, so sequences leave the batch at different times.
+    prompts = [ids(n, seed) for seed, n in enumerate((9, 70, 37, 120))]
+    params = [
+        SamplingParams(max_tokens=m, ignore_eos=True, temperature=0.9 if sampled else 0.0, seed=11 + i)
+        for i, m in enumerate((30, 12, 40, 25))
+    ]
+    alone = [gen.generate(p, sp).token_ids for p, sp in zip(prompts, params, strict=True)]
+
+    recorder = Recorder()
+    engine = Engine(gen, InProcessBlockStore(), observer=recorder)
+    engine.start()
+    try:
+        first = engine.submit(generation_task(prompts[0], params[0]), TaskHandle(), needs_sequence=True)
+        first.next_blocking(timeout=120)  # running before the others join
+        rest = [
+            engine.submit(generation_task(p, sp), TaskHandle(), needs_sequence=True)
+            for p, sp in zip(prompts[1:], params[1:], strict=True)
+        ]
+        got = [task_result(first), *(task_result(h) for h in rest)]
+    finally:
+        engine.stop()
+    assert got == alone
+    if tiny.model.invariant_rows > 1:
+        assert max(recorder.sizes) > 1, "the decode steps ran batched"
+    else:  # the PyTorch path is not row-count invariant: it runs decode steps one by one
+        assert max(recorder.sizes) == 1
+
+
+def test_a_failing_sequence_fails_alone_and_the_batch_goes_on(tiny) -> None:
+    gen = generator(tiny, long=True)
+    seqs = [gen.new_sequence(f"ikv:test:{i}:") for i in range(3)]
+    try:
+        for i, seq in enumerate(seqs):
+            forward_alone(gen.model, gen.pool, Forward(seq, ids(1, i)[0]))
+        lengths = [len(s) for s in seqs]
+        expected = []
+        for seq in (seqs[0], seqs[2]):
+            expected.append(forward_alone(gen.model, gen.pool, Forward(seq, 5)))
+            seq.truncate(len(seq) - 1)
+        # A token outside the vocabulary: the batch's forward fails, each runs again alone.
+        replies = forward_batch(
+            gen.model, gen.pool, [Forward(seqs[0], 5), Forward(seqs[1], 10**6), Forward(seqs[2], 5)]
+        )
+        assert isinstance(replies[1], IndexError)
+        assert torch.equal(replies[0], expected[0]) and torch.equal(replies[2], expected[1])
+        assert [len(s) for s in seqs] == [lengths[0] + 1, lengths[1], lengths[2] + 1]
+    finally:
+        for seq in seqs:
+            seq.release()
+
+
+def test_an_engine_task_that_fails_in_the_batch_fails_only_its_request(tiny) -> None:
+    gen = generator(tiny, long=False)
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    prompts = [ids(12, 1), ids(20, 2)]
+    alone = [gen.generate(p, params).token_ids for p in prompts]
+
+    def broken(engine: Engine, task):
+        seq = task.seq = engine.generator.new_sequence("ikv:test:broken:")
+        try:
+            engine.generator.model(seq.extend_batch(ids(5, 3)), engine.generator.pool)
+            for _ in range(3):
+                yield Forward(seq, 1)
+            yield Forward(seq, 10**6)  # out of the vocabulary
+            return "unreachable"
+        finally:
+            seq.release()
+
+    engine = Engine(gen, InProcessBlockStore())
+    engine.start()
+    try:
+        good = [engine.submit(generation_task(p, params), TaskHandle(), needs_sequence=True) for p in prompts]
+        bad = engine.submit(broken, TaskHandle(), needs_sequence=True)
+        assert [task_result(h) for h in good] == alone
+        with pytest.raises(IndexError):
+            task_result(bad)
+    finally:
+        engine.stop()
