@@ -1,8 +1,9 @@
 """HTTP service throughput on loopback, beside the in-process engine as the reference.
 
 * Streaming chat requests from 1, 4 and 16 concurrent `openai` clients: requests/s, time to
-  first token (p50/p95), generated tokens/s; and one in-process Generator.generate of the
-  same request, so the HTTP + scheduling overhead shows as a ratio.
+  first token (p50/p95), generated tokens/s, against a server with `--max-batch 1` (decode
+  steps one sequence at a time) in the same run; and one in-process Generator.generate of
+  the same request, so the HTTP + scheduling overhead shows as a ratio.
 * Ingestion of a document into a session (POST /v1/sessions/{id}/documents, polled to
   completion): tokens/s, beside prefilling the same tokens into an in-process sequence.
 * Interference: one 16-token chat request alone, then the same request while a 6k-token
@@ -184,28 +185,34 @@ def main() -> None:
     measured_in_process = {"concurrency", "ingestion"} & set(args.parts)
     reference = in_process(Settings(), text, args.parts) if measured_in_process else {}
     print(f"in-process: {json.dumps(reference)}", flush=True)
-    with tempfile.TemporaryDirectory() as logs, infinikv_server(Path(logs)) as base:
-        if "concurrency" in args.parts:
-            one_stream(openai.OpenAI(base_url=f"{base}/v1", api_key="bench"))  # warm-up
-            results["concurrency"] = [concurrency(base, n, args.per_client) for n in (1, 4, 16)]
-            results["in_process"] = reference
-        if "ingestion" in args.parts:
-            results["ingestion"] = ingest(base, text)
-            results["ingestion_in_process"] = {
-                "tokens": reference["ingest_tokens"],
-                "tokens_per_s": reference["ingest_tokens_per_s"],
-            }
-        if "interference" in args.parts:
-            results["interference"] = interference(base, FILLER * (6000 // 22))
+    if "concurrency" in args.parts:
+        for name, flags in (("unbatched", ["--max-batch", "1"]), ("batched", [])):
+            with tempfile.TemporaryDirectory() as logs, infinikv_server(Path(logs), *flags) as base:
+                one_stream(openai.OpenAI(base_url=f"{base}/v1", api_key="bench"))  # warm-up
+                results[f"concurrency_{name}"] = [concurrency(base, n, args.per_client) for n in (1, 4, 16)]
+        results["in_process"] = reference
+    if {"ingestion", "interference"} & set(args.parts):
+        with tempfile.TemporaryDirectory() as logs, infinikv_server(Path(logs)) as base:
+            if "ingestion" in args.parts:
+                results["ingestion"] = ingest(base, text)
+                results["ingestion_in_process"] = {
+                    "tokens": reference["ingest_tokens"],
+                    "tokens_per_s": reference["ingest_tokens_per_s"],
+                }
+            if "interference" in args.parts:
+                results["interference"] = interference(base, FILLER * (6000 // 22))
     out.write_text(json.dumps(results, indent=2))
 
-    print(f"\n| clients | req/s | TTFT p50 | TTFT p95 | gen tok/s | vs in-process ({MAX_TOKENS} tokens) |")
+    header = "clients | req/s unbatched / batched | ratio | TTFT p50 unbatched / batched | gen tok/s batched"
+    print(f"\n| {header} | vs in-process ({MAX_TOKENS} tokens) |")
     print("|---|---|---|---|---|---|")
-    for r in results.get("concurrency", []):
-        ratio = r["generated_tokens_per_s"] / results["in_process"]["generated_tokens_per_s"]
+    pairs = zip(results.get("concurrency_unbatched", []), results.get("concurrency_batched", []), strict=True)
+    for u, b in pairs:
+        ratio = b["generated_tokens_per_s"] / results["in_process"]["generated_tokens_per_s"]
         print(
-            f"| {r['clients']} | {r['requests_per_s']:.2f} | {r['ttft_p50_s'] * 1000:.0f} ms | "
-            f"{r['ttft_p95_s'] * 1000:.0f} ms | {r['generated_tokens_per_s']:.1f} | {ratio:.2f}x |"
+            f"| {b['clients']} | {u['requests_per_s']:.2f} / {b['requests_per_s']:.2f} | "
+            f"{b['requests_per_s'] / u['requests_per_s']:.2f}x | {u['ttft_p50_s'] * 1000:.0f} / "
+            f"{b['ttft_p50_s'] * 1000:.0f} ms | {b['generated_tokens_per_s']:.1f} | {ratio:.2f}x |"
         )
     if "interference" in results:
         r = results["interference"]

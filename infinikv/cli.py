@@ -161,6 +161,9 @@ def _build_parser() -> ArgumentParser:
     srv.add_argument(
         "--step-tokens", type=_positive_int, help="prompt tokens per engine round beside the decode batch"
     )
+    srv.add_argument(
+        "--max-batch", type=_positive_int, help="most decode tokens in one forward (1: no batching)"
+    )
     srv.add_argument("--max-queue", type=_positive_int, help="queued requests before 429")
     srv.add_argument("--max-body-bytes", type=_positive_int, help="largest request body")
     srv.add_argument("--max-tokens-limit", type=_positive_int, help="largest max_tokens of a request")

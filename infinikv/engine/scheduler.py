@@ -1,13 +1,15 @@
 """The engine: one worker thread owns the model, the page pool and the sessions; requests queue
 to it and never touch tensors themselves.
 
-A task is a step function (a generator): every `next()` is at most one forward, a prefill
-chunk or one decode token. The worker advances the running interactive tasks round-robin,
-one step each; a background task (an ingestion) gets a step when none is running or once a
-`BACKGROUND_EVERY` seconds, so a book being ingested does not stall a chat reply. Tasks of
-one session run in arrival order, under the session's lease (leases.py): a session another
-server holds waits for it, up to `lease_wait` seconds. Sequences are not batched into one
-forward yet: steps of different tasks run one after another.
+A task is a step function (a generator): each step either runs one forward of its own (a
+prefill chunk, a speculative step, an ingestion chunk) and ends at a tick, or asks for its
+decode token's forward by yielding a `Forward` (batch.py). Each round of the worker steps
+every running task: forwards of their own up to `step_tokens` prompt tokens (taking turns
+across rounds), then the decode tokens of all in batched forwards (continuous batching: a
+sequence joins or leaves between rounds). A background task (an ingestion) steps when no
+interactive task runs or once a `BACKGROUND_EVERY` seconds, so a book being ingested does not
+stall a chat reply. Tasks of one session run in arrival order, under the session's lease
+(leases.py): a session another server holds waits for it, up to `lease_wait` seconds.
 
 The pool holds `slots` sequences: the running stateless requests plus the sessions loaded in
 pages. When a task needs a slot and none is free, the least recently used idle session is
@@ -68,9 +70,11 @@ class Engine:
         lease_seconds: float = 30.0,
         lease_wait: float = 30.0,
         step_tokens: int = 512,
+        max_batch: int = 32,
     ):
         self.generator = generator
         self.step_tokens = step_tokens  # prompt tokens per round through forwards of their own
+        self.max_batch = max_batch  # decode tokens per forward (the model may allow fewer)
         self.store = store
         self.max_queue = max_queue
         self.observer = observer
@@ -352,7 +356,7 @@ class Engine:
 
     def _forward(self, tasks: list[Task]) -> None:
         """The tasks' decode tokens in forwards of at most the model's invariant rows each."""
-        rows = self.generator.model.invariant_rows
+        rows = min(self.max_batch, self.generator.model.invariant_rows)
         for i in range(0, len(tasks), rows):
             group = tasks[i : i + rows]
             t0 = time.perf_counter()

@@ -27,6 +27,7 @@ def serve(settings: Settings) -> None:
         lease_seconds=settings.lease_seconds,
         lease_wait=settings.lease_wait,
         step_tokens=settings.step_tokens,
+        max_batch=settings.max_batch,
     )
     app = create_app(engine, settings)
     log.info("serving %s on http://%s:%d", settings.model_id, settings.host, settings.port)
