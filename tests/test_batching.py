@@ -15,6 +15,7 @@ from infinikv.engine.generator import Generator
 from infinikv.engine.regions import LongContextConfig
 from infinikv.engine.sampling import SamplingParams
 from infinikv.engine.scheduler import Engine
+from infinikv.engine.speculative.lookup import LookupDrafter
 from infinikv.engine.tasks import TaskHandle
 from infinikv.memory.store import InProcessBlockStore
 from infinikv.model.loader import LoadedModel
@@ -56,7 +57,7 @@ def long_context() -> LongContextConfig:
     return cfg
 
 
-def generator(loaded: LoadedModel, long: bool) -> Generator:
+def generator(loaded: LoadedModel, long: bool, drafter_factory=None) -> Generator:
     return Generator(
         loaded,
         256,
@@ -66,6 +67,7 @@ def generator(loaded: LoadedModel, long: bool) -> Generator:
         long_context=long_context() if long else None,
         store=InProcessBlockStore(),
         slots=4,
+        drafter_factory=drafter_factory,
     )
 
 
@@ -105,6 +107,29 @@ def test_batched_sequences_match_their_runs_alone(tiny, long, sampled) -> None:
         assert max(recorder.sizes) > 1, "the decode steps ran batched"
     else:  # the PyTorch path is not row-count invariant: it runs decode steps one by one
         assert max(recorder.sizes) == 1
+
+
+def test_speculative_sequences_join_the_batch_in_company_and_stay_exact(tiny) -> None:
+    """Alone, a sequence with a drafter verifies drafts; beside others it decodes in their
+    batch instead. Greedy output is the same either way."""
+    gen = generator(tiny, long=True, drafter_factory=LookupDrafter)
+    params = SamplingParams(max_tokens=30, ignore_eos=True)
+    prompts = [ids(8, seed) * 4 for seed in range(3)]  # repeats, so lookup finds drafts
+    alone = [gen.generate(p, params) for p in prompts]
+    assert any(a.speculation and a.speculation["drafted"] for a in alone)
+    recorder = Recorder()
+    engine = Engine(gen, InProcessBlockStore(), observer=recorder)
+    engine.start()
+    try:
+        handles = [
+            engine.submit(generation_task(p, params), TaskHandle(), needs_sequence=True) for p in prompts
+        ]
+        got = [task_result(h) for h in handles]
+    finally:
+        engine.stop()
+    assert got == [a.token_ids for a in alone]
+    if tiny.model.invariant_rows > 1:
+        assert max(recorder.sizes) > 1
 
 
 def test_a_failing_sequence_fails_alone_and_the_batch_goes_on(tiny) -> None:

@@ -177,8 +177,10 @@ class Generator:
         """Extend `seq` by `prompt`, then generate: a step function (batch.py). A prefill chunk
         and a speculative step are forwards of its own, each but the first after a TICK; a
         plain decode token is a `Forward` for the worker's batch. Yields one event per
-        generated token, then a closing event. Every token is fed to `seq` except the last
-        one sampled (EOS included), which the caller feeds first if the sequence continues.
+        generated token, then a closing event. With a drafter, a step is speculative unless the
+        worker decodes other sequences in batches (then it joins them). Every token is fed to
+        `seq` except the last one sampled (EOS included), which the caller feeds first if the
+        sequence continues.
         Each event is added to `transcript` as it is yielded."""
         self.check_fits(len(seq), prompt)
         out = transcript if transcript is not None else Transcript()
@@ -219,8 +221,9 @@ class Generator:
                         seq.truncate(len(seq) - unneeded)
                         yield out.add(GenerationEvent(delta, None, finish, _stats(decoder)))
                         return
-                if decoder is not None:
-                    yield TICK
+                # The worker answers a TICK with how many other sequences batch their decoding
+                # with ours: in company a row costs far less than a verification of our own.
+                if decoder is not None and not (yield TICK):
                     pending = decoder.step(seq, pending[-1])
                 else:
                     logits = yield Forward(seq, pending[-1])
