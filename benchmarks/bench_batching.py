@@ -72,10 +72,9 @@ def run_infinikv(n: int, new_tokens: int, max_batch: int) -> float:
 def run_transformers(n: int, new_tokens: int, model, tokenizer) -> float:
     from transformers import GenerationConfig
 
-    inputs = [
-        tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=True) for m in messages(n)
-    ]
-    inputs = [list(x["input_ids"]) if isinstance(x, dict) else list(x) for x in inputs]
+    chats = messages(n)
+    texts = [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in chats]
+    inputs = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None)
     t0 = time.perf_counter()
     out = model.generate_batch(inputs, generation_config=config, warmup=False)
@@ -96,7 +95,7 @@ def main() -> None:
     path = convert_gguf(default_gguf(settings.cache_dir), settings.cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(path)
     hf = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, attn_implementation="sdpa_paged"
+        path, dtype=torch.float32, attn_implementation="paged|sdpa"
     ).eval()
     run_transformers(1, 4, hf, tokenizer)  # warm-up
     rows = []

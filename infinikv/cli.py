@@ -17,7 +17,6 @@ from infinikv.engine.scheduler import Engine
 from infinikv.engine.sequence import ProgressFn
 from infinikv.errors import InfinikvError
 from infinikv.memory.index import INDEX_KINDS
-from infinikv.memory.store import InProcessBlockStore
 from infinikv.model.linear import QUANTIZATIONS
 from infinikv.service.settings import Settings
 
@@ -295,9 +294,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         text = _prompt_text(args) if args.command == "generate" else ""
         params = _sampling(args)
-        from infinikv.service.runtime import build_generator
+        from infinikv.service.runtime import build_engine
 
-        engine = Engine(build_generator(settings), InProcessBlockStore())
+        engine = build_engine(settings, slots=1)
         engine.start()
         try:
             if args.command == "generate":

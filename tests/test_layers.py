@@ -20,6 +20,7 @@ LAYERS = [
     "engine",  # sequences, generation, speculative decoding, sessions, the scheduler
     "evaluation",  # recall suites and retrieval probes
     "service",  # settings, runtime, HTTP server
+    "api",  # the Python API
     "cli",
     "__init__",
 ]

@@ -270,3 +270,34 @@ def test_restart_recovers_sessions_from_redis(tmp_path, redis_url, tokenizer) ->
         assert after["tokens"] == before["tokens"] and not after["loaded"]
         assert found(key, ask_passkey(base, session, key="none"))
         assert requests.get(f"{base}/v1/sessions/{session}", timeout=30).json()["memory_tokens"] > 1000
+
+
+def test_tokenize_detokenize_and_the_model_card(server, tokenizer) -> None:
+    text = "Hello, world: the lighthouse."
+
+    def post(path: str, body: dict) -> requests.Response:
+        return requests.post(f"{server}{path}", json=body, headers=auth(), timeout=30)
+
+    r = post("/tokenize", {"prompt": text})
+    assert r.status_code == 200, r.text
+    tokens = r.json()["tokens"]
+    assert tokens == tokenizer(text)["input_ids"] and r.json()["count"] == len(tokens)
+    assert r.json()["max_model_len"] > 8192  # the long-context memory holds more than the trained length
+    chat = post("/tokenize", {"messages": [{"role": "user", "content": text}]}).json()
+    assert chat["count"] > len(tokens) and tokenizer.decode(chat["tokens"]).count(text) == 1
+    assert post("/detokenize", {"tokens": tokens}).json()["prompt"] == tokenizer.decode(tokens)
+    for path, body, words in [
+        ("/detokenize", {"tokens": [10**9]}, "outside the vocabulary"),
+        ("/tokenize", {}, "either prompt or messages"),
+        (
+            "/tokenize",
+            {"prompt": "a", "messages": [{"role": "user", "content": "b"}]},
+            "either prompt or messages",
+        ),
+    ]:
+        bad = post(path, body)
+        assert bad.status_code == 400 and words in bad.json()["error"]["message"], bad.text
+    assert requests.post(f"{server}/tokenize", json={"prompt": "a"}, timeout=30).status_code == 401
+    card = client(server).models.list().data[0].model_dump()
+    assert card["trained_context_length"] == 8192 and card["max_model_len"] == r.json()["max_model_len"]
+    assert card["long_context"]["resident"] == 512 and card["long_context"]["window"] == 128

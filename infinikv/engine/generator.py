@@ -125,8 +125,8 @@ class Generator:
             return UNBOUNDED
         return self.long_context.resident + held
 
-    def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
     def chat_text(self, messages: list[dict[str, str]]) -> str:
         """The tokenizer's chat template over `messages`, ending with the assistant's turn opening."""

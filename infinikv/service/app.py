@@ -18,7 +18,7 @@ from infinikv.errors import InfinikvError
 from infinikv.service.errors import install_handlers
 from infinikv.service.limits import BodySizeLimit
 from infinikv.service.metrics import Metrics
-from infinikv.service.routes import completions, health, jobs, models, sessions
+from infinikv.service.routes import completions, health, jobs, models, sessions, tokenize
 from infinikv.service.settings import Settings
 from infinikv.service.state import ServerState, caller
 
@@ -61,7 +61,7 @@ def create_app(engine: Engine, settings: Settings, metrics: Metrics | None = Non
         metrics.requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
         return response
 
-    for module in (health, models, completions, sessions, jobs):
+    for module in (health, models, completions, sessions, jobs, tokenize):
         app.include_router(module.router)
     if keys:
 

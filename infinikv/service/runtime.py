@@ -1,4 +1,5 @@
-"""Build the model and generator that a front end (CLI, HTTP server) drives, from Settings."""
+"""Build the model, generator and engine that a front end (CLI, Python API, HTTP server)
+drives, from Settings."""
 
 from __future__ import annotations
 
@@ -9,17 +10,34 @@ import torch
 
 from infinikv.attention.backends import causal_attention, long_context_attention, resolve_backend
 from infinikv.engine.generator import Generator
+from infinikv.engine.scheduler import Engine
 from infinikv.engine.speculative.draft_model import DraftModelDrafter, check_same_vocabulary
 from infinikv.engine.speculative.drafter import Drafter
 from infinikv.engine.speculative.lookup import LookupDrafter
 from infinikv.engine.speculative.self_draft import SelfDrafter
 from infinikv.memory.index import gpu_resources
-from infinikv.memory.store import InProcessBlockStore
+from infinikv.memory.store import InProcessBlockStore, open_store
 from infinikv.model.linear import few_row_kernels
 from infinikv.model.loader import LoadedModel, load_model
 from infinikv.service.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+def build_engine(settings: Settings, slots: int | None = None) -> Engine:
+    """The engine every front end drives (not started): the model, its generator with
+    `slots` sequences (default: the setting), and the sessions' store. An unreachable Redis
+    fails here, before the model loads."""
+    store = open_store(settings.redis_url, settings.redis_cluster)
+    return Engine(
+        build_generator(settings, slots=settings.slots if slots is None else slots),
+        store,
+        max_queue=settings.max_queue,
+        lease_seconds=settings.lease_seconds,
+        lease_wait=settings.lease_wait,
+        step_tokens=settings.step_tokens,
+        max_batch=settings.max_batch,
+    )
 
 
 def build_generator(settings: Settings, slots: int = 1) -> Generator:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from infinikv.engine.sampling import SamplingParams
 
@@ -110,3 +110,27 @@ class CompletionRequest(GenerationRequest):
 class DocumentText(BaseModel):
     text: Text = Field(min_length=1)
     name: Text = Field("document", max_length=256)
+
+
+class TokenizeRequest(BaseModel):
+    """A text (`prompt`) or chat `messages` (through the chat template), as vLLM takes them."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: Text | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool = True
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either prompt or messages")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    tokens: list[int] = Field(max_length=1_000_000)

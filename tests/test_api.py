@@ -1,0 +1,58 @@
+"""The Python API (`infinikv.LLM`) on the default model and settings: generate, stream and
+chat; bad parameters refused by name; calls from several threads batched with outputs as
+when made one by one; sessions that keep a document, are found again by id and deleted."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from infinikv import LLM, InfinikvError
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def llm():
+    with LLM() as made:
+        yield made
+
+
+def test_generate_stream_and_chat(llm) -> None:
+    out = llm.generate("The capital of France is", max_tokens=8)
+    assert "Paris" in out.text and 0 < out.completion_tokens <= 8 and out.prompt_tokens > 0
+    assert "".join(llm.stream("The capital of France is", max_tokens=8)) == out.text
+    reply = llm.chat([{"role": "user", "content": "What is the capital of France?"}], max_tokens=24)
+    assert "Paris" in reply.text
+    assert "".join(llm.stream_chat([{"role": "user", "content": "Say hi."}], max_tokens=4, stop="\n"))
+    with pytest.raises(ValueError, match="top_p"):
+        llm.generate("hi", top_p=2)
+    with pytest.raises(TypeError, match="bogus"):
+        llm.generate("hi", bogus=1)
+    with pytest.raises(InfinikvError, match="empty prompt"):
+        llm.generate("")
+
+
+def test_calls_from_threads_run_together_and_answer_as_alone(llm) -> None:
+    prompts = ["The sea was calm and", "In the year 1850, the", "Bread is made from", "Winter came early:"]
+    alone = [llm.generate(p, max_tokens=16, ignore_eos=True).text for p in prompts]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        together = list(pool.map(lambda p: llm.generate(p, max_tokens=16, ignore_eos=True).text, prompts))
+    assert together == alone
+
+
+def test_a_session_keeps_its_document_and_turns_until_deleted(llm) -> None:
+    session = llm.session()
+    document = "Field notes. The keeper of the north light is named Tobias Marlowe. " * 3
+    tokens = session.add_document(document, name="notes.txt")
+    assert tokens > 0
+    answer = session.complete("\nQuestion: What is the name of the keeper? Answer:", max_tokens=24)
+    assert "Tobias" in answer.text or "Marlowe" in answer.text, answer.text
+    session.chat("Thank you.", max_tokens=8)
+    stats = llm.session(session.id).stats()  # found again by its id
+    assert [d.name for d in stats.documents] == ["notes.txt"] and stats.turns == 1
+    assert stats.tokens > tokens
+    session.delete()
+    with pytest.raises(InfinikvError, match="not found"):
+        llm.session(session.id)
