@@ -10,6 +10,7 @@ import time
 import openai
 import pytest
 import requests
+import torch
 
 from infinikv.engine.session import session_prefix
 from infinikv.evaluation.passkey import QUESTION, found, passkey_document
@@ -301,3 +302,76 @@ def test_tokenize_detokenize_and_the_model_card(server, tokenizer) -> None:
     card = client(server).models.list().data[0].model_dump()
     assert card["trained_context_length"] == 8192 and card["max_model_len"] == r.json()["max_model_len"]
     assert card["long_context"]["resident"] == 512 and card["long_context"]["window"] == 128
+
+
+def test_logprobs_echo_and_several_prompts_match_transformers(server, default_model) -> None:
+    """Log-probabilities in OpenAI's shapes, checked against transformers' full attention on
+    the same tokens (a short prompt: inside every window, so exact attention throughout)."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(default_model.path, dtype=torch.float32).eval()
+    text = "The lighthouse keeper climbed the stairs and"
+    body = {"prompt": text, "max_tokens": 4, "temperature": 0, "logprobs": 2, "echo": True}
+    r = requests.post(f"{server}/v1/completions", json=body, headers=auth(), timeout=60)
+    assert r.status_code == 200, r.text
+    choice, usage = r.json()["choices"][0], r.json()["usage"]
+    lp = choice["logprobs"]
+    prompt_ids = default_model.tokenizer(text)["input_ids"]
+    assert len(lp["tokens"]) == usage["prompt_tokens"] + usage["completion_tokens"] == len(prompt_ids) + 4
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert choice["text"].startswith(text) and "".join(lp["tokens"]) == choice["text"]
+    assert lp["text_offset"][1] == len(lp["tokens"][0])
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([prompt_ids])).logits[0].float(), -1)
+    # The prompt's tokens, then the first generated one: greedy, so the likeliest.
+    want = [float(ref[i - 1, t]) for i, t in enumerate(prompt_ids) if i] + [float(ref[-1].max())]
+    got = lp["token_logprobs"][1 : len(prompt_ids) + 1]
+    assert max(abs(a - b) for a, b in zip(got, want, strict=True)) < 1e-3
+    for top, value in zip(lp["top_logprobs"][1:], lp["token_logprobs"][1:], strict=True):
+        assert len(top) <= 2 and max(top.values()) >= value - 1e-6
+    # Several prompts, as token ids: one choice each, decoded together, as when asked alone.
+    prompts = [prompt_ids, default_model.tokenizer("Bread is made")["input_ids"], prompt_ids[:3]]
+    many = requests.post(
+        f"{server}/v1/completions",
+        json={"prompt": prompts, "max_tokens": 6, "temperature": 0},
+        headers=auth(),
+        timeout=120,
+    ).json()
+    alone = [
+        requests.post(
+            f"{server}/v1/completions",
+            json={"prompt": p, "max_tokens": 6, "temperature": 0},
+            headers=auth(),
+            timeout=60,
+        ).json()["choices"][0]["text"]
+        for p in prompts
+    ]
+    assert [c["index"] for c in many["choices"]] == [0, 1, 2]
+    assert [c["text"] for c in many["choices"]] == alone
+    chat = client(server).chat.completions.create(
+        model="SmolLM2-135M-Instruct",
+        messages=[{"role": "user", "content": "Name a color."}],
+        max_tokens=3,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+    )
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens and all(len(c.top_logprobs) == 3 for c in content)
+    assert "".join(c.token for c in content) == chat.choices[0].message.content
+    for payload, words in [
+        ({"prompt": "a", "logprobs": 2, "stream": True}, "not available with stream"),
+        ({"prompt": "a", "logprobs": 21}, "logprobs"),
+        ({"prompt": [[1, 10**9]]}, "outside the vocabulary"),
+        ({"prompt": ["a", "b"], "stream": True}, "stream takes one prompt"),
+        ({"prompt": ["a", "b"], "session_id": "sess_x"}, "one text with session_id"),
+    ]:
+        bad = requests.post(f"{server}/v1/completions", json=payload, headers=auth(), timeout=30)
+        assert bad.status_code == 400 and words in bad.json()["error"]["message"], bad.text
+    bad = requests.post(
+        f"{server}/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "a"}], "top_logprobs": 2},
+        headers=auth(),
+        timeout=30,
+    )
+    assert bad.status_code == 400 and "needs logprobs" in bad.json()["error"]["message"]

@@ -13,6 +13,7 @@ from typing import Any
 
 from infinikv.engine.batch import Forward, run_alone
 from infinikv.engine.detokenize import TextStream
+from infinikv.engine.logprobs import TokenLogprob, token_logprobs
 from infinikv.engine.regions import LongContextConfig
 from infinikv.engine.sampling import Sampler, SamplingParams
 from infinikv.engine.sequence import ProgressFn, Sequence, feed
@@ -32,6 +33,7 @@ class GenerationEvent:
     token_id: int | None  # the token sampled at this step; None for the closing event
     finish_reason: str | None = None  # "stop" | "length" on the closing event
     speculation: dict[str, float | int] | None = None  # drafting stats, on the closing event
+    logprob: TokenLogprob | None = None  # the token's, when the request asks for logprobs
 
 
 # Yielded by Generator.run before each forward of its own (a prefill chunk but the first, a
@@ -47,11 +49,15 @@ class Transcript:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str = "length"
     speculation: dict[str, float | int] | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # the tokens', when asked for
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # echo: None first
 
     def add(self, event: GenerationEvent) -> GenerationEvent:
         self.pieces.append(event.text)
         if event.token_id is not None:
             self.token_ids.append(event.token_id)
+        if event.logprob is not None:
+            self.logprobs.append(event.logprob)
         if event.finish_reason:
             self.finish_reason, self.speculation = event.finish_reason, event.speculation
         return event
@@ -180,26 +186,35 @@ class Generator:
         generated token, then a closing event. With a drafter, a step is speculative unless the
         worker decodes other sequences in batches (then it joins them). Every token is fed to
         `seq` except the last one sampled (EOS included), which the caller feeds first if the
-        sequence continues.
-        Each event is added to `transcript` as it is yielded."""
+        sequence continues. Each event is added to `transcript` as it is yielded; with
+        `params.echo`, so are the prompt's log-probabilities (None for its first token)."""
         self.check_fits(len(seq), prompt)
         out = transcript if transcript is not None else Transcript()
         sampler = Sampler(params)
         text = TextStream(self.tokenizer, params.stop)
         eos = frozenset() if params.ignore_eos else self.loaded.eos_token_ids
+        top = params.logprobs
+        echo = params.echo and top is not None
+        if echo:
+            out.prompt_logprobs.append(None)
         for start in range(0, len(prompt), self.chunk_size):
             if start:
                 yield TICK
             chunk = prompt[start : start + self.chunk_size]
-            logits = feed(self.model, self.pool, seq, chunk, self.chunk_size)
+            logits = feed(self.model, self.pool, seq, chunk, self.chunk_size, all_logits=echo)
+            if echo:  # row i predicts prompt token start + i + 1
+                targets = prompt[start + 1 : start + len(chunk) + 1]
+                out.prompt_logprobs.extend(token_logprobs(logits[: len(targets)], targets, top or 0))
+                logits = logits[-1:]
             if progress is not None:
                 progress(start + len(chunk), len(prompt))
         budget = min(params.max_tokens, self.capacity - len(seq))
         decoder = None
-        if self.drafter_factory is not None:
+        if self.drafter_factory is not None and top is None:  # logprobs need every position's logits
             decoder = SpeculativeDecoder(self.model, self.drafter_factory(), sampler, params, self.max_draft)
         # Sampled, not yet emitted: all but the last are already fed (accepted drafts).
         pending = [int(sampler(logits)[0])]
+        logprob = None if top is None else token_logprobs(logits, pending, top)[0]
         emitted = 0
         try:
             while True:
@@ -212,7 +227,7 @@ class Generator:
                         return
                     delta = text.push(token)
                     emitted += 1
-                    yield out.add(GenerationEvent(delta, token, None))
+                    yield out.add(GenerationEvent(delta, token, None, logprob=logprob))
                     if text.stopped:
                         finish, delta = "stop", ""
                     elif emitted == budget:
@@ -228,6 +243,7 @@ class Generator:
                 else:
                     logits = yield Forward(seq, pending[-1])
                     pending = [int(sampler(logits)[0])]
+                    logprob = None if top is None else token_logprobs(logits, pending, top)[0]
         finally:
             if decoder is not None:
                 decoder.release()

@@ -12,6 +12,7 @@ from typing import Any
 
 from infinikv.engine.generator import GenerationEvent, Transcript
 from infinikv.engine.jobs import INTERRUPTED, IngestJob
+from infinikv.engine.logprobs import TokenLogprob
 from infinikv.engine.sampling import SamplingParams
 from infinikv.engine.scheduler import Engine
 from infinikv.engine.sequence import ProgressFn, feed
@@ -21,11 +22,13 @@ from infinikv.engine.tasks import Failed, Finished, StepFn, Task, TaskHandle
 
 @dataclass(frozen=True)
 class Turn:
-    """One request: raw `text` to complete, or chat `messages` (the new ones only in a session)."""
+    """One request: raw `text` or `token_ids` to complete, or chat `messages` (the new ones only
+    in a session)."""
 
     params: SamplingParams
     text: str | None = None
     messages: list[dict[str, str]] | None = None
+    token_ids: list[int] | None = None  # stateless turns only
     session_id: str | None = None
     progress: ProgressFn | None = field(default=None, compare=False)  # prefill chunks done, total
 
@@ -37,6 +40,10 @@ class TurnResult:
     prompt_tokens: int
     completion_tokens: int
     speculation: dict[str, float | int] | None = None  # drafting stats when a drafter ran
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # with params.logprobs
+    prompt_ids: list[int] = field(default_factory=list)  # with params.echo
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # with params.echo
 
 
 def run_turn(turn: Turn) -> StepFn:
@@ -49,7 +56,12 @@ def run_turn(turn: Turn) -> StepFn:
         session = engine.sessions.get(turn.session_id, task.owner) if turn.session_id is not None else None
         if session is None:
             seq = gen.new_sequence(f"ikv:gen:{uuid.uuid4().hex}:")
-            prompt = gen.encode(turn.text) if turn.text is not None else gen.encode_chat(turn.messages or [])
+            if turn.token_ids is not None:
+                prompt = list(turn.token_ids)
+            elif turn.text is not None:
+                prompt = gen.encode(turn.text)
+            else:
+                prompt = gen.encode_chat(turn.messages or [])
         else:
             assert session.seq is not None, "the scheduler loads a session before its task runs"
             seq = session.seq
@@ -74,7 +86,17 @@ def run_turn(turn: Turn) -> StepFn:
                 engine.sessions.discard(session)
             elif len(seq) > before:
                 _record(engine, session, turn, out.token_ids, out.text)
-        return TurnResult(out.text, out.finish_reason, len(prompt), len(out.token_ids), out.speculation)
+        return TurnResult(
+            out.text,
+            out.finish_reason,
+            len(prompt),
+            len(out.token_ids),
+            out.speculation,
+            out.token_ids,
+            out.logprobs,
+            prompt if turn.params.echo else [],
+            out.prompt_logprobs,
+        )
 
     return run
 

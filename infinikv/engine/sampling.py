@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from infinikv.engine.logprobs import MAX_TOP
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -16,6 +18,8 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None  # each generated token's log-probability and this many alternatives
+    echo: bool = False  # the prompt's tokens' log-probabilities too (with logprobs)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -28,6 +32,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP:
+            raise ValueError(f"logprobs must be in [0, {MAX_TOP}], got {self.logprobs}")
 
     @property
     def greedy(self) -> bool:

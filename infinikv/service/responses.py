@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +15,7 @@ from infinikv.service.errors import as_api_error, error_body
 from infinikv.service.metrics import Metrics
 
 Events = AsyncIterator[GenerationEvent | TurnResult]
+Decode = Callable[[list[int]], str]  # token ids to text (the tokenizer's decode)
 
 
 @dataclass(frozen=True)
@@ -35,10 +36,10 @@ class Shape:
     def chunk_object(self) -> str:
         return "chat.completion.chunk" if self.chat else "text_completion"
 
-    def choice(self, text: str) -> dict[str, Any]:
+    def choice(self, index: int, text: str, logprobs: dict[str, Any] | None) -> dict[str, Any]:
         if self.chat:
-            return {"index": 0, "message": {"role": "assistant", "content": text}}
-        return {"index": 0, "text": text, "logprobs": None}
+            return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs}
+        return {"index": index, "text": text, "logprobs": logprobs}
 
     def delta(self, text: str | None) -> dict[str, Any]:
         if self.chat:
@@ -63,18 +64,55 @@ class Reply:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
 
-def usage(result: TurnResult) -> dict[str, int]:
-    return {
-        "prompt_tokens": result.prompt_tokens,
-        "completion_tokens": result.completion_tokens,
-        "total_tokens": result.prompt_tokens + result.completion_tokens,
-    }
+def usage(results: list[TurnResult]) -> dict[str, int]:
+    prompt = sum(r.prompt_tokens for r in results)
+    generated = sum(r.completion_tokens for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
 
 
-def completion(reply: Reply, result: TurnResult) -> dict[str, Any]:
-    choice = {**reply.shape.choice(result.text), "finish_reason": result.finish_reason}
-    extra = {} if result.speculation is None else {"speculation": result.speculation}
-    return {**extra, **reply.header(reply.shape.object), "choices": [choice], "usage": usage(result)}
+def completion(
+    reply: Reply, results: list[TurnResult], decode: Decode, echoes: list[str] | None = None
+) -> dict[str, Any]:
+    """The whole answer: a choice per result (`echoes`: the prompts repeated before them)."""
+    choices = []
+    for i, result in enumerate(results):
+        echo = echoes[i] if echoes is not None else ""
+        logprobs = None
+        if result.logprobs or result.prompt_logprobs:
+            logprobs = chat_logprobs(result, decode) if reply.shape.chat else text_logprobs(result, decode)
+        choice = reply.shape.choice(i, echo + result.text, logprobs)
+        choices.append({**choice, "finish_reason": result.finish_reason})
+    speculation = [r.speculation for r in results if r.speculation is not None]
+    extra = {"speculation": speculation[0]} if len(results) == 1 and speculation else {}
+    return {**extra, **reply.header(reply.shape.object), "choices": choices, "usage": usage(results)}
+
+
+def text_logprobs(result: TurnResult, decode: Decode) -> dict[str, Any]:
+    """The legacy completions shape, over the echoed prompt's tokens (the first without a
+    log-probability) and the generated ones; offsets count characters of the choice's text."""
+    entries = [*zip(result.prompt_ids, result.prompt_logprobs, strict=False)]
+    entries += [(lp.token, lp) for lp in result.logprobs]
+    tokens, values, tops, offsets, offset = [], [], [], [], 0
+    for token, lp in entries:
+        piece = decode([token])
+        tokens.append(piece)
+        offsets.append(offset)
+        offset += len(piece)
+        values.append(None if lp is None else lp.logprob)
+        tops.append(None if lp is None else {decode([t]): v for t, v in lp.top})
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_logprobs(result: TurnResult, decode: Decode) -> dict[str, Any]:
+    def entry(token: int, logprob: float) -> dict[str, Any]:
+        piece = decode([token])
+        return {"token": piece, "logprob": logprob, "bytes": list(piece.encode())}
+
+    content = [
+        {**entry(lp.token, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
+        for lp in result.logprobs
+    ]
+    return {"content": content}
 
 
 async def collect(events: Events) -> tuple[TurnResult, float | None]:
@@ -127,7 +165,7 @@ async def sse(
                 account(metrics, item, reply.arrived, first_token)
                 yield chunk(None, item.finish_reason)
                 if include_usage:
-                    yield chunk(None, None, usage(item))
+                    yield chunk(None, None, usage([item]))
                 break
             if item.text:
                 yield chunk(item.text, None)

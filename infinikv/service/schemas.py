@@ -1,6 +1,6 @@
 """Request bodies of the OpenAI-compatible API (what the official `openai` client sends), with
 the limits we enforce. Unknown fields are ignored, as OpenAI-compatible servers do; fields
-we cannot honour when set (n > 1, logprobs, echo) are refused by name."""
+we cannot honour when set (n > 1, logprobs while streaming) are refused by name."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from infinikv.engine.logprobs import MAX_TOP
 from infinikv.engine.sampling import SamplingParams
 
 # A session id as we mint them (sess_ + 32 hex digits); any other string is not found.
@@ -61,7 +62,6 @@ class GenerationRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Literal[1] = 1
-    logprobs: Literal[False, None] = None
     session_id: str | None = Field(None, pattern=SESSION_ID, description="append to this session")
 
     @field_validator("stop")
@@ -83,28 +83,84 @@ class GenerationRequest(BaseModel):
             top_p=self.top_p,
             seed=self.seed,
             stop=tuple(stops),
+            logprobs=self.top_alternatives,
+            echo=self.echoed,
         )
+
+    @property
+    def top_alternatives(self) -> int | None:
+        """Alternatives per token when log-probabilities are asked for, else None."""
+        return None
+
+    @property
+    def echoed(self) -> bool:
+        return False
+
+    @model_validator(mode="after")
+    def _no_logprobs_stream(self) -> GenerationRequest:
+        if self.stream and self.top_alternatives is not None:
+            raise ValueError("logprobs are not available with stream: set stream to false")
+        return self
 
 
 class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    @property
+    def top_alternatives(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+# Prompts per text completion request: each is a sequence of its own, decoded in one batch.
+MAX_PROMPTS = 64
 
 
 class CompletionRequest(GenerationRequest):
-    prompt: Text | list[Text]
-    echo: Literal[False, None] = None
+    """`prompt`: a text, token ids, or a list of either (one choice each, by `index`)."""
+
+    prompt: Text | list[Text] | list[int] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP)
+    echo: bool = False
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, v: str | list[str]) -> str | list[str]:
-        texts = [v] if isinstance(v, str) else v
-        if len(texts) != 1 or not texts[0]:
-            raise ValueError("prompt must be one non-empty string")
+    def _prompts(cls, v: str | list[str] | list[int] | list[list[int]]) -> str | list:
+        prompts = [v] if isinstance(v, str) or (v and isinstance(v[0], int)) else v
+        if not prompts or len(prompts) > MAX_PROMPTS:
+            raise ValueError(f"prompt takes 1 to {MAX_PROMPTS} prompts")
+        if any(not p for p in prompts):
+            raise ValueError("prompt must not be empty")
         return v
 
+    @model_validator(mode="after")
+    def _one_prompt_when(self) -> CompletionRequest:
+        if self.stream and (len(self.prompts) > 1 or self.echo):
+            raise ValueError("stream takes one prompt and no echo")
+        if self.session_id is not None and (len(self.prompts) > 1 or not isinstance(self.prompts[0], str)):
+            raise ValueError("prompt takes one text with session_id")
+        return self
+
     @property
-    def text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt: a text or its token ids."""
+        v = self.prompt
+        return [v] if isinstance(v, str) or isinstance(v[0], int) else list(v)  # type: ignore[list-item]
+
+    @property
+    def top_alternatives(self) -> int | None:
+        return self.logprobs
+
+    @property
+    def echoed(self) -> bool:
+        return self.echo
 
 
 class DocumentText(BaseModel):

@@ -35,16 +35,29 @@ router = APIRouter()
 async def chat_completions(body: ChatCompletionRequest, who: Caller, state: Server) -> Response:
     params = body.sampling(state.settings.default_max_tokens, state.settings.max_tokens_limit)
     messages = [m.as_template_message() for m in body.messages]
-    return await answer(state, body, Turn(params, messages=messages, session_id=body.session_id), who, CHAT)
+    return await answer(state, body, [Turn(params, messages=messages, session_id=body.session_id)], who, CHAT)
 
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, who: Caller, state: Server) -> Response:
     params = body.sampling(state.settings.default_max_tokens, state.settings.max_tokens_limit)
-    return await answer(state, body, Turn(params, text=body.text, session_id=body.session_id), who, TEXT)
+    vocab = state.engine.generator.loaded.config.vocab_size
+    turns = []
+    for prompt in body.prompts:
+        if isinstance(prompt, str):
+            turns.append(Turn(params, text=prompt, session_id=body.session_id))
+            continue
+        bad = next((t for t in prompt if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ApiError(400, f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
+        turns.append(Turn(params, token_ids=prompt))
+    return await answer(state, body, turns, who, TEXT)
 
 
-async def answer(state: ServerState, body: GenerationRequest, turn: Turn, who: str, shape: Shape) -> Response:
+async def answer(
+    state: ServerState, body: GenerationRequest, turns: list[Turn], who: str, shape: Shape
+) -> Response:
+    """Queue the turns (one choice each; more than one only without stream) and answer."""
     if body.model not in (None, state.model_id):
         raise ApiError(
             404, f"model {body.model!r} is not served here (try {state.model_id!r})", code="model_not_found"
@@ -52,9 +65,17 @@ async def answer(state: ServerState, body: GenerationRequest, turn: Turn, who: s
     reply = Reply(
         shape, f"{shape.id_prefix}-{uuid.uuid4().hex}", int(time.time()), state.model_id, time.perf_counter()
     )
-    handle = submit_turn(state.engine, turn, TaskHandle(asyncio.get_running_loop()), who)
-    stream = events(handle)
+    loop = asyncio.get_running_loop()
+    handles: list[TaskHandle] = []
+    try:
+        for turn in turns:
+            handles.append(submit_turn(state.engine, turn, TaskHandle(loop), who))
+    except Exception:
+        for handle in handles:
+            handle.cancel()
+        raise
     if body.stream:
+        stream = events(handles[0])
         # The first event decides the status: an unknown session is a 404, not a broken stream.
         first = await first_event(stream)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -62,9 +83,19 @@ async def answer(state: ServerState, body: GenerationRequest, turn: Turn, who: s
         return StreamingResponse(
             chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
-    result, first_token = await collect(stream)
-    account(state.metrics, result, reply.arrived, first_token)
-    return JSONResponse(completion(reply, result))
+    collected = await asyncio.gather(*(collect(events(h)) for h in handles))
+    for result, first_token in collected:
+        account(state.metrics, result, reply.arrived, first_token)
+    echoes = [_echo(turn, state) for turn in turns] if body.echoed else None
+    decode = state.engine.generator.tokenizer.decode
+    return JSONResponse(completion(reply, [r for r, _ in collected], decode, echoes))
+
+
+def _echo(turn: Turn, state: ServerState) -> str:
+    """The prompt text a choice repeats before its completion (`echo`)."""
+    if turn.text is not None:
+        return turn.text
+    return str(state.engine.generator.tokenizer.decode(turn.token_ids or []))
 
 
 async def events(handle: TaskHandle) -> Events:
