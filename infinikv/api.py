@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
+from infinikv.engine.grammar import json_grammar
 from infinikv.engine.jobs import IngestJob
 from infinikv.engine.requests import Turn, TurnResult, run_ingest, stream_turn
 from infinikv.engine.sampling import SamplingParams
@@ -53,7 +54,8 @@ class LLM:
 
     def generate(self, prompt: str, **sampling: Any) -> Completion:
         """Complete `prompt` (raw text). Sampling: max_tokens, temperature, top_p, top_k,
-        seed, stop, ignore_eos."""
+        seed, stop, ignore_eos, logprobs, json_schema (a schema dict, or True for any JSON
+        object: the output always parses)."""
         return self._run(Turn(self._params(sampling), text=prompt))
 
     def stream(self, prompt: str, **sampling: Any) -> Iterator[str]:
@@ -88,6 +90,9 @@ class LLM:
 
     def _params(self, sampling: dict[str, Any]) -> SamplingParams:
         sampling.setdefault("max_tokens", self.settings.default_max_tokens)
+        if "json_schema" in sampling:  # True: any JSON object
+            schema = sampling.pop("json_schema")
+            sampling["grammar"] = json_grammar(None if schema is True else schema)
         if "stop" in sampling:
             stop = sampling["stop"]
             sampling["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)

@@ -1,9 +1,10 @@
 """The Python API (`infinikv.LLM`) on the default model and settings: generate, stream and
-chat; bad parameters refused by name; calls from several threads batched with outputs as
+chat, JSON under a schema; bad parameters refused by name; calls from several threads batched with outputs as
 when made one by one; sessions that keep a document, are found again by id and deleted."""
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -26,6 +27,14 @@ def test_generate_stream_and_chat(llm) -> None:
     reply = llm.chat([{"role": "user", "content": "What is the capital of France?"}], max_tokens=24)
     assert "Paris" in reply.text
     assert "".join(llm.stream_chat([{"role": "user", "content": "Say hi."}], max_tokens=4, stop="\n"))
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 20}},
+        "required": ["name"],
+        "additionalProperties": False,
+    }
+    person = llm.chat([{"role": "user", "content": "Name a person."}], max_tokens=32, json_schema=schema)
+    assert set(json.loads(person.text)) == {"name"}
     with pytest.raises(ValueError, match="top_p"):
         llm.generate("hi", top_p=2)
     with pytest.raises(TypeError, match="bogus"):

@@ -4,6 +4,7 @@ default model and a real redis-server, driven by the official `openai` client an
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import signal
 import time
 
@@ -375,3 +376,31 @@ def test_logprobs_echo_and_several_prompts_match_transformers(server, default_mo
         timeout=30,
     )
     assert bad.status_code == 400 and "needs logprobs" in bad.json()["error"]["message"]
+
+
+def test_response_format_json_schema_always_parses(server) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 20}, "sunny": {"type": "boolean"}},
+        "required": ["city", "sunny"],
+        "additionalProperties": False,
+    }
+    reply = client(server).chat.completions.create(
+        model="SmolLM2-135M-Instruct",
+        messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+        max_tokens=48,
+        temperature=0.8,
+        seed=3,
+        response_format={"type": "json_schema", "json_schema": {"name": "weather", "schema": schema}},
+    )
+    value = json.loads(reply.choices[0].message.content)
+    assert set(value) == {"city", "sunny"} and isinstance(value["sunny"], bool)
+    url = f"{server}/v1/chat/completions"
+    base = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    for fmt, words in [
+        ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}}, "Invalid type"),
+        ({"type": "json_schema"}, "needs json_schema"),
+        ({"type": "yaml"}, "response_format"),
+    ]:
+        bad = requests.post(url, json={**base, "response_format": fmt}, headers=auth(), timeout=30)
+        assert bad.status_code == 400 and words in bad.json()["error"]["message"], bad.text

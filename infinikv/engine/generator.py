@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 import threading
 import time
@@ -11,8 +12,11 @@ from collections.abc import Generator as Steps
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from infinikv.engine.batch import Forward, run_alone
 from infinikv.engine.detokenize import TextStream
+from infinikv.engine.grammar import TokenGrammar
 from infinikv.engine.logprobs import TokenLogprob, token_logprobs
 from infinikv.engine.regions import LongContextConfig
 from infinikv.engine.sampling import Sampler, SamplingParams
@@ -120,6 +124,11 @@ class Generator:
         self.pool = self.model.new_page_pool(slots * pool_tokens, page_size, fill_value, group)
         self._lock = threading.Lock()
 
+    @functools.cached_property
+    def grammars(self) -> TokenGrammar:
+        """The vocabulary as the grammar engine sees it (built on the first structured request)."""
+        return TokenGrammar(self.tokenizer, self.loaded.config.vocab_size)
+
     @property
     def capacity(self) -> int:
         """Longest sequence (prompt + generated tokens) this generator can hold: with long
@@ -209,12 +218,25 @@ class Generator:
             if progress is not None:
                 progress(start + len(chunk), len(prompt))
         budget = min(params.max_tokens, self.capacity - len(seq))
+        constraint = None if params.grammar is None else self.grammars.constraint(params.grammar)
+
+        def pick(logits: torch.Tensor) -> tuple[int, TokenLogprob | None]:
+            """The next token (inside the grammar, if any) and its raw log-probability."""
+            raw = logits
+            if constraint is not None:
+                logits = constraint.mask_(logits.clone() if top is not None else logits)
+            token = int(sampler(logits)[0])
+            if constraint is not None:
+                constraint.accept(token)
+            return token, None if top is None else token_logprobs(raw, [token], top)[0]
+
         decoder = None
-        if self.drafter_factory is not None and top is None:  # logprobs need every position's logits
+        if self.drafter_factory is not None and top is None and constraint is None:
+            # (logprobs and grammars need every position's logits, one at a time)
             decoder = SpeculativeDecoder(self.model, self.drafter_factory(), sampler, params, self.max_draft)
         # Sampled, not yet emitted: all but the last are already fed (accepted drafts).
-        pending = [int(sampler(logits)[0])]
-        logprob = None if top is None else token_logprobs(logits, pending, top)[0]
+        token, logprob = pick(logits)
+        pending = [token]
         emitted = 0
         try:
             while True:
@@ -241,9 +263,8 @@ class Generator:
                 if decoder is not None and not (yield TICK):
                     pending = decoder.step(seq, pending[-1])
                 else:
-                    logits = yield Forward(seq, pending[-1])
-                    pending = [int(sampler(logits)[0])]
-                    logprob = None if top is None else token_logprobs(logits, pending, top)[0]
+                    token, logprob = pick((yield Forward(seq, pending[-1])))
+                    pending = [token]
         finally:
             if decoder is not None:
                 decoder.release()

@@ -20,6 +20,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # each generated token's log-probability and this many alternatives
     echo: bool = False  # the prompt's tokens' log-probabilities too (with logprobs)
+    grammar: str | None = None  # the output stays inside it (engine/grammar.py)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:

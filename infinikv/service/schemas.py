@@ -4,10 +4,11 @@ we cannot honour when set (n > 1, logprobs while streaming) are refused by name.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from infinikv.engine.grammar import json_grammar
 from infinikv.engine.logprobs import MAX_TOP
 from infinikv.engine.sampling import SamplingParams
 
@@ -47,6 +48,32 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str = Field("response", max_length=64)
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """`text`, any JSON object, or JSON valid under a schema: the output always parses."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type json_schema needs json_schema")
+        return self
+
+    def grammar(self) -> str | None:
+        if self.type == "text":
+            return None
+        return json_grammar(self.json_schema.json_schema if self.json_schema is not None else None)
+
+
 class GenerationRequest(BaseModel):
     """Fields shared by chat and text completions."""
 
@@ -62,6 +89,7 @@ class GenerationRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Literal[1] = 1
+    response_format: ResponseFormat | None = None
     session_id: str | None = Field(None, pattern=SESSION_ID, description="append to this session")
 
     @field_validator("stop")
@@ -85,6 +113,7 @@ class GenerationRequest(BaseModel):
             stop=tuple(stops),
             logprobs=self.top_alternatives,
             echo=self.echoed,
+            grammar=None if self.response_format is None else self.response_format.grammar(),
         )
 
     @property
