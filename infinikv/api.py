@@ -54,8 +54,9 @@ class LLM:
 
     def generate(self, prompt: str, **sampling: Any) -> Completion:
         """Complete `prompt` (raw text). Sampling: max_tokens, temperature, top_p, top_k,
-        seed, stop, ignore_eos, logprobs, json_schema (a schema dict, or True for any JSON
-        object: the output always parses)."""
+        seed, stop, stop_token_ids, ignore_eos, logit_bias ({token id: bias}),
+        presence_penalty, frequency_penalty, logprobs, json_schema (a schema dict, or True for
+        any JSON object: the output always parses)."""
         return self._run(Turn(self._params(sampling), text=prompt))
 
     def stream(self, prompt: str, **sampling: Any) -> Iterator[str]:
@@ -93,6 +94,10 @@ class LLM:
         if "json_schema" in sampling:  # True: any JSON object
             schema = sampling.pop("json_schema")
             sampling["grammar"] = json_grammar(None if schema is True else schema)
+        if isinstance(sampling.get("logit_bias"), dict):
+            sampling["logit_bias"] = tuple(sampling["logit_bias"].items())
+        if "stop_token_ids" in sampling:
+            sampling["stop_token_ids"] = tuple(sampling["stop_token_ids"])
         if "stop" in sampling:
             stop = sampling["stop"]
             sampling["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)

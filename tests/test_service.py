@@ -131,7 +131,7 @@ def test_bad_requests_get_clear_4xx_and_the_server_keeps_serving(server) -> None
         (dict(json={"messages": "hi"}), 400, "messages"),
         (dict(json={**ok_body, "temperature": "hot"}), 400, "temperature"),
         (dict(json={**ok_body, "max_tokens": 10_000}), 400, "exceeds this server's limit of 64"),
-        (dict(json={**ok_body, "n": 2}), 400, "n"),
+        (dict(json={**ok_body, "n": 17}), 400, "n"),
         (dict(json={**ok_body, "model": "gpt-9"}), 404, "not served here"),
         (dict(json={**ok_body, "session_id": "sess_nope"}), 404, "not found"),
         (dict(data=b"x" * 2_000_000, headers=as_json), 413, "limit"),
@@ -403,4 +403,40 @@ def test_response_format_json_schema_always_parses(server) -> None:
         ({"type": "yaml"}, "response_format"),
     ]:
         bad = requests.post(url, json={**base, "response_format": fmt}, headers=auth(), timeout=30)
+        assert bad.status_code == 400 and words in bad.json()["error"]["message"], bad.text
+
+
+def test_n_choices_logit_bias_penalties_and_stop_token_ids(server, tokenizer) -> None:
+    c = client(server)
+    ask = dict(model="SmolLM2-135M-Instruct", max_tokens=12)
+    many = c.completions.create(prompt="Once upon a time", n=3, temperature=1.0, seed=5, **ask)
+    again = c.completions.create(prompt="Once upon a time", n=3, temperature=1.0, seed=5, **ask)
+    texts = [ch.text for ch in many.choices]
+    assert [ch.index for ch in many.choices] == [0, 1, 2] and len(set(texts)) > 1
+    assert texts == [ch.text for ch in again.choices]  # seeded: choice i draws with seed + i
+    plain = c.completions.create(prompt="The capital of France is", temperature=0, **ask).choices[0].text
+    paris = tokenizer(" Paris")["input_ids"][0]
+    biased = (
+        c.completions.create(
+            prompt="The capital of France is", temperature=0, logit_bias={str(paris): -100}, **ask
+        )
+        .choices[0]
+        .text
+    )
+    assert "Paris" in plain and " Paris" not in biased
+    first = tokenizer(plain)["input_ids"][0]
+    stopped = c.completions.create(
+        prompt="The capital of France is", temperature=0, extra_body={"stop_token_ids": [first]}, **ask
+    ).choices[0]
+    assert stopped.text == "" and stopped.finish_reason == "stop"
+    repeated = c.completions.create(prompt="one one one one", temperature=0, frequency_penalty=2.0, **ask)
+    assert repeated.choices[0].text.count(" one") < 4
+    for payload, words in [
+        ({"prompt": "a", "n": 2, "stream": True}, "n > 1"),
+        ({"prompt": "a", "logit_bias": {"x": 1}}, "token ids"),
+        ({"prompt": "a", "logit_bias": {"99999999": 1}}, "outside the vocabulary"),
+        ({"prompt": "a", "presence_penalty": 3}, "presence_penalty"),
+        ({"prompt": "a", "n": 17}, "n"),
+    ]:
+        bad = requests.post(f"{server}/v1/completions", json=payload, headers=auth(), timeout=30)
         assert bad.status_code == 400 and words in bad.json()["error"]["message"], bad.text

@@ -7,6 +7,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from collections.abc import Generator as Steps
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from infinikv.engine.detokenize import TextStream
 from infinikv.engine.grammar import TokenGrammar
 from infinikv.engine.logprobs import TokenLogprob, token_logprobs
 from infinikv.engine.regions import LongContextConfig
-from infinikv.engine.sampling import Sampler, SamplingParams
+from infinikv.engine.sampling import Sampler, SamplingParams, steer_
 from infinikv.engine.sequence import ProgressFn, Sequence, feed
 from infinikv.engine.speculative.decoder import SpeculativeDecoder
 from infinikv.engine.speculative.drafter import Drafter
@@ -201,7 +202,9 @@ class Generator:
         out = transcript if transcript is not None else Transcript()
         sampler = Sampler(params)
         text = TextStream(self.tokenizer, params.stop)
-        eos = frozenset() if params.ignore_eos else self.loaded.eos_token_ids
+        eos = frozenset(params.stop_token_ids) | (
+            frozenset() if params.ignore_eos else self.loaded.eos_token_ids
+        )
         top = params.logprobs
         echo = params.echo and top is not None
         if echo:
@@ -220,19 +223,26 @@ class Generator:
         budget = min(params.max_tokens, self.capacity - len(seq))
         constraint = None if params.grammar is None else self.grammars.constraint(params.grammar)
 
+        generated: Counter[int] = Counter()
+
         def pick(logits: torch.Tensor) -> tuple[int, TokenLogprob | None]:
-            """The next token (inside the grammar, if any) and its raw log-probability."""
+            """The next token (steered, inside the grammar) and its raw log-probability."""
             raw = logits
-            if constraint is not None:
-                logits = constraint.mask_(logits.clone() if top is not None else logits)
+            if constraint is not None or params.steers:
+                logits = logits.clone()  # the forward's logits are inference tensors, and `raw`
+                if params.steers:
+                    steer_(logits, params, generated)
+                if constraint is not None:
+                    constraint.mask_(logits)
             token = int(sampler(logits)[0])
             if constraint is not None:
                 constraint.accept(token)
+            generated[token] += 1
             return token, None if top is None else token_logprobs(raw, [token], top)[0]
 
         decoder = None
-        if self.drafter_factory is not None and top is None and constraint is None:
-            # (logprobs and grammars need every position's logits, one at a time)
+        if self.drafter_factory is not None and top is None and constraint is None and not params.steers:
+            # (these need every position's logits, one at a time)
             decoder = SpeculativeDecoder(self.model, self.drafter_factory(), sampler, params, self.max_draft)
         # Sampled, not yet emitted: all but the last are already fed (accepted drafts).
         token, logprob = pick(logits)

@@ -21,6 +21,10 @@ class SamplingParams:
     logprobs: int | None = None  # each generated token's log-probability and this many alternatives
     echo: bool = False  # the prompt's tokens' log-probabilities too (with logprobs)
     grammar: str | None = None  # the output stays inside it (engine/grammar.py)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token, added to its logit), as OpenAI's
+    presence_penalty: float = 0.0  # subtracted from a token's logit once it was generated
+    frequency_penalty: float = 0.0  # subtracted per time it was generated
+    stop_token_ids: tuple[int, ...] = ()  # end the output (not shown), even with ignore_eos
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -35,10 +39,30 @@ class SamplingParams:
             raise ValueError("stop strings must be non-empty")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP:
             raise ValueError(f"logprobs must be in [0, {MAX_TOP}], got {self.logprobs}")
+        if any(not -100 <= bias <= 100 for _, bias in self.logit_bias):
+            raise ValueError("logit_bias values must be in [-100, 100]")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def steers(self) -> bool:
+        """The logits are changed before sampling (bias, penalties)."""
+        return bool(self.logit_bias) or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+
+def steer_(logits: torch.Tensor, params: SamplingParams, counts: dict[int, int]) -> torch.Tensor:
+    """Add logit_bias and subtract the penalties of the tokens generated so far (`counts`),
+    in place on logits (1, V)."""
+    for token, bias in params.logit_bias:
+        logits[0, token] += bias
+    for token, count in counts.items():
+        logits[0, token] -= count * params.frequency_penalty + params.presence_penalty
+    return logits
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Request bodies of the OpenAI-compatible API (what the official `openai` client sends), with
 the limits we enforce. Unknown fields are ignored, as OpenAI-compatible servers do; fields
-we cannot honour when set (n > 1, logprobs while streaming) are refused by name."""
+we cannot honour when set (logprobs or n > 1 while streaming) are refused by name."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from infinikv.engine.grammar import json_grammar
 from infinikv.engine.logprobs import MAX_TOP
 from infinikv.engine.sampling import SamplingParams
 
+# Choices per request (n): each a sequence of its own, decoded in one batch.
+MAX_CHOICES = 16
 # A session id as we mint them (sess_ + 32 hex digits); any other string is not found.
 SESSION_ID = r"^[A-Za-z0-9_\-]{1,64}$"
 
@@ -88,8 +90,19 @@ class GenerationRequest(BaseModel):
     stop: Text | list[Text] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: Literal[1] = 1
+    n: int = Field(
+        1,
+        ge=1,
+        le=MAX_CHOICES,
+        description="choices for the prompt; with a seed, choice i draws with seed + i",
+    )
     response_format: ResponseFormat | None = None
+    logit_bias: dict[str, float] | None = Field(None, max_length=300)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    stop_token_ids: list[int] | None = Field(
+        None, max_length=64, description="end the output at any of these"
+    )
     session_id: str | None = Field(None, pattern=SESSION_ID, description="append to this session")
 
     @field_validator("stop")
@@ -100,11 +113,19 @@ class GenerationRequest(BaseModel):
             raise ValueError("stop takes up to 4 non-empty strings")
         return v
 
-    def sampling(self, default_max_tokens: int, limit: int) -> SamplingParams:
+    def sampling(self, default_max_tokens: int, limit: int, vocab: int) -> SamplingParams:
+        """The request's parameters; token ids (bias, stops) must be below `vocab`."""
         wanted = self.max_completion_tokens or self.max_tokens or min(default_max_tokens, limit)
         if wanted > limit:
             raise ValueError(f"max_tokens={wanted} exceeds this server's limit of {limit}")
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        try:
+            bias = tuple((int(token), value) for token, value in (self.logit_bias or {}).items())
+        except ValueError as e:
+            raise ValueError("logit_bias keys must be token ids") from e
+        for token in [t for t, _ in bias] + list(self.stop_token_ids or []):
+            if not 0 <= token < vocab:
+                raise ValueError(f"token id {token} is outside the vocabulary [0, {vocab})")
         return SamplingParams(
             max_tokens=wanted,
             temperature=self.temperature,
@@ -114,6 +135,10 @@ class GenerationRequest(BaseModel):
             logprobs=self.top_alternatives,
             echo=self.echoed,
             grammar=None if self.response_format is None else self.response_format.grammar(),
+            logit_bias=bias,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            stop_token_ids=tuple(self.stop_token_ids or ()),
         )
 
     @property
@@ -129,6 +154,8 @@ class GenerationRequest(BaseModel):
     def _no_logprobs_stream(self) -> GenerationRequest:
         if self.stream and self.top_alternatives is not None:
             raise ValueError("logprobs are not available with stream: set stream to false")
+        if self.n > 1 and (self.stream or self.session_id is not None):
+            raise ValueError("n > 1 takes neither stream nor session_id")
         return self
 
 

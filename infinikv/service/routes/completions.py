@@ -4,6 +4,7 @@ in a session), answered whole or streamed."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 
@@ -11,6 +12,7 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from infinikv.engine.requests import Turn, TurnResult, submit_turn, unwrap
+from infinikv.engine.sampling import SamplingParams
 from infinikv.engine.tasks import TaskHandle
 from infinikv.service.errors import ApiError
 from infinikv.service.responses import (
@@ -33,25 +35,37 @@ router = APIRouter()
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, who: Caller, state: Server) -> Response:
-    params = body.sampling(state.settings.default_max_tokens, state.settings.max_tokens_limit)
     messages = [m.as_template_message() for m in body.messages]
-    return await answer(state, body, [Turn(params, messages=messages, session_id=body.session_id)], who, CHAT)
+    turns = [Turn(p, messages=messages, session_id=body.session_id) for p in choices(body, state)]
+    return await answer(state, body, turns, who, CHAT)
 
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, who: Caller, state: Server) -> Response:
-    params = body.sampling(state.settings.default_max_tokens, state.settings.max_tokens_limit)
     vocab = state.engine.generator.loaded.config.vocab_size
     turns = []
     for prompt in body.prompts:
-        if isinstance(prompt, str):
-            turns.append(Turn(params, text=prompt, session_id=body.session_id))
-            continue
-        bad = next((t for t in prompt if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ApiError(400, f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
-        turns.append(Turn(params, token_ids=prompt))
+        if not isinstance(prompt, str):
+            bad = next((t for t in prompt if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise ApiError(400, f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
+        for params in choices(body, state):
+            if isinstance(prompt, str):
+                turns.append(Turn(params, text=prompt, session_id=body.session_id))
+            else:
+                turns.append(Turn(params, token_ids=prompt))
     return await answer(state, body, turns, who, TEXT)
+
+
+def choices(body: GenerationRequest, state: ServerState) -> list[SamplingParams]:
+    """The parameters of each of the request's n choices: with a seed, choice i draws with
+    seed + i (reproducible, and not n copies of one draw)."""
+    settings = state.settings
+    vocab = state.engine.generator.loaded.config.vocab_size
+    params = body.sampling(settings.default_max_tokens, settings.max_tokens_limit, vocab)
+    if params.seed is None or body.n == 1:
+        return [params] * body.n
+    return [dataclasses.replace(params, seed=(params.seed + i) % 2**64) for i in range(body.n)]
 
 
 async def answer(
