@@ -65,3 +65,14 @@ def test_a_session_keeps_its_document_and_turns_until_deleted(llm) -> None:
     session.delete()
     with pytest.raises(InfinikvError, match="not found"):
         llm.session(session.id)
+
+
+def test_a_session_on_redis_outlives_the_llm_that_made_it(redis_url) -> None:
+    with LLM(redis_url=redis_url) as first:
+        session = first.session()
+        session.chat("My name is Ada.", max_tokens=8)
+        tokens = session.stats().tokens
+    with LLM(redis_url=redis_url) as second:
+        again = second.session(session.id)
+        assert again.stats().tokens == tokens and again.stats().turns == 1
+        again.delete()
