@@ -31,20 +31,19 @@ def accuracy(default_model, memory: bool, granularity: str = "token") -> float:
 
 
 def test_memory_recalls_what_the_sliding_window_forgets(default_model) -> None:
+    """Token granularity on the PyTorch path (block granularity, the default, runs below on
+    the kernels a CPU uses)."""
     with_memory = accuracy(default_model, memory=True)
-    blocks = accuracy(default_model, memory=True, granularity="block")
     sliding = accuracy(default_model, memory=False)
-    print(
-        f"passkey at {PROMPT_TOKENS} tokens, 512 resident: memory {with_memory:.2f} "
-        f"(block granularity {blocks:.2f}), sliding {sliding:.2f}"
-    )
-    assert min(with_memory, blocks) >= 0.65
-    assert min(with_memory, blocks) - sliding >= 0.5
+    print(f"passkey at {PROMPT_TOKENS} tokens, 512 resident: memory {with_memory:.2f}, sliding {sliding:.2f}")
+    assert with_memory >= 0.65
+    assert with_memory - sliding >= 0.5
 
 
 def test_memory_recalls_through_the_cpu_kernels(cpu_kernels) -> None:
-    """The same recall with the kernels infinikv runs on a CPU: decode steps' resident runs
-    through the C attention, merged with the memory by LSE, and the C projections."""
+    """The same recall with block granularity and the kernels infinikv runs on a CPU: decode
+    steps' resident runs through the C attention, merged with the memory by LSE, and the C
+    projections."""
     blocks = accuracy(cpu_kernels, memory=True, granularity="block")
     print(f"passkey at {PROMPT_TOKENS} tokens, 512 resident, cpu kernels: memory {blocks:.2f}")
     assert blocks >= 0.65

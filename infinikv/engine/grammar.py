@@ -1,6 +1,7 @@
 """Structured output: a grammar masks each step's logits to the tokens that keep the text
 inside it, so the answer always parses. Grammars come from JSON schemas through llguidance
-(Rust, CPU; the token mask in ~0.1 ms, the engine vLLM, SGLang and llama.cpp use)."""
+(a Rust engine with CPU wheels and a Hugging Face tokenizer adapter, also used by vLLM,
+SGLang and llama.cpp)."""
 
 from __future__ import annotations
 
