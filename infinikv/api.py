@@ -25,7 +25,7 @@ from typing import Any
 
 from infinikv.engine.grammar import json_grammar
 from infinikv.engine.jobs import IngestJob
-from infinikv.engine.requests import Turn, TurnResult, run_ingest, stream_turn
+from infinikv.engine.requests import Turn, TurnResult, stream_turn, submit_ingest
 from infinikv.engine.sampling import SamplingParams
 from infinikv.engine.session import SessionStats
 from infinikv.engine.tasks import Failed, Finished, TaskHandle
@@ -138,8 +138,7 @@ class Session:
         engine = self._llm._engine
         engine.call_blocking(lambda e: e.sessions.check_fits(self.id, "", text))
         job = IngestJob(self.id, "", name)
-        engine.jobs.add(job, lambda: None)
-        handle = engine.submit(run_ingest(job, text), TaskHandle(), self.id, "", needs_sequence=True)
+        handle = submit_ingest(engine, job, text, TaskHandle())
         while not isinstance(item := handle.next_blocking(), Finished | Failed):
             pass
         if isinstance(item, Failed):

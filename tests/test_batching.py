@@ -13,6 +13,7 @@ import torch
 from infinikv.engine.batch import Forward, forward_alone, forward_batch
 from infinikv.engine.generator import Generator
 from infinikv.engine.regions import LongContextConfig
+from infinikv.engine.requests import Turn, submit_turn
 from infinikv.engine.sampling import SamplingParams
 from infinikv.engine.scheduler import Engine
 from infinikv.engine.speculative.lookup import LookupDrafter
@@ -110,8 +111,8 @@ def test_batched_sequences_match_their_runs_alone(tiny, long, sampled) -> None:
 
 
 def test_speculative_sequences_join_the_batch_in_company_and_stay_exact(tiny) -> None:
-    """Alone, a sequence with a drafter verifies drafts; beside others it decodes in their
-    batch instead. Greedy output is the same either way."""
+    """Alone (in the engine too), a sequence with a drafter verifies drafts; beside others it
+    decodes in their batch instead. Greedy output is the same either way."""
     gen = generator(tiny, long=True, drafter_factory=LookupDrafter)
     params = SamplingParams(max_tokens=30, ignore_eos=True)
     prompts = [ids(8, seed) * 4 for seed in range(3)]  # repeats, so lookup finds drafts
@@ -121,12 +122,14 @@ def test_speculative_sequences_join_the_batch_in_company_and_stay_exact(tiny) ->
     engine = Engine(gen, InProcessBlockStore(), observer=recorder)
     engine.start()
     try:
+        lone = task_result(submit_turn(engine, Turn(params, token_ids=prompts[0]), TaskHandle()))
         handles = [
             engine.submit(generation_task(p, params), TaskHandle(), needs_sequence=True) for p in prompts
         ]
         got = [task_result(h) for h in handles]
     finally:
         engine.stop()
+    assert lone.token_ids == alone[0].token_ids and lone.speculation and lone.speculation["drafted"] > 0
     assert got == [a.token_ids for a in alone]
     if tiny.model.invariant_rows > 1:
         assert max(recorder.sizes) > 1

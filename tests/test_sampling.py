@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from infinikv.engine.sampling import Sampler, SamplingParams, filter_logits, target_probs
+from infinikv.engine.sampling import Sampler, SamplingParams, filter_logits, steer_, target_probs
 
 
 @pytest.mark.parametrize(
@@ -100,3 +100,15 @@ def test_sampling_follows_the_target_distribution() -> None:
     assert chi2 < 20.5, (counts, expected)
     assert counts[~mask].sum() == 0  # filtered tokens are never drawn
     assert math.isclose(want.sum().item(), 1.0, rel_tol=1e-5)
+
+
+def test_logit_bias_and_penalties_shift_the_logits_they_name() -> None:
+    params = SamplingParams(logit_bias=((3, 5.0), (1, -2.0)), presence_penalty=0.5, frequency_penalty=1.0)
+    assert params.steers and not SamplingParams().steers
+    logits = steer_(torch.zeros(1, 6), params, {3: 2, 4: 1})
+    # token 3: +5 bias, then twice generated: -(2 * 1.0 + 0.5); token 4 once: -(1.0 + 0.5)
+    assert logits.tolist() == [[0.0, -2.0, 0.0, 2.5, -1.5, 0.0]]
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(logit_bias=((1, 101.0),))
+    with pytest.raises(ValueError, match="frequency_penalty"):
+        SamplingParams(frequency_penalty=-3)

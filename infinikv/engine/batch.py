@@ -18,39 +18,41 @@ from typing import Any
 import torch
 
 from infinikv.cache.pages import PagePool
-from infinikv.engine.sequence import Sequence
+from infinikv.engine.sequence import Sequence, feed
 from infinikv.model.llama import ForwardBatch, LlamaModel
 
-# What a Forward's step function is sent back.
-Reply = torch.Tensor | Exception
+# What a Forward's step function is sent back (None: draft instead, see Forward).
+Reply = torch.Tensor | Exception | None
 
 
 @dataclass(frozen=True, eq=False)
 class Forward:
     """One decode token for `seq`: the step function that yields it is sent the logits
-    (1, V) of its forward, or has the forward's error thrown into it."""
+    (1, V) of its forward, or has the forward's error thrown into it. `may_draft`: it can
+    speculate instead; a sequence decoding alone is sent None (no forward ran) and drafts,
+    as a verification of its own costs less than plain steps only when no batch carries it."""
 
     seq: Sequence
     token: int
+    may_draft: bool = False
 
 
 def forward_alone(model: LlamaModel, pool: PagePool, request: Forward) -> torch.Tensor:
     """The request's forward; a failed one leaves its sequence as it was."""
     seq, before = request.seq, len(request.seq)
     try:
-        logits = model(seq.extend_batch([request.token]), pool)
+        return feed(model, pool, seq, [request.token], 1)
     except Exception:
         seq.truncate(before)
         raise
-    seq.evict_overflow()
-    return logits
 
 
 def forward_batch(model: LlamaModel, pool: PagePool, requests: list[Forward]) -> list[Reply]:
     """Each request's logits, or the error that its sequence alone raised. A failed batch is
-    undone and its requests run one by one, so one sequence's error fails only its own."""
+    undone and its requests run one by one, so one sequence's error fails only its own. A
+    lone request that may draft is answered None."""
     if len(requests) == 1:
-        return _each(model, pool, requests)
+        return [None] if requests[0].may_draft else _each(model, pool, requests)
     before = [len(r.seq) for r in requests]
     try:
         logits = model(_merged([r.seq.extend_batch([r.token]) for r in requests]), pool)
@@ -105,8 +107,10 @@ def run_alone(model: LlamaModel, pool: PagePool, steps: Steps[object, Any, Any])
                 item = steps.send(reply)
             except StopIteration:
                 return
-            reply = forward_alone(model, pool, item) if isinstance(item, Forward) else None
-            if not isinstance(item, Forward):
+            if isinstance(item, Forward):
+                reply = None if item.may_draft else forward_alone(model, pool, item)
+            else:
+                reply = None
                 yield item
     finally:
         steps.close()

@@ -41,8 +41,8 @@ class GenerationEvent:
     logprob: TokenLogprob | None = None  # the token's, when the request asks for logprobs
 
 
-# Yielded by Generator.run before each forward of its own (a prefill chunk but the first, a
-# speculative step): no text, no token, not finished; the worker moves to other tasks there.
+# Yielded by Generator.run before each prefill chunk but the first: no text, no token, not
+# finished; the worker moves to other tasks there.
 TICK = GenerationEvent("", None, None)
 
 
@@ -191,10 +191,9 @@ class Generator:
         transcript: Transcript | None = None,
     ) -> Steps[object, Any, None]:
         """Extend `seq` by `prompt`, then generate: a step function (batch.py). A prefill chunk
-        and a speculative step are forwards of its own, each but the first after a TICK; a
-        plain decode token is a `Forward` for the worker's batch. Yields one event per
-        generated token, then a closing event. With a drafter, a step is speculative unless the
-        worker decodes other sequences in batches (then it joins them). Every token is fed to
+        is a forward of its own, each but the first after a TICK; a decode token is a `Forward`
+        for the worker's batch (with a drafter, a speculative step when it decodes alone).
+        Yields one event per generated token, then a closing event. Every token is fed to
         `seq` except the last one sampled (EOS included), which the caller feeds first if the
         sequence continues. Each event is added to `transcript` as it is yielded; with
         `params.echo`, so are the prompt's log-probabilities (None for its first token)."""
@@ -237,7 +236,8 @@ class Generator:
             token = int(sampler(logits)[0])
             if constraint is not None:
                 constraint.accept(token)
-            generated[token] += 1
+            if params.steers:
+                generated[token] += 1
             return token, None if top is None else token_logprobs(raw, [token], top)[0]
 
         decoder = None
@@ -268,12 +268,12 @@ class Generator:
                         seq.truncate(len(seq) - unneeded)
                         yield out.add(GenerationEvent(delta, None, finish, _stats(decoder)))
                         return
-                # The worker answers a TICK with how many other sequences batch their decoding
-                # with ours: in company a row costs far less than a verification of our own.
-                if decoder is not None and not (yield TICK):
+                logits = yield Forward(seq, pending[-1], may_draft=decoder is not None)
+                if logits is None:  # decoding alone: a speculative step of its own
+                    assert decoder is not None
                     pending = decoder.step(seq, pending[-1])
                 else:
-                    token, logprob = pick((yield Forward(seq, pending[-1])))
+                    token, logprob = pick(logits)
                     pending = [token]
         finally:
             if decoder is not None:

@@ -21,11 +21,12 @@ class GrammarError(InfinikvError, ValueError):
 
 def json_grammar(schema: dict[str, Any] | None) -> str:
     """The grammar of JSON text valid under `schema` (None: any JSON object)."""
+    grammar = ""
     try:
         grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema or {"type": "object"}))
         error = llguidance.LLMatcher.validate_grammar(grammar)
     except Exception as e:  # noqa: BLE001 - whatever the compiler refuses is the schema's fault
-        raise GrammarError(f"the JSON schema does not compile to a grammar: {e}") from e
+        error = str(e)
     if error:
         raise GrammarError(f"the JSON schema does not compile to a grammar: {error}")
     return str(grammar)

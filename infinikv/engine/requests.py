@@ -18,6 +18,7 @@ from infinikv.engine.scheduler import Engine
 from infinikv.engine.sequence import ProgressFn, feed
 from infinikv.engine.session import DocumentSpan, Session
 from infinikv.engine.tasks import Failed, Finished, StepFn, Task, TaskHandle
+from infinikv.errors import InfinikvError
 
 
 @dataclass(frozen=True)
@@ -38,12 +39,15 @@ class TurnResult:
     text: str
     finish_reason: str
     prompt_tokens: int
-    completion_tokens: int
+    token_ids: list[int]
     speculation: dict[str, float | int] | None = None  # drafting stats when a drafter ran
-    token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # with params.logprobs
     prompt_ids: list[int] = field(default_factory=list)  # with params.echo
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # with params.echo
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
 
 
 def run_turn(turn: Turn) -> StepFn:
@@ -90,9 +94,8 @@ def run_turn(turn: Turn) -> StepFn:
             out.text,
             out.finish_reason,
             len(prompt),
-            len(out.token_ids),
-            out.speculation,
             out.token_ids,
+            out.speculation,
             out.logprobs,
             prompt if turn.params.echo else [],
             out.prompt_logprobs,
@@ -138,6 +141,21 @@ def _record(engine: Engine, session: Session, turn: Turn, ids: list[int], reply:
         session.save()
     except BaseException:
         engine.sessions.discard(session)
+        raise
+
+
+def submit_ingest(engine: Engine, job: IngestJob, text: str, handle: TaskHandle) -> TaskHandle:
+    """Record the job (before it can run, so its final record is never overwritten by
+    queued), then queue it behind interactive work; a refused submission ends it as failed.
+    Blocks on the store: call it off an event loop."""
+    engine.jobs.add(job, handle.cancel)
+    try:
+        return engine.submit(
+            run_ingest(job, text), handle, job.session_id, job.owner, needs_sequence=True, background=True
+        )
+    except InfinikvError as e:  # a full queue, a stopping server: the job ends here
+        job.status, job.error, job.finished = "failed", str(e), time.time()
+        engine.jobs.record(job)
         raise
 
 

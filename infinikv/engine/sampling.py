@@ -58,10 +58,12 @@ class SamplingParams:
 def steer_(logits: torch.Tensor, params: SamplingParams, counts: dict[int, int]) -> torch.Tensor:
     """Add logit_bias and subtract the penalties of the tokens generated so far (`counts`),
     in place on logits (1, V)."""
-    for token, bias in params.logit_bias:
-        logits[0, token] += bias
-    for token, count in counts.items():
-        logits[0, token] -= count * params.frequency_penalty + params.presence_penalty
+    if params.logit_bias:
+        tokens, bias = zip(*params.logit_bias, strict=True)
+        logits[0, list(tokens)] += torch.tensor(bias, dtype=logits.dtype, device=logits.device)
+    if counts:
+        seen = torch.tensor(list(counts.values()), dtype=logits.dtype, device=logits.device)
+        logits[0, list(counts)] -= seen * params.frequency_penalty + params.presence_penalty
     return logits
 
 

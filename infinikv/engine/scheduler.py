@@ -32,7 +32,6 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from collections.abc import Generator as Steps
-from inspect import GEN_SUSPENDED, getgeneratorstate
 from typing import Any
 
 from infinikv.engine.batch import Forward, forward_batch
@@ -170,11 +169,9 @@ class Engine:
     def _round(self) -> None:
         """Every running task one step: forwards of their own (prefill chunks, speculative
         steps, ingestion chunks) up to `step_tokens` tokens, taking turns across rounds, then
-        the decode tokens of all in batched forwards. A background task steps only when no
-        interactive one runs or when its last step ended BACKGROUND_EVERY ago."""
-        # A TICK's answer: the other interactive sequences, which decode in batches with it.
-        batching = min(self.max_batch, self.generator.model.invariant_rows) > 1
-        company = sum(not t.background for t in self._running) - 1 if batching else 0
+        the decode tokens of all in batched forwards (a lone one that may draft, drafts). A
+        background task steps only when no interactive one runs or when its last step ended
+        BACKGROUND_EVERY ago."""
         due = time.monotonic() - self._background_at >= BACKGROUND_EVERY
         due = due or all(t.background for t in self._running)
         spent = 0
@@ -187,12 +184,6 @@ class Engine:
                 spent += self.generator.chunk_size
                 self._running.remove(task)  # the next round starts with another one
                 self._running.append(task)
-                if (
-                    task.reply is None
-                    and task.steps is not None
-                    and getgeneratorstate(task.steps) == GEN_SUSPENDED
-                ):
-                    task.reply = company
             self._advance(task)
             if task.background:  # its share is counted from the end of its step
                 self._background_at = time.monotonic()
@@ -373,7 +364,8 @@ class Engine:
             requests = [t.forward for t in group]
             replies = forward_batch(self.generator.model, self.generator.pool, requests)  # type: ignore[arg-type]
             for task, reply in zip(group, replies, strict=True):
-                task.forward, task.reply = None, reply
+                # None: it drafts instead, a forward of its own next round
+                task.forward, task.reply, task.own_forward = None, reply, reply is None
             self._observe(group, time.perf_counter() - t0)
 
     def _end(self, task: Task, outcome: object) -> None:
@@ -401,11 +393,6 @@ class Engine:
                 retrieval += state.memory.search_seconds - task.search_seen
                 task.search_seen = state.memory.search_seconds
         self.observer.step(seconds, retrieval, len(tasks))
-
-
-def _started(task: Task) -> bool:
-    """The task's step function has run to a yield (it may be sent a value)."""
-    return task.steps is not None and getgeneratorstate(task.steps) == GEN_SUSPENDED
 
 
 def _call(fn: Callable[[Engine], Any]) -> StepFn:

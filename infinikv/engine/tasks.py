@@ -96,7 +96,7 @@ class Task:
     steps: Steps[object, None, Any] | None = None
     search_seen: float = 0.0
     forward: Forward | None = None  # its decode token, waiting for the round's batch
-    reply: Reply | None = None  # what its step function is sent next (logits, or an error)
+    reply: Reply = None  # what its step function is sent next (logits, an error, or None)
     own_forward: bool = True  # its next step runs a forward of its own (a chunk, a verification)
     uses_slot: bool = field(default=False, init=False)  # a stateless sequence of its own
     lease: Lease | None = field(default=None, init=False)  # its session's, while it runs

@@ -82,8 +82,8 @@ def completion(
             logprobs = chat_logprobs(result, decode) if reply.shape.chat else text_logprobs(result, decode)
         choice = reply.shape.choice(i, echo + result.text, logprobs)
         choices.append({**choice, "finish_reason": result.finish_reason})
-    speculation = [r.speculation for r in results if r.speculation is not None]
-    extra = {"speculation": speculation[0]} if len(results) == 1 and speculation else {}
+    drafted = results[0].speculation if len(results) == 1 else None
+    extra = {} if drafted is None else {"speculation": drafted}
     return {**extra, **reply.header(reply.shape.object), "choices": choices, "usage": usage(results)}
 
 

@@ -30,6 +30,13 @@ def _encodable(text: str) -> str:
 Text = Annotated[str, AfterValidator(_encodable)]
 
 
+def check_token_ids(tokens: list[int], vocab: int) -> None:
+    """Refuse (ValueError: a 400) a token id the model has no embedding for."""
+    bad = next((t for t in tokens if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab})")
+
+
 class TextPart(BaseModel):
     type: Literal["text"]
     text: Text
@@ -123,9 +130,7 @@ class GenerationRequest(BaseModel):
             bias = tuple((int(token), value) for token, value in (self.logit_bias or {}).items())
         except ValueError as e:
             raise ValueError("logit_bias keys must be token ids") from e
-        for token in [t for t, _ in bias] + list(self.stop_token_ids or []):
-            if not 0 <= token < vocab:
-                raise ValueError(f"token id {token} is outside the vocabulary [0, {vocab})")
+        check_token_ids([t for t, _ in bias] + list(self.stop_token_ids or []), vocab)
         return SamplingParams(
             max_tokens=wanted,
             temperature=self.temperature,
@@ -189,7 +194,7 @@ class CompletionRequest(GenerationRequest):
     @field_validator("prompt")
     @classmethod
     def _prompts(cls, v: str | list[str] | list[int] | list[list[int]]) -> str | list:
-        prompts = [v] if isinstance(v, str) or (v and isinstance(v[0], int)) else v
+        prompts = _prompt_list(v)
         if not prompts or len(prompts) > MAX_PROMPTS:
             raise ValueError(f"prompt takes 1 to {MAX_PROMPTS} prompts")
         if any(not p for p in prompts):
@@ -207,8 +212,7 @@ class CompletionRequest(GenerationRequest):
     @property
     def prompts(self) -> list[str | list[int]]:
         """Each prompt: a text or its token ids."""
-        v = self.prompt
-        return [v] if isinstance(v, str) or isinstance(v[0], int) else list(v)  # type: ignore[list-item]
+        return _prompt_list(self.prompt)
 
     @property
     def top_alternatives(self) -> int | None:
@@ -217,6 +221,11 @@ class CompletionRequest(GenerationRequest):
     @property
     def echoed(self) -> bool:
         return self.echo
+
+
+def _prompt_list(v: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    """One prompt (a text, token ids) or a list of them, as a list."""
+    return [v] if isinstance(v, str) or (v and isinstance(v[0], int)) else list(v)  # type: ignore[list-item]
 
 
 class DocumentText(BaseModel):

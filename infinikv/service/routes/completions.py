@@ -27,7 +27,12 @@ from infinikv.service.responses import (
     first_event,
     sse,
 )
-from infinikv.service.schemas import ChatCompletionRequest, CompletionRequest, GenerationRequest
+from infinikv.service.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerationRequest,
+    check_token_ids,
+)
 from infinikv.service.state import Caller, Server, ServerState
 
 router = APIRouter()
@@ -43,17 +48,14 @@ async def chat_completions(body: ChatCompletionRequest, who: Caller, state: Serv
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, who: Caller, state: Server) -> Response:
     vocab = state.engine.generator.loaded.config.vocab_size
+    each = choices(body, state)
     turns = []
     for prompt in body.prompts:
-        if not isinstance(prompt, str):
-            bad = next((t for t in prompt if not 0 <= t < vocab), None)
-            if bad is not None:
-                raise ApiError(400, f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
-        for params in choices(body, state):
-            if isinstance(prompt, str):
-                turns.append(Turn(params, text=prompt, session_id=body.session_id))
-            else:
-                turns.append(Turn(params, token_ids=prompt))
+        if isinstance(prompt, str):
+            turns += [Turn(params, text=prompt, session_id=body.session_id) for params in each]
+        else:
+            check_token_ids(prompt, vocab)
+            turns += [Turn(params, token_ids=prompt) for params in each]
     return await answer(state, body, turns, who, TEXT)
 
 
@@ -97,7 +99,12 @@ async def answer(
         return StreamingResponse(
             chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
-    collected = await asyncio.gather(*(collect(events(h)) for h in handles))
+    try:
+        collected = await asyncio.gather(*(collect(events(h)) for h in handles))
+    except BaseException:  # one choice failed: the others stop too
+        for handle in handles:
+            handle.cancel()
+        raise
     for result, first_token in collected:
         account(state.metrics, result, reply.arrived, first_token)
     echoes = [_echo(turn, state) for turn in turns] if body.echoed else None

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import time
 from pathlib import PurePath
 from typing import Annotated, Any
 
@@ -13,10 +12,9 @@ from fastapi import APIRouter, Path, Request
 from pydantic import ValidationError
 
 from infinikv.engine.jobs import IngestJob
-from infinikv.engine.requests import run_ingest
+from infinikv.engine.requests import submit_ingest
 from infinikv.engine.session import SessionStats
 from infinikv.engine.tasks import Failed, Finished, TaskHandle
-from infinikv.errors import InfinikvError
 from infinikv.service.errors import ApiError
 from infinikv.service.metrics import Metrics
 from infinikv.service.routes.jobs import job_body
@@ -83,14 +81,7 @@ async def add_document(
     await engine.call(lambda e: e.sessions.check_fits(session_id, who, text))
     job = IngestJob(session_id, who, name)
     handle = TaskHandle(asyncio.get_running_loop())
-    # Recorded before the job can run, so its final record is never overwritten by "queued".
-    await asyncio.to_thread(engine.jobs.add, job, handle.cancel)
-    try:
-        engine.submit(run_ingest(job, text), handle, session_id, who, needs_sequence=True, background=True)
-    except InfinikvError as e:  # a full queue, a stopping server: the job ends here
-        job.status, job.error, job.finished = "failed", str(e), time.time()
-        await asyncio.to_thread(engine.jobs.record, job)
-        raise
+    await asyncio.to_thread(submit_ingest, engine, job, text, handle)
     asyncio.get_running_loop().create_task(_count_ingested(handle, job, state.metrics))
     return job_body(job)
 

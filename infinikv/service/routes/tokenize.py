@@ -8,8 +8,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends
 
-from infinikv.service.errors import ApiError
-from infinikv.service.schemas import DetokenizeRequest, TokenizeRequest
+from infinikv.service.schemas import DetokenizeRequest, TokenizeRequest, check_token_ids
 from infinikv.service.state import Server, caller
 
 router = APIRouter()
@@ -28,9 +27,6 @@ async def tokenize(body: TokenizeRequest, state: Server) -> dict[str, Any]:
 
 @router.post("/detokenize", dependencies=[Depends(caller)])
 async def detokenize(body: DetokenizeRequest, state: Server) -> dict[str, Any]:
-    tokenizer = state.engine.generator.tokenizer
-    vocab = len(tokenizer)
-    bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
-    if bad is not None:
-        raise ApiError(400, f"token id {bad} is outside the vocabulary [0, {vocab})")
-    return {"prompt": await asyncio.to_thread(tokenizer.decode, body.tokens)}
+    gen = state.engine.generator
+    check_token_ids(body.tokens, gen.loaded.config.vocab_size)
+    return {"prompt": await asyncio.to_thread(gen.tokenizer.decode, body.tokens)}
