@@ -8,7 +8,7 @@
             print(piece, end="", flush=True)
         print(llm.chat([{"role": "user", "content": "Hello!"}]).text)
         session = llm.session()                 # a long-lived sequence with its own memory
-        session.add_document(open("book.txt").read(), name="book.txt")
+        session.add_file("book.epub")           # .txt .md .html .epub .pdf
         print(session.complete("Question: who wrote the letter? Answer:").text)
         session.delete()
 
@@ -20,9 +20,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from infinikv.documents import Document, read_path
 from infinikv.engine.grammar import json_grammar
 from infinikv.engine.jobs import IngestJob
 from infinikv.engine.requests import Turn, TurnResult, stream_turn, submit_ingest
@@ -135,10 +137,18 @@ class Session:
 
     def add_document(self, text: str, name: str = "document.txt") -> int:
         """Prefill `text` into the session and commit it; returns its tokens."""
+        return self._ingest(Document(name, text))
+
+    def add_file(self, path: str | Path) -> int:
+        """Read a .txt, .md, .html, .epub or .pdf file (chapters and pages kept, as the
+        session's stats show) and ingest it as `add_document` does."""
+        return self._ingest(read_path(path))
+
+    def _ingest(self, document: Document) -> int:
         engine = self._llm._engine
-        engine.call_blocking(lambda e: e.sessions.check_fits(self.id, "", text))
-        job = IngestJob(self.id, "", name)
-        handle = submit_ingest(engine, job, text, TaskHandle())
+        engine.call_blocking(lambda e: e.sessions.check_fits(self.id, "", document.text))
+        job = IngestJob(self.id, "", document.name)
+        handle = submit_ingest(engine, job, document, TaskHandle())
         while not isinstance(item := handle.next_blocking(), Finished | Failed):
             pass
         if isinstance(item, Failed):

@@ -11,11 +11,12 @@ from typing import NoReturn
 from pydantic import ValidationError
 
 from infinikv.attention.backends import BACKENDS
+from infinikv.documents import read_path
 from infinikv.engine.requests import Turn, TurnResult, stream_turn
 from infinikv.engine.sampling import SamplingParams
 from infinikv.engine.scheduler import Engine
 from infinikv.engine.sequence import ProgressFn
-from infinikv.errors import InfinikvError
+from infinikv.errors import DocumentError, InfinikvError
 from infinikv.memory.index import INDEX_KINDS
 from infinikv.model.linear import QUANTIZATIONS
 from infinikv.service.settings import Settings
@@ -142,7 +143,9 @@ def _build_parser() -> ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", parents=[common, sampling], help="complete one prompt")
     gen.add_argument("prompt", help="the prompt text (the question, with --file)")
-    gen.add_argument("--file", help="a text file read before the prompt (a document, a book)")
+    gen.add_argument(
+        "--file", help="a document read before the prompt (.txt, .md, .html, .epub, .pdf: a book, a manual)"
+    )
     gen.add_argument(
         "--chat-template", action="store_true", help="wrap the prompt as one user turn of the chat template"
     )
@@ -238,13 +241,10 @@ def _prompt_text(args: argparse.Namespace) -> str:
     if not args.file:
         return str(args.prompt)
     try:
-        with open(args.file, encoding="utf-8") as f:
-            document = f.read()
-    except (OSError, UnicodeDecodeError) as e:
+        document = read_path(args.file)
+    except (OSError, DocumentError) as e:
         raise InfinikvError(f"cannot read --file {args.file}: {e}") from e
-    if not document.strip():
-        raise InfinikvError(f"--file {args.file} is empty")
-    return document + "\n\n" + args.prompt
+    return document.text + "\n\n" + args.prompt
 
 
 def _generate(engine: Engine, text: str, args: argparse.Namespace, params: SamplingParams) -> None:

@@ -43,3 +43,11 @@ class SessionBusyError(InfinikvError):
 
 class LeaseLostError(InfinikvError):
     """Another process took the session's lease: this process's write was refused."""
+
+
+class DocumentError(InfinikvError):
+    """An uploaded document is corrupt, empty, encrypted or in a format that is not read."""
+
+
+class UnsupportedDocumentError(DocumentError):
+    """An uploaded document's file type is not one that is read."""

@@ -10,6 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from infinikv import LLM, InfinikvError
+from infinikv.documents import read_path
+
+from .books import epub_book, genesis, pdf_book
 
 pytestmark = pytest.mark.slow
 
@@ -65,6 +68,29 @@ def test_a_session_keeps_its_document_and_turns_until_deleted(llm) -> None:
     session.delete()
     with pytest.raises(InfinikvError, match="not found"):
         llm.session(session.id)
+
+
+def test_a_session_reads_an_epub_and_a_pdf_with_their_chapters_and_pages(llm, tmp_path) -> None:
+    chapters = genesis(3)
+    (tmp_path / "genesis.epub").write_bytes(epub_book(chapters))
+    (tmp_path / "genesis.pdf").write_bytes(pdf_book(chapters))
+    session = llm.session()
+    for name in ("genesis.epub", "genesis.pdf"):
+        document = read_path(tmp_path / name)
+        session.add_file(tmp_path / name)
+        span = session.stats().documents[-1]
+        assert span.name == name and [s.title for s in span.sections] == [s.title for s in document.sections]
+        history = llm._engine.call_blocking(lambda e: list(e.sessions.get(session.id, "").seq.tokens))
+        tokenizer = llm._engine.generator.tokenizer
+        for section in span.sections:  # each section's tokens are exactly its characters
+            assert span.start <= section.start < section.end <= span.end
+            text = tokenizer.decode(history[section.start : section.end])
+            assert text.strip() == document.text[section.char_start : section.char_end].strip()
+    answer = session.complete(
+        "\n\nQuestion: What did God call the light?\nAnswer: God called the light", max_tokens=8
+    )
+    assert "Day" in answer.text, answer.text  # Genesis 1:5
+    session.delete()
 
 
 def test_a_session_on_redis_outlives_the_llm_that_made_it(redis_url) -> None:

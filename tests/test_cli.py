@@ -70,7 +70,7 @@ def test_empty_file_is_refused(tmp_path, capsys) -> None:
     book.write_text("  \n\n")
     assert run_cli(["generate", "Who is the narrator?", "--file", str(book)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"infinikv: error: --file {book} is empty"]
+    assert err == [f"infinikv: error: cannot read --file {book}: book.txt holds no text"]
 
 
 def test_model_directory_without_config(tmp_path, capsys) -> None:

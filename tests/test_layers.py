@@ -11,6 +11,7 @@ import infinikv
 # Bottom to top; a package may import its own modules and those of the packages before it.
 LAYERS = [
     "errors",
+    "documents",  # uploaded files read into text with their chapters and pages
     "core",  # config, rotary maths, partial attention, reference Self-Extend maths
     "cache",  # the paged KV cache
     "kernels",  # C and Triton kernels, each beside its plain-PyTorch reference

@@ -16,6 +16,7 @@ import torch
 from infinikv.engine.session import session_prefix
 from infinikv.evaluation.passkey import QUESTION, found, passkey_document
 
+from .books import epub_book, genesis, pdf_book
 from .server_process import infinikv_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
@@ -58,12 +59,23 @@ def new_session(base: str, key: str = KEY_A) -> str:
 
 
 def ingest(base: str, session: str, text: str, key: str = KEY_A, as_file: bool = True) -> dict:
-    """Upload a document and wait (bounded) for its ingestion job to finish."""
-    url = f"{base}/v1/sessions/{session}/documents"
+    """Upload a document (a .txt file, or JSON text) and wait (bounded) for its ingestion job."""
     if as_file:
-        r = requests.post(url, headers=auth(key), files={"file": ("book.txt", text.encode())}, timeout=30)
-    else:
-        r = requests.post(url, headers=auth(key), json={"text": text, "name": "notes"}, timeout=30)
+        return ingest_file(base, session, "book.txt", text.encode(), key)
+    url = f"{base}/v1/sessions/{session}/documents"
+    return finished_job(
+        base, requests.post(url, headers=auth(key), json={"text": text, "name": "notes"}, timeout=30), key
+    )
+
+
+def ingest_file(base: str, session: str, name: str, data: bytes, key: str = KEY_A) -> dict:
+    url = f"{base}/v1/sessions/{session}/documents"
+    return finished_job(
+        base, requests.post(url, headers=auth(key), files={"file": (name, data)}, timeout=30), key
+    )
+
+
+def finished_job(base: str, r: requests.Response, key: str) -> dict:
     assert r.status_code == 202, r.text
     job = r.json()
     for _ in range(600):
@@ -192,6 +204,32 @@ def test_sessions_belong_to_their_key_and_delete_really_deletes(server, redis_ur
     assert deleted.get("deleted") and deleted["store_keys_deleted"] > 3, deleted
     assert list(r_client.scan_iter(match=pattern)) == []
     assert requests.get(f"{server}/v1/sessions/{session}", headers=auth(), timeout=30).status_code == 404
+
+
+def test_epub_and_pdf_uploads_keep_their_structure_and_bad_files_change_nothing(server) -> None:
+    session = new_session(server)
+    chapters = genesis(2)
+    pdf = pdf_book(chapters)
+    ingest_file(server, session, "genesis.epub", epub_book(chapters))
+    ingest_file(server, session, "genesis.pdf", pdf)
+    stats = requests.get(f"{server}/v1/sessions/{session}", headers=auth(), timeout=30).json()
+    epub_doc, pdf_doc = stats["documents"]
+    assert [s["title"] for s in epub_doc["sections"]] == ["Chapter 1", "Chapter 2"]
+    assert [s["kind"] for s in pdf_doc["sections"]] == ["page"] * len(pdf_doc["sections"]) != []
+    for doc in (epub_doc, pdf_doc):
+        ends = [doc["start"], *(t for s in doc["sections"] for t in (s["start"], s["end"])), doc["end"]]
+        assert ends == sorted(ends) and doc["sections"][0]["char_start"] == 0
+    bad = [
+        ("genesis.pdf", pdf[: len(pdf) // 2], 400, "genesis.pdf is not a readable PDF"),
+        ("secret.pdf", pdf_book(chapters[:1], password="s3cret"), 400, "secret.pdf is encrypted"),
+        ("report.docx", b"PK\x03\x04", 415, "report.docx: unsupported file type"),
+    ]
+    for name, data, status, message in bad:
+        url = f"{server}/v1/sessions/{session}/documents"
+        r = requests.post(url, headers=auth(), files={"file": (name, data)}, timeout=30)
+        assert r.status_code == status and message in r.json()["error"]["message"], r.text
+    after = requests.get(f"{server}/v1/sessions/{session}", headers=auth(), timeout=30).json()
+    assert after["tokens"] == stats["tokens"] and after["documents"] == stats["documents"]
 
 
 def test_a_book_ingested_into_a_session_is_answered_from_memory(server, tokenizer) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from infinikv.documents import Document
 from infinikv.engine.generator import Generator
 from infinikv.engine.jobs import IngestJob
 from infinikv.engine.requests import Turn, run_ingest, run_turn
@@ -79,7 +80,7 @@ def ask(e: Engine, sid: str, text: str) -> object:
 
 
 def ingest(e: Engine, sid: str, text: str) -> object:
-    return outcome(e, run_ingest(IngestJob(sid, "", "doc"), text), sid, background=True)
+    return outcome(e, run_ingest(IngestJob(sid, "", "doc"), Document("doc", text)), sid, background=True)
 
 
 def history(e: Engine, text: str) -> str:

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from infinikv.documents import Document
 from infinikv.engine.generator import GenerationEvent, Transcript
 from infinikv.engine.jobs import INTERRUPTED, IngestJob
 from infinikv.engine.logprobs import TokenLogprob
@@ -144,14 +145,14 @@ def _record(engine: Engine, session: Session, turn: Turn, ids: list[int], reply:
         raise
 
 
-def submit_ingest(engine: Engine, job: IngestJob, text: str, handle: TaskHandle) -> TaskHandle:
+def submit_ingest(engine: Engine, job: IngestJob, document: Document, handle: TaskHandle) -> TaskHandle:
     """Record the job (before it can run, so its final record is never overwritten by
     queued), then queue it behind interactive work; a refused submission ends it as failed.
     Blocks on the store: call it off an event loop."""
     engine.jobs.add(job, handle.cancel)
     try:
         return engine.submit(
-            run_ingest(job, text), handle, job.session_id, job.owner, needs_sequence=True, background=True
+            run_ingest(job, document), handle, job.session_id, job.owner, needs_sequence=True, background=True
         )
     except InfinikvError as e:  # a full queue, a stopping server: the job ends here
         job.status, job.error, job.finished = "failed", str(e), time.time()
@@ -159,8 +160,8 @@ def submit_ingest(engine: Engine, job: IngestJob, text: str, handle: TaskHandle)
         raise
 
 
-def run_ingest(job: IngestJob, text: str) -> StepFn:
-    """Prefill `text` into the job's session, one chunk per step, then commit the session
+def run_ingest(job: IngestJob, document: Document) -> StepFn:
+    """Prefill `document`'s text into the job's session, one chunk per step, then commit the session
     with the document. Until that commit the document is not part of it: a job that fails,
     is cancelled or is interrupted leaves the session as it was."""
 
@@ -170,7 +171,7 @@ def run_ingest(job: IngestJob, text: str) -> StepFn:
         assert session.seq is not None, "the scheduler loads a session before its task runs"
         seq = task.seq = session.seq
         try:
-            ids = session.completion_prompt(gen, text)
+            ids, sections = session.document_prompt(gen, document)
             gen.check_fits(len(seq), ids)
             start = len(seq)
             job.status, job.total_tokens = "running", len(ids)
@@ -180,7 +181,7 @@ def run_ingest(job: IngestJob, text: str) -> StepFn:
                 job.done_tokens = min(len(ids), i + gen.chunk_size)
                 yield None
             session.pending = []
-            session.documents.append(DocumentSpan(job.document_id, job.name, start, len(seq)))
+            session.documents.append(DocumentSpan(job.document_id, job.name, start, len(seq), sections))
             session.save(index_snapshot=True)
             job.status = "succeeded"
         except GeneratorExit:

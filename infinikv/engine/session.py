@@ -9,12 +9,14 @@ It can leave the page pool when idle (`park`) and come back after a restart of t
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from infinikv.documents import Document
 from infinikv.engine.generator import Generator
 from infinikv.engine.leases import FencedStore
 from infinikv.engine.sequence import Sequence
@@ -44,6 +46,19 @@ def session_id_of(record: str) -> str | None:
 
 
 @dataclass
+class SectionSpan:
+    """A chapter or page of an ingested document: characters [char_start, char_end) of the
+    document's text, tokens [start, end) of the session's history."""
+
+    kind: str
+    title: str
+    char_start: int
+    char_end: int
+    start: int
+    end: int
+
+
+@dataclass
 class DocumentSpan:
     """Where an ingested document sits in the session's token history."""
 
@@ -51,6 +66,12 @@ class DocumentSpan:
     name: str
     start: int
     end: int
+    sections: list[SectionSpan] = field(default_factory=list)
+
+    @classmethod
+    def from_record(cls, data: dict[str, Any]) -> DocumentSpan:
+        sections = [SectionSpan(**s) for s in data.get("sections", [])]  # absent in older records
+        return cls(str(data["id"]), str(data["name"]), int(data["start"]), int(data["end"]), sections)
 
 
 @dataclass(frozen=True)
@@ -111,6 +132,29 @@ class Session:
         ids = generator.tokenizer(text, add_special_tokens=self.tokens == 0)["input_ids"]
         return [*self.pending, *ids]
 
+    def document_prompt(
+        self, generator: Generator, document: Document
+    ) -> tuple[list[int], list[SectionSpan]]:
+        """`completion_prompt` of a document's text, and where its sections' tokens will sit
+        in the history (a token belongs to the section its first character is in)."""
+        encoded = generator.tokenizer(
+            document.text, add_special_tokens=self.tokens == 0, return_offsets_mapping=True
+        )
+        base = self.tokens  # where the document's first token will sit, after the pending one
+        firsts = [start for start, end in encoded["offset_mapping"]]
+        spans = [
+            SectionSpan(
+                s.kind,
+                s.title,
+                s.start,
+                s.end,
+                base + bisect.bisect_left(firsts, s.start),
+                base + bisect.bisect_left(firsts, s.end),
+            )
+            for s in document.sections
+        ]
+        return [*self.pending, *encoded["input_ids"]], spans
+
     def after_chat(
         self, generator: Generator, new_messages: list[dict[str, str]], ids: list[int], reply: str
     ) -> None:
@@ -133,7 +177,7 @@ class Session:
                 "pending": self.pending,
                 "messages": self.messages,
                 "chat_text": self.chat_text,
-                "documents": [vars(d) for d in self.documents],
+                "documents": [asdict(d) for d in self.documents],
                 "tokens": self.tokens,
             }
         ).encode()
@@ -150,7 +194,7 @@ class Session:
                 pending=[int(t) for t in data["pending"]],
                 messages=[{"role": str(m["role"]), "content": str(m["content"])} for m in data["messages"]],
                 chat_text=str(data["chat_text"]),
-                documents=[DocumentSpan(**d) for d in data["documents"]],
+                documents=[DocumentSpan.from_record(d) for d in data["documents"]],
                 generation=generation,
             )
             made.saved_tokens = int(data["tokens"]) - len(made.pending)

@@ -17,6 +17,7 @@ from infinikv.errors import (
     LeaseLostError,
     SessionBusyError,
     SessionNotFoundError,
+    UnsupportedDocumentError,
 )
 from infinikv.memory.index import CorruptSnapshotError
 from infinikv.memory.store import StoreUnavailableError
@@ -52,6 +53,8 @@ def as_api_error(e: BaseException) -> ApiError:
         return ApiError(409, str(e), code="session_busy", retry_after=e.retry_after)
     if isinstance(e, LeaseLostError):
         return ApiError(409, str(e), code="session_taken_over", retry_after=1)
+    if isinstance(e, UnsupportedDocumentError):
+        return ApiError(415, str(e), code="unsupported_document")
     if isinstance(e, CapacityError):
         return ApiError(413, str(e), code="context_length_exceeded")
     if isinstance(e, EngineOverloadedError):

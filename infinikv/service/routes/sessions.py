@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from pathlib import PurePath
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Request
 from pydantic import ValidationError
 
+from infinikv.documents import Document, read_document
 from infinikv.engine.jobs import IngestJob
 from infinikv.engine.requests import submit_ingest
 from infinikv.engine.session import SessionStats
@@ -24,7 +24,6 @@ from infinikv.service.state import Caller, Server
 router = APIRouter()
 
 SessionId = Annotated[str, Path(pattern=SESSION_ID, max_length=64)]
-DOCUMENT_SUFFIXES = (".txt", ".md", ".markdown", ".text")
 _DOCUMENT_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
@@ -75,43 +74,36 @@ async def add_document(
     who: Caller,
     state: Server,
 ) -> dict[str, Any]:
-    name, text = await document(request)
+    doc = await document(request)
     engine = state.engine
     # An unknown session is a 404 and a document too long for it a 413 now, not in the job.
-    await engine.call(lambda e: e.sessions.check_fits(session_id, who, text))
-    job = IngestJob(session_id, who, name)
+    await engine.call(lambda e: e.sessions.check_fits(session_id, who, doc.text))
+    job = IngestJob(session_id, who, doc.name)
     handle = TaskHandle(asyncio.get_running_loop())
-    await asyncio.to_thread(submit_ingest, engine, job, text, handle)
+    await asyncio.to_thread(submit_ingest, engine, job, doc, handle)
     asyncio.get_running_loop().create_task(_count_ingested(handle, job, state.metrics))
     return job_body(job)
 
 
-async def document(request: Request) -> tuple[str, str]:
-    """(name, text) of an uploaded .txt/.md file (multipart field `file`) or a JSON body."""
+async def document(request: Request) -> Document:
+    """An uploaded file (multipart field `file`: text, Markdown, HTML, EPUB or PDF, read by its
+    suffix) or a JSON body's text."""
     ctype = request.headers.get("content-type", "")
     if ctype.startswith("multipart/form-data"):
         form = await request.form()
         upload = form.get("file")
         if upload is None or isinstance(upload, str):
             raise ApiError(400, "multipart body needs a file field named 'file'")
-        name = upload.filename or "document.txt"
-        if PurePath(name).suffix.lower() not in DOCUMENT_SUFFIXES:
-            raise ApiError(415, f"{name}: only {', '.join(DOCUMENT_SUFFIXES)} files are accepted")
         raw = await upload.read()
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ApiError(400, f"{name} is not UTF-8 text: {e}") from e
-        if not text.strip():
-            raise ApiError(400, f"{name} is empty")
-        return name, text
+        # Parsing a book's PDF takes seconds: off the event loop, which serves other requests.
+        return await asyncio.to_thread(read_document, upload.filename or "document.txt", raw)
     if ctype.startswith("application/json"):
         try:
             doc = DocumentText.model_validate_json(await request.body())
         except ValidationError as e:
             first = e.errors()[0]
             raise ApiError(400, f"{'.'.join(map(str, first['loc'])) or 'body'}: {first['msg']}") from e
-        return doc.name, doc.text
+        return Document(doc.name, doc.text)
     raise ApiError(415, "send application/json {'text', 'name'} or multipart/form-data with a 'file'")
 
 
