@@ -17,6 +17,7 @@ The parts measured replace theirs in benchmarks/results/service.json; the others
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -42,11 +43,13 @@ MESSAGES = [{"role": "user", "content": "Write a short story about a lighthouse 
 MAX_TOKENS = 32
 
 
-def one_stream(c: openai.OpenAI) -> tuple[float, float, int]:
-    """(time to first token, total seconds, tokens) of one streaming chat request."""
+def one_stream(c: openai.OpenAI) -> tuple[float, float, int, list[float]]:
+    """(time to first token, total seconds, tokens, the gaps between content chunks) of one
+    streaming chat request."""
     t0 = time.perf_counter()
     first = None
     tokens = 0
+    arrivals: list[float] = []
     stream = c.chat.completions.create(
         model=MODEL,
         messages=MESSAGES,
@@ -56,16 +59,22 @@ def one_stream(c: openai.OpenAI) -> tuple[float, float, int]:
         stream_options={"include_usage": True},
     )
     for chunk in stream:
-        if first is None and chunk.choices and chunk.choices[0].delta.content:
-            first = time.perf_counter()
+        if chunk.choices and chunk.choices[0].delta.content:
+            arrivals.append(time.perf_counter())
+            first = first or arrivals[0]
         if chunk.usage is not None:
             tokens = chunk.usage.completion_tokens
     end = time.perf_counter()
-    return (first or end) - t0, end - t0, tokens
+    return (first or end) - t0, end - t0, tokens, [b - a for a, b in itertools.pairwise(arrivals)]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else float("nan")
 
 
 def concurrency(base: str, clients: int, per_client: int) -> dict:
-    results: list[tuple[float, float, int]] = []
+    results: list[tuple[float, float, int, list[float]]] = []
     lock = threading.Lock()
 
     def worker() -> None:
@@ -82,13 +91,16 @@ def concurrency(base: str, clients: int, per_client: int) -> dict:
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - t0
-    ttft = sorted(r[0] for r in results)
+    ttft = [r[0] for r in results]
+    gaps = [gap for r in results for gap in r[3]]  # a chunk may carry several tokens (stop strings)
     return {
         "clients": clients,
         "requests": len(results),
         "requests_per_s": len(results) / elapsed,
         "ttft_p50_s": statistics.median(ttft),
-        "ttft_p95_s": ttft[min(len(ttft) - 1, round(0.95 * (len(ttft) - 1)))],
+        "ttft_p95_s": percentile(ttft, 0.95),
+        "inter_token_p50_s": percentile(gaps, 0.5),
+        "inter_token_p95_s": percentile(gaps, 0.95),
         "generated_tokens_per_s": sum(r[2] for r in results) / elapsed,
     }
 
@@ -203,16 +215,21 @@ def main() -> None:
                 results["interference"] = interference(base, FILLER * (6000 // 22))
     out.write_text(json.dumps(results, indent=2))
 
-    header = "clients | req/s unbatched / batched | ratio | TTFT p50 unbatched / batched | gen tok/s batched"
+    header = (
+        "clients | req/s unbatched / batched | ratio | TTFT p50 unbatched / batched | "
+        "inter-token p50 / p95 batched | gen tok/s batched"
+    )
     print(f"\n| {header} | vs in-process ({MAX_TOKENS} tokens) |")
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     pairs = zip(results.get("concurrency_unbatched", []), results.get("concurrency_batched", []), strict=True)
     for u, b in pairs:
         ratio = b["generated_tokens_per_s"] / results["in_process"]["generated_tokens_per_s"]
         print(
             f"| {b['clients']} | {u['requests_per_s']:.2f} / {b['requests_per_s']:.2f} | "
             f"{b['requests_per_s'] / u['requests_per_s']:.2f}x | {u['ttft_p50_s'] * 1000:.0f} / "
-            f"{b['ttft_p50_s'] * 1000:.0f} ms | {b['generated_tokens_per_s']:.1f} | {ratio:.2f}x |"
+            f"{b['ttft_p50_s'] * 1000:.0f} ms | {b.get('inter_token_p50_s', float('nan')) * 1000:.0f} / "
+            f"{b.get('inter_token_p95_s', float('nan')) * 1000:.0f} ms | {b['generated_tokens_per_s']:.1f} | "
+            f"{ratio:.2f}x |"
         )
     if "interference" in results:
         r = results["interference"]

@@ -210,7 +210,12 @@ def test_epub_and_pdf_uploads_keep_their_structure_and_bad_files_change_nothing(
     session = new_session(server)
     chapters = genesis(2)
     pdf = pdf_book(chapters)
-    ingest_file(server, session, "genesis.epub", epub_book(chapters))
+    job = ingest_file(server, session, "genesis.epub", epub_book(chapters))
+    assert (
+        job["tokens_per_second"] > 0
+        and job["eta_seconds"] is None
+        and job["done_tokens"] == job["total_tokens"]
+    )
     ingest_file(server, session, "genesis.pdf", pdf)
     stats = requests.get(f"{server}/v1/sessions/{session}", headers=auth(), timeout=30).json()
     epub_doc, pdf_doc = stats["documents"]

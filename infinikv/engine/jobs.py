@@ -46,7 +46,23 @@ class IngestJob:
     done_tokens: int = 0
     error: str | None = None
     created: float = field(default_factory=time.time)
+    started: float | None = None  # when its prefill began (absent from older records)
     finished: float | None = None
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        """Prefill speed so far (to the end, once finished); None before the first chunk."""
+        if self.started is None or not self.done_tokens:
+            return None
+        return self.done_tokens / max((self.finished or time.time()) - self.started, 1e-6)
+
+    @property
+    def eta_seconds(self) -> float | None:
+        """Time left at the speed so far, while it runs."""
+        rate = self.tokens_per_second
+        if self.status != "running" or rate is None:
+            return None
+        return (self.total_tokens - self.done_tokens) / rate
 
 
 class JobRegistry:

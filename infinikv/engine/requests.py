@@ -174,7 +174,7 @@ def run_ingest(job: IngestJob, document: Document) -> StepFn:
             ids, sections = session.document_prompt(gen, document)
             gen.check_fits(len(seq), ids)
             start = len(seq)
-            job.status, job.total_tokens = "running", len(ids)
+            job.status, job.total_tokens, job.started = "running", len(ids), time.time()
             engine.jobs.record(job)
             for i in range(0, len(ids), gen.chunk_size):
                 feed(gen.model, gen.pool, seq, ids[i : i + gen.chunk_size], gen.chunk_size)

@@ -28,10 +28,16 @@ def job_body(job: IngestJob) -> dict[str, Any]:
         "total_tokens": job.total_tokens,
         "done_tokens": job.done_tokens,
         "progress": job.done_tokens / job.total_tokens if job.total_tokens else 0.0,
+        "tokens_per_second": _rounded(job.tokens_per_second),
+        "eta_seconds": _rounded(job.eta_seconds),
         "error": job.error,
         "created": int(job.created),
         "finished": int(job.finished) if job.finished else None,
     }
+
+
+def _rounded(x: float | None) -> float | None:
+    return None if x is None else round(x, 1)
 
 
 async def find_job(state: ServerState, job_id: str, who: str) -> IngestJob:
