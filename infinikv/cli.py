@@ -105,6 +105,11 @@ def _build_parser() -> ArgumentParser:
     )
     lc.add_argument("--memory-distance", type=_positive_int, help="relative position memory is read at")
     lc.add_argument(
+        "--memory-span",
+        type=_positive_int,
+        help="memory keys keep their order within spans of this many tokens",
+    )
+    lc.add_argument(
         "--memory-token-top-k",
         type=_count,
         help="memory tokens each query head of the answering positions reads (block granularity; 0: blocks)",

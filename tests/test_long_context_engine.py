@@ -116,6 +116,7 @@ def test_memory_changes_the_output_once_blocks_are_evicted(model) -> None:
         ({"resident": 20, "window": 12}, "R >= S + W + 2B"),
         ({"resident": 600, "window": 16, "group": 1}, "Self-Extend cannot cover"),
         ({"distance": 300}, "inside the trained range"),
+        ({"distance": 200, "span": 64}, "within the trained length 256"),
         ({"index": "lsh"}, "is not one of"),
         ({"sketch_every": 0}, "sketch_every=0 must be >= 1"),
     ],
@@ -154,6 +155,40 @@ def test_block_and_token_granularity_agree_when_covering_all_memory(model) -> No
     everything = dict(granularity="block", top_k=10_000, max_blocks=10_000, token_top_k=10_000)
     tokens_of_blocks, _, _ = run(model, config(**everything), ids, chunk=6)
     torch.testing.assert_close(tokens_of_blocks, token_mode, atol=1e-4, rtol=1e-4)
+
+
+def test_a_span_reads_each_key_at_its_own_distance_in_its_span(model) -> None:
+    """Oracle: plain RoPE. The key at position j, searched with R(D) q, has the logit the
+    rotated query at position p and key at p - (D + span - 1 - j % span) have."""
+    from infinikv.core.rope import RotaryEmbedding, rotate
+    from infinikv.core.self_extend import at_memory_distance
+    from infinikv.memory.evicted import EvictedMemory, MemorySpec
+
+    L, H, d, span, D = 2, 2, 8, 12, 40
+    memory = EvictedMemory(MemorySpec(L, H, d, PAGE, granularity="block", span=span, rope=model.cfg.rope))
+    k = torch.randn(L, 3, PAGE, H, d, generator=torch.Generator().manual_seed(0))
+    stored = memory.placed([2, 3, 4], k)[0].flatten(0, 1)  # (12, H, d): what add_blocks keeps
+    rope, q, p = RotaryEmbedding(model.cfg.rope, d), torch.randn(1, H, d), 500
+    for row in range(3 * PAGE):
+        j = 2 * PAGE + row
+        distance = D + span - 1 - j % span
+        want = (
+            rotate(q, rope.at(torch.tensor([p])))
+            * rotate(k[0, row // PAGE, row % PAGE][None], rope.at(torch.tensor([p - distance])))
+        ).sum(-1)
+        got = (at_memory_distance(q, rope, D) * stored[row]).sum(-1)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_a_span_changes_memory_attention_alike_in_every_granularity(model) -> None:
+    ids = tokens(120, seed=6)
+    everything = dict(top_k=10_000, max_blocks=10_000, span=16)
+    token_mode, seq, _ = run(model, config(granularity="token", **everything), ids, chunk=6)
+    block_mode, _, _ = run(model, config(granularity="block", token_top_k=10_000, **everything), ids, chunk=6)
+    at_d, _, _ = run(model, config(granularity="token", top_k=10_000), ids, chunk=6)
+    assert seq.table.evicted_blocks > 5
+    torch.testing.assert_close(block_mode, token_mode, atol=1e-4, rtol=1e-4)
+    assert (token_mode[-10:] - at_d[-10:]).abs().max() > 1e-3
 
 
 def test_retrieve_blocks_returns_the_blocks_of_the_best_hits() -> None:

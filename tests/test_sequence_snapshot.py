@@ -32,8 +32,10 @@ CFG = LongContextConfig.derive(256, PAGE, resident=32, sinks=8, window=12, group
 
 @pytest.mark.parametrize("granularity", ["token", "block"])
 @pytest.mark.parametrize("snapshots", ["every save", "first save only"])
-def test_restored_sequence_continues_bit_identically(model, snapshots, granularity) -> None:
-    cfg = replace(CFG, granularity=granularity, max_blocks=3)
+# (the span keys were placed with, the restoring server's): a memory keeps its own span.
+@pytest.mark.parametrize("spans", [(1, 1), (16, 16), (16, 1)])
+def test_restored_sequence_continues_bit_identically(model, snapshots, granularity, spans) -> None:
+    cfg = replace(CFG, granularity=granularity, max_blocks=3, span=spans[0])
     store = InProcessBlockStore()
     pool = nan_pool(model, max_tokens=200, page_size=PAGE, long_context=cfg)
     seq = Sequence(pool, cfg, model.cfg, store, "s:1:")
@@ -45,7 +47,9 @@ def test_restored_sequence_continues_bit_identically(model, snapshots, granulari
 
     other_pool = nan_pool(model, max_tokens=200, page_size=PAGE, long_context=cfg)
     other_pool.allocate(3)  # different page ids than the original
-    back = Sequence.restore(model, other_pool, cfg, store, "s:1:")
+    back = Sequence.restore(model, other_pool, replace(cfg, span=spans[1]), store, "s:1:")
+    assert back.long_state is not None and back.long_state.memory is not None
+    assert back.long_state.memory.spec.span == spans[0]
     assert back.tokens == seq.tokens and back.table.blocks == seq.table.blocks
     assert back.table.page_list().sinks == 8  # restored keys are re-rotated for the moved sinks
     assert back.long_state is not None and back.long_state.memory is not None

@@ -56,6 +56,9 @@ class LongContextConfig:
     # Block granularity: > 0: the answering positions' query heads each attend to their own
     # top tokens by the key sketch (LongContextState.token_top_k); derive() sets 256.
     token_top_k: int = 0
+    # Memory keys keep their order within spans of this many tokens (MemorySpec.span); 1:
+    # every key at D.
+    span: int = 1
     # A sequence keeps every token resident until it is longer than this, then its oldest
     # blocks leave down to R at once. 0: they leave as soon as R is full.
     evict_after: int = 0
@@ -156,6 +159,11 @@ class LongContextConfig:
                 0 < self.distance < L,
                 f"memory distance D={self.distance} must lie inside the trained range (0, {L})",
             ),
+            (
+                self.span >= 1 and self.distance + self.span <= L,
+                f"memory span {self.span} must be >= 1 and keep D + span = {self.distance + self.span} "
+                f"within the trained length {L}",
+            ),
             (self.index in INDEX_KINDS, f"index {self.index!r} is not one of {', '.join(INDEX_KINDS)}"),
             (
                 self.granularity in ("token", "block"),
@@ -216,6 +224,8 @@ class LongContextConfig:
                     sketch_channels=self.sketch_channels,
                     sketch_every=self.sketch_every,
                     ram_budget=self.ram_budget(model),
+                    span=self.span,
+                    rope=model.rope,
                 ),
                 store=store,
                 prefix=prefix,

@@ -222,6 +222,7 @@ class Sequence:
                 device=self.pool.k.device,
                 sketch_every=config.sketch_every,
                 ram_budget=config.ram_budget(model.cfg),
+                rope=model.cfg.rope,
             )
             if state.memory.tokens != evicted * B:
                 raise ValueError(f"memory holds {state.memory.tokens} tokens, {evicted * B} were evicted")

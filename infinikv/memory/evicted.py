@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from infinikv.core.config import RopeConfig
+from infinikv.core.rope import RotaryEmbedding, rotate
 from infinikv.errors import MemoryFullError
 from infinikv.memory.budget import RamBudget, memory_capacity, search_bytes
 from infinikv.memory.cache import BlockCache, block_bytes
@@ -57,6 +59,16 @@ class MemorySpec:
     sketch_every: int = 1  # positions per full ranking over the key sketch (FavouriteSets)
     ram_blocks: int | None = None
     ram_budget: RamBudget | None = None
+    # Keys keep their order within spans of this many tokens: the key at position j is read
+    # at the memory distance D plus span - 1 - j % span (1: every key at D). Needs `rope`.
+    span: int = 1
+    rope: RopeConfig | None = None
+
+
+def _rope_of(spec: MemorySpec) -> RopeConfig:
+    if spec.rope is None:
+        raise ValueError(f"a memory span of {spec.span} needs the model's RoPE config")
+    return spec.rope
 
 
 class EvictedMemory:
@@ -88,6 +100,7 @@ class EvictedMemory:
             spec.ram_budget,
         )
         self.spec = spec
+        self.rotary = None if spec.span == 1 else RotaryEmbedding(_rope_of(spec), head_dim)
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity {granularity!r} is not one of {', '.join(GRANULARITIES)}")
         self.granularity = granularity
@@ -165,7 +178,7 @@ class EvictedMemory:
         self.make_room(self.tokens + len(blocks) * B)
         if self.first_block is None:
             self.first_block = start
-        kv = torch.stack([k, v]).to("cpu", self.dtype)  # (2, L, nb, B, Hkv, d)
+        kv = torch.stack([self.placed(blocks, k), v]).to("cpu", self.dtype)  # (2, L, nb, B, Hkv, d)
         if self.store is not None:
             payloads = blocks_to_bytes(kv)
             self.store.put_many({block_key(self.prefix, b): p for b, p in zip(blocks, payloads, strict=True)})
@@ -174,6 +187,16 @@ class EvictedMemory:
             self.sketch.append(kv[0])
         self.cache.put(blocks, kv)
         self.tokens += len(blocks) * B
+
+    def placed(self, blocks: list[int], k: torch.Tensor) -> torch.Tensor:
+        """Keys k (L, nb, B, Hkv, d) of `blocks` as the memory keeps them: rotated back by
+        their offset in the span, so that read at distance D each sits D + offset away."""
+        if self.rotary is None:
+            return k
+        span, B = self.spec.span, self.page_size
+        tokens = torch.tensor(blocks)[:, None] * B + torch.arange(B)  # (nb, B) positions
+        back = self.rotary.at((span - 1 - tokens % span).flatten()).conj()
+        return rotate(k, back.reshape(len(blocks), B, -1).to(k.device))
 
     def index_blocks(self, blocks: list[int], k: torch.Tensor) -> None:
         """Add the keys (or block summaries) of `blocks` to the index; k (L, nb, B, Hkv, d)."""

@@ -9,6 +9,7 @@ import json
 
 import torch
 
+from infinikv.core.config import RopeConfig
 from infinikv.memory.budget import RamBudget
 from infinikv.memory.evicted import LOAD_BATCH, EvictedMemory, MemorySpec
 from infinikv.memory.favourites import Favourites
@@ -36,6 +37,7 @@ def records(memory: EvictedMemory, index: bool = True) -> dict[str, bytes]:
         "dtype": str(memory.dtype).removeprefix("torch."),
         "index_kind": memory.index.kind,
         "granularity": memory.granularity,
+        "span": memory.spec.span,
         "first_block": memory.first_block,
         "blocks": blocks,
         "snapshot_blocks": memory.snapshot_blocks,
@@ -65,6 +67,7 @@ def load(
     device: torch.device | str = "cpu",
     sketch_every: int = 1,
     ram_budget: RamBudget | None = None,
+    rope: RopeConfig | None = None,
 ) -> EvictedMemory:
     """Rebuild a saved memory from the store: the index snapshot plus the blocks evicted
     after it. Every block is read once (in batches) to check it; the most recent stay in
@@ -90,6 +93,9 @@ def load(
             sketch_every=sketch_every,
             ram_blocks=ram_blocks,
             ram_budget=ram_budget,
+            # The span its keys were placed with (absent before spans: 1), kept for later blocks.
+            span=int(meta.get("span", 1)),
+            rope=rope,
         )
         made = EvictedMemory(spec, store, prefix, device)
         total, indexed = int(meta["blocks"]), int(meta["snapshot_blocks"])

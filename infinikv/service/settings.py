@@ -55,6 +55,9 @@ class Settings(BaseSettings):
         None, ge=1, description="host RAM for evicted blocks and their search structures"
     )
     memory_distance: int | None = Field(None, ge=1)
+    memory_span: int | None = Field(
+        None, ge=1, description="memory keys keep their order within spans of this many"
+    )
     index: Literal["flat", "ivf", "hnsw"] = "flat"
     granularity: Literal["token", "block"] = "block"
     memory_token_top_k: int | None = Field(None, ge=0, description="memory tokens per answering query head")
@@ -124,6 +127,7 @@ class Settings(BaseSettings):
             sketch_every=self.sketch_every,
             ram_budget_mb=self.ram_budget_mb,
             distance=self.memory_distance,
+            span=self.memory_span,
             index=self.index,
             granularity=self.granularity,
             token_top_k=self.memory_token_top_k,
