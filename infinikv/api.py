@@ -19,18 +19,17 @@ sampling parameter)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from infinikv.documents import Document, read_path
+from infinikv.engine.citations import Citation
 from infinikv.engine.grammar import json_grammar
-from infinikv.engine.jobs import IngestJob
-from infinikv.engine.requests import Turn, TurnResult, stream_turn, submit_ingest
+from infinikv.engine.requests import Turn, TurnResult, ingest_blocking, stream_turn
 from infinikv.engine.sampling import SamplingParams
 from infinikv.engine.session import SessionStats
-from infinikv.engine.tasks import Failed, Finished, TaskHandle
 from infinikv.service.runtime import build_engine
 from infinikv.service.settings import Settings
 
@@ -43,6 +42,7 @@ class Completion:
     finish_reason: str  # "stop" (EOS or a stop string) | "length"
     prompt_tokens: int
     completion_tokens: int
+    citations: list[Citation] = field(default_factory=list)  # with citations=True
 
 
 class LLM:
@@ -145,15 +145,7 @@ class Session:
         return self._ingest(read_path(path))
 
     def _ingest(self, document: Document) -> int:
-        engine = self._llm._engine
-        engine.call_blocking(lambda e: e.sessions.check_fits(self.id, "", document.text))
-        job = IngestJob(self.id, "", document.name)
-        handle = submit_ingest(engine, job, document, TaskHandle())
-        while not isinstance(item := handle.next_blocking(), Finished | Failed):
-            pass
-        if isinstance(item, Failed):
-            raise item.error
-        return job.total_tokens
+        return ingest_blocking(self._llm._engine, self.id, document)
 
     def stats(self) -> SessionStats:
         return self._llm._engine.call_blocking(
@@ -166,4 +158,6 @@ class Session:
 
 
 def _completion(result: TurnResult) -> Completion:
-    return Completion(result.text, result.finish_reason, result.prompt_tokens, result.completion_tokens)
+    return Completion(
+        result.text, result.finish_reason, result.prompt_tokens, result.completion_tokens, result.citations
+    )

@@ -11,8 +11,8 @@ from typing import NoReturn
 from pydantic import ValidationError
 
 from infinikv.attention.backends import BACKENDS
-from infinikv.documents import read_path
-from infinikv.engine.requests import Turn, TurnResult, stream_turn
+from infinikv.documents import Document, read_path
+from infinikv.engine.requests import Turn, TurnResult, ingest_blocking, stream_turn
 from infinikv.engine.sampling import SamplingParams
 from infinikv.engine.scheduler import Engine
 from infinikv.engine.sequence import ProgressFn
@@ -154,6 +154,11 @@ def _build_parser() -> ArgumentParser:
     gen.add_argument(
         "--chat-template", action="store_true", help="wrap the prompt as one user turn of the chat template"
     )
+    gen.add_argument(
+        "--citations",
+        action="store_true",
+        help="after the answer, the passages of the input it attended to most",
+    )
     sub.add_parser("chat", parents=[common, sampling], help="interactive chat (/reset, /exit)")
     srv = sub.add_parser("serve", parents=[common], help="OpenAI-compatible HTTP server")
     srv.add_argument("--host", help="address to listen on (default: 127.0.0.1)")
@@ -199,6 +204,7 @@ def _sampling(args: argparse.Namespace) -> SamplingParams:
         top_k=args.top_k,
         seed=args.seed,
         stop=tuple(args.stop),
+        citations=getattr(args, "citations", False),
     )
 
 
@@ -236,28 +242,48 @@ def _stream(engine: Engine, turn: Turn) -> str:
             end="",
         )
     sys.stdout.write("\n")
+    for i, c in enumerate(item.citations, 1):
+        where = (
+            f"{c.name}{'' if c.section is None else ', ' + c.section}, characters {c.char_start}-{c.char_end}"
+        )
+        sys.stdout.write(f"[{i}] {where} ({c.share:.1%} of the attention): {' '.join(c.text.split())}\n")
     return item.text
 
 
-def _prompt_text(args: argparse.Namespace) -> str:
-    """The prompt, after the --file's text when one is given (read before the model loads)."""
+def _read_file(args: argparse.Namespace) -> Document | None:
+    """The --file's document, read before the model loads (a bad file fails fast)."""
     if not args.prompt.strip():
         raise InfinikvError("empty prompt")
     if not args.file:
-        return str(args.prompt)
+        return None
     try:
-        document = read_path(args.file)
+        return read_path(args.file)
     except (OSError, DocumentError) as e:
         raise InfinikvError(f"cannot read --file {args.file}: {e}") from e
-    return document.text + "\n\n" + args.prompt
 
 
-def _generate(engine: Engine, text: str, args: argparse.Namespace, params: SamplingParams) -> None:
-    if args.chat_template:
-        turn = Turn(params, messages=[{"role": "user", "content": text}], progress=_progress_bar())
-    else:
-        turn = Turn(params, text=text, progress=_progress_bar())
-    _stream(engine, turn)
+def _generate(
+    engine: Engine, document: Document | None, args: argparse.Namespace, params: SamplingParams
+) -> None:
+    """One prompt; with a --file, a session of its own holds the document (chapters and
+    pages kept, for citations) and the prompt follows it."""
+    session_id = None
+    text = args.prompt
+    if document is not None:
+        session_id = engine.call_blocking(lambda e: e.sessions.create("").id)
+        text = "\n\n" + args.prompt
+    try:
+        if document is not None:
+            ingest_blocking(engine, session_id, document, _progress_bar())
+        if args.chat_template:
+            message = {"role": "user", "content": args.prompt}
+            turn = Turn(params, messages=[message], session_id=session_id, progress=_progress_bar())
+        else:
+            turn = Turn(params, text=text, session_id=session_id, progress=_progress_bar())
+        _stream(engine, turn)
+    finally:
+        if session_id is not None:
+            _delete_session(engine, session_id)
 
 
 def _chat(engine: Engine, params: SamplingParams) -> None:
@@ -297,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             serve(settings)
             return 0
-        text = _prompt_text(args) if args.command == "generate" else ""
+        document = _read_file(args) if args.command == "generate" else None
         params = _sampling(args)
         from infinikv.service.runtime import build_engine
 
@@ -305,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         engine.start()
         try:
             if args.command == "generate":
-                _generate(engine, text, args, params)
+                _generate(engine, document, args, params)
             else:
                 _chat(engine, params)
         finally:

@@ -72,8 +72,10 @@ def test_a_session_keeps_its_document_and_turns_until_deleted(llm) -> None:
 
 def test_a_session_reads_an_epub_and_a_pdf_with_their_chapters_and_pages(llm, tmp_path) -> None:
     chapters = genesis(3)
+    fact = "The keeper of the north light is named Tobias Marlowe."
+    planted = [chapters[0], [*chapters[1][:10], fact, *chapters[1][10:]], chapters[2]]
     (tmp_path / "genesis.epub").write_bytes(epub_book(chapters))
-    (tmp_path / "genesis.pdf").write_bytes(pdf_book(chapters))
+    (tmp_path / "genesis.pdf").write_bytes(pdf_book(planted))
     session = llm.session()
     for name in ("genesis.epub", "genesis.pdf"):
         document = read_path(tmp_path / name)
@@ -86,10 +88,12 @@ def test_a_session_reads_an_epub_and_a_pdf_with_their_chapters_and_pages(llm, tm
             assert span.start <= section.start < section.end <= span.end
             text = tokenizer.decode(history[section.start : section.end])
             assert text.strip() == document.text[section.char_start : section.char_end].strip()
-    answer = session.complete(
-        "\n\nQuestion: What did God call the light?\nAnswer: God called the light", max_tokens=8
-    )
-    assert "Day" in answer.text, answer.text  # Genesis 1:5
+    question = "\n\nQuestion: What is the name of the keeper of the north light?\nAnswer: The keeper"
+    question += " of the north light is named"
+    answer = session.complete(question, max_tokens=8, citations=True)
+    assert "Tobias Marlowe" in answer.text, answer.text
+    top = answer.citations[0]  # the passage it copied from
+    assert fact in top.text and top.name == "genesis.pdf" and top.section.startswith("page: page "), top
     session.delete()
 
 

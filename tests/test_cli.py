@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -103,3 +104,31 @@ def test_chat_end_to_end_subprocess() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("Paris") >= 2, out.stdout
+
+
+@pytest.mark.slow
+def test_generate_cites_the_passage_of_the_file_it_read(tmp_path) -> None:
+    """An HTML page (the Debian Reference's first chapter) with a planted line, read by --file."""
+    page = Path("/usr/share/debian-reference/ch01.en.html")
+    if not page.exists():
+        pytest.skip("needs debian-reference-en")
+    fact = "The password of the backup server is plum-orchard-42."
+    html = page.read_text(encoding="utf-8").replace("<h3", f"<p>{fact}</p><h3", 3)
+    (tmp_path / "ch01.html").write_text(html[: len(html) // 8], encoding="utf-8")
+    argv = [
+        sys.executable,
+        "-m",
+        "infinikv.cli",
+        "generate",
+        "--file",
+        str(tmp_path / "ch01.html"),
+        "--citations",
+    ]
+    prompt = (
+        "Question: What is the password of the backup server?\nAnswer: The password of the backup server is"
+    )
+    out = subprocess.run([*argv, prompt, "--max-tokens", "8"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    answer, cited = out.stdout.split("\n[1] ", 1)
+    assert "plum-orchard-42" in answer and fact in cited.splitlines()[0], out.stdout
+    assert cited.startswith("ch01.html, chapter: ")  # the file's name and the section it sits in

@@ -14,6 +14,7 @@ import requests
 import torch
 
 from infinikv.engine.session import session_prefix
+from infinikv.evaluation.haystack import haystack_text
 from infinikv.evaluation.passkey import QUESTION, found, passkey_document
 
 from .books import epub_book, genesis, pdf_book
@@ -250,6 +251,36 @@ def test_a_book_ingested_into_a_session_is_answered_from_memory(server, tokenize
         assert stats["memory_tokens"] > 2000 and stats["resident_tokens"] <= 512
         hits += found(key, ask_passkey(server, session))
     assert hits >= len(depths) - 1  # greedy and deterministic here; one miss of margin elsewhere
+
+
+def test_answers_cite_the_passage_they_read_from_memory(server) -> None:
+    """A fact planted in ~3300 tokens of the King James Bible, 512 of them resident: the
+    answer's top citation is the passage holding it, at its exact characters, streamed too."""
+    lines = haystack_text("bible").splitlines()[1000:1100]
+    fact = "The secret number of the keeper Tobias Marlowe is 4010943."
+    question = (
+        "\n\nQuestion: What is the secret number of the keeper Tobias Marlowe?\nAnswer: The secret number is"
+    )
+    c = client(server)
+    for depth in (0.2, 0.8):
+        at = int(len(lines) * depth)
+        text = "\n".join([*lines[:at], fact, *lines[at:]])
+        session = new_session(server)
+        ingest(server, session, text, as_file=False)
+        asked = dict(model="SmolLM2-135M-Instruct", prompt=question, max_tokens=8, temperature=0)
+        extra = {"session_id": session, "citations": True}
+        out = c.completions.create(**asked, extra_body=extra)
+        top = out.choices[0].model_extra["citations"][0]
+        assert "4010943" in out.choices[0].text and fact in top["text"], (out.choices[0].text, top)
+        assert text[top["char_start"] : top["char_end"]] == top["text"] and top["name"] == "notes"
+        assert 0 < top["share"] < 1
+    again = new_session(server)  # the last turn again, streamed: citations in the last chunk
+    ingest(server, again, text, as_file=False)
+    chunks = list(c.completions.create(**asked, stream=True, extra_body={**extra, "session_id": again}))
+    streamed = chunks[-1].choices[0].model_extra["citations"][0]
+    assert {**streamed, "document_id": None} == {**top, "document_id": None}
+    plain = c.completions.create(model="SmolLM2-135M-Instruct", prompt="Hello there", max_tokens=4)
+    assert "citations" not in plain.choices[0].model_extra
 
 
 def test_concurrent_clients_do_not_leak_across_sessions(server, tokenizer) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from infinikv.attention.tally import AttentionTally
 from infinikv.engine.batch import Forward, run_alone
 from infinikv.engine.detokenize import TextStream
 from infinikv.engine.grammar import TokenGrammar
@@ -56,6 +57,7 @@ class Transcript:
     speculation: dict[str, float | int] | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)  # the tokens', when asked for
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # echo: None first
+    tally: AttentionTally | None = None  # where the answer attended, when citations are asked for
 
     def add(self, event: GenerationEvent) -> GenerationEvent:
         self.pieces.append(event.text)
@@ -208,10 +210,14 @@ class Generator:
         echo = params.echo and top is not None
         if echo:
             out.prompt_logprobs.append(None)
+        if params.citations and seq.long_state is None:
+            raise InfinikvError("citations need long-context attention (they are off with --no-long-context)")
         for start in range(0, len(prompt), self.chunk_size):
             if start:
                 yield TICK
             chunk = prompt[start : start + self.chunk_size]
+            if params.citations and start + len(chunk) == len(prompt):  # its last row picks the first token
+                seq.tally = out.tally = AttentionTally()
             logits = feed(self.model, self.pool, seq, chunk, self.chunk_size, all_logits=echo)
             if echo:  # row i predicts prompt token start + i + 1
                 targets = prompt[start + 1 : start + len(chunk) + 1]
@@ -241,8 +247,9 @@ class Generator:
             return token, None if top is None else token_logprobs(raw, [token], top)[0]
 
         decoder = None
-        if self.drafter_factory is not None and top is None and constraint is None and not params.steers:
-            # (these need every position's logits, one at a time)
+        # Logprobs, grammars, steering and citations need every position's logits, one at a time.
+        one_at_a_time = top is not None or constraint is not None or params.steers or params.citations
+        if self.drafter_factory is not None and not one_at_a_time:
             decoder = SpeculativeDecoder(self.model, self.drafter_factory(), sampler, params, self.max_draft)
         # Sampled, not yet emitted: all but the last are already fed (accepted drafts).
         token, logprob = pick(logits)
@@ -276,6 +283,7 @@ class Generator:
                     token, logprob = pick(logits)
                     pending = [token]
         finally:
+            seq.tally = None
             if decoder is not None:
                 decoder.release()
 

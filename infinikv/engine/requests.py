@@ -10,13 +10,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from infinikv.attention.tally import AttentionTally
 from infinikv.documents import Document
-from infinikv.engine.generator import GenerationEvent, Transcript
+from infinikv.engine.citations import Citation, cite
+from infinikv.engine.generator import GenerationEvent, Generator, Transcript
 from infinikv.engine.jobs import INTERRUPTED, IngestJob
 from infinikv.engine.logprobs import TokenLogprob
 from infinikv.engine.sampling import SamplingParams
 from infinikv.engine.scheduler import Engine
-from infinikv.engine.sequence import ProgressFn, feed
+from infinikv.engine.sequence import ProgressFn, Sequence, feed
 from infinikv.engine.session import DocumentSpan, Session
 from infinikv.engine.tasks import Failed, Finished, StepFn, Task, TaskHandle
 from infinikv.errors import InfinikvError
@@ -45,6 +47,7 @@ class TurnResult:
     logprobs: list[TokenLogprob] = field(default_factory=list)  # with params.logprobs
     prompt_ids: list[int] = field(default_factory=list)  # with params.echo
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # with params.echo
+    citations: list[Citation] = field(default_factory=list)  # with params.citations
 
     @property
     def completion_tokens(self) -> int:
@@ -77,10 +80,13 @@ def run_turn(turn: Turn) -> StepFn:
         task.seq = seq
         before = len(seq)
         out = Transcript()
+        cited: list[Citation] = []
         ended = False  # finished, or cancelled by its client: either way the turn counts
         try:
             yield from gen.run(seq, prompt, turn.params, turn.progress, out)
             ended = True
+            if out.tally is not None:
+                cited = cite_turn(gen, out.tally, session, seq, prompt)
         except GeneratorExit:
             ended = not engine.stopping
             raise
@@ -100,9 +106,22 @@ def run_turn(turn: Turn) -> StepFn:
             out.logprobs,
             prompt if turn.params.echo else [],
             out.prompt_logprobs,
+            cited,
         )
 
     return run
+
+
+def cite_turn(
+    gen: Generator, tally: AttentionTally, session: Session | None, seq: Sequence, prompt: list[int]
+) -> list[Citation]:
+    """A session's answer cites its documents; a stateless one its prompt. The sink tokens
+    are never cited: every head gives them a share whatever it looks for."""
+    shares = tally.shares()
+    shares[: 0 if gen.long_context is None else gen.long_context.sinks] = 0
+    if session is not None:
+        return cite(shares, seq.tokens, session.documents, gen.tokenizer)
+    return cite(shares, prompt, [DocumentSpan("", "prompt", 0, len(prompt))], gen.tokenizer)
 
 
 def submit_turn(engine: Engine, turn: Turn, handle: TaskHandle, owner: str = "") -> TaskHandle:
@@ -160,6 +179,22 @@ def submit_ingest(engine: Engine, job: IngestJob, document: Document, handle: Ta
         raise
 
 
+def ingest_blocking(
+    engine: Engine, session_id: str, document: Document, progress: ProgressFn | None = None
+) -> int:
+    """Ingest `document` into the session of no owner, waiting for the job (a thread that may
+    block: the CLI, the Python API); returns its tokens."""
+    engine.call_blocking(lambda e: e.sessions.check_fits(session_id, "", document.text))
+    job = IngestJob(session_id, "", document.name)
+    handle = submit_ingest(engine, job, document, TaskHandle())
+    while not isinstance(item := handle.next_blocking(), Finished | Failed):
+        if progress is not None and job.total_tokens:
+            progress(job.done_tokens, job.total_tokens)
+    if isinstance(item, Failed):
+        raise item.error
+    return job.total_tokens
+
+
 def run_ingest(job: IngestJob, document: Document) -> StepFn:
     """Prefill `document`'s text into the job's session, one chunk per step, then commit the session
     with the document. Until that commit the document is not part of it: a job that fails,
@@ -173,7 +208,7 @@ def run_ingest(job: IngestJob, document: Document) -> StepFn:
         try:
             ids, sections = session.document_prompt(gen, document)
             gen.check_fits(len(seq), ids)
-            start = len(seq)
+            start = session.tokens  # the document's first token (after the pending one)
             job.status, job.total_tokens, job.started = "running", len(ids), time.time()
             engine.jobs.record(job)
             for i in range(0, len(ids), gen.chunk_size):

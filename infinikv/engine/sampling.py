@@ -25,6 +25,7 @@ class SamplingParams:
     presence_penalty: float = 0.0  # subtracted from a token's logit once it was generated
     frequency_penalty: float = 0.0  # subtracted per time it was generated
     stop_token_ids: tuple[int, ...] = ()  # end the output (not shown), even with ignore_eos
+    citations: bool = False  # record where the answer attends (engine/citations.py)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:

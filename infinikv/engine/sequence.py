@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 
 from infinikv.attention.memory_reads import LongContextState
+from infinikv.attention.tally import AttentionTally
 from infinikv.cache.pages import BlockTable, PagePool
 from infinikv.core.config import ModelConfig
 from infinikv.engine.regions import LongContextConfig
@@ -57,6 +58,9 @@ class Sequence:
             self.long_state = long_context.new_state(model, pool.page_size, store, prefix, pool.k.device)
 
         self.saved_blocks = 0  # blocks [0, saved_blocks) are full and written to the store
+        # Set while a request that asks for citations reads logits: forwards record where
+        # their last row attends.
+        self.tally: AttentionTally | None = None
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -71,7 +75,9 @@ class Sequence:
             tokens=torch.tensor(tokens, dtype=torch.long, device=device),
             positions=torch.arange(start, start + n, device=device),
             slots=slots,
-            seqs=(SequenceSlice(0, n, self.table.page_list(), self.table.resident, self.long_state),),
+            seqs=(
+                SequenceSlice(0, n, self.table.page_list(), self.table.resident, self.long_state, self.tally),
+            ),
             logits_rows=None if all_logits else torch.tensor([n - 1], device=device),
         )
 

@@ -17,6 +17,7 @@ from torch import nn
 from infinikv.attention.interface import AttentionBackend, LongContextAttentionBackend
 from infinikv.attention.memory_reads import LongContextState
 from infinikv.attention.pytorch import paged_causal_attention, paged_long_context_attention
+from infinikv.attention.tally import AttentionTally
 from infinikv.cache.pages import LayerKV, PageList, PagePool
 from infinikv.core.config import ModelConfig
 from infinikv.core.rope import RotaryEmbedding
@@ -32,6 +33,7 @@ class SequenceSlice:
     pages: PageList  # the sequence's block table
     kv_len: int  # resident tokens in the cache once this batch's keys are written
     long_context: LongContextState | None = None  # Self-Extend + memory; None: plain causal
+    tally: AttentionTally | None = None  # set: its last row's attention is recorded (citations)
 
 
 @dataclass(frozen=True)
@@ -165,6 +167,18 @@ class LlamaModel(nn.Module):
         rows = slice(s.start, s.start + s.length)
         if s.long_context is None:
             return self.attention(q[rows], positions[rows], kv, s.pages, s.kv_len, self.rope)
+        if s.tally is not None:
+            last = s.start + s.length - 1
+            s.tally.observe(
+                layer,
+                q[last : last + 1],
+                int(positions[last]),
+                kv,
+                s.pages,
+                s.kv_len,
+                self.rope,
+                s.long_context,
+            )
         return self.long_context_attention(
             q[rows], positions[rows], kv, s.pages, s.kv_len, layer, self.rope, s.long_context
         )

@@ -3,6 +3,7 @@ stream, with its usage; and the metrics each finished request adds to."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -59,6 +60,10 @@ class Reply:
     created: int
     model: str
     arrived: float  # perf_counter() when the request arrived
+    citations: bool = False  # each choice carries its citations (the stream: its last chunk)
+
+    def cited(self, result: TurnResult) -> dict[str, Any]:
+        return {"citations": [dataclasses.asdict(c) for c in result.citations]} if self.citations else {}
 
     def header(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
@@ -81,7 +86,7 @@ def completion(
         if result.logprobs or result.prompt_logprobs:
             logprobs = chat_logprobs(result, decode) if reply.shape.chat else text_logprobs(result, decode)
         choice = reply.shape.choice(i, echo + result.text, logprobs)
-        choices.append({**choice, "finish_reason": result.finish_reason})
+        choices.append({**choice, "finish_reason": result.finish_reason, **reply.cited(result)})
     drafted = results[0].speculation if len(results) == 1 else None
     extra = {} if drafted is None else {"speculation": drafted}
     return {**extra, **reply.header(reply.shape.object), "choices": choices, "usage": usage(results)}
@@ -145,9 +150,13 @@ async def sse(
     first_token = time.perf_counter()
     shape = reply.shape
 
-    def chunk(delta: str | None, finish: str | None, counts: dict[str, int] | None = None) -> str:
+    def chunk(
+        delta: str | None, finish: str | None, counts: dict[str, int] | None = None, **extra: Any
+    ) -> str:
         body: dict[str, Any] = reply.header(shape.chunk_object)
-        body["choices"] = [] if counts is not None else [{**shape.delta(delta), "finish_reason": finish}]
+        body["choices"] = (
+            [] if counts is not None else [{**shape.delta(delta), "finish_reason": finish, **extra}]
+        )
         if counts is not None or include_usage:
             body["usage"] = counts
         return f"data: {json.dumps(body)}\n\n"
@@ -163,7 +172,7 @@ async def sse(
         while True:
             if isinstance(item, TurnResult):
                 account(metrics, item, reply.arrived, first_token)
-                yield chunk(None, item.finish_reason)
+                yield chunk(None, item.finish_reason, **reply.cited(item))
                 if include_usage:
                     yield chunk(None, None, usage([item]))
                 break

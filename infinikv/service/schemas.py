@@ -111,6 +111,10 @@ class GenerationRequest(BaseModel):
         None, max_length=64, description="end the output at any of these"
     )
     session_id: str | None = Field(None, pattern=SESSION_ID, description="append to this session")
+    citations: bool = Field(
+        False,
+        description="each choice lists the passages it attended to most (session documents, else the prompt)",
+    )
 
     @field_validator("stop")
     @classmethod
@@ -144,6 +148,7 @@ class GenerationRequest(BaseModel):
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             stop_token_ids=tuple(self.stop_token_ids or ()),
+            citations=self.citations,
         )
 
     @property

@@ -79,7 +79,12 @@ async def answer(
             404, f"model {body.model!r} is not served here (try {state.model_id!r})", code="model_not_found"
         )
     reply = Reply(
-        shape, f"{shape.id_prefix}-{uuid.uuid4().hex}", int(time.time()), state.model_id, time.perf_counter()
+        shape,
+        f"{shape.id_prefix}-{uuid.uuid4().hex}",
+        int(time.time()),
+        state.model_id,
+        time.perf_counter(),
+        body.citations,
     )
     loop = asyncio.get_running_loop()
     handles: list[TaskHandle] = []

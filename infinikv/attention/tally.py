@@ -1,0 +1,81 @@
+"""Where a sequence's answering positions put their attention: the evidence behind citations.
+
+For each observed query row (the positions whose logits pick a token) and every layer, the
+row's attention over the whole history in one softmax, averaged over query heads: resident
+keys exactly (at their Self-Extend placement), evicted keys by the 8-bit key sketch's
+logits (the scores the memory selects its entries by; the entries it reads hold 0.96-1.00 of
+exact attention's mass, docs/recall.md). Summed per absolute token position."""
+
+from __future__ import annotations
+
+import torch
+
+from infinikv.attention.memory_reads import LongContextState, memory_queries
+from infinikv.attention.pytorch import band_bounds
+from infinikv.cache.pages import LayerKV, PageList
+from infinikv.core.rope import RotaryEmbedding, rotate
+from infinikv.errors import InfinikvError
+
+
+class AttentionTally:
+    def __init__(self) -> None:
+        self.mass = torch.zeros(0, dtype=torch.float64)  # by absolute position
+        self.rows = 0  # (row, layer) pairs observed
+
+    def observe(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        q_position: int,
+        kv: LayerKV,
+        pages: PageList,
+        resident: int,
+        rope: RotaryEmbedding,
+        state: LongContextState,
+    ) -> None:
+        """One query row q (1, Hq, d) before RoPE at q_position, over the sequence's
+        `resident` tokens in `pages` and its memory."""
+        _, Hq, d = q.shape
+        Hkv = kv.v.shape[-2]
+        se = state.self_extend
+        positions = pages.positions[:resident]  # where attention reads them (sinks moved)
+        tokens = positions.clone()  # which tokens they are
+        tokens[: pages.sinks] -= pages.shift
+        far_end = band_bounds(torch.tensor([q_position]), positions, se.window)[0] if se.group > 1 else 0
+        near = rotate(q, rope.at(torch.tensor([q_position], device=q.device)))
+        scores = [_logits(near, pages.gather(kv.k_rope, resident, far_end), Hkv)]
+        keys = [tokens[far_end:]]
+        if far_end:
+            grouped = rotate(
+                q, rope.at(se.grouped_query_positions(torch.tensor([q_position], device=q.device)))
+            )
+            scores.insert(0, _logits(grouped, pages.gather(kv.k_group, far_end), Hkv))
+            keys.insert(0, tokens[:far_end])
+        memory = state.memory
+        if memory is not None and memory.tokens:
+            if memory.sketch is None:
+                raise InfinikvError(
+                    "citations need block granularity (its key sketch scores every evicted key)"
+                )
+            queries = memory_queries(q, rope, state.distance, Hkv)  # (Hkv, g, d)
+            scores.append(memory.sketch.token_logits(layer, queries).float().reshape(Hq, -1))
+            first = (memory.first_block or 0) * memory.page_size
+            keys.append(torch.arange(first, first + memory.tokens))
+        probs = torch.cat(scores, -1).mul_(d**-0.5).softmax(-1).sum(0).double().cpu() / Hq  # (keys,)
+        at = torch.cat([k.cpu() for k in keys])
+        end = int(at.max()) + 1
+        if end > self.mass.shape[0]:
+            self.mass = torch.cat([self.mass, torch.zeros(end - self.mass.shape[0], dtype=torch.float64)])
+        self.mass.index_add_(0, at, probs)
+        self.rows += 1
+
+    def shares(self) -> torch.Tensor:
+        """Each position's share of the observed attention (they sum to 1)."""
+        return self.mass / max(self.rows, 1)
+
+
+def _logits(q: torch.Tensor, k: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """q (1, Hq, d) rotated, k (T, Hkv, d) -> (Hq, T) unscaled logits, GQA groups sharing."""
+    _, Hq, d = q.shape
+    g = Hq // num_kv_heads
+    return torch.bmm(q.view(num_kv_heads, g, d).float(), k.permute(1, 2, 0).float()).reshape(Hq, -1)
