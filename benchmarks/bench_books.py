@@ -1,14 +1,16 @@
 """Question answering over a whole book through the HTTP server, as a user runs it.
 
-A window of the King James Bible (Debian's bible-kjv) of --tokens tokens with --facts facts
-planted at depths spread over it ("The secret code of the <key> is <7 digits>."), uploaded
+A window of the King James Bible (Debian's bible-kjv) of --tokens tokens with six facts
+planted at depths spread over it, one in each of the recall suite's held-out phrasings (a
+number, a word or a uuid, each asked by its own noun: no fact is a distractor of another's
+shape; infinikv/evaluation/recall.py), uploaded
 as a file to a session of `infinikv serve` (default settings), then one question per fact
 with `citations: true`, streamed. Measured: accuracy (the value in the answer), citation
 precision (the top citation holds the fact, among correct answers) and recall (some cited
 passage holds it, among all), ingestion tokens/s, time to first token of each answer, the
 server's peak RSS.
 
-    python benchmarks/bench_books.py --tokens 131072 --facts 10
+    python benchmarks/bench_books.py --tokens 131072
     python benchmarks/bench_books.py --report
 
 Rows append to benchmarks/results/books.jsonl (one per run, with every question's answer).
@@ -25,6 +27,8 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import openai
@@ -34,29 +38,47 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_recall import cpu_name  # noqa: E402
+from benchmarks.bench_service import finished  # noqa: E402
 from infinikv.evaluation.haystack import bible_text  # noqa: E402
+from infinikv.evaluation.recall import PHRASINGS, WORDS, Phrasing  # noqa: E402
 from tests.server_process import infinikv_server  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "books.jsonl"
 MODEL = "SmolLM2-135M-Instruct"
-ADJECTIVES = [
-    "silver",
-    "quiet",
-    "amber",
-    "hollow",
-    "crimson",
-    "gentle",
-    "frozen",
-    "golden",
-    "hidden",
-    "ancient",
-]
-NOUNS = ["lantern", "orchard", "harbor", "meadow", "falcon", "compass", "garden", "bridge", "tower", "river"]
+KEYS = ["the old lighthouse", "the river ferry", "the north tower", "the village bakery", "the iron bridge"]
+KEYS += ["the mountain inn", "the east gate", "the harbor office", "the stone chapel", "the winter market"]
+VALUES = {
+    "number": lambda rng: str(rng.randrange(1_000_000, 10_000_000)),
+    "word": lambda rng: rng.choice(WORDS),
+    "uuid": lambda rng: str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+}
 
 
-def book(tokens: int, facts: int, seed: int, tokenizer) -> tuple[str, list[tuple[str, str, str]]]:
-    """(text, [(key, value, fact sentence)]): a window of the Bible of about `tokens` tokens
-    starting at a seeded verse, the facts at depths (i + 0.5) / facts."""
+@dataclass(frozen=True)
+class Fact:
+    phrasing: Phrasing
+    key: str
+    value: str
+
+    @property
+    def sentence(self) -> str:
+        return self.phrasing.fact.format(key=self.key, value=self.value)
+
+    @property
+    def question(self) -> str:
+        return f"\n\nQuestion: {self.phrasing.question(self.key)}\nAnswer: {self.phrasing.answer(self.key)}"
+
+
+def facts(rng: random.Random) -> list[Fact]:
+    """One fact in each held-out phrasing, each about a key of its own."""
+    phrasings = [(kind, p) for kind, ps in PHRASINGS["heldout"].items() for p in ps]
+    keys = rng.sample(KEYS, len(phrasings))
+    return [Fact(p, key, VALUES[kind](rng)) for (kind, p), key in zip(phrasings, keys, strict=True)]
+
+
+def book(tokens: int, seed: int, tokenizer) -> tuple[str, list[Fact]]:
+    """A window of the Bible of about `tokens` tokens from a seeded verse, with the facts
+    (in a seeded order) at depths (i + 0.5) / facts."""
     rng = random.Random(seed)
     verses = bible_text().splitlines()
     start = rng.randrange(len(verses) // 4)
@@ -66,14 +88,10 @@ def book(tokens: int, facts: int, seed: int, tokenizer) -> tuple[str, list[tuple
         count += len(tokenizer(verse + "\n", add_special_tokens=False)["input_ids"])
         if count >= tokens:
             break
-    keys = rng.sample([f"{a} {n}" for a in ADJECTIVES for n in NOUNS], facts)
-    values = [str(rng.randrange(1_000_000, 10_000_000)) for _ in keys]
-    planted = [
-        (key, value, f"The secret code of the {key} is {value}.")
-        for key, value in zip(keys, values, strict=True)
-    ]
-    for i, (_, _, sentence) in reversed(list(enumerate(planted))):
-        lines.insert(int(len(lines) * (i + 0.5) / facts), sentence)
+    planted = facts(rng)
+    rng.shuffle(planted)
+    for i, fact in reversed(list(enumerate(planted))):
+        lines.insert(int(len(lines) * (i + 0.5) / len(planted)), fact.sentence)
     return "\n".join(lines) + "\n", planted
 
 
@@ -102,15 +120,14 @@ class PeakRss:
         return self.peak
 
 
-def ask(c: openai.OpenAI, session: str, key: str) -> tuple[str, list[dict], float]:
+def ask(c: openai.OpenAI, session: str, question: str) -> tuple[str, list[dict], float]:
     """(answer, citations, seconds to the first token) of one streamed question."""
-    question = f"\n\nQuestion: What is the secret code of the {key}?\nAnswer: The secret code of the {key} is"
     t0 = time.perf_counter()
     first, text, citations = None, "", []
     stream = c.completions.create(
         model=MODEL,
         prompt=question,
-        max_tokens=12,
+        max_tokens=24,
         temperature=0,
         stream=True,
         extra_body={"session_id": session, "citations": True},
@@ -132,43 +149,38 @@ def run(args: argparse.Namespace) -> dict:
 
     settings = Settings()
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(settings.model, settings.cache_dir))
-    text, planted = book(args.tokens, args.facts, args.seed, tokenizer)
+    text, planted = book(args.tokens, args.seed, tokenizer)
     rss = PeakRss()
     with tempfile.TemporaryDirectory() as logs, infinikv_server(Path(logs), *args.server_args) as base:
         session = requests.post(f"{base}/v1/sessions", timeout=30).json()["id"]
         t0 = time.perf_counter()
         files = {"file": ("bible.txt", text.encode())}
         job = requests.post(f"{base}/v1/sessions/{session}/documents", files=files, timeout=120).json()
-        for _ in range(1_000_000):  # bounded poll
-            job = requests.get(f"{base}/v1/jobs/{job['id']}", timeout=30).json()
-            if job["status"] not in ("queued", "running"):
-                break
-            time.sleep(1)
+        job = finished(base, job)
         ingest_s = time.perf_counter() - t0
-        assert job["status"] == "succeeded", job
         c = openai.OpenAI(base_url=f"{base}/v1", api_key="bench", max_retries=0, timeout=3600)
         answers = []
-        for key, value, sentence in planted:
-            reply, cited, ttft = ask(c, session, key)
+        for fact in planted:
+            reply, cited, ttft = ask(c, session, fact.question)
             answers.append(
                 {
-                    "key": key,
-                    "value": value,
+                    "key": fact.key,
+                    "value": fact.value,
                     "answer": reply,
-                    "correct": value in reply,
-                    "top_cites": bool(cited) and sentence in cited[0]["text"],
-                    "any_cites": any(sentence in x["text"] for x in cited),
+                    "correct": fact.value in reply,
+                    "top_cites": bool(cited) and fact.sentence in cited[0]["text"],
+                    "any_cites": any(fact.sentence in x["text"] for x in cited),
                     "ttft_s": round(ttft, 2),
                     "citations": cited,
                 }
             )
-            print(f"{key}: {reply!r} top citation holds it: {answers[-1]['top_cites']}", flush=True)
+            print(f"{fact.key}: {reply!r} top citation holds it: {answers[-1]['top_cites']}", flush=True)
     correct = [a for a in answers if a["correct"]]
     return {
         "date": datetime.date.today().isoformat(),
         "cpu": cpu_name(),
         "tokens": job["total_tokens"],
-        "facts": args.facts,
+        "facts": len(planted),
         "seed": args.seed,
         "server_args": args.server_args,
         "accuracy": len(correct) / len(answers),
@@ -201,7 +213,6 @@ def report() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=131072, help="the book's length in tokens")
-    ap.add_argument("--facts", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--report", action="store_true", help="print the table of the rows so far")
     ap.add_argument("server_args", nargs="*", help="after --: flags for infinikv serve")

@@ -105,17 +105,23 @@ def concurrency(base: str, clients: int, per_client: int) -> dict:
     }
 
 
-def ingest(base: str, text: str) -> dict:
-    session = requests.post(f"{base}/v1/sessions", timeout=30).json()["id"]
-    t0 = time.perf_counter()
-    job = requests.post(f"{base}/v1/sessions/{session}/documents", json={"text": text}, timeout=60).json()
-    for _ in range(100_000):  # bounded poll
+def finished(base: str, job: dict) -> dict:
+    """The ingestion job's record once it succeeded (polled, bounded to ~14 hours)."""
+    for _ in range(100_000):
         job = requests.get(f"{base}/v1/jobs/{job['id']}", timeout=30).json()
         if job["status"] not in ("queued", "running"):
             break
         time.sleep(0.5)
-    elapsed = time.perf_counter() - t0
     assert job["status"] == "succeeded", job
+    return job
+
+
+def ingest(base: str, text: str) -> dict:
+    session = requests.post(f"{base}/v1/sessions", timeout=30).json()["id"]
+    t0 = time.perf_counter()
+    job = requests.post(f"{base}/v1/sessions/{session}/documents", json={"text": text}, timeout=60).json()
+    job = finished(base, job)
+    elapsed = time.perf_counter() - t0
     requests.delete(f"{base}/v1/sessions/{session}", timeout=60)
     return {"tokens": job["total_tokens"], "seconds": elapsed, "tokens_per_s": job["total_tokens"] / elapsed}
 

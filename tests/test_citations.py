@@ -80,3 +80,22 @@ def test_passages_are_exact_character_spans_best_first(tokenizer) -> None:
         assert c.char_end - c.char_start > PASSAGE_TOKENS  # whole tokens of text, with context
     assert cited[2].section == "chapter: One" and cited[1].section is None
     assert cite(torch.zeros(len(history), dtype=torch.float64), history, [doc], tokenizer) == []
+
+
+def test_citations_need_long_context_and_a_key_sketch() -> None:
+    from infinikv.engine.generator import check_citable
+    from infinikv.errors import InfinikvError
+
+    model = ours_from_hf(tiny_hf_model("llama", seed=3))
+    plain = Sequence(nan_pool(model, max_tokens=64, page_size=PAGE), None, model.cfg)
+    with pytest.raises(InfinikvError, match="need long-context attention"):
+        check_citable(plain)
+    cfg = LongContextConfig.derive(512, PAGE, resident=48, sinks=8, window=32, group=1, granularity="token")
+    with pytest.raises(InfinikvError, match="need granularity block"):
+        check_citable(
+            Sequence(nan_pool(model, max_tokens=64, page_size=PAGE, long_context=cfg), cfg, model.cfg)
+        )
+    blocks = LongContextConfig.derive(512, PAGE, resident=48, sinks=8, window=32, group=1)
+    check_citable(
+        Sequence(nan_pool(model, max_tokens=64, page_size=PAGE, long_context=blocks), blocks, model.cfg)
+    )

@@ -14,7 +14,6 @@ from infinikv.attention.memory_reads import LongContextState, memory_queries
 from infinikv.attention.pytorch import band_bounds
 from infinikv.cache.pages import LayerKV, PageList
 from infinikv.core.rope import RotaryEmbedding, rotate
-from infinikv.errors import InfinikvError
 
 
 class AttentionTally:
@@ -53,10 +52,7 @@ class AttentionTally:
             keys.insert(0, tokens[:far_end])
         memory = state.memory
         if memory is not None and memory.tokens:
-            if memory.sketch is None:
-                raise InfinikvError(
-                    "citations need block granularity (its key sketch scores every evicted key)"
-                )
+            assert memory.sketch is not None, "citations need block granularity (engine/generator.py)"
             queries = memory_queries(q, rope, state.distance, Hkv)  # (Hkv, g, d)
             scores.append(memory.sketch.token_logits(layer, queries).float().reshape(Hq, -1))
             first = (memory.first_block or 0) * memory.page_size

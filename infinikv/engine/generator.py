@@ -210,8 +210,8 @@ class Generator:
         echo = params.echo and top is not None
         if echo:
             out.prompt_logprobs.append(None)
-        if params.citations and seq.long_state is None:
-            raise InfinikvError("citations need long-context attention (they are off with --no-long-context)")
+        if params.citations:
+            check_citable(seq)
         for start in range(0, len(prompt), self.chunk_size):
             if start:
                 yield TICK
@@ -312,6 +312,15 @@ class Generator:
             decode_seconds=end - first,
             speculation=out.speculation,
         )
+
+
+def check_citable(seq: Sequence) -> None:
+    """Citations read a long-context sequence's attention; evicted keys through the key sketch."""
+    if seq.long_state is None:
+        raise InfinikvError("citations need long-context attention (they are off with --no-long-context)")
+    memory = seq.long_state.memory
+    if memory is not None and memory.sketch is None:
+        raise InfinikvError("citations need granularity block (its key sketch scores every evicted key)")
 
 
 def _stats(decoder: SpeculativeDecoder | None) -> dict[str, float | int] | None:
