@@ -262,23 +262,23 @@ def test_answers_cite_the_passage_they_read_from_memory(server) -> None:
         "\n\nQuestion: What is the secret number of the keeper Tobias Marlowe?\nAnswer: The secret number is"
     )
     c = client(server)
-    for depth in (0.2, 0.8):
+    for depth, stream in ((0.2, False), (0.8, True)):  # streamed: the citations ride the last chunk
         at = int(len(lines) * depth)
         text = "\n".join([*lines[:at], fact, *lines[at:]])
         session = new_session(server)
         ingest(server, session, text, as_file=False)
         asked = dict(model="SmolLM2-135M-Instruct", prompt=question, max_tokens=8, temperature=0)
         extra = {"session_id": session, "citations": True}
-        out = c.completions.create(**asked, extra_body=extra)
-        top = out.choices[0].model_extra["citations"][0]
-        assert "4010943" in out.choices[0].text and fact in top["text"], (out.choices[0].text, top)
+        if stream:
+            chunks = list(c.completions.create(**asked, stream=True, extra_body=extra))
+            answer = "".join(chunk.choices[0].text for chunk in chunks)
+            top = chunks[-1].choices[0].model_extra["citations"][0]
+        else:
+            out = c.completions.create(**asked, extra_body=extra)
+            answer, top = out.choices[0].text, out.choices[0].model_extra["citations"][0]
+        assert "4010943" in answer and fact in top["text"], (answer, top)
         assert text[top["char_start"] : top["char_end"]] == top["text"] and top["name"] == "notes"
         assert 0 < top["share"] < 1
-    again = new_session(server)  # the last turn again, streamed: citations in the last chunk
-    ingest(server, again, text, as_file=False)
-    chunks = list(c.completions.create(**asked, stream=True, extra_body={**extra, "session_id": again}))
-    streamed = chunks[-1].choices[0].model_extra["citations"][0]
-    assert {**streamed, "document_id": None} == {**top, "document_id": None}
     plain = c.completions.create(model="SmolLM2-135M-Instruct", prompt="Hello there", max_tokens=4)
     assert "citations" not in plain.choices[0].model_extra
 
