@@ -176,6 +176,14 @@ def banded_resident_partials(
     return parts
 
 
+def decode_logits(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """One rotated query (1, Hq, d) against keys (T, Hkv, d): unscaled float32 logits
+    (Hkv, g, T), each kv-head's g query heads sharing its keys."""
+    _, Hq, d = q.shape
+    Hkv = k.shape[1]
+    return torch.bmm(q.view(Hkv, Hq // Hkv, d), k.permute(1, 2, 0)).float()
+
+
 def decode_attention(
     qa: torch.Tensor,
     ka: torch.Tensor,
@@ -193,7 +201,7 @@ def decode_attention(
     _, Hq, d = qa.shape
     Hkv = v.shape[1]
     g = Hq // Hkv
-    scores = [torch.bmm(q.view(Hkv, g, d), k.permute(1, 2, 0)).float() for q, k in ((qa, ka), (qb, kb))]
+    scores = [decode_logits(q, k) for q, k in ((qa, ka), (qb, kb))]
     if recalled is not None:
         queries, keys, _, valid = recalled
         logits = torch.matmul(queries.float(), keys.float().transpose(-1, -2))  # (Hkv, P, m, K)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from infinikv.attention.memory_reads import LongContextState, memory_queries
-from infinikv.attention.pytorch import band_bounds
+from infinikv.attention.pytorch import band_bounds, decode_logits
 from infinikv.cache.pages import LayerKV, PageList
 from infinikv.core.rope import RotaryEmbedding, rotate
 
@@ -37,18 +37,17 @@ class AttentionTally:
         _, Hq, d = q.shape
         Hkv = kv.v.shape[-2]
         se = state.self_extend
+        at = torch.tensor([q_position], device=q.device)
         positions = pages.positions[:resident]  # where attention reads them (sinks moved)
         tokens = positions.clone()  # which tokens they are
         tokens[: pages.sinks] -= pages.shift
-        far_end = band_bounds(torch.tensor([q_position]), positions, se.window)[0] if se.group > 1 else 0
-        near = rotate(q, rope.at(torch.tensor([q_position], device=q.device)))
-        scores = [_logits(near, pages.gather(kv.k_rope, resident, far_end), Hkv)]
+        far_end = band_bounds(at, positions, se.window)[0] if se.group > 1 else 0
+        near = rotate(q, rope.at(at))
+        scores = [decode_logits(near, pages.gather(kv.k_rope, resident, far_end)).reshape(Hq, -1)]
         keys = [tokens[far_end:]]
         if far_end:
-            grouped = rotate(
-                q, rope.at(se.grouped_query_positions(torch.tensor([q_position], device=q.device)))
-            )
-            scores.insert(0, _logits(grouped, pages.gather(kv.k_group, far_end), Hkv))
+            grouped = rotate(q, rope.at(se.grouped_query_positions(at)))
+            scores.insert(0, decode_logits(grouped, pages.gather(kv.k_group, far_end)).reshape(Hq, -1))
             keys.insert(0, tokens[:far_end])
         memory = state.memory
         if memory is not None and memory.tokens:
@@ -58,20 +57,13 @@ class AttentionTally:
             first = (memory.first_block or 0) * memory.page_size
             keys.append(torch.arange(first, first + memory.tokens))
         probs = torch.cat(scores, -1).mul_(d**-0.5).softmax(-1).sum(0).double().cpu() / Hq  # (keys,)
-        at = torch.cat([k.cpu() for k in keys])
-        end = int(at.max()) + 1
+        where = torch.cat([k.cpu() for k in keys])
+        end = int(where.max()) + 1
         if end > self.mass.shape[0]:
             self.mass = torch.cat([self.mass, torch.zeros(end - self.mass.shape[0], dtype=torch.float64)])
-        self.mass.index_add_(0, at, probs)
+        self.mass.index_add_(0, where, probs)
         self.rows += 1
 
     def shares(self) -> torch.Tensor:
         """Each position's share of the observed attention (they sum to 1)."""
         return self.mass / max(self.rows, 1)
-
-
-def _logits(q: torch.Tensor, k: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
-    """q (1, Hq, d) rotated, k (T, Hkv, d) -> (Hq, T) unscaled logits, GQA groups sharing."""
-    _, Hq, d = q.shape
-    g = Hq // num_kv_heads
-    return torch.bmm(q.view(num_kv_heads, g, d).float(), k.permute(1, 2, 0).float()).reshape(Hq, -1)

@@ -26,10 +26,6 @@ class Document:
     text: str
     sections: tuple[Section, ...] = ()
 
-    def section_at(self, offset: int) -> Section | None:
-        """The section holding character `offset`, if any."""
-        return next((s for s in self.sections if s.start <= offset < s.end), None)
-
 
 @dataclass
 class DocumentBuilder:

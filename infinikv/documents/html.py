@@ -86,10 +86,6 @@ def html_chapters(name: str, data: bytes) -> list[Chapter]:
     return [c for c in walk.chapters if c.lines]
 
 
-def html_lines(name: str, data: bytes) -> list[str]:
-    return [line for chapter in html_chapters(name, data) for line in chapter.lines]
-
-
 def read_html(name: str, data: bytes) -> Document:
     """An HTML page: a chapter per h1 / h2 heading."""
     doc = DocumentBuilder(name)
