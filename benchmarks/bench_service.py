@@ -105,10 +105,13 @@ def concurrency(base: str, clients: int, per_client: int) -> dict:
     }
 
 
-def finished(base: str, job: dict) -> dict:
-    """The ingestion job's record once it succeeded (polled, bounded to ~14 hours)."""
+def finished(base: str, job: dict, progress: list[tuple[float, int]] | None = None) -> dict:
+    """The ingestion job's record once it succeeded (polled, bounded to ~14 hours); each poll's
+    (time, tokens done) appended to `progress` if given."""
     for _ in range(100_000):
         job = requests.get(f"{base}/v1/jobs/{job['id']}", timeout=30).json()
+        if progress is not None:
+            progress.append((time.perf_counter(), job.get("done_tokens") or 0))
         if job["status"] not in ("queued", "running"):
             break
         time.sleep(0.5)
@@ -177,7 +180,7 @@ def in_process(settings: Settings, text: str, parts: list[str]) -> dict:
     seq = gen.new_sequence("bench:")
     t0 = time.perf_counter()
     for start in range(0, len(ids), gen.chunk_size):  # the chunking ingestion uses
-        feed(gen.model, gen.pool, seq, ids[start : start + gen.chunk_size], gen.chunk_size)
+        feed(gen.model, gen.pool, seq, ids[start : start + gen.chunk_size], gen.chunk_size, "none")
     ingest_s = time.perf_counter() - t0
     seq.release()
     return {**request, "ingest_tokens": len(ids), "ingest_tokens_per_s": len(ids) / ingest_s}

@@ -39,7 +39,7 @@ def logits_of(model, cfg, ids, prefill_chunk=7, decode_steps=5):
     pool = nan_pool(model, max_tokens=400, page_size=PAGE, long_context=cfg)
     seq = Sequence(pool, cfg, model.cfg)
     head, tail = ids[:-decode_steps], ids[-decode_steps:]
-    logits = [feed(model, pool, seq, head, prefill_chunk, all_logits=True)]
+    logits = [feed(model, pool, seq, head, prefill_chunk, logits="all")]
     logits += [feed(model, pool, seq, [t], 1) for t in tail]
     return torch.cat(logits), seq
 

@@ -77,7 +77,7 @@ def test_bf16_weights_on_the_default_model(cpu_kernels, bf16_model) -> None:
 
     def logits(m, chunk: int) -> torch.Tensor:
         pool = m.new_page_pool(1024, 16)
-        return feed(m, pool, Sequence(pool), ids, chunk, all_logits=True)
+        return feed(m, pool, Sequence(pool), ids, chunk, logits="all")
 
     torch.testing.assert_close(logits(model, 8), logits(widened, 8), atol=1e-3, rtol=0)
     agree = (logits(model, 512).argmax(-1) == logits(f32.model, 512).argmax(-1)).float().mean().item()

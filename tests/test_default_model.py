@@ -48,7 +48,7 @@ def hf_reference(hf_model, prompt):
 def test_prompt_logits_match_transformers(default_model, prompt, hf_reference, chunk, page) -> None:
     model = default_model.model
     pool = model.new_page_pool(1024, page, fill_value=float("nan"))
-    got = feed(model, pool, Sequence(pool), prompt, chunk, all_logits=True)
+    got = feed(model, pool, Sequence(pool), prompt, chunk, logits="all")
     want = hf_reference[0]
     diff = (got - want).abs().max().item()
     print(f"chunk={chunk} page={page} max |logit diff| = {diff:.2e}")
@@ -70,7 +70,7 @@ def test_64_greedy_tokens_identical(default_model, prompt, hf_reference, chunk, 
 def test_cpu_kernels_match_transformers(cpu_kernels, prompt, hf_reference, chunk, page) -> None:
     model = cpu_kernels.model
     pool = model.new_page_pool(1024, page, fill_value=float("nan"))
-    got = feed(model, pool, Sequence(pool), prompt, chunk, all_logits=True)
+    got = feed(model, pool, Sequence(pool), prompt, chunk, logits="all")
     diff = (got - hf_reference[0]).abs().max().item()
     print(f"cpu kernels chunk={chunk} page={page} max |logit diff| = {diff:.2e}")
     assert diff < 1e-3

@@ -109,7 +109,7 @@ def test_int4_default_model_keeps_greedy_output(default_model, quantize: str) ->
     logits = {}
     for name, lm in (("fp32", default_model), ("int4", q4)):
         pool = lm.model.new_page_pool(1024, 16)
-        logits[name] = feed(lm.model, pool, Sequence(pool), ids, 64, all_logits=True)
+        logits[name] = feed(lm.model, pool, Sequence(pool), ids, 64, logits="all")
     agree = (logits["fp32"].argmax(-1) == logits["int4"].argmax(-1)).float().mean().item()
     assert agree > 0.97, agree
     if quantize == "int4-decode":  # the first, 64-row chunk runs the kept float32 weights

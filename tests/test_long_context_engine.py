@@ -36,7 +36,7 @@ def config(**kw) -> LongContextConfig:
 def run(model, cfg: LongContextConfig | None, ids: list[int], chunk: int, pool_tokens: int = 400):
     pool = nan_pool(model, max_tokens=pool_tokens, page_size=PAGE, long_context=cfg)
     seq = Sequence(pool, cfg, model.cfg)
-    logits = feed(model, pool, seq, ids, chunk, all_logits=True)
+    logits = feed(model, pool, seq, ids, chunk, logits="all")
     return logits, seq, pool
 
 
@@ -269,3 +269,24 @@ def test_the_ram_budget_sets_the_longest_sequence(default_model) -> None:
     default = LongContextConfig.derive(model.max_position_embeddings, 16)
     assert (default.memory_tokens(model, 16) or 0) > 160_000  # a book's worth
     assert LongContextConfig.derive(8192, 16, granularity="token").memory_tokens(model, 16) is None
+
+
+def test_a_forward_whose_logits_no_one_reads_shares_its_blocks_at_every_position(model, monkeypatch) -> None:
+    """An ingestion's chunks (and a prompt's before its last) retrieve one set of blocks for
+    all their positions: no trailing position ranks the sketch for its own tokens."""
+    from infinikv.memory.evicted import EvictedMemory
+
+    cfg = config(granularity="block", max_blocks=2, token_top_k=5)
+    pool = nan_pool(model, max_tokens=400, page_size=PAGE, long_context=cfg)
+    seq = Sequence(pool, cfg, model.cfg)
+    feed(model, pool, seq, tokens(80, seed=8), 6, "none")
+    assert seq.table.evicted_blocks > 5
+    own_rankings = []
+    real = EvictedMemory.top_tokens
+    monkeypatch.setattr(EvictedMemory, "top_tokens", lambda *a: own_rankings.append(1) or real(*a))
+    assert feed(model, pool, seq, tokens(6, seed=9), 6, "none").shape == (0, model.cfg.vocab_size)
+    assert own_rankings == []
+    assert feed(model, pool, seq, tokens(6, seed=10), 6).shape == (1, model.cfg.vocab_size)
+    assert len(own_rankings) == model.cfg.num_layers  # the last row's, in every layer
+    with pytest.raises(ValueError, match="is not one of"):
+        seq.extend_batch([1], "first")

@@ -52,7 +52,7 @@ def test_logits_match_transformers(name: str, chunk: int, page: int, projections
     ours.use_few_rows(few_row_kernels(projections))
     ids = torch.randint(0, hf.config.vocab_size, (45,), generator=torch.Generator().manual_seed(1))
     pool = nan_pool(ours, page_size=page)
-    got = feed(ours, pool, Sequence(pool), ids.tolist(), chunk, all_logits=True)  # (T, V)
+    got = feed(ours, pool, Sequence(pool), ids.tolist(), chunk, logits="all")  # (T, V)
     want = hf_logits(hf, ids)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
@@ -65,7 +65,7 @@ def test_bfloat16_close_to_float32() -> None:
     for dtype in (torch.float32, torch.bfloat16):
         ours = ours_from_hf(hf, dtype)
         pool = nan_pool(ours)
-        logits[dtype] = feed(ours, pool, Sequence(pool), ids, 16, all_logits=True)
+        logits[dtype] = feed(ours, pool, Sequence(pool), ids, 16, logits="all")
     err = (logits[torch.bfloat16] - logits[torch.float32]).abs().max()
     scale = logits[torch.float32].abs().max()
     assert err < 0.05 * scale, f"bf16 error {err} vs logit scale {scale}"

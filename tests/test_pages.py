@@ -24,7 +24,7 @@ def tokens(n: int, seed: int) -> list[int]:
 
 def reference_logits(model, ids: list[int]) -> torch.Tensor:
     pool = nan_pool(model, page_size=8)
-    return feed(model, pool, Sequence(pool), ids, 512, all_logits=True)
+    return feed(model, pool, Sequence(pool), ids, 512, logits="all")
 
 
 def small_pool(num_pages: int = 6, page_size: int = 4) -> PagePool:
@@ -89,7 +89,7 @@ def test_freed_pages_are_reused_without_stale_reads(model) -> None:
     first.release()
     second = Sequence(pool)
     ids = tokens(29, 2)
-    got = feed(model, pool, second, ids, 16, all_logits=True)
+    got = feed(model, pool, second, ids, 16, logits="all")
     assert used & set(second.table.pages), "freed pages were not reused"
     torch.testing.assert_close(got, reference_logits(model, ids))
 
@@ -103,7 +103,7 @@ def test_truncate_then_continue_equals_fresh_sequence(model) -> None:
     free_before = pool.num_free
     seq.truncate(len(prefix))
     assert pool.num_free > free_before and len(seq) == len(prefix)
-    got = feed(model, pool, seq, accepted, 8, all_logits=True)
+    got = feed(model, pool, seq, accepted, 8, logits="all")
     want = reference_logits(model, prefix + accepted)[len(prefix) :]
     torch.testing.assert_close(got, want)
 

@@ -56,8 +56,8 @@ def test_restored_sequence_continues_bit_identically(model, snapshots, granulari
     assert back.long_state.memory.tokens == seq.table.evicted_blocks * PAGE
 
     more = ids(9, 2)
-    want = feed(model, pool, seq, more, 4, all_logits=True)
-    got = feed(model, other_pool, back, more, 4, all_logits=True)
+    want = feed(model, pool, seq, more, 4, logits="all")
+    got = feed(model, other_pool, back, more, 4, logits="all")
     assert torch.equal(got, want)
 
 

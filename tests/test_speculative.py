@@ -126,8 +126,8 @@ def test_rollback_leaves_the_cache_as_if_the_rejected_tokens_were_never_seen(mod
     assert ref.table.blocks == seq.table.blocks and ref.table.length == seq.table.length
     following = [3, 1, 4, 1, 5]
     torch.testing.assert_close(
-        feed(model, pool, seq, following, 5, all_logits=True),
-        feed(model, ref_pool, ref, following, 5, all_logits=True),
+        feed(model, pool, seq, following, 5, logits="all"),
+        feed(model, ref_pool, ref, following, 5, logits="all"),
         atol=1e-4,
         rtol=1e-4,
     )

@@ -16,9 +16,9 @@ from infinikv.core.rope import RotaryEmbedding
 from infinikv.core.self_extend import SelfExtend, at_memory_distance, memory_partial
 from infinikv.memory.evicted import EvictedMemory
 
-# Trailing positions of a forward that retrieve memory blocks for themselves at block
-# granularity: the last one predicts the next token; a speculative verification reads the
-# logits of up to 1 + num_draft positions (num_draft <= 16).
+# Trailing positions of a forward whose logits are read that retrieve memory for themselves
+# at block granularity: the last one predicts the next token; a speculative verification
+# reads the logits of up to 1 + num_draft positions (num_draft <= 16).
 OWN_BLOCK_POSITIONS = 17
 
 
@@ -36,6 +36,9 @@ class LongContextState:
     # Block granularity: > 0: the trailing positions' query heads each attend to their own
     # top tokens by the key sketch instead of blocks.
     token_top_k: int = 0
+    # Block granularity: trailing positions of this forward that retrieve for themselves; 0
+    # where no one reads its logits (an ingestion, a prompt's chunks before the last).
+    own_positions: int = OWN_BLOCK_POSITIONS
 
 
 def memory_queries(q: torch.Tensor, rope: RotaryEmbedding, distance: int, num_kv_heads: int) -> torch.Tensor:
@@ -54,7 +57,7 @@ def memory_selections(
     blocks into the RAM tier, so each group's rows are valid until the next is drawn.
 
     Token granularity: each query row its top-k tokens (P = rows, m = 1). Block
-    granularity: the query heads of each of the last OWN_BLOCK_POSITIONS positions (those
+    granularity: the query heads of each of the last state.own_positions positions (those
     whose logits are read: the next token, a draft's verification) choose their blocks
     together, as in a decode step, by approximate logits over the key sketch; earlier
     positions of a prefill chunk share one set of blocks, by summary bound. With
@@ -68,10 +71,12 @@ def memory_selections(
         yield queries[:, :, None], rows.where(valid.to(rows.device), -1)
         return
     Hkv, n_rows, d = queries.shape
-    split = max(0, n_rows - OWN_BLOCK_POSITIONS * g)
+    split = max(0, n_rows - state.own_positions * g)
     if split:
         group = search[:, None, :split]  # (Hkv, 1, split, d)
         yield queries[:, None, :split], memory.select_blocks(layer, group, state.max_blocks, "bound")
+    if split == n_rows:
+        return
     if state.token_top_k:  # each trailing query row its own tokens, one row at a time
         best = memory.top_tokens(layer, search[:, split:], state.token_top_k)  # (Hkv, rows, K)
         for i in range(best.shape[1]):  # so RAM holds one row's blocks per kv-head at once

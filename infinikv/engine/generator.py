@@ -216,9 +216,11 @@ class Generator:
             if start:
                 yield TICK
             chunk = prompt[start : start + self.chunk_size]
-            if params.citations and start + len(chunk) == len(prompt):  # its last row picks the first token
+            last = start + len(chunk) == len(prompt)
+            if params.citations and last:  # its last row picks the first token
                 seq.tally = out.tally = AttentionTally()
-            logits = feed(self.model, self.pool, seq, chunk, self.chunk_size, all_logits=echo)
+            read = "all" if echo else "last" if last else "none"
+            logits = feed(self.model, self.pool, seq, chunk, self.chunk_size, read)
             if echo:  # row i predicts prompt token start + i + 1
                 targets = prompt[start + 1 : start + len(chunk) + 1]
                 out.prompt_logprobs.extend(token_logprobs(logits[: len(targets)], targets, top or 0))

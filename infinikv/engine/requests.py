@@ -212,7 +212,7 @@ def run_ingest(job: IngestJob, document: Document) -> StepFn:
             job.status, job.total_tokens, job.started = "running", len(ids), time.time()
             engine.jobs.record(job)
             for i in range(0, len(ids), gen.chunk_size):
-                feed(gen.model, gen.pool, seq, ids[i : i + gen.chunk_size], gen.chunk_size)
+                feed(gen.model, gen.pool, seq, ids[i : i + gen.chunk_size], gen.chunk_size, "none")
                 job.done_tokens = min(len(ids), i + gen.chunk_size)
                 yield None
             session.pending = []

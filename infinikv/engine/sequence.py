@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from collections.abc import Callable
 
 import torch
@@ -27,6 +28,7 @@ from infinikv.memory.store import BlockStore
 from infinikv.model.llama import ForwardBatch, LlamaModel, SequenceSlice
 
 ProgressFn = Callable[[int, int], None]  # (tokens done, tokens total)
+LOGITS = ("all", "last", "none")  # which rows of a forward have their logits read
 
 
 class Sequence:
@@ -65,20 +67,25 @@ class Sequence:
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def extend_batch(self, tokens: list[int], all_logits: bool = False) -> ForwardBatch:
-        """Reserve cache slots for `tokens` and describe them as a one-sequence batch."""
+    def extend_batch(self, tokens: list[int], logits: str = "last") -> ForwardBatch:
+        """Reserve cache slots for `tokens` and describe them as a one-sequence batch whose
+        logits ("all", "last" or "none") are read."""
+        if logits not in LOGITS:
+            raise ValueError(f"logits={logits!r} is not one of {', '.join(LOGITS)}")
         start, n = len(self.tokens), len(tokens)
         slots = self.table.reserve(n)
         self.tokens.extend(tokens)
         device = slots.device
+        state = self.long_state
+        if state is not None and logits == "none":  # no position answers: all share the chunk's blocks
+            state = replace(state, own_positions=0)
+        rows = {"all": None, "last": [n - 1], "none": []}[logits]
         return ForwardBatch(
             tokens=torch.tensor(tokens, dtype=torch.long, device=device),
             positions=torch.arange(start, start + n, device=device),
             slots=slots,
-            seqs=(
-                SequenceSlice(0, n, self.table.page_list(), self.table.resident, self.long_state, self.tally),
-            ),
-            logits_rows=None if all_logits else torch.tensor([n - 1], device=device),
+            seqs=(SequenceSlice(0, n, self.table.page_list(), self.table.resident, state, self.tally),),
+            logits_rows=None if rows is None else torch.tensor(rows, dtype=torch.long, device=device),
         )
 
     def truncate(self, length: int) -> None:
@@ -265,22 +272,24 @@ def feed(
     seq: Sequence,
     tokens: list[int],
     chunk_size: int,
-    all_logits: bool = False,
+    logits: str = "last",
     progress: ProgressFn | None = None,
     evict: bool = True,
 ) -> torch.Tensor:
     """Run `tokens` through the model in chunks of at most `chunk_size` (bounded activation
-    memory for any length). Returns float32 logits: (len(tokens), V) if all_logits else (1, V)
-    for the last token. `evict=False` for uncommitted (drafted) tokens: the caller truncates
-    the rejected ones, then calls `evict_overflow`."""
+    memory for any length). Returns float32 logits (`Sequence.extend_batch`): (len(tokens), V)
+    for "all", (1, V) of the last token for "last", (0, V) for "none". `evict=False` for
+    uncommitted (drafted) tokens: the caller truncates the rejected ones, then calls
+    `evict_overflow`."""
     if not tokens:
         raise ValueError("no tokens to feed")
     outs = []
     for start in range(0, len(tokens), chunk_size):
         chunk = tokens[start : start + chunk_size]
-        outs.append(model(seq.extend_batch(chunk, all_logits), pool))
+        read = logits if logits == "all" or start + len(chunk) == len(tokens) else "none"
+        outs.append(model(seq.extend_batch(chunk, read), pool))
         if evict:
             seq.evict_overflow()
         if progress is not None:
             progress(start + len(chunk), len(tokens))
-    return torch.cat(outs) if all_logits else outs[-1]
+    return torch.cat(outs) if logits == "all" else outs[-1]

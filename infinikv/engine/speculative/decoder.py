@@ -126,7 +126,7 @@ class SpeculativeDecoder:
             fed = sum(r.shape[0] for r in rows)
             room = seq.tokens_before_eviction()
             segment = window[fed : fed + (len(window) if room is None else room)]
-            rows.append(feed(self.model, seq.pool, seq, segment, len(segment), all_logits=True, evict=False))
+            rows.append(feed(self.model, seq.pool, seq, segment, len(segment), logits="all", evict=False))
             logits = torch.cat(rows)
             gen = self.sampler.generator
             if self.params.greedy:
