@@ -14,7 +14,8 @@ engine mode, prompt length and split, in one run on one machine.
 Every case's row goes to benchmarks/results/recall.jsonl as it finishes (mode, variant,
 task, length, split, index, score, timings, the generated text); a row already there for the
 same key is skipped, so a run that stops resumes where it was. `--set KEY=VALUE` (a Settings
-field, repeatable) runs the infinikv modes with other settings: the variant. Each (mode,
+field, repeatable) runs the infinikv modes with other settings: the variant (with `--tag`,
+which names the code measured after a change of its results). Each (mode,
 length) runs in its own process. `--report` prints a table per split (accuracy in % by task
 and length, one column per mode) and draws docs/recall_<split>.png.
 """
@@ -79,7 +80,7 @@ def run_cell(mode: str, length: int, args: argparse.Namespace, done: set[tuple])
     from infinikv.service.settings import Settings
 
     overrides = parse_sets(args.set)
-    variant = variant_name(overrides)
+    variant = variant_name(overrides, args.tag)
     settings = Settings(**mode_settings(mode, length, overrides))
     if mode == "transformers":
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -152,8 +153,8 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def variant_name(overrides: dict[str, Any]) -> str:
-    return " ".join(f"{k}={v}" for k, v in sorted(overrides.items()))
+def variant_name(overrides: dict[str, Any], tag: str = "") -> str:
+    return " ".join([f"{k}={v}" for k, v in sorted(overrides.items())] + ([f"@{tag}"] if tag else []))
 
 
 def load_rows() -> list[dict]:
@@ -235,6 +236,11 @@ def arguments() -> argparse.ArgumentParser:
     ap.add_argument("--split", choices=SPLITS, default="tune")
     ap.add_argument("--cases", type=int, default=10, help="cases per (task, length), depths spread evenly")
     ap.add_argument("--set", action="append", default=[], help="KEY=VALUE: a Settings field (repeatable)")
+    ap.add_argument(
+        "--tag",
+        default="",
+        help="names the code measured, after a change of results (rows of another tag are not reused)",
+    )
     ap.add_argument("--transformers-max", type=int, default=16384, help="longest prompt transformers runs")
     ap.add_argument("--selfextend-max", type=int, default=32768, help="longest prompt Self-Extend only runs")
     ap.add_argument("--plain-max", type=int, default=TRAINED, help="longest prompt --no-long-context runs")

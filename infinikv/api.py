@@ -29,6 +29,7 @@ from infinikv.engine.citations import Citation
 from infinikv.engine.grammar import json_grammar
 from infinikv.engine.requests import Turn, TurnResult, ingest_blocking, stream_turn
 from infinikv.engine.sampling import SamplingParams
+from infinikv.engine.sequence import ProgressFn
 from infinikv.engine.session import SessionStats
 from infinikv.service.runtime import build_engine
 from infinikv.service.settings import Settings
@@ -135,17 +136,15 @@ class Session:
         """Append `text` and continue it (a question after a document, say)."""
         return self._llm._run(Turn(self._llm._params(sampling), text=text, session_id=self.id))
 
-    def add_document(self, text: str, name: str = "document.txt") -> int:
-        """Prefill `text` into the session and commit it; returns its tokens."""
-        return self._ingest(Document(name, text))
+    def add_document(self, text: str, name: str = "document.txt", progress: ProgressFn | None = None) -> int:
+        """Prefill `text` into the session and commit it; returns its tokens. `progress`
+        (tokens done, tokens total) is called as the job advances."""
+        return ingest_blocking(self._llm._engine, self.id, Document(name, text), progress)
 
-    def add_file(self, path: str | Path) -> int:
+    def add_file(self, path: str | Path, progress: ProgressFn | None = None) -> int:
         """Read a .txt, .md, .html, .epub or .pdf file (chapters and pages kept, as the
         session's stats show) and ingest it as `add_document` does."""
-        return self._ingest(read_path(path))
-
-    def _ingest(self, document: Document) -> int:
-        return ingest_blocking(self._llm._engine, self.id, document)
+        return ingest_blocking(self._llm._engine, self.id, read_path(path), progress)
 
     def stats(self) -> SessionStats:
         return self._llm._engine.call_blocking(
