@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_recall import cpu_name  # noqa: E402
+from machine import cpu_name  # noqa: E402
 
 from infinikv.engine.requests import Turn, run_turn  # noqa: E402
 from infinikv.engine.sampling import SamplingParams  # noqa: E402

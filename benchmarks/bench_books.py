@@ -37,8 +37,8 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_recall import cpu_name  # noqa: E402
 from benchmarks.bench_service import finished  # noqa: E402
+from benchmarks.machine import cpu_name  # noqa: E402
 from infinikv.evaluation.haystack import bible_text  # noqa: E402
 from infinikv.evaluation.recall import PHRASINGS, WORDS, Phrasing  # noqa: E402
 from tests.server_process import infinikv_server  # noqa: E402

@@ -1,7 +1,7 @@
 """Prefill and decode throughput, infinikv vs transformers `generate`, same weights, one run.
 
     python benchmarks/bench_generate.py [--lengths 512 2048 6144] [--dtype float32]
-        [--quantize bf16|int4|int4-decode] [--repeats 3]
+        [--quantize bf16|int4|int4-decode] [--repeats 3] [--long-context]
 
 Each engine runs in its own subprocess (so its RSS, once the model is loaded and at its
 peak, is its own); both read the same
@@ -9,7 +9,8 @@ converted default model. --quantize applies to infinikv only (transformers runs 
 de-quantized weights in --dtype). Each length is generated --repeats times per engine and
 the medians are reported (prefill: prompt to first token; decode: first to last token, from
 transformers' streamer timestamps, one `generate` call each). Prints a table and writes
-benchmarks/results/generate-*.json.
+benchmarks/results/generate-*.json. --long-context adds infinikv with the long-context
+defaults (what `infinikv generate --file` runs) as a third engine, beside the plain one.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -25,7 +25,11 @@ import sys
 import time
 from pathlib import Path
 
+from machine import cpu_features, cpu_name
+
 from infinikv.model.linear import QUANTIZATIONS
+
+LONG = "infinikv-long-context"
 
 TEXT = (
     "The lighthouse keeper rose before dawn, as he had every day for thirty years. He climbed "
@@ -54,7 +58,7 @@ def rss_mb() -> float:
 
 
 def run_infinikv(
-    lengths: list[int], new_tokens: int, dtype: str, quantize: str, repeats: int
+    lengths: list[int], new_tokens: int, dtype: str, quantize: str, repeats: int, long_context: bool = False
 ) -> tuple[list[dict], float]:
     from infinikv.engine.generator import Generator
     from infinikv.engine.sampling import SamplingParams
@@ -62,8 +66,8 @@ def run_infinikv(
     from infinikv.service.settings import Settings
 
     # Plain attention over the whole prompt, as transformers does: this measures the decoder
-    # and the paged cache (benchmarks/bench_long_context.py measures the long-context modes).
-    gen: Generator = build_generator(Settings(dtype=dtype, quantize=quantize, long_context=False))
+    # and the paged cache; long_context: the defaults' regions and memory on the same prompts.
+    gen: Generator = build_generator(Settings(dtype=dtype, quantize=quantize, long_context=long_context))
     loaded_mb = rss_mb()
     params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
     gen.generate(prompt_ids(gen.tokenizer, 32), SamplingParams(max_tokens=4))  # warm-up
@@ -114,8 +118,10 @@ def run_transformers(
 
 
 def worker(engine: str, lengths: list[int], new_tokens: int, dtype: str, quantize: str, repeats: int) -> None:
-    run = run_infinikv if engine == "infinikv" else run_transformers
-    rows, loaded_mb = run(lengths, new_tokens, dtype, quantize, repeats)
+    if engine == "transformers":
+        rows, loaded_mb = run_transformers(lengths, new_tokens, dtype, quantize, repeats)
+    else:
+        rows, loaded_mb = run_infinikv(lengths, new_tokens, dtype, quantize, repeats, engine == LONG)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     print(json.dumps({"engine": engine, "rows": rows, "loaded_rss_mb": loaded_mb, "peak_rss_mb": peak_mb}))
 
@@ -127,13 +133,16 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--quantize", choices=QUANTIZATIONS, default="none")
     ap.add_argument("--repeats", type=int, default=3, help="generations per length and engine (medians)")
-    ap.add_argument("--worker", choices=["infinikv", "transformers"], help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--long-context", action="store_true", help="also infinikv with the long-context defaults"
+    )
+    ap.add_argument("--worker", choices=["infinikv", "transformers", LONG], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker(args.worker, args.lengths, args.new_tokens, args.dtype, args.quantize, args.repeats)
         return
     results = {}
-    for engine in ("transformers", "infinikv"):
+    for engine in ("transformers", "infinikv", *([LONG] if args.long_context else [])):
         cmd = [
             sys.executable,
             __file__,
@@ -155,7 +164,7 @@ def main() -> None:
     hf, ours = results["transformers"], results["infinikv"]
     print(
         f"dtype={args.dtype} quantize={args.quantize} (infinikv) new tokens={args.new_tokens} "
-        f"repeats={args.repeats} (medians) machine={platform.machine()}"
+        f"repeats={args.repeats} (medians) CPU: {cpu_name()} ({', '.join(cpu_features()) or 'no AVX2'})"
     )
     print("| prompt | prefill tok/s (ours / HF / ratio) | decode tok/s (ours / HF / ratio) |")
     print("|---:|---:|---:|")
@@ -165,6 +174,16 @@ def main() -> None:
             f"{a['prefill_tok_s'] / b['prefill_tok_s']:.2f}x | {a['decode_tok_s']:.1f} / "
             f"{b['decode_tok_s']:.1f} / {a['decode_tok_s'] / b['decode_tok_s']:.2f}x |"
         )
+    if LONG in results:
+        print(f"\ninfinikv with the long-context defaults ({LONG}) against plain infinikv:")
+        print("| prompt | prefill tok/s (long / plain / ratio) | decode tok/s (long / plain / ratio) |")
+        print("|---:|---:|---:|")
+        for a, b in zip(results[LONG]["rows"], ours["rows"], strict=True):
+            print(
+                f"| {a['prompt_tokens']} | {a['prefill_tok_s']:.0f} / {b['prefill_tok_s']:.0f} / "
+                f"{a['prefill_tok_s'] / b['prefill_tok_s']:.2f}x | {a['decode_tok_s']:.1f} / "
+                f"{b['decode_tok_s']:.1f} / {a['decode_tok_s'] / b['decode_tok_s']:.2f}x |"
+            )
     print(
         f"RSS MB once loaded: infinikv {ours['loaded_rss_mb']:.0f}, transformers {hf['loaded_rss_mb']:.0f}; "
         f"peak: infinikv {ours['peak_rss_mb']:.0f}, transformers {hf['peak_rss_mb']:.0f}"

@@ -26,13 +26,14 @@ import argparse
 import datetime
 import json
 import math
-import platform
 import subprocess
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+from machine import cpu_name
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results" / "recall.jsonl"
@@ -42,13 +43,6 @@ TRAINED = 8192  # SmolLM2-135M's trained length
 # Self-Extend only: W = 1024 and the smallest G >= 2 with (L - W) * G + W >= N (LongLM's rule,
 # as bench_long_context.py).
 SELF_EXTEND_WINDOW = 1024
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def mode_settings(mode: str, length: int, overrides: dict[str, Any]) -> dict[str, Any]:

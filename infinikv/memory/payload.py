@@ -50,7 +50,7 @@ def blocks_from_bytes(
 ) -> torch.Tensor:
     """Payloads of n blocks of shape (L, B, Hkv, d) -> kv (2, L, n, B, Hkv, d)."""
     L, B, H, d = shape
-    return torch.stack([from_bytes(p, dtype, (L, 2, B, H, d)) for p in payloads], 2).transpose(0, 1)
+    return _stacked(payloads, dtype, (L, 2, B, H, d)).permute(2, 1, 0, 3, 4, 5)
 
 
 def layer_range(layer: int, dtype: torch.dtype, shape: tuple[int, int, int, int]) -> tuple[int, int]:
@@ -65,7 +65,15 @@ def layers_from_bytes(
 ) -> torch.Tensor:
     """One layer's bytes (`layer_range`) of n blocks -> kv (2, n, B, Hkv, d)."""
     _, B, H, d = shape
-    return torch.stack([from_bytes(p, dtype, (2, B, H, d)) for p in slices], 1)
+    return _stacked(slices, dtype, (2, B, H, d)).transpose(0, 1)
+
+
+def _stacked(payloads: list[bytes], dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """n payloads of `shape` each -> (n, *shape): one copy into one buffer, not a tensor per
+    payload (a 128k-token decode step reads back hundreds of blocks per layer)."""
+    if not payloads:
+        return torch.empty(0, *shape, dtype=dtype)
+    return torch.frombuffer(bytearray().join(payloads), dtype=_BITS[dtype]).view(dtype).view(-1, *shape)
 
 
 def block_key(prefix: str, block: int) -> str:
