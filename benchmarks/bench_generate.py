@@ -189,6 +189,7 @@ def main() -> None:
         f"peak: infinikv {ours['peak_rss_mb']:.0f}, transformers {hf['peak_rss_mb']:.0f}"
     )
     suffix = args.dtype + ("" if args.quantize == "none" else f"-{args.quantize}")
+    suffix += "-long-context" if args.long_context else ""
     out_path = Path(__file__).parent / "results" / f"generate-{suffix}.json"
     out_path.write_text(json.dumps(results, indent=2))
     print(f"wrote {out_path}")
