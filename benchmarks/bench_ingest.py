@@ -1,6 +1,7 @@
 """Ingestion speed as the memory grows: a window of the King James Bible (Debian's bible-kjv)
 added to a session through the Python API (`Session.add_document`, the engine's ingestion
-job), tokens/s over every --every tokens, over the whole book and past 100k tokens.
+job), tokens/s and the process's RSS every --every tokens, tokens/s over the whole book and
+past 100k tokens.
 
     python benchmarks/bench_ingest.py --tokens 128000 [--set KEY=VALUE ...]
 
@@ -17,6 +18,8 @@ import json
 import sys
 import time
 from pathlib import Path
+
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -39,8 +42,9 @@ def run(args: argparse.Namespace) -> dict:
         now = time.perf_counter()
         if done - last[1] >= args.every or done == total:
             rate = (done - last[1]) / (now - last[0])
-            windows.append({"tokens": done, "seconds": round(now - t0, 1), "tokens_per_s": rate})
-            print(f"{done:7d} tokens: {rate:6.1f} tok/s", flush=True)
+            rss = psutil.Process().memory_info().rss / 2**20
+            windows.append({"tokens": done, "seconds": round(now - t0, 1), "tokens_per_s": rate, "rss_mb": rss})
+            print(f"{done:7d} tokens: {rate:6.1f} tok/s, RSS {rss:.0f} MB", flush=True)
             last[:] = [now, done]
 
     try:
