@@ -43,7 +43,9 @@ def run(args: argparse.Namespace) -> dict:
         if done - last[1] >= args.every or done == total:
             rate = (done - last[1]) / (now - last[0])
             rss = psutil.Process().memory_info().rss / 2**20
-            windows.append({"tokens": done, "seconds": round(now - t0, 1), "tokens_per_s": rate, "rss_mb": rss})
+            windows.append(
+                {"tokens": done, "seconds": round(now - t0, 1), "tokens_per_s": rate, "rss_mb": rss}
+            )
             print(f"{done:7d} tokens: {rate:6.1f} tok/s, RSS {rss:.0f} MB", flush=True)
             last[:] = [now, done]
 
