@@ -79,7 +79,7 @@ class Sequence:
         state = self.long_state
         if state is not None and logits == "none":  # no position answers: all share the chunk's blocks
             state = replace(state, own_positions=0)
-        rows = {"all": None, "last": [n - 1], "none": []}[logits]
+        rows = None if logits == "all" else [n - 1] if logits == "last" else []
         return ForwardBatch(
             tokens=torch.tensor(tokens, dtype=torch.long, device=device),
             positions=torch.arange(start, start + n, device=device),

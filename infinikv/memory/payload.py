@@ -23,8 +23,9 @@ def to_bytes(t: torch.Tensor) -> bytes:
     return t.contiguous().view(_BITS[t.dtype]).numpy().tobytes()
 
 
-def from_bytes(data: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    raw = torch.frombuffer(bytearray(data), dtype=_BITS[dtype])
+def from_bytes(data: bytes | bytearray, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """A tensor over a copy of `data`; a bytearray is not copied (the tensor shares it)."""
+    raw = torch.frombuffer(data if isinstance(data, bytearray) else bytearray(data), dtype=_BITS[dtype])
     return raw.view(dtype).view(shape)
 
 
@@ -73,7 +74,7 @@ def _stacked(payloads: list[bytes], dtype: torch.dtype, shape: tuple[int, ...]) 
     payload (a 128k-token decode step reads back hundreds of blocks per layer)."""
     if not payloads:
         return torch.empty(0, *shape, dtype=dtype)
-    return torch.frombuffer(bytearray().join(payloads), dtype=_BITS[dtype]).view(dtype).view(-1, *shape)
+    return from_bytes(bytearray().join(payloads), dtype, (-1, *shape))
 
 
 def block_key(prefix: str, block: int) -> str:
