@@ -126,6 +126,18 @@ def worker(engine: str, lengths: list[int], new_tokens: int, dtype: str, quantiz
     print(json.dumps({"engine": engine, "rows": rows, "loaded_rss_mb": loaded_mb, "peak_rss_mb": peak_mb}))
 
 
+def ratio_table(rows: list[dict], reference: list[dict], names: str) -> None:
+    """A markdown table of prefill and decode tok/s of `rows` against `reference`, per length."""
+    print(f"| prompt | prefill tok/s ({names} / ratio) | decode tok/s ({names} / ratio) |")
+    print("|---:|---:|---:|")
+    for a, b in zip(rows, reference, strict=True):
+        print(
+            f"| {a['prompt_tokens']} | {a['prefill_tok_s']:.0f} / {b['prefill_tok_s']:.0f} / "
+            f"{a['prefill_tok_s'] / b['prefill_tok_s']:.2f}x | {a['decode_tok_s']:.1f} / "
+            f"{b['decode_tok_s']:.1f} / {a['decode_tok_s'] / b['decode_tok_s']:.2f}x |"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 6144])
@@ -166,24 +178,10 @@ def main() -> None:
         f"dtype={args.dtype} quantize={args.quantize} (infinikv) new tokens={args.new_tokens} "
         f"repeats={args.repeats} (medians) CPU: {cpu_name()} ({', '.join(cpu_features()) or 'no AVX2'})"
     )
-    print("| prompt | prefill tok/s (ours / HF / ratio) | decode tok/s (ours / HF / ratio) |")
-    print("|---:|---:|---:|")
-    for a, b in zip(ours["rows"], hf["rows"], strict=True):
-        print(
-            f"| {a['prompt_tokens']} | {a['prefill_tok_s']:.0f} / {b['prefill_tok_s']:.0f} / "
-            f"{a['prefill_tok_s'] / b['prefill_tok_s']:.2f}x | {a['decode_tok_s']:.1f} / "
-            f"{b['decode_tok_s']:.1f} / {a['decode_tok_s'] / b['decode_tok_s']:.2f}x |"
-        )
+    ratio_table(ours["rows"], hf["rows"], "ours / HF")
     if LONG in results:
         print(f"\ninfinikv with the long-context defaults ({LONG}) against plain infinikv:")
-        print("| prompt | prefill tok/s (long / plain / ratio) | decode tok/s (long / plain / ratio) |")
-        print("|---:|---:|---:|")
-        for a, b in zip(results[LONG]["rows"], ours["rows"], strict=True):
-            print(
-                f"| {a['prompt_tokens']} | {a['prefill_tok_s']:.0f} / {b['prefill_tok_s']:.0f} / "
-                f"{a['prefill_tok_s'] / b['prefill_tok_s']:.2f}x | {a['decode_tok_s']:.1f} / "
-                f"{b['decode_tok_s']:.1f} / {a['decode_tok_s'] / b['decode_tok_s']:.2f}x |"
-            )
+        ratio_table(results[LONG]["rows"], ours["rows"], "long / plain")
     print(
         f"RSS MB once loaded: infinikv {ours['loaded_rss_mb']:.0f}, transformers {hf['loaded_rss_mb']:.0f}; "
         f"peak: infinikv {ours['peak_rss_mb']:.0f}, transformers {hf['peak_rss_mb']:.0f}"
