@@ -119,6 +119,13 @@ def _build_parser() -> ArgumentParser:
         type=_count,
         help="tokens kept resident before the first eviction (default 0: from the first full block)",
     )
+    lc.add_argument(
+        "--reread",
+        type=_count,
+        help="passages an answer past the trained length re-reads, by its question's attention (0: off)",
+    )
+    lc.add_argument("--reread-margin", type=_count, help="tokens kept on either side of a re-read passage")
+    lc.add_argument("--reread-tail", type=_positive_int, help="last tokens of the input a re-read keeps")
     lc.add_argument("--index", choices=INDEX_KINDS, help="FAISS index for the memory")
     lc.add_argument(
         "--granularity",

@@ -14,10 +14,14 @@ from infinikv.attention.memory_reads import LongContextState, memory_queries
 from infinikv.attention.pytorch import band_bounds, decode_logits
 from infinikv.cache.pages import LayerKV, PageList
 from infinikv.core.rope import RotaryEmbedding, rotate
+from infinikv.core.self_extend import at_memory_distance
 
 
 class AttentionTally:
-    def __init__(self) -> None:
+    def __init__(self, uniform: bool = False) -> None:
+        """uniform: every key scored as if read at the memory distance, by what it holds and
+        not where it sits (what a re-read ranks passages by: engine/reread.py)."""
+        self.uniform = uniform
         self.mass = torch.zeros(0, dtype=torch.float64)  # by absolute position
         self.rows = 0  # (row, layer) pairs observed
 
@@ -42,10 +46,15 @@ class AttentionTally:
         tokens = positions.clone()  # which tokens they are
         tokens[: pages.sinks] -= pages.shift
         far_end = band_bounds(at, positions, se.window)[0] if se.group > 1 else 0
-        near = rotate(q, rope.at(at))
-        scores = [decode_logits(near, pages.gather(kv.k_rope, resident, far_end)).reshape(Hq, -1)]
-        keys = [tokens[far_end:]]
-        if far_end:
+        if self.uniform:
+            far = at_memory_distance(q, rope, state.distance)
+            scores = [decode_logits(far, pages.gather(kv.k, resident)).reshape(Hq, -1)]
+            keys = [tokens]
+        else:
+            near = rotate(q, rope.at(at))
+            scores = [decode_logits(near, pages.gather(kv.k_rope, resident, far_end)).reshape(Hq, -1)]
+            keys = [tokens[far_end:]]
+        if far_end and not self.uniform:
             grouped = rotate(q, rope.at(se.grouped_query_positions(at)))
             scores.insert(0, decode_logits(grouped, pages.gather(kv.k_group, far_end)).reshape(Hq, -1))
             keys.insert(0, tokens[:far_end])
@@ -67,3 +76,24 @@ class AttentionTally:
     def shares(self) -> torch.Tensor:
         """Each position's share of the observed attention (they sum to 1)."""
         return self.mass / max(self.rows, 1)
+
+
+def top_windows(masses: list[torch.Tensor], width: int, top: int) -> list[tuple[float, int, int]]:
+    """The `top` windows of `width` tokens (fewer at a shorter end) holding the most mass
+    over the sequences `masses`, chosen greedily without overlaps, best first, as (mass,
+    sequence, first token); none with no mass."""
+    windows = []  # per sequence: the mass of the window starting at each token
+    for mass in masses:
+        w = min(width, mass.shape[0])
+        sums = torch.cat([torch.zeros(1, dtype=mass.dtype), mass.cumsum(0)])
+        windows.append(sums[w:] - sums[:-w] if w else sums[:0])
+    picked: list[tuple[float, int, int]] = []
+    while len(picked) < top and any(w.numel() for w in windows):
+        share, i, first = max(
+            ((float(w.max()), i, int(w.argmax())) for i, w in enumerate(windows) if w.numel())
+        )
+        if share <= 0:
+            break
+        picked.append((share, i, first))
+        windows[i][max(0, first - width + 1) : first + width] = 0  # no window overlapping this one
+    return picked

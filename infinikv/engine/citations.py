@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from infinikv.attention.tally import top_windows
 from infinikv.engine.session import DocumentSpan
 
 # The attention of windows of this many tokens picks the passages (a line or two of prose);
@@ -32,28 +33,19 @@ def cite(
     shares: torch.Tensor, history: list[int], sources: list[DocumentSpan], tokenizer: Any, top: int = CITED
 ) -> list[Citation]:
     """The `top` passages of `sources` (token spans of `history`) with the most attention
-    `shares` (by absolute position), best first: windows of PASSAGE_TOKENS placed where
-    they hold the most, chosen greedily without overlaps; `share` is the window's."""
-    windows = []  # per source: the attention of the window starting at each token
+    `shares` (by absolute position), best first; `share` is the window's."""
+    masses = []
     for source in sources:
         mass = torch.zeros(source.end - source.start, dtype=torch.float64)
         got = shares[source.start : source.end]
         mass[: got.shape[0]] = got
-        width = min(PASSAGE_TOKENS, mass.shape[0])
-        sums = torch.cat([torch.zeros(1, dtype=torch.float64), mass.cumsum(0)])
-        windows.append(sums[width:] - sums[:-width] if width else sums[:0])
+        masses.append(mass)
     cited = []
-    while len(cited) < top and any(w.numel() for w in windows):
-        share, i, first = max(
-            ((float(w.max()), i, int(w.argmax())) for i, w in enumerate(windows) if w.numel())
-        )
-        if share <= 0:
-            break
+    for share, i, first in top_windows(masses, PASSAGE_TOKENS, top):
         source, margin = sources[i], PASSAGE_TOKENS // 2
         last = min(first + PASSAGE_TOKENS, source.end - source.start)
         shown = (max(0, first - margin), min(last + margin, source.end - source.start))
         cited.append(_citation(share, source, *shown, history, tokenizer))
-        windows[i][max(0, first - PASSAGE_TOKENS + 1) : last] = 0  # no window overlapping this one
     return cited
 
 

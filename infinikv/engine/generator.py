@@ -21,6 +21,7 @@ from infinikv.engine.detokenize import TextStream
 from infinikv.engine.grammar import TokenGrammar
 from infinikv.engine.logprobs import TokenLogprob, token_logprobs
 from infinikv.engine.regions import LongContextConfig
+from infinikv.engine.reread import SEPARATOR
 from infinikv.engine.sampling import Sampler, SamplingParams, steer_
 from infinikv.engine.sequence import ProgressFn, Sequence, feed
 from infinikv.engine.speculative.decoder import SpeculativeDecoder
@@ -118,6 +119,8 @@ class Generator:
             # Self-Extend's banded attention takes chunks of at most W queries.
             chunk_size = min(chunk_size, long_context.window)
             pool_tokens = long_context.peak_resident + chunk_size + 2 * page_size
+            if long_context.rereader is not None:  # an answer's re-read sequence beside its own
+                pool_tokens *= 2
         self.chunk_size = chunk_size
         self.max_seq_len = max_seq_len
         self.slots = slots
@@ -154,6 +157,10 @@ class Generator:
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         return list(self.tokenizer(self.chat_text(messages), add_special_tokens=False)["input_ids"])
+
+    @functools.cached_property
+    def separator(self) -> list[int]:
+        return self.encode(SEPARATOR, add_special_tokens=False)
 
     def new_sequence(self, prefix: str, store: BlockStore | None = None) -> Sequence:
         """An empty sequence in this generator's pool; its evicted blocks go under prefix to
@@ -212,13 +219,19 @@ class Generator:
             out.prompt_logprobs.append(None)
         if params.citations:
             check_citable(seq)
+        lc = self.long_context
+        rereader = None if lc is None else lc.rereader
+        # Past the resident window the answer re-reads what the prompt's last position attends to.
+        rereads = lc is not None and rereader is not None and len(seq) + len(prompt) > lc.peak_resident
         for start in range(0, len(prompt), self.chunk_size):
             if start:
                 yield TICK
             chunk = prompt[start : start + self.chunk_size]
             last = start + len(chunk) == len(prompt)
-            if params.citations and last:  # its last row picks the first token
-                seq.tally = out.tally = AttentionTally()
+            if last and (params.citations or rereads):  # its last row picks the first token
+                seq.tally = AttentionTally(uniform=rereads)
+                if params.citations:
+                    out.tally = seq.tally
             read = "all" if echo else "last" if last else "none"
             logits = feed(self.model, self.pool, seq, chunk, self.chunk_size, read)
             if echo:  # row i predicts prompt token start + i + 1
@@ -227,6 +240,14 @@ class Generator:
                 logits = logits[-1:]
             if progress is not None:
                 progress(start + len(chunk), len(prompt))
+        reader, reread = seq, []  # the sequence that answers, and the prompt it re-read
+        if rereads:
+            assert rereader is not None and seq.tally is not None
+            reread = rereader.prompt(seq.tally.shares(), seq.tokens, self.separator)
+            seq.tally = None  # citations, if asked for, are the prompt's: what was re-read
+            reader = self.new_sequence(f"ikv:reread:{uuid.uuid4().hex}:")
+        elif not params.citations:
+            seq.tally = None
         budget = min(params.max_tokens, self.capacity - len(seq))
         constraint = None if params.grammar is None else self.grammars.constraint(params.grammar)
 
@@ -253,17 +274,19 @@ class Generator:
         one_at_a_time = top is not None or constraint is not None or params.steers or params.citations
         if self.drafter_factory is not None and not one_at_a_time:
             decoder = SpeculativeDecoder(self.model, self.drafter_factory(), sampler, params, self.max_draft)
-        # Sampled, not yet emitted: all but the last are already fed (accepted drafts).
-        token, logprob = pick(logits)
-        pending = [token]
         emitted = 0
         try:
+            if reader is not seq:
+                logits = yield from self._read(reader, reread)
+            # Sampled, not yet emitted: all but the last are already fed (accepted drafts).
+            token, logprob = pick(logits)
+            pending = [token]
             while True:
                 for i, token in enumerate(pending):
                     unneeded = len(pending) - 1 - i  # fed tokens after this one, if it ends the run
                     finish = None
                     if token in eos:
-                        seq.truncate(len(seq) - unneeded)
+                        reader.truncate(len(reader) - unneeded)
                         yield out.add(GenerationEvent(text.flush(), None, "stop", _stats(decoder)))
                         return
                     delta = text.push(token)
@@ -274,13 +297,13 @@ class Generator:
                     elif emitted == budget:
                         finish, delta = "length", text.flush()
                     if finish is not None:
-                        seq.truncate(len(seq) - unneeded)
+                        reader.truncate(len(reader) - unneeded)
                         yield out.add(GenerationEvent(delta, None, finish, _stats(decoder)))
                         return
-                logits = yield Forward(seq, pending[-1], may_draft=decoder is not None)
+                logits = yield Forward(reader, pending[-1], may_draft=decoder is not None)
                 if logits is None:  # decoding alone: a speculative step of its own
                     assert decoder is not None
-                    pending = decoder.step(seq, pending[-1])
+                    pending = decoder.step(reader, pending[-1])
                 else:
                     token, logprob = pick(logits)
                     pending = [token]
@@ -288,6 +311,23 @@ class Generator:
             seq.tally = None
             if decoder is not None:
                 decoder.release()
+            if reader is not seq:  # the answer joins the history (a session goes on from it)
+                try:
+                    answered = reader.tokens[len(reread) :]
+                    if answered:
+                        feed(self.model, self.pool, seq, answered, self.chunk_size, "none")
+                finally:
+                    reader.release()
+
+    def _read(self, seq: Sequence, tokens: list[int]) -> Steps[GenerationEvent, Any, torch.Tensor]:
+        """Feed `tokens` to `seq`, a TICK before each chunk; the last token's logits."""
+        logits = torch.empty(0)
+        for start in range(0, len(tokens), self.chunk_size):
+            yield TICK
+            chunk = tokens[start : start + self.chunk_size]
+            read = "last" if start + len(chunk) == len(tokens) else "none"
+            logits = feed(self.model, self.pool, seq, chunk, self.chunk_size, read)
+        return logits
 
     def generate(
         self, prompt: list[int], params: SamplingParams, progress: ProgressFn | None = None

@@ -13,6 +13,7 @@ import torch
 from infinikv.attention.memory_reads import OWN_BLOCK_POSITIONS, LongContextState
 from infinikv.core.config import ModelConfig
 from infinikv.core.self_extend import SelfExtend
+from infinikv.engine.reread import Reread
 from infinikv.memory.budget import RamBudget, memory_capacity
 from infinikv.memory.cache import block_bytes
 from infinikv.memory.evicted import EvictedMemory, MemorySpec
@@ -62,6 +63,12 @@ class LongContextConfig:
     # A sequence keeps every token resident until it is longer than this, then its oldest
     # blocks leave down to R at once. 0: they leave as soon as R is full.
     evict_after: int = 0
+    # Past the trained length, with a memory: the answer is generated over the history's
+    # sinks, this many passages the prompt's last position attends to most, and its last
+    # `reread_tail` tokens (engine/reread.py). 0: over the whole memory-attended history.
+    reread: int = 0
+    reread_margin: int = 32  # tokens kept on either side of a re-read passage's window
+    reread_tail: int = 256
 
     @classmethod
     def derive(
@@ -93,6 +100,12 @@ class LongContextConfig:
             token_top_k=256,
         )
         return replace(base, **given)
+
+    @property
+    def rereader(self) -> Reread | None:
+        if not self.reread or not self.memory or self.granularity != "block":
+            return None
+        return Reread(self.reread, self.reread_margin, self.sinks, self.reread_tail)
 
     @property
     def peak_resident(self) -> int:
@@ -172,6 +185,11 @@ class LongContextConfig:
             (self.max_blocks >= 1, f"max_blocks={self.max_blocks} must be >= 1"),
             (self.sketch_channels >= 1, f"sketch_channels={self.sketch_channels} must be >= 1"),
             (self.sketch_every >= 1, f"sketch_every={self.sketch_every} must be >= 1"),
+            (
+                self.reread >= 0 and self.reread_margin >= 0 and self.reread_tail >= 1,
+                f"reread={self.reread}, reread_margin={self.reread_margin} must be >= 0 and "
+                f"reread_tail={self.reread_tail} >= 1",
+            ),
         ]
         if model is not None and self.memory and self.granularity == "block":
             held, needed = self.ram_blocks(model, page_size), self.ram_blocks_needed(model)

@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     granularity: Literal["token", "block"] = "block"
     memory_token_top_k: int | None = Field(None, ge=0, description="memory tokens per answering query head")
     evict_after: int | None = Field(None, ge=0, description="tokens resident before the first eviction")
+    reread: int | None = Field(None, ge=0, description="passages an answer re-reads past the trained length")
+    reread_margin: int | None = Field(None, ge=0, description="tokens kept around each re-read passage")
+    reread_tail: int | None = Field(None, ge=1, description="last tokens of the history a re-read keeps")
     # Block store for evicted blocks and snapshots: in-process when unset.
     redis_url: str | None = None
     redis_cluster: bool = False
@@ -132,6 +135,9 @@ class Settings(BaseSettings):
             granularity=self.granularity,
             token_top_k=self.memory_token_top_k,
             evict_after=self.evict_after,
+            reread=self.reread,
+            reread_margin=self.reread_margin,
+            reread_tail=self.reread_tail,
         )
 
 

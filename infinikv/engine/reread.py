@@ -1,0 +1,65 @@
+"""Answering past the trained length by re-reading: the answer is generated over a short
+prompt of the history's head, the passages the question attended to most, and its tail.
+
+After a long prompt's prefill, the attention of its last position (attention/tally.py: the
+resident keys exactly, the evicted ones by the key sketch) puts the planted fact's window
+first in most cases, while the model answering over 8k resident tokens of other text loses
+it; over ~1k tokens it reads it back (after InfiniRetri, which answers from the tokens the
+question's attention picks). docs/recall.md has the tuning and the held-out results."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from infinikv.attention.tally import top_windows
+
+# Passages are picked as windows of this many tokens (a line or two of prose).
+WINDOW_TOKENS = 32
+# Between the pieces of a re-read prompt: marks the text left out.
+SEPARATOR = "\n...\n"
+
+
+@dataclass(frozen=True)
+class Reread:
+    passages: int  # windows taken, by attention
+    margin: int  # tokens kept on either side of each window
+    head: int  # first tokens of the history kept (the sinks: BOS, a system prompt)
+    tail: int  # last tokens kept (the question)
+
+    @property
+    def most_tokens(self) -> int:
+        """Longest re-read prompt, separators aside."""
+        return self.head + self.tail + self.passages * (WINDOW_TOKENS + 2 * self.margin)
+
+    def spans(self, shares: torch.Tensor, length: int) -> list[tuple[int, int]]:
+        """The token spans [start, end) of a history of `length` tokens that a prompt
+        re-reads between its head and tail, in order: the `passages` windows with the most
+        attention `shares` (by absolute position), each widened by `margin`, overlaps joined."""
+        end = length - self.tail
+        if end <= self.head:
+            return []
+        mass = torch.zeros(end - self.head, dtype=torch.float64)
+        got = shares[self.head : end]
+        mass[: got.shape[0]] = got
+        picked = sorted(first for _, _, first in top_windows([mass], WINDOW_TOKENS, self.passages))
+        spans: list[tuple[int, int]] = []
+        for first in picked:
+            a = self.head + max(0, first - self.margin)
+            b = min(end, self.head + first + WINDOW_TOKENS + self.margin)
+            if spans and a <= spans[-1][1]:
+                spans[-1] = (spans[-1][0], max(b, spans[-1][1]))
+            else:
+                spans.append((a, b))
+        return spans
+
+    def prompt(self, shares: torch.Tensor, history: list[int], separator: list[int]) -> list[int]:
+        """The re-read prompt: head, each span, tail, with `separator` tokens between."""
+        n = len(history)
+        if n <= self.head + self.tail:
+            return list(history)
+        ids = history[: self.head]
+        for a, b in self.spans(shares, n):
+            ids += separator + history[a:b]
+        return ids + separator + history[n - self.tail :]

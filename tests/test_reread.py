@@ -1,0 +1,127 @@
+"""Re-reading (engine/reread.py): an answer past the resident window is generated over the
+history's head, the passages its last prompt position attended to most, and its tail.
+Oracles: the plain model over the re-read prompt built from an independent tally; the
+sequence's history afterwards; the pool's pages; the real model on real text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from infinikv.attention.tally import AttentionTally
+from infinikv.engine.batch import run_alone
+from infinikv.engine.generator import TICK, Generator
+from infinikv.engine.regions import LongContextConfig
+from infinikv.engine.reread import WINDOW_TOKENS, Reread
+from infinikv.engine.sampling import SamplingParams
+from infinikv.engine.sequence import feed
+from infinikv.memory.store import InProcessBlockStore
+from infinikv.model.loader import LoadedModel
+
+from .conftest import ours_from_hf, tiny_hf_model
+
+PAGE = 4
+VOCAB = 160
+CHUNK = 16
+
+
+def test_passages_are_the_top_windows_widened_joined_and_in_order() -> None:
+    reread = Reread(passages=3, margin=4, head=8, tail=10)
+    n = 400
+    shares = torch.zeros(n, dtype=torch.float64)
+    shares[300:310] = 0.05  # the most
+    shares[100:104] = 0.02
+    shares[110] = 0.01  # its window overlaps the previous one's widened span: joined
+    shares[2] = shares[395] = 1.0  # in the head and the tail: kept anyway, never picked
+    spans = reread.spans(shares, n)
+    assert spans[-1][0] <= 300 and spans[-1][1] >= 310 and spans[-1][1] - spans[-1][0] == WINDOW_TOKENS + 8
+    assert len(spans) == 2 and spans[0][0] <= 100 and spans[0][1] >= 111
+    assert all(8 <= a < b <= n - 10 for a, b in spans)
+    history = list(range(n))
+    sep = [-1]
+    prompt = reread.prompt(shares, history, sep)
+    pieces = [history[:8]] + [history[a:b] for a, b in spans] + [history[-10:]]
+    assert prompt == [t for i, piece in enumerate(pieces) for t in ([] if i == 0 else sep) + piece]
+    assert reread.prompt(shares, history[:18], sep) == history[:18]  # head and tail are all of it
+    assert reread.spans(torch.zeros(n, dtype=torch.float64), n) == []  # no attention: no passage
+
+
+@pytest.fixture(scope="module")
+def tiny(tokenizer) -> LoadedModel:
+    """A random model with the default tokenizer (its first 2048 ids, the separator's among them)."""
+    model = ours_from_hf(tiny_hf_model("llama", seed=9, max_position_embeddings=256, vocab_size=2048))
+    return LoadedModel(model, tokenizer, model.cfg, Path("tiny"), frozenset())
+
+
+def generator(loaded: LoadedModel, reread: int) -> Generator:
+    cfg = LongContextConfig.derive(
+        256, PAGE, resident=128, sinks=8, window=100, group=1, reread=reread, reread_margin=2, reread_tail=8
+    )
+    return Generator(
+        loaded,
+        256,
+        page_size=PAGE,
+        chunk_size=CHUNK,
+        fill_value=float("nan"),  # a read of an unwritten slot would show up
+        long_context=cfg,
+        store=InProcessBlockStore(),
+    )
+
+
+def ids(n: int, seed: int) -> list[int]:
+    return torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_the_answer_is_the_plain_model_over_the_reread_prompt(tiny) -> None:
+    gen = generator(tiny, reread=2)
+    prompt = ids(230, seed=1)
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    got = gen.generate(prompt, params).token_ids
+
+    # The same prefill, chunk by chunk, its last chunk tallied, then the plain model.
+    seq = gen.new_sequence("oracle:")
+    for start in range(0, len(prompt), CHUNK):
+        if start + CHUNK >= len(prompt):
+            seq.tally = tally = AttentionTally(uniform=True)
+        feed(gen.model, gen.pool, seq, prompt[start : start + CHUNK], CHUNK, "none")
+    assert seq.table.evicted_blocks > 0
+    reread = gen.long_context.rereader.prompt(tally.shares(), seq.tokens, gen.separator)
+    seq.release()
+    assert 8 + 8 < len(reread) < 128  # head, tail, two passages: nothing of it evicted
+    plain = Generator(tiny, 256, page_size=PAGE, chunk_size=CHUNK, fill_value=float("nan"))
+    assert got == plain.generate(reread, params).token_ids
+    # Inside the resident window nothing is re-read: the sequence's own attention answers.
+    short = ids(100, seed=2)
+    assert (
+        gen.generate(short, params).token_ids == generator(tiny, reread=0).generate(short, params).token_ids
+    )
+
+
+def test_the_history_goes_on_from_the_answer_and_no_page_is_left_behind(tiny) -> None:
+    gen = generator(tiny, reread=2)
+    free = gen.pool.num_free
+    prompt = ids(230, seed=3)
+    seq = gen.new_sequence("s:")
+    events = list(
+        run_alone(gen.model, gen.pool, gen.run(seq, prompt, SamplingParams(max_tokens=5, ignore_eos=True)))
+    )
+    answer = [e.token_id for e in events if e.token_id is not None]
+    assert len(answer) == 5 and seq.tokens == prompt + answer[:-1]  # the last one: the caller's to feed
+    held = gen.pool.num_free
+    seq.release()
+    assert gen.pool.num_free == free and held < free
+
+    # Cancelled while the re-read prompt is read: its sequence is freed, the history kept.
+    seq = gen.new_sequence("c:")
+    steps = run_alone(gen.model, gen.pool, gen.run(seq, prompt, SamplingParams(max_tokens=5)))
+    ticks = 0
+    for event in steps:
+        ticks += event is TICK
+        if ticks == len(prompt) // CHUNK + 2:  # the prompt's chunks after the first, then two more
+            break
+    steps.close()
+    assert seq.tokens == prompt
+    seq.release()
+    assert gen.pool.num_free == free
