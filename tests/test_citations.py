@@ -99,3 +99,32 @@ def test_citations_need_long_context_and_a_key_sketch() -> None:
     check_citable(
         Sequence(nan_pool(model, max_tokens=64, page_size=PAGE, long_context=blocks), blocks, model.cfg)
     )
+
+
+def test_a_uniform_tally_scores_every_resident_key_at_the_memory_distance() -> None:
+    """Oracle in plain PyTorch: each layer's last query row, rotated by the memory distance,
+    against the keys before RoPE; softmax per head, the mean over heads and layers."""
+    from infinikv.core.self_extend import at_memory_distance
+
+    model = ours_from_hf(tiny_hf_model("llama", seed=3))
+    ids = torch.randint(0, 160, (90,), generator=torch.Generator().manual_seed(4)).tolist()
+    cfg = LongContextConfig.derive(512, PAGE, resident=256, sinks=8, window=240, group=1)
+    seen = []
+
+    class Recording(AttentionTally):
+        def observe(self, layer, q, q_position, kv, pages, resident, rope, state) -> None:
+            seen.append((q.clone(), pages.gather(kv.k, resident).clone(), rope, state.distance))
+            super().observe(layer, q, q_position, kv, pages, resident, rope, state)
+
+    pool = nan_pool(model, max_tokens=400, page_size=PAGE, long_context=cfg)
+    seq = Sequence(pool, cfg, model.cfg)
+    feed(model, pool, seq, ids[:-1], 16)
+    seq.tally = tally = Recording(uniform=True)
+    feed(model, pool, seq, ids[-1:], 16)
+    want = torch.zeros(90, dtype=torch.float64)
+    for q, k, rope, distance in seen:
+        qd = at_memory_distance(q, rope, distance)[0]  # (Hq, d)
+        g = qd.shape[0] // k.shape[1]
+        logits = torch.einsum("hd,thd->ht", qd, k.repeat_interleave(g, dim=1)) / qd.shape[-1] ** 0.5
+        want += logits.softmax(-1).mean(0).double()
+    torch.testing.assert_close(tally.shares(), want / len(seen), atol=1e-6, rtol=1e-5)

@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from infinikv.attention.tally import AttentionTally
 from infinikv.engine.batch import run_alone
 from infinikv.engine.generator import TICK, Generator
 from infinikv.engine.regions import LongContextConfig
 from infinikv.engine.reread import WINDOW_TOKENS, Reread
 from infinikv.engine.sampling import SamplingParams
 from infinikv.engine.sequence import feed
+from infinikv.evaluation.haystack import HaystackMissing
+from infinikv.evaluation.recall import recall_case
 from infinikv.memory.store import InProcessBlockStore
 from infinikv.model.loader import LoadedModel
 
@@ -84,7 +85,7 @@ def test_the_answer_is_the_plain_model_over_the_reread_prompt(tiny) -> None:
     seq = gen.new_sequence("oracle:")
     for start in range(0, len(prompt), CHUNK):
         if start + CHUNK >= len(prompt):
-            seq.tally = tally = AttentionTally(uniform=True)
+            seq.tally = tally = Reread.tally(tiny.config.num_layers)
         feed(gen.model, gen.pool, seq, prompt[start : start + CHUNK], CHUNK, "none")
     assert seq.table.evicted_blocks > 0
     reread = gen.long_context.rereader.prompt(tally.shares(), seq.tokens, gen.separator)
@@ -125,3 +126,19 @@ def test_the_history_goes_on_from_the_answer_and_no_page_is_left_behind(tiny) ->
     assert seq.tokens == prompt
     seq.release()
     assert gen.pool.num_free == free
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", [0, 1])
+def test_the_default_model_reads_back_a_fact_its_memory_holds(default_model, cpu_kernels, index: int) -> None:
+    """Real text, a fact planted at depth 0.25 or 0.75 of a 4k-token prompt of the recall
+    suite's tuning split, the resident window 1024 tokens: the fact's block is evicted (or,
+    at 0.75, resident but 700+ tokens back) when the question is asked."""
+    try:
+        case = recall_case(default_model.tokenizer, "single", 4096, "tune", index, 2)
+    except HaystackMissing as e:
+        pytest.skip(str(e))
+    cfg = LongContextConfig.derive(8192, 16, resident=1024, reread=8)
+    gen = Generator(default_model, 8192, long_context=cfg, store=InProcessBlockStore())
+    out = gen.generate(case.prompt, SamplingParams(max_tokens=case.max_new_tokens))
+    assert case.score(out.text) == 1, (case.answers, out.text)

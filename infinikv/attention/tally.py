@@ -18,10 +18,11 @@ from infinikv.core.self_extend import at_memory_distance
 
 
 class AttentionTally:
-    def __init__(self, uniform: bool = False) -> None:
+    def __init__(self, uniform: bool = False, first_layer: int = 0) -> None:
         """uniform: every key scored as if read at the memory distance, by what it holds and
-        not where it sits (what a re-read ranks passages by: engine/reread.py)."""
-        self.uniform = uniform
+        not where it sits (what a re-read ranks passages by: engine/reread.py). Layers
+        before `first_layer` are not observed."""
+        self.uniform, self.first_layer = uniform, first_layer
         self.mass = torch.zeros(0, dtype=torch.float64)  # by absolute position
         self.rows = 0  # (row, layer) pairs observed
 
@@ -38,6 +39,8 @@ class AttentionTally:
     ) -> None:
         """One query row q (1, Hq, d) before RoPE at q_position, over the sequence's
         `resident` tokens in `pages` and its memory."""
+        if layer < self.first_layer:
+            return
         _, Hq, d = q.shape
         Hkv = kv.v.shape[-2]
         se = state.self_extend

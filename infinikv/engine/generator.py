@@ -21,7 +21,7 @@ from infinikv.engine.detokenize import TextStream
 from infinikv.engine.grammar import TokenGrammar
 from infinikv.engine.logprobs import TokenLogprob, token_logprobs
 from infinikv.engine.regions import LongContextConfig
-from infinikv.engine.reread import SEPARATOR
+from infinikv.engine.reread import SEPARATOR, Reread
 from infinikv.engine.sampling import Sampler, SamplingParams, steer_
 from infinikv.engine.sequence import ProgressFn, Sequence, feed
 from infinikv.engine.speculative.decoder import SpeculativeDecoder
@@ -229,7 +229,7 @@ class Generator:
             chunk = prompt[start : start + self.chunk_size]
             last = start + len(chunk) == len(prompt)
             if last and (params.citations or rereads):  # its last row picks the first token
-                seq.tally = AttentionTally(uniform=rereads)
+                seq.tally = Reread.tally(self.loaded.config.num_layers) if rereads else AttentionTally()
                 if params.citations:
                     out.tally = seq.tally
             read = "all" if echo else "last" if last else "none"

@@ -98,6 +98,9 @@ class LongContextConfig:
             # Each answering query head its own 256 keys by the sketch's all-channel logits:
             # they capture 0.96-1.00 of exact attention's mass, whole blocks 0.03-0.15.
             token_top_k=256,
+            # Past R the answer re-reads 16 passages: a planted fact's window is among the
+            # deeper layers' first few on the tuning split; 16 also covers four-fact tasks.
+            reread=16,
         )
         return replace(base, **given)
 
