@@ -210,6 +210,17 @@ class RecallCase:
     depths: tuple[float, ...]  # of the facts asked for, 0 = start of the text, 1 = its end
     max_new_tokens: int
 
+    def answer_tokens(self, tokenizer: Any) -> list[tuple[int, int]]:
+        """Each answer's first planted occurrence as a token span [start, end) of the prompt."""
+        text = tokenizer.decode(self.prompt)
+        offsets = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)["offset_mapping"]
+        spans = []
+        for answer in self.answers:
+            at = text.index(answer)
+            inside = [i for i, (a, b) in enumerate(offsets) if a < at + len(answer) and b > at]
+            spans.append((inside[0], inside[-1] + 1))
+        return spans
+
     def score(self, generated: str) -> float:
         """RULER's string_match_all: the share of the answers found in the generated text."""
         text = generated.lower()
