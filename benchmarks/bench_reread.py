@@ -1,9 +1,9 @@
 """Re-reading's choices on the recall suite (engine/reread.py), each case prefilled once.
 
-Each case runs through the defaults without re-reading up to its last token; that token's
-forward records, per layer, its attention over the whole history two ways: as the sequence
-reads it (resident keys at their places, evicted ones by the key sketch at the memory
-distance) and uniform (every key at the memory distance). Then, per tally and band of
+Each case's prompt runs through the defaults without re-reading, in the generator's chunks;
+the last chunk's last row records, per layer, its attention over the whole history two
+ways: as the sequence reads it (resident keys at their places, evicted ones by the key
+sketch at the memory distance) and uniform (every key at the memory distance). Then, per tally and band of
 layers: where the planted fact's window ranks among the windows a re-read picks (0: first);
 and per (passages, margin, band): the plain model's answer over the re-read prompt.
 
@@ -60,9 +60,10 @@ def tallies(gen: Generator, args: argparse.Namespace) -> list[tuple[RecallCase, 
         case = recall_case(gen.tokenizer, args.task, args.length, args.split, index, args.cases)
         t0 = time.perf_counter()
         seq = gen.new_sequence(f"bench:{index}:")
-        feed(gen.model, gen.pool, seq, case.prompt[:-1], gen.chunk_size, "none")
+        last = (len(case.prompt) - 1) // gen.chunk_size * gen.chunk_size  # as Generator.run chunks it
+        feed(gen.model, gen.pool, seq, case.prompt[:last], gen.chunk_size, "none")
         seq.tally = recorder = PerLayer(gen.loaded.config.num_layers)  # type: ignore[assignment]
-        feed(gen.model, gen.pool, seq, case.prompt[-1:], gen.chunk_size)
+        feed(gen.model, gen.pool, seq, case.prompt[last:], gen.chunk_size)
         seq.release()
         out.append((case, recorder))
         print(f"case {index}: prefilled in {time.perf_counter() - t0:.0f} s", flush=True)
