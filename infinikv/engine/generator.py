@@ -205,7 +205,9 @@ class Generator:
         Yields one event per generated token, then a closing event. Every token is fed to
         `seq` except the last one sampled (EOS included), which the caller feeds first if the
         sequence continues. Each event is added to `transcript` as it is yielded; with
-        `params.echo`, so are the prompt's log-probabilities (None for its first token)."""
+        `params.echo`, so are the prompt's log-probabilities (None for its first token).
+        Past the resident window another sequence decodes, over the re-read prompt
+        (engine/reread.py); the answer's tokens are fed to `seq` when it ends."""
         self.check_fits(len(seq), prompt)
         out = transcript if transcript is not None else Transcript()
         sampler = Sampler(params)
