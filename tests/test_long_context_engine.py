@@ -119,6 +119,7 @@ def test_memory_changes_the_output_once_blocks_are_evicted(model) -> None:
         ({"distance": 200, "span": 64}, "within the trained length 256"),
         ({"index": "lsh"}, "is not one of"),
         ({"sketch_every": 0}, "sketch_every=0 must be >= 1"),
+        ({"reread_tail": 0}, "reread_tail=0 >= 1"),
     ],
 )
 def test_impossible_settings_name_the_rule(overrides, rule) -> None:
