@@ -122,7 +122,7 @@ def _build_parser() -> ArgumentParser:
     lc.add_argument(
         "--reread",
         type=_count,
-        help="passages an answer past the trained length re-reads, by its question's attention (0: off)",
+        help="passages an answer past the resident window re-reads, by its question's attention (0: off)",
     )
     lc.add_argument("--reread-margin", type=_count, help="tokens kept on either side of a re-read passage")
     lc.add_argument("--reread-tail", type=_positive_int, help="last tokens of the input a re-read keeps")

@@ -4,7 +4,9 @@ For each observed query row (the positions whose logits pick a token) and every 
 row's attention over the whole history in one softmax, averaged over query heads: resident
 keys exactly (at their Self-Extend placement), evicted keys by the 8-bit key sketch's
 logits (the scores the memory selects its entries by; the entries it reads hold 0.96-1.00 of
-exact attention's mass, docs/recall.md). Summed per absolute token position."""
+exact attention's mass, docs/recall.md). Summed per absolute token position. A uniform
+tally scores every key at the memory distance instead (re-reading's ranking), and
+`top_windows` picks the passages that hold the most of either."""
 
 from __future__ import annotations
 
@@ -48,19 +50,19 @@ class AttentionTally:
         positions = pages.positions[:resident]  # where attention reads them (sinks moved)
         tokens = positions.clone()  # which tokens they are
         tokens[: pages.sinks] -= pages.shift
-        far_end = band_bounds(at, positions, se.window)[0] if se.group > 1 else 0
         if self.uniform:
             far = at_memory_distance(q, rope, state.distance)
             scores = [decode_logits(far, pages.gather(kv.k, resident)).reshape(Hq, -1)]
             keys = [tokens]
         else:
+            far_end = band_bounds(at, positions, se.window)[0] if se.group > 1 else 0
             near = rotate(q, rope.at(at))
             scores = [decode_logits(near, pages.gather(kv.k_rope, resident, far_end)).reshape(Hq, -1)]
             keys = [tokens[far_end:]]
-        if far_end and not self.uniform:
-            grouped = rotate(q, rope.at(se.grouped_query_positions(at)))
-            scores.insert(0, decode_logits(grouped, pages.gather(kv.k_group, far_end)).reshape(Hq, -1))
-            keys.insert(0, tokens[:far_end])
+            if far_end:
+                grouped = rotate(q, rope.at(se.grouped_query_positions(at)))
+                scores.insert(0, decode_logits(grouped, pages.gather(kv.k_group, far_end)).reshape(Hq, -1))
+                keys.insert(0, tokens[:far_end])
         memory = state.memory
         if memory is not None and memory.tokens:
             assert memory.sketch is not None, "citations need block granularity (engine/generator.py)"

@@ -63,7 +63,7 @@ class LongContextConfig:
     # A sequence keeps every token resident until it is longer than this, then its oldest
     # blocks leave down to R at once. 0: they leave as soon as R is full.
     evict_after: int = 0
-    # Past the trained length, with a memory: the answer is generated over the history's
+    # Past the resident window, with a memory: the answer is generated over the history's
     # sinks, this many passages the prompt's last position attends to most, and its last
     # `reread_tail` tokens (engine/reread.py). 0: over the whole memory-attended history.
     reread: int = 0

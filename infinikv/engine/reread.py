@@ -1,11 +1,12 @@
-"""Answering past the trained length by re-reading: the answer is generated over a short
+"""Answering past the resident window by re-reading: the answer is generated over a short
 prompt of the history's head, the passages the question attended to most, and its tail.
 
-After a long prompt's prefill, the attention of its last position (attention/tally.py: the
-resident keys exactly, the evicted ones by the key sketch) puts the planted fact's window
-first in most cases, while the model answering over 8k resident tokens of other text loses
-it; over ~1k tokens it reads it back (after InfiniRetri, which answers from the tokens the
-question's attention picks). docs/recall.md has the tuning and the held-out results."""
+After a long prompt's prefill, the attention of its last position (attention/tally.py,
+every key scored at the memory distance: resident ones from their keys before RoPE,
+evicted ones by the key sketch) puts the planted fact's window first in most cases, while
+the model answering over 8k resident tokens of other text loses it; over ~1.8k tokens it
+reads it back (after InfiniRetri, which answers from the tokens the question's attention
+picks). docs/recall.md has the tuning and the held-out results."""
 
 from __future__ import annotations
 

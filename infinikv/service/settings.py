@@ -62,7 +62,7 @@ class Settings(BaseSettings):
     granularity: Literal["token", "block"] = "block"
     memory_token_top_k: int | None = Field(None, ge=0, description="memory tokens per answering query head")
     evict_after: int | None = Field(None, ge=0, description="tokens resident before the first eviction")
-    reread: int | None = Field(None, ge=0, description="passages an answer re-reads past the trained length")
+    reread: int | None = Field(None, ge=0, description="passages an answer re-reads past the resident window")
     reread_margin: int | None = Field(None, ge=0, description="tokens kept around each re-read passage")
     reread_tail: int | None = Field(None, ge=1, description="last tokens of the history a re-read keeps")
     # Block store for evicted blocks and snapshots: in-process when unset.
