@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_service import finished  # noqa: E402
 from benchmarks.machine import cpu_name  # noqa: E402
 from infinikv.evaluation.haystack import bible_text  # noqa: E402
-from infinikv.evaluation.recall import PHRASINGS, WORDS, Phrasing  # noqa: E402
+from infinikv.evaluation.recall import MAX_NEW_TOKENS, PHRASINGS, WORDS, Phrasing  # noqa: E402
 from tests.server_process import infinikv_server  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "books.jsonl"
@@ -127,7 +127,7 @@ def ask(c: openai.OpenAI, session: str, question: str) -> tuple[str, list[dict],
     stream = c.completions.create(
         model=MODEL,
         prompt=question,
-        max_tokens=24,
+        max_tokens=MAX_NEW_TOKENS["single"],
         temperature=0,
         stream=True,
         extra_body={"session_id": session, "citations": True},

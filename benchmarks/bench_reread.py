@@ -5,7 +5,8 @@ the last chunk's last row records, per layer, its attention over the whole histo
 ways: as the sequence reads it (resident keys at their places, evicted ones by the key
 sketch at the memory distance) and uniform (every key at the memory distance). Then, per tally and band of
 layers: where the planted fact's window ranks among the windows a re-read picks (0: first);
-and per (passages, margin, band): the plain model's answer over the re-read prompt.
+and per (passages, margin, reach to whole lines, band): the plain model's answer over the
+re-read prompt.
 
     python benchmarks/bench_reread.py --split tune --length 16384 --cases 10
 
@@ -25,7 +26,7 @@ from machine import cpu_name
 
 from infinikv.attention.tally import AttentionTally, top_windows
 from infinikv.engine.generator import Generator
-from infinikv.engine.reread import WINDOW_TOKENS, Reread
+from infinikv.engine.reread import LINE_REACH, WINDOW_TOKENS, Reread
 from infinikv.engine.sampling import SamplingParams
 from infinikv.engine.sequence import feed
 from infinikv.evaluation.recall import RecallCase, recall_case
@@ -88,6 +89,7 @@ def main() -> None:
     ap.add_argument("--cases", type=int, default=10)
     ap.add_argument("--passages", type=int, nargs="+", default=[2, 4, 8, 16])
     ap.add_argument("--margins", type=int, nargs="+", default=[16, 32])
+    ap.add_argument("--reaches", type=int, nargs="+", default=[0, LINE_REACH], help="to whole lines")
     ap.add_argument("--bands", nargs="+", default=["0:10", "10:20", "20:30", "0:30", "10:30"])
     args = ap.parse_args()
     gen = build_generator(Settings(reread=0))
@@ -107,21 +109,26 @@ def main() -> None:
             ranks[f"{kind} {lo}:{hi}"] = got
             print(f"rank of the fact's window, {kind} layers {lo}:{hi}: {got}", flush=True)
     plain = build_generator(Settings(long_context=False))
-    accuracy = {}
+    accuracy, prompt_tokens = {}, {}  # per re-read's choices: answers found, mean prompt length
     for lo, hi in bands[-1:]:
         for passages in args.passages:
             for margin in args.margins:
-                reread = Reread(passages, margin, base.head, base.tail)
-                found = []
-                for case, rec in cases:
-                    n = len(case.prompt)
-                    shares = rec.shares("uniform", n)[lo:hi].sum(0)
-                    prompt = reread.prompt(shares, case.prompt, plain.separator)
-                    text = plain.generate(prompt, SamplingParams(max_tokens=case.max_new_tokens)).text
-                    found.append(case.score(text))
-                key = f"passages {passages} margin {margin} layers {lo}:{hi}"
-                accuracy[key] = found
-                print(f"{key}: {100 * sum(found) / len(found):.0f}% {found}", flush=True)
+                for reach in args.reaches:
+                    reread = Reread(passages, margin, base.head, base.tail, reach)
+                    found, sizes = [], []
+                    for case, rec in cases:
+                        n = len(case.prompt)
+                        shares = rec.shares("uniform", n)[lo:hi].sum(0)
+                        prompt = reread.prompt(shares, case.prompt, plain.separator, plain.line_breaks)
+                        sizes.append(len(prompt))
+                        text = plain.generate(prompt, SamplingParams(max_tokens=case.max_new_tokens)).text
+                        found.append(case.score(text))
+                    key = f"passages {passages} margin {margin} reach {reach} layers {lo}:{hi}"
+                    accuracy[key], prompt_tokens[key] = found, round(sum(sizes) / len(sizes))
+                    print(
+                        f"{key}: {100 * sum(found) / len(found):.0f}% {found}, {prompt_tokens[key]} tokens",
+                        flush=True,
+                    )
     row = {
         "date": datetime.date.today().isoformat(),
         "cpu": cpu_name(),
@@ -131,6 +138,7 @@ def main() -> None:
         "cases": args.cases,
         "ranks": ranks,
         "accuracy": accuracy,
+        "prompt_tokens": prompt_tokens,
     }
     rows = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
     RESULTS.write_text(json.dumps([*rows, row], indent=1) + "\n")

@@ -36,17 +36,37 @@ def test_passages_are_the_top_windows_widened_joined_and_in_order() -> None:
     shares[100:104] = 0.02
     shares[110] = 0.01  # its window overlaps the previous one's widened span: joined
     shares[2] = shares[395] = 1.0  # in the head and the tail: kept anyway, never picked
-    spans = reread.spans(shares, n)
+    history = list(range(n))
+    spans = reread.spans(shares, history, frozenset())
     assert spans[-1][0] <= 300 and spans[-1][1] >= 310 and spans[-1][1] - spans[-1][0] == WINDOW_TOKENS + 8
     assert len(spans) == 2 and spans[0][0] <= 100 and spans[0][1] >= 111
     assert all(8 <= a < b <= n - 10 for a, b in spans)
-    history = list(range(n))
     sep = [-1]
-    prompt = reread.prompt(shares, history, sep)
+    prompt = reread.prompt(shares, history, sep, frozenset())
     pieces = [history[:8]] + [history[a:b] for a, b in spans] + [history[-10:]]
     assert prompt == [t for i, piece in enumerate(pieces) for t in ([] if i == 0 else sep) + piece]
-    assert reread.prompt(shares, history[:18], sep) == history[:18]  # head and tail are all of it
-    assert reread.spans(torch.zeros(n, dtype=torch.float64), n) == []  # no attention: no passage
+    assert (
+        reread.prompt(shares, history[:18], sep, frozenset()) == history[:18]
+    )  # head and tail are all of it
+    assert (
+        reread.spans(torch.zeros(n, dtype=torch.float64), history, frozenset()) == []
+    )  # no attention: no passage
+
+
+def test_passages_grow_to_whole_lines_within_reach() -> None:
+    reread = Reread(passages=1, margin=4, head=8, tail=10, reach=20)
+    n, eol = 400, -2
+    shares = torch.zeros(n, dtype=torch.float64)
+    shares[200:210] = 1.0
+    history = list(range(n))
+    ((a, b),) = reread.spans(shares, history, frozenset())
+    for at in (a - 15, b + 30):  # a line starts 14 tokens before the passage; the next ends 31 after it
+        history[at] = eol
+    assert reread.spans(shares, history, frozenset({eol})) == [(a - 14, b)]  # the far end stays
+    history[b + 5] = eol
+    assert reread.spans(shares, history, frozenset({eol})) == [(a - 14, b + 6)]  # the line's break included
+    history[a - 1] = history[b - 1] = eol
+    assert reread.spans(shares, history, frozenset({eol})) == [(a, b)]  # whole lines already
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +108,7 @@ def test_the_answer_is_the_plain_model_over_the_reread_prompt(tiny) -> None:
             seq.tally = tally = Reread.tally(tiny.config.num_layers)
         feed(gen.model, gen.pool, seq, prompt[start : start + CHUNK], CHUNK, "none")
     assert seq.table.evicted_blocks > 0
-    reread = gen.long_context.rereader.prompt(tally.shares(), seq.tokens, gen.separator)
+    reread = gen.long_context.rereader.prompt(tally.shares(), seq.tokens, gen.separator, gen.line_breaks)
     seq.release()
     assert 8 + 8 < len(reread) < 128  # head, tail, two passages: nothing of it evicted
     plain = Generator(tiny, 256, page_size=PAGE, chunk_size=CHUNK, fill_value=float("nan"))

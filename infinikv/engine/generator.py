@@ -162,6 +162,12 @@ class Generator:
     def separator(self) -> list[int]:
         return self.encode(SEPARATOR, add_special_tokens=False)
 
+    @functools.cached_property
+    def line_breaks(self) -> frozenset[int]:
+        """The token ids whose text holds a line break (a re-read keeps whole lines)."""
+        texts = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
+        return frozenset(i for i, text in enumerate(texts) if "\n" in text)
+
     def new_sequence(self, prefix: str, store: BlockStore | None = None) -> Sequence:
         """An empty sequence in this generator's pool; its evicted blocks go under prefix to
         `store` (a session's), else to this generator's scratch store."""
@@ -245,7 +251,7 @@ class Generator:
         reader, reread = seq, []  # the sequence that answers, and the prompt it re-read
         if rereads:
             assert rereader is not None and seq.tally is not None
-            reread = rereader.prompt(seq.tally.shares(), seq.tokens, self.separator)
+            reread = rereader.prompt(seq.tally.shares(), seq.tokens, self.separator, self.line_breaks)
             seq.tally = None  # citations, if asked for, are the prompt's: what was re-read
             reader = self.new_sequence(f"ikv:reread:{uuid.uuid4().hex}:")
         elif not params.citations:

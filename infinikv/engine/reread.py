@@ -23,6 +23,9 @@ WINDOW_TOKENS = 32
 VOTING_FROM = 1 / 3
 # Between the pieces of a re-read prompt: marks the text left out.
 SEPARATOR = "\n...\n"
+# A passage is completed to whole lines when its line ends this close: a fact cut mid-line
+# (a uuid's last digits) is answered cut (docs/recall.md).
+LINE_REACH = 64
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,7 @@ class Reread:
     margin: int  # tokens kept on either side of each window
     head: int  # first tokens of the history kept (the sinks: BOS, a system prompt)
     tail: int  # last tokens kept (the question)
+    reach: int = LINE_REACH  # tokens a passage may grow either way to whole lines
 
     @staticmethod
     def tally(num_layers: int) -> AttentionTally:
@@ -38,33 +42,50 @@ class Reread:
         deeper layers only."""
         return AttentionTally(uniform=True, first_layer=int(num_layers * VOTING_FROM))
 
-    def spans(self, shares: torch.Tensor, length: int) -> list[tuple[int, int]]:
-        """The token spans [start, end) of a history of `length` tokens that a prompt
-        re-reads between its head and tail, in order: the `passages` windows with the most
-        attention `shares` (by absolute position), each widened by `margin`, overlaps joined."""
-        end = length - self.tail
+    def spans(
+        self, shares: torch.Tensor, history: list[int], breaks: frozenset[int]
+    ) -> list[tuple[int, int]]:
+        """The token spans [start, end) of `history` that a prompt re-reads between its head
+        and tail, in order: the `passages` windows with the most attention `shares` (by
+        absolute position), each widened by `margin`, then to whole lines (`breaks`: the
+        tokens that end one), overlaps joined."""
+        end = len(history) - self.tail
         if end <= self.head:
             return []
         mass = torch.zeros(end - self.head, dtype=torch.float64)
         got = shares[self.head : end]
         mass[: got.shape[0]] = got
-        picked = sorted(first for _, _, first in top_windows([mass], WINDOW_TOKENS, self.passages))
-        spans: list[tuple[int, int]] = []
-        for first in picked:
+        widened = []
+        for _, _, first in top_windows([mass], WINDOW_TOKENS, self.passages):
             a = self.head + max(0, first - self.margin)
             b = min(end, self.head + first + WINDOW_TOKENS + self.margin)
+            widened.append(self._whole_lines(history, a, b, end, breaks))
+        spans: list[tuple[int, int]] = []
+        for a, b in sorted(widened):
             if spans and a <= spans[-1][1]:
                 spans[-1] = (spans[-1][0], max(b, spans[-1][1]))
             else:
                 spans.append((a, b))
         return spans
 
-    def prompt(self, shares: torch.Tensor, history: list[int], separator: list[int]) -> list[int]:
+    def _whole_lines(
+        self, history: list[int], a: int, b: int, end: int, breaks: frozenset[int]
+    ) -> tuple[int, int]:
+        """[a, b) grown to start after a line break and to end with one, each side only if
+        that break is within `reach` tokens (and between the head and `end`)."""
+        lo, hi = max(self.head, a - self.reach), min(end, b + self.reach)
+        start = next((i for i in range(a, lo - 1, -1) if i == 0 or history[i - 1] in breaks), a)
+        stop = next((i for i in range(b, hi + 1) if history[i - 1] in breaks), b)
+        return start, stop
+
+    def prompt(
+        self, shares: torch.Tensor, history: list[int], separator: list[int], breaks: frozenset[int]
+    ) -> list[int]:
         """The re-read prompt: head, each span, tail, with `separator` tokens between."""
         n = len(history)
         if n <= self.head + self.tail:
             return list(history)
         ids = history[: self.head]
-        for a, b in self.spans(shares, n):
+        for a, b in self.spans(shares, history, breaks):
             ids += separator + history[a:b]
         return ids + separator + history[n - self.tail :]
