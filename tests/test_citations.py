@@ -61,6 +61,7 @@ def test_evicted_tokens_get_their_share_by_the_key_sketch() -> None:
 
 def test_passages_are_exact_character_spans_best_first(tokenizer) -> None:
     from infinikv.engine.citations import PASSAGE_TOKENS, cite
+    from infinikv.engine.lines import line_breaks
     from infinikv.engine.session import DocumentSpan, SectionSpan
 
     text = "".join(f"Line {i}: the river bends past the old mill, café and all.\n" for i in range(60))
@@ -73,13 +74,15 @@ def test_passages_are_exact_character_spans_best_first(tokenizer) -> None:
     shares[3 + 100 : 3 + 110] = 0.05  # the most
     shares[3 + len(ids) - 50 : 3 + len(ids) - 45] = 0.02  # in the second half: no section
     shares[3 + 20] = 0.01  # third, and inside chapter "One"
-    cited = cite(shares, history, [doc], tokenizer)
+    breaks = line_breaks(tokenizer)
+    cited = cite(shares, history, [doc], tokenizer, breaks)
     assert [round(c.share, 3) for c in cited] == [0.5, 0.1, 0.01]
     for c in cited:
         assert text[c.char_start : c.char_end] == c.text and c.name == "mill.txt" and c.document_id == "doc_1"
         assert c.char_end - c.char_start > PASSAGE_TOKENS  # whole tokens of text, with context
+        assert text[c.char_start - 1 : c.char_start] in ("", "\n") and c.text.endswith("\n")  # whole lines
     assert cited[2].section == "chapter: One" and cited[1].section is None
-    assert cite(torch.zeros(len(history), dtype=torch.float64), history, [doc], tokenizer) == []
+    assert cite(torch.zeros(len(history), dtype=torch.float64), history, [doc], tokenizer, breaks) == []
 
 
 def test_citations_need_long_context_and_a_key_sketch() -> None:

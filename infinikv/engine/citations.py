@@ -9,10 +9,11 @@ from typing import Any
 import torch
 
 from infinikv.attention.tally import top_windows
+from infinikv.engine.lines import whole_lines
 from infinikv.engine.session import DocumentSpan
 
 # The attention of windows of this many tokens picks the passages (a line or two of prose);
-# each is cited with half as many tokens of context on either side.
+# each is cited with half as many tokens of context on either side, then as whole lines.
 PASSAGE_TOKENS = 32
 # Passages an answer returns at most, by attention share.
 CITED = 3
@@ -30,10 +31,16 @@ class Citation:
 
 
 def cite(
-    shares: torch.Tensor, history: list[int], sources: list[DocumentSpan], tokenizer: Any, top: int = CITED
+    shares: torch.Tensor,
+    history: list[int],
+    sources: list[DocumentSpan],
+    tokenizer: Any,
+    breaks: frozenset[int],
+    top: int = CITED,
 ) -> list[Citation]:
     """The `top` passages of `sources` (token spans of `history`) with the most attention
-    `shares` (by absolute position), best first; `share` is the window's."""
+    `shares` (by absolute position), best first, grown to whole lines (`breaks`: the tokens
+    that end one); `share` is the window's."""
     masses = []
     for source in sources:
         mass = torch.zeros(source.end - source.start, dtype=torch.float64)
@@ -43,8 +50,10 @@ def cite(
     cited = []
     for share, i, first in top_windows(masses, PASSAGE_TOKENS, top):
         source, margin = sources[i], PASSAGE_TOKENS // 2
-        last = min(first + PASSAGE_TOKENS, source.end - source.start)
-        shown = (max(0, first - margin), min(last + margin, source.end - source.start))
+        n = source.end - source.start
+        last = min(first + PASSAGE_TOKENS, n)
+        ids = history[source.start : source.end]
+        shown = whole_lines(ids, max(0, first - margin), min(last + margin, n), 0, n, breaks)
         cited.append(_citation(share, source, *shown, history, tokenizer))
     return cited
 

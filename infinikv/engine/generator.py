@@ -19,6 +19,7 @@ from infinikv.attention.tally import AttentionTally
 from infinikv.engine.batch import Forward, run_alone
 from infinikv.engine.detokenize import TextStream
 from infinikv.engine.grammar import TokenGrammar
+from infinikv.engine.lines import line_breaks
 from infinikv.engine.logprobs import TokenLogprob, token_logprobs
 from infinikv.engine.regions import LongContextConfig
 from infinikv.engine.reread import SEPARATOR, Reread
@@ -164,9 +165,7 @@ class Generator:
 
     @functools.cached_property
     def line_breaks(self) -> frozenset[int]:
-        """The token ids whose text holds a line break (a re-read keeps whole lines)."""
-        texts = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
-        return frozenset(i for i, text in enumerate(texts) if "\n" in text)
+        return line_breaks(self.tokenizer)
 
     def new_sequence(self, prefix: str, store: BlockStore | None = None) -> Sequence:
         """An empty sequence in this generator's pool; its evicted blocks go under prefix to

@@ -120,8 +120,8 @@ def cite_turn(
     shares = tally.shares()
     shares[: 0 if gen.long_context is None else gen.long_context.sinks] = 0
     if session is not None:
-        return cite(shares, seq.tokens, session.documents, gen.tokenizer)
-    return cite(shares, prompt, [DocumentSpan("", "prompt", 0, len(prompt))], gen.tokenizer)
+        return cite(shares, seq.tokens, session.documents, gen.tokenizer, gen.line_breaks)
+    return cite(shares, prompt, [DocumentSpan("", "prompt", 0, len(prompt))], gen.tokenizer, gen.line_breaks)
 
 
 def submit_turn(engine: Engine, turn: Turn, handle: TaskHandle, owner: str = "") -> TaskHandle:

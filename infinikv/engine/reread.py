@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from infinikv.attention.tally import AttentionTally, top_windows
+from infinikv.engine.lines import LINE_REACH, whole_lines
 
 # Passages are picked as windows of this many tokens (a line or two of prose).
 WINDOW_TOKENS = 32
@@ -23,9 +24,6 @@ WINDOW_TOKENS = 32
 VOTING_FROM = 1 / 3
 # Between the pieces of a re-read prompt: marks the text left out.
 SEPARATOR = "\n...\n"
-# A passage is completed to whole lines when its line ends this close: a fact cut mid-line
-# (a uuid's last digits) is answered cut (docs/recall.md).
-LINE_REACH = 64
 
 
 @dataclass(frozen=True)
@@ -59,7 +57,7 @@ class Reread:
         for _, _, first in top_windows([mass], WINDOW_TOKENS, self.passages):
             a = self.head + max(0, first - self.margin)
             b = min(end, self.head + first + WINDOW_TOKENS + self.margin)
-            widened.append(self._whole_lines(history, a, b, end, breaks))
+            widened.append(whole_lines(history, a, b, self.head, end, breaks, self.reach))
         spans: list[tuple[int, int]] = []
         for a, b in sorted(widened):
             if spans and a <= spans[-1][1]:
@@ -67,16 +65,6 @@ class Reread:
             else:
                 spans.append((a, b))
         return spans
-
-    def _whole_lines(
-        self, history: list[int], a: int, b: int, end: int, breaks: frozenset[int]
-    ) -> tuple[int, int]:
-        """[a, b) grown to start after a line break and to end with one, each side only if
-        that break is within `reach` tokens (and between the head and `end`)."""
-        lo, hi = max(self.head, a - self.reach), min(end, b + self.reach)
-        start = next((i for i in range(a, lo - 1, -1) if i == 0 or history[i - 1] in breaks), a)
-        stop = next((i for i in range(b, hi + 1) if history[i - 1] in breaks), b)
-        return start, stop
 
     def prompt(
         self, shares: torch.Tensor, history: list[int], separator: list[int], breaks: frozenset[int]
