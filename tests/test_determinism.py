@@ -20,7 +20,7 @@ from .conftest import generation_task, task_result
 
 pytestmark = pytest.mark.slow
 
-TOKENS = 3000  # a prompt well past the 1024-token resident window below
+TOKENS = 2000  # a prompt well past the 1024-token resident window below
 PARAMS = SamplingParams(max_tokens=40, ignore_eos=True)
 
 

@@ -12,9 +12,9 @@ from infinikv.evaluation.passkey import found, passkey_case
 
 pytestmark = pytest.mark.slow
 
-PROMPT_TOKENS = 3000
-# Key positions ~200..2300 tokens: all evicted from a 512-token resident window.
-DEPTHS = [0.05, 0.2, 0.35, 0.5, 0.65, 0.8]
+PROMPT_TOKENS = 2000
+# Key positions ~100..1300 tokens: all evicted from a 512-token resident window.
+DEPTHS = [0.05, 0.17, 0.29, 0.41, 0.53, 0.65]
 
 
 def accuracy(default_model, memory: bool, granularity: str = "token") -> float:
