@@ -4,7 +4,7 @@ prompt of the history's head, the passages the question attended to most, and it
 After a long prompt's prefill, the attention of its last position (attention/tally.py,
 every key scored at the memory distance: resident ones from their keys before RoPE,
 evicted ones by the key sketch) puts the planted fact's window first in most cases, while
-the model answering over 8k resident tokens of other text loses it; over ~1.8k tokens it
+the model answering over 8k resident tokens of other text loses it; over ~2k tokens it
 reads it back (after InfiniRetri, which answers from the tokens the question's attention
 picks). docs/recall.md has the tuning and the held-out results."""
 
