@@ -26,7 +26,8 @@ from machine import cpu_name
 
 from infinikv.attention.tally import AttentionTally, top_windows
 from infinikv.engine.generator import Generator
-from infinikv.engine.reread import LINE_REACH, WINDOW_TOKENS, Reread
+from infinikv.engine.lines import LINE_REACH
+from infinikv.engine.reread import WINDOW_TOKENS, Reread
 from infinikv.engine.sampling import SamplingParams
 from infinikv.engine.sequence import feed
 from infinikv.evaluation.recall import RecallCase, recall_case

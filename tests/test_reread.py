@@ -45,12 +45,9 @@ def test_passages_are_the_top_windows_widened_joined_and_in_order() -> None:
     prompt = reread.prompt(shares, history, sep, frozenset())
     pieces = [history[:8]] + [history[a:b] for a, b in spans] + [history[-10:]]
     assert prompt == [t for i, piece in enumerate(pieces) for t in ([] if i == 0 else sep) + piece]
-    assert (
-        reread.prompt(shares, history[:18], sep, frozenset()) == history[:18]
-    )  # head and tail are all of it
-    assert (
-        reread.spans(torch.zeros(n, dtype=torch.float64), history, frozenset()) == []
-    )  # no attention: no passage
+    # Head and tail are all of it; no attention: no passage.
+    assert reread.prompt(shares, history[:18], sep, frozenset()) == history[:18]
+    assert reread.spans(torch.zeros(n, dtype=torch.float64), history, frozenset()) == []
 
 
 def test_passages_grow_to_whole_lines_within_reach() -> None:

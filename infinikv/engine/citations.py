@@ -50,11 +50,10 @@ def cite(
     cited = []
     for share, i, first in top_windows(masses, PASSAGE_TOKENS, top):
         source, margin = sources[i], PASSAGE_TOKENS // 2
-        n = source.end - source.start
-        last = min(first + PASSAGE_TOKENS, n)
-        ids = history[source.start : source.end]
-        shown = whole_lines(ids, max(0, first - margin), min(last + margin, n), 0, n, breaks)
-        cited.append(_citation(share, source, *shown, history, tokenizer))
+        a = source.start + max(0, first - margin)
+        b = min(source.start + first + PASSAGE_TOKENS + margin, source.end)
+        a, b = whole_lines(history, a, b, source.start, source.end, breaks)
+        cited.append(_citation(share, source, a - source.start, b - source.start, history, tokenizer))
     return cited
 
 

@@ -19,9 +19,9 @@ def line_breaks(tokenizer: Any) -> frozenset[int]:
 def whole_lines(
     history: list[int], a: int, b: int, lo: int, hi: int, breaks: frozenset[int], reach: int = LINE_REACH
 ) -> tuple[int, int]:
-    """[a, b) grown to start after a line break (or at the history's start) and to end with
-    one, each side only if that break is within `reach` tokens and [lo, hi)."""
+    """[a, b) grown to start after a line break (or at `lo`, where the text starts) and to
+    end with one, each side only if that break is within `reach` tokens and [lo, hi)."""
     first, last = max(lo, a - reach), min(hi, b + reach)
-    start = next((i for i in range(a, first - 1, -1) if i == 0 or history[i - 1] in breaks), a)
+    start = next((i for i in range(a, first - 1, -1) if i == lo or history[i - 1] in breaks), a)
     stop = next((i for i in range(b, last + 1) if history[i - 1] in breaks), b)
     return start, stop
