@@ -1,7 +1,7 @@
 """Prefill and decode throughput, infinikv vs transformers `generate`, same weights, one run.
 
     python benchmarks/bench_generate.py [--lengths 512 2048 6144] [--dtype float32]
-        [--quantize bf16|int4|int4-decode] [--repeats 3] [--long-context]
+        [--quantize bf16|int4|int4-decode] [--repeats 3] [--long-context] [--no-llama-cpp]
 
 Each engine runs in its own subprocess (so its RSS, once the model is loaded and at its
 peak, is its own); both read the same
@@ -11,11 +11,18 @@ the medians are reported (prefill: prompt to first token; decode: first to last 
 transformers' streamer timestamps, one `generate` call each). Prints a table and writes
 benchmarks/results/generate-*.json. --long-context adds infinikv with the long-context
 defaults (what `infinikv generate --file` runs) as a third engine, beside the plain one.
+When llama-cpp-python is installed, llama.cpp runs too, on the default model's own GGUF
+(Q4_1 layers, Q8_0 head) with torch's thread count, the same prompt ids, greedy
+(`pip install llama-cpp-python` builds it for this CPU; --no-llama-cpp skips it). Its AMX
+buffers (Sapphire Rapids and later) crash llama-cpp-python 0.3.36 on prompts of more than one
+token per batch: there pass --llama-cpp-batch 1 (its decode keeps the AMX kernels, its prefill
+goes token by token) and --llama-cpp-batch 512 --llama-cpp-no-extra for its batched prefill.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -30,6 +37,7 @@ from machine import cpu_features, cpu_name
 from infinikv.model.linear import QUANTIZATIONS
 
 LONG = "infinikv-long-context"
+LLAMA_CPP = "llama.cpp"
 
 TEXT = (
     "The lighthouse keeper rose before dawn, as he had every day for thirty years. He climbed "
@@ -117,11 +125,71 @@ def run_transformers(
     return rows, loaded_mb
 
 
-def worker(engine: str, lengths: list[int], new_tokens: int, dtype: str, quantize: str, repeats: int) -> None:
+def run_llama_cpp(
+    lengths: list[int], new_tokens: int, repeats: int, batch: int, extra_buffers: bool
+) -> tuple[list[dict], float]:
+    import llama_cpp
+    import torch
+    from llama_cpp import Llama
+    from transformers import AutoTokenizer
+
+    from infinikv.model.default import default_gguf
+    from infinikv.model.loader import convert_gguf
+    from infinikv.service.settings import Settings
+
+    settings = Settings()
+    gguf = default_gguf(settings.cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(convert_gguf(gguf, settings.cache_dir))
+    threads = torch.get_num_threads()
+    if not extra_buffers:  # Llama() takes no such argument: off in the defaults it reads
+        defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+        def without_extra_buffers():
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+
+        llama_cpp.llama_cpp.llama_model_default_params = without_extra_buffers
+    llm = Llama(
+        model_path=str(gguf),
+        n_ctx=max(lengths) + new_tokens + 8,
+        n_threads=threads,
+        n_threads_batch=threads,
+        n_batch=batch,
+        verbose=False,
+    )
+    loaded_mb = rss_mb()
+
+    def timed(ids: list[int], new: int) -> tuple[float, float]:
+        """(prefill tok/s, decode tok/s) of one greedy generation; `generate` never stops at EOS."""
+        llm.reset()  # else `generate` reuses the previous run's matching prefix
+        t0 = time.perf_counter()
+        times = []
+        for _ in llm.generate(ids, top_k=1, temp=0.0):
+            times.append(time.perf_counter())
+            if len(times) == new:
+                break
+        return len(ids) / (times[0] - t0), (new - 1) / (times[-1] - times[0])
+
+    timed(prompt_ids(tokenizer, 32), 4)  # warm-up
+    rows = []
+    for n in lengths:
+        ids = prompt_ids(tokenizer, n)
+        rows.append(median_row(n, [timed(ids, new_tokens) for _ in range(repeats)]))
+    return rows, loaded_mb
+
+
+def worker(engine: str, args: argparse.Namespace) -> None:
+    lengths, new_tokens, repeats = args.lengths, args.new_tokens, args.repeats
     if engine == "transformers":
-        rows, loaded_mb = run_transformers(lengths, new_tokens, dtype, quantize, repeats)
+        rows, loaded_mb = run_transformers(lengths, new_tokens, args.dtype, args.quantize, repeats)
+    elif engine == LLAMA_CPP:
+        extra = not args.llama_cpp_no_extra
+        rows, loaded_mb = run_llama_cpp(lengths, new_tokens, repeats, args.llama_cpp_batch, extra)
     else:
-        rows, loaded_mb = run_infinikv(lengths, new_tokens, dtype, quantize, repeats, engine == LONG)
+        rows, loaded_mb = run_infinikv(
+            lengths, new_tokens, args.dtype, args.quantize, repeats, engine == LONG
+        )
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     print(json.dumps({"engine": engine, "rows": rows, "loaded_rss_mb": loaded_mb, "peak_rss_mb": peak_mb}))
 
@@ -148,13 +216,29 @@ def main() -> None:
     ap.add_argument(
         "--long-context", action="store_true", help="also infinikv with the long-context defaults"
     )
-    ap.add_argument("--worker", choices=["infinikv", "transformers", LONG], help=argparse.SUPPRESS)
+    ap.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp even when installed")
+    ap.add_argument(
+        "--llama-cpp-batch", type=int, default=512, help="llama.cpp's n_batch (prompt tokens per eval)"
+    )
+    ap.add_argument(
+        "--llama-cpp-no-extra",
+        action="store_true",
+        help="llama.cpp without its repacked (AMX) weight buffers",
+    )
+    ap.add_argument("--worker", choices=["infinikv", "transformers", LONG, LLAMA_CPP], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        worker(args.worker, args.lengths, args.new_tokens, args.dtype, args.quantize, args.repeats)
+        worker(args.worker, args)
         return
     results = {}
-    for engine in ("transformers", "infinikv", *([LONG] if args.long_context else [])):
+    llama_cpp = not args.no_llama_cpp and importlib.util.find_spec("llama_cpp") is not None
+    engines = (
+        "transformers",
+        "infinikv",
+        *([LONG] if args.long_context else []),
+        *([LLAMA_CPP] if llama_cpp else []),
+    )
+    for engine in engines:
         cmd = [
             sys.executable,
             __file__,
@@ -170,6 +254,9 @@ def main() -> None:
             str(args.repeats),
             "--lengths",
             *map(str, args.lengths),
+            "--llama-cpp-batch",
+            str(args.llama_cpp_batch),
+            *(["--llama-cpp-no-extra"] if args.llama_cpp_no_extra else []),
         ]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         results[engine] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -182,6 +269,16 @@ def main() -> None:
     if LONG in results:
         print(f"\ninfinikv with the long-context defaults ({LONG}) against plain infinikv:")
         ratio_table(results[LONG]["rows"], ours["rows"], "long / plain")
+    if LLAMA_CPP in results:
+        extra = "without" if args.llama_cpp_no_extra else "with"
+        print(
+            f"\ninfinikv ({args.quantize}) against llama.cpp (the GGUF's Q4_1 / Q8_0, same threads, "
+            f"n_batch {args.llama_cpp_batch}, {extra} its repacked weight buffers):"
+        )
+        ratio_table(ours["rows"], results[LLAMA_CPP]["rows"], "ours / llama.cpp")
+        if LONG in results:
+            print("\nthe long-context defaults against llama.cpp (full attention):")
+            ratio_table(results[LONG]["rows"], results[LLAMA_CPP]["rows"], "long / llama.cpp")
     print(
         f"RSS MB once loaded: infinikv {ours['loaded_rss_mb']:.0f}, transformers {hf['loaded_rss_mb']:.0f}; "
         f"peak: infinikv {ours['peak_rss_mb']:.0f}, transformers {hf['peak_rss_mb']:.0f}"

@@ -29,11 +29,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from infinikv.attention.interface import AttentionBackend, LongContextAttentionBackend
 from infinikv.errors import UnsupportedModelError
 
 QUANTIZATIONS = ("none", "bf16", "int4", "int4-decode")
@@ -51,14 +53,29 @@ FewRows = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
+class DecoderStack:
+    """Every decoder layer of a forward of few rows in one call, for sequences that attend as
+    `attention` does with at most `max_query_rows` query rows per kv-head, and long-context
+    steps that `long_context_attention` sends to it (below the neighbor window, one row)."""
+
+    layer_table: Callable[..., tuple[Any, int]]  # the layers' weights, prepared once
+    run: Callable[..., None]
+    attention: AttentionBackend
+    long_context_attention: LongContextAttentionBackend
+    max_query_rows: int
+
+
+@dataclass(frozen=True)
 class FewRowKernels:
     """Kernels for inputs of few rows (decode steps, draft verifications; the CPU's are
     `infinikv.kernels.cpu.ops`, which documents the arguments): `linear` for one projection,
-    and a decoder layer's work before and after attention in one call each."""
+    a decoder layer's work before and after attention in one call each, and `stack` for
+    every layer at once."""
 
     linear: FewRows
     norm_project: Callable[..., torch.Tensor]  # rms_norm, then a projection
     mlp_residual: Callable[..., None]  # output projection, norm, MLP and residuals, in place
+    stack: DecoderStack | None = None
 
 
 # Inputs of at most this many rows (decode steps, draft verifications) go through a
@@ -198,7 +215,12 @@ def few_row_kernels(backend: str) -> FewRowKernels | None:
     """The kernels for inputs of few rows of a resolved attention backend: the projections
     and the work around them (None: PyTorch operations and torch's matmul)."""
     if backend == "cpu":
-        from infinikv.kernels.cpu.ops import linear, mlp_residual, norm_project
+        from infinikv.attention.cpu import cpu_causal_attention, cpu_long_context_attention
+        from infinikv.attention.pytorch import SMALL_QUERY_ROWS
+        from infinikv.kernels.cpu.ops import decoder_stack, layer_table, linear, mlp_residual, norm_project
 
-        return FewRowKernels(linear, norm_project, mlp_residual)
+        stack = DecoderStack(
+            layer_table, decoder_stack, cpu_causal_attention, cpu_long_context_attention, SMALL_QUERY_ROWS
+        )
+        return FewRowKernels(linear, norm_project, mlp_residual, stack)
     return None

@@ -21,7 +21,7 @@ from infinikv.attention.tally import AttentionTally
 from infinikv.cache.pages import LayerKV, PageList, PagePool
 from infinikv.core.config import ModelConfig
 from infinikv.core.rope import RotaryEmbedding
-from infinikv.model.linear import FEW_ROWS, DenseLinear, FewRowKernels, dense
+from infinikv.model.linear import FEW_ROWS, DecoderStack, DenseLinear, FewRowKernels, dense
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,14 @@ class DecoderLayer(nn.Module):
         # gate and up projections fused: rows [0, F) gate, [F, 2F) up.
         self.gate_up = DenseLinear(2 * cfg.intermediate_size, D)
         self.down = DenseLinear(D, cfg.intermediate_size)
+
+    def stack_weights(self) -> tuple[torch.Tensor | None, ...]:
+        """The layer's tensors in the order of the CPU decoder stack's layer table."""
+        qkv, o = self.qkv, self.o
+        return (
+            *(self.input_norm, qkv.weight, qkv.bias, o.weight, o.bias),
+            *(self.post_norm, self.gate_up.weight, self.down.weight),
+        )
 
     def attention_input(self, x: torch.Tensor, eps: float, kernels: FewRowKernels | None) -> torch.Tensor:
         """q, k, v (N, (Hq + 2Hkv) d) of the layer's input x (N, D): projected after the norm."""
@@ -100,12 +108,14 @@ class LlamaModel(nn.Module):
         self.attention = attention
         self.long_context_attention = long_context_attention
         self.few_rows: FewRowKernels | None = None  # see `use_few_rows`
+        self._layer_table: tuple | None = None  # the decoder stack's weights, made at first use
 
     def use_few_rows(self, kernels: FewRowKernels | None) -> None:
         """Send inputs of few rows (decode steps, verifications) through `kernels`: the
         projections (quantized ones excepted) and the work around them (None: PyTorch
         operations and torch's matmul for every input)."""
         self.few_rows = kernels
+        self._layer_table = None
         for module in self.modules():
             if isinstance(module, DenseLinear):
                 module.few_rows = None if kernels is None else kernels.linear
@@ -130,9 +140,73 @@ class LlamaModel(nn.Module):
     def _apply(self, fn, recurse=True):
         """`.to(device)` moves the rotary table (not a buffer) along with the weights."""
         super()._apply(fn, recurse)
+        self._layer_table = None  # the weights may be new tensors
         if self.rope.inv_freq.device != self.device:
             self.rope = RotaryEmbedding(self.cfg.rope, self.cfg.head_dim, device=self.device)
         return self
+
+    def load_state_dict(self, *args, **kwargs):
+        self._layer_table = None  # assign=True puts new tensors in
+        return super().load_state_dict(*args, **kwargs)
+
+    def _stacked(self, batch: ForwardBatch, pool: PagePool, stack: DecoderStack) -> list[tuple] | None:
+        """The batch's sequences as `stack` takes them (first row, rows, block table, resident
+        slots), or None where one attends otherwise: another backend, a long-context step past
+        its window or with a tally, more query rows than the kernel takes, a float32 pool's
+        absence; a query not at its sequence's end is left to the backend's own error."""
+        cfg = self.cfg
+        if (
+            self.attention is not stack.attention
+            or pool.k.dtype != torch.float32
+            or pool.k.device.type != "cpu"
+        ):
+            return None
+        seqs = []
+        for s in batch.seqs:
+            first = int(batch.positions[s.start])
+            if s.long_context is not None and (
+                s.length > 1
+                or s.tally is not None
+                or self.long_context_attention is not stack.long_context_attention
+                or first >= s.long_context.self_extend.window
+            ):
+                return None
+            if (
+                s.length * cfg.num_heads // cfg.num_kv_heads > stack.max_query_rows
+                or first != s.kv_len - s.length
+            ):
+                return None
+            seqs.append((s.start, s.length, s.pages.ids, s.kv_len))
+        return seqs
+
+    def _run_stack(
+        self,
+        stack: DecoderStack,
+        x: torch.Tensor,
+        batch: ForwardBatch,
+        pool: PagePool,
+        seqs: list[tuple],
+        layers: int,
+    ) -> None:
+        """The first `layers` decoder layers on x (N, D) in place, in one call of `stack`."""
+        if self._layer_table is None:
+            decoder = [cast(DecoderLayer, layer) for layer in self.layers]
+            self._layer_table = stack.layer_table([layer.stack_weights() for layer in decoder])
+        cfg = self.cfg
+        own, grouped = pool.key_phases(batch.positions)
+        separate = pool.k_group is not pool.k_rope
+        stack.run(
+            x,
+            self._layer_table,
+            layers,
+            cfg.rms_norm_eps,
+            (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim),
+            torch.view_as_real(own),
+            torch.view_as_real(grouped) if separate else None,
+            (pool.k, pool.k_rope, pool.v, pool.k_group if separate else None),
+            batch.slots,
+            seqs,
+        )
 
     @property
     def dtype(self) -> torch.dtype:
@@ -183,20 +257,14 @@ class LlamaModel(nn.Module):
             q[rows], positions[rows], kv, s.pages, s.kv_len, layer, self.rope, s.long_context
         )
 
-    @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, pool: PagePool, num_layers: int | None = None) -> torch.Tensor:
-        """Write the batch's keys/values into `pool` and return float32 logits (S, V).
-
-        With `num_layers`, only the first layers run, then the final norm and head: the
-        self-draft (it writes those layers' keys/values only)."""
+    def _run_layers(
+        self, x: torch.Tensor, batch: ForwardBatch, pool: PagePool, kernels: FewRowKernels | None, layers: int
+    ) -> torch.Tensor:
+        """The first `layers` decoder layers on x (N, D), one at a time: (N, D)."""
         cfg = self.cfg
-        N = batch.tokens.shape[0]
-        Hq, Hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        D, eps = cfg.hidden_size, cfg.rms_norm_eps
-        x = F.embedding(batch.tokens, self.embed)  # (N, D)
+        N, Hq, Hkv, d, eps = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
         phases = pool.key_phases(batch.positions)  # shared by all layers
-        kernels = self._layer_kernels(N)
-        for i, module in enumerate(self.layers[:num_layers]):
+        for i, module in enumerate(self.layers[:layers]):
             layer = cast(DecoderLayer, module)
             qkv = layer.attention_input(x, eps, kernels)  # (N, (Hq + 2Hkv) d)
             q, k, v = qkv.split([Hq * d, Hkv * d, Hkv * d], dim=-1)
@@ -206,6 +274,24 @@ class LlamaModel(nn.Module):
             outs = [self._attend(i, q, batch.positions, kv, s) for s in batch.seqs]  # each (n_s, Hq, d)
             attn = outs[0] if len(outs) == 1 else torch.cat(outs)  # (N, Hq, d)
             x = layer.finish(x, attn.reshape(N, Hq * d), eps, kernels)  # (N, D)
+        return x
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, pool: PagePool, num_layers: int | None = None) -> torch.Tensor:
+        """Write the batch's keys/values into `pool` and return float32 logits (S, V).
+
+        With `num_layers`, only the first layers run, then the final norm and head: the
+        self-draft (it writes those layers' keys/values only)."""
+        cfg = self.cfg
+        D, eps, layers = cfg.hidden_size, cfg.rms_norm_eps, num_layers or cfg.num_layers
+        x = F.embedding(batch.tokens, self.embed)  # (N, D)
+        kernels = self._layer_kernels(batch.tokens.shape[0])
+        stack = None if kernels is None else kernels.stack
+        seqs = None if stack is None else self._stacked(batch, pool, stack)
+        if stack is not None and seqs is not None:
+            self._run_stack(stack, x, batch, pool, seqs, layers)
+        else:
+            x = self._run_layers(x, batch, pool, kernels, layers)
         if batch.logits_rows is not None:
             x = x[batch.logits_rows]  # (S, D)
         x = F.rms_norm(x, (D,), self.norm, eps)

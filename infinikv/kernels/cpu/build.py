@@ -17,13 +17,16 @@ from pathlib import Path
 
 from infinikv.errors import KernelBuildError
 
-SOURCES = ("paged_attention.c", "linear.c", "decoder.c", "sketch.c")
+SOURCES = ("paged_attention.c", "linear.c", "decoder.c", "stack.c", "sketch.c")
 # -ffast-math lets the compiler vectorize the reductions and exp; the source uses no
 # infinities. It is given to the compile step only: linked with it, gcc adds crtfastmath.o,
 # whose constructor sets flush-to-zero for the whole process (torch and numpy included).
 # -fopenmp links libgomp.so.1, the soname of the copy torch ships and has loaded: the
 # kernels' parallel loops run on torch's own (already spinning) worker threads.
 COMPILE = ("-c", "-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC")
+# stack.c rotates q and k as torch does, each product rounded: no fused multiply-adds, which
+# GCC's vectorizer makes of a complex product even so (vfmaddsub); its loops are not hot.
+EXACT = {"stack.c": ("-ffp-contract=off", "-fno-tree-vectorize", "-fno-tree-slp-vectorize")}
 LINK = ("-shared", "-fopenmp")
 
 _ptr, _i64, _int, _float = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
@@ -44,12 +47,28 @@ SIGNATURES = {
         *(_ptr, _float, _ptr, _ptr, _int),  # norm, eps, Wgu, Wd, size
         *(_ptr, _int, _int, _int, _int),  # scratch, M, D, F, threads
     ),
+    "decoder_stack": (
+        *(_ptr, _int, _int, _ptr, _int, _float),  # x, M, L, layers, size, eps
+        *(_int, _int, _int, _int, _int),  # D, F, Hq, Hkv, d
+        *(
+            _ptr,
+            _ptr,
+            _ptr,
+            _ptr,
+            _ptr,
+            _ptr,
+            _i64,
+            _int,
+            _ptr,
+        ),  # phases, group, k, k_rope, v, k_group, P, B, slots
+        *(_int, _ptr, _ptr, _ptr, _ptr, _float, _int),  # S, starts, lens, tables, kv_lens, scale, threads
+    ),
     "sketch_logits": (
         *(_ptr, _int, _int, _int, _int, _int),  # table, chunks, H, d, C, tokens
         *(_ptr, _int, _ptr, _int),  # q, m, out, threads
     ),
 }
-RESTYPES = {"paged_attention": ctypes.c_int}  # the others return nothing
+RESTYPES = {"paged_attention": ctypes.c_int, "decoder_stack": ctypes.c_int}  # the others return nothing
 
 
 def compiler() -> str:
@@ -67,7 +86,10 @@ def library() -> ctypes.CDLL:
     with tempfile.TemporaryDirectory(prefix="infinikv-kernels-") as tmp:
         objects = [str(Path(tmp) / f"{Path(src).stem}.o") for src in SOURCES]
         so = Path(tmp) / "kernels.so"
-        steps = [[*COMPILE, str(here / src), "-o", obj] for src, obj in zip(SOURCES, objects, strict=True)]
+        steps = [
+            [*COMPILE, *EXACT.get(src, ()), str(here / src), "-o", obj]
+            for src, obj in zip(SOURCES, objects, strict=True)
+        ]
         for step in [*steps, [*LINK, *objects, "-o", str(so), "-lm"]]:
             try:
                 proc = subprocess.run([cc, *step], capture_output=True, text=True)

@@ -12,6 +12,7 @@
  */
 #include <math.h>
 
+#include "kernels.h"
 #include "matvec.h"
 
 /* h = x / sqrt(mean(x^2) + eps) * w, row by row: x, h (M, D). */

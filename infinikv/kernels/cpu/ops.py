@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+from collections.abc import Sequence
+
 import torch
 
 from infinikv.core.partial import Partial
@@ -169,3 +172,90 @@ def mlp_residual(
         scratch.data_ptr(), M, D, F, torch.get_num_threads(),
     )
     # fmt: on
+
+
+class LayerWeights(ctypes.Structure):
+    """One decoder layer's tensors as stack.c reads them (layer_t)."""
+
+    _fields_ = [
+        (name, ctypes.c_void_p)
+        for name in ("input_norm", "qkv", "qkv_bias", "o", "o_bias", "post_norm", "gate_up", "down")
+    ]
+
+
+def layer_table(layers: Sequence[Sequence[torch.Tensor | None]]) -> tuple[ctypes.Array, int]:
+    """The weights of every decoder layer, each (input_norm, qkv, qkv_bias, o, o_bias,
+    post_norm, gate_up, down) (a bias may be None), checked once for `decoder_stack`: the
+    projections contiguous CPU float32 or bfloat16 of one dtype, the rest float32. Returns
+    the table and the projections' bytes per weight."""
+    projections = [w for layer in layers for w in (layer[1], layer[3], layer[6], layer[7])]
+    vectors = [w for layer in layers for w in (layer[0], layer[2], layer[4], layer[5]) if w is not None]
+    size = _check_projection(vectors[0], *projections, floats=tuple(vectors[1:]))
+    table = (LayerWeights * len(layers))()
+    for entry, tensors in zip(table, layers, strict=True):
+        for (name, _), t in zip(LayerWeights._fields_, tensors, strict=True):
+            setattr(entry, name, None if t is None else t.data_ptr())
+    return table, size
+
+
+def decoder_stack(
+    x: torch.Tensor,
+    layers: tuple[ctypes.Array, int],
+    num_layers: int,
+    eps: float,
+    dims: tuple[int, int, int, int, int],
+    phases: torch.Tensor,
+    group_phases: torch.Tensor | None,
+    caches: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None],
+    slots: torch.Tensor,
+    seqs: Sequence[tuple[int, int, torch.Tensor, int]],
+) -> None:
+    """The first `num_layers` layers of `layers` (`layer_table`'s) on x (M, D) in place, in
+    one call (stack.c): dims (D, F, Hq, Hkv, d); phases, group_phases (M, d/2, 2)
+    float32 at each row's own and grouped position (None: the pool keeps no k_group); caches
+    k, k_rope, v, k_group (L, P, B, Hkv, d) (k_group None: it is k_rope); slots (M,) int64;
+    seqs: (first row, rows, block table ids, resident slots), its rows the last of them."""
+    D, F, Hq, Hkv, d = dims
+    k, k_rope, v, k_group = caches
+    tensors = [x, phases, k, k_rope, v, *(t for t in (group_phases, k_group) if t is not None)]
+    if not all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors):
+        raise ValueError("the decoder stack takes contiguous float32 CPU activations, phases and caches")
+    if (group_phases is None) != (k_group is None) or d not in HEAD_DIMS:
+        raise ValueError(f"need grouped phases with a k_group cache and head_dim in {HEAD_DIMS}")
+    M = x.shape[0]
+    if (
+        phases.shape != (M, d // 2, 2)
+        or slots.shape != (M,)
+        or slots.dtype != torch.long
+        or not slots.is_contiguous()
+    ):
+        raise ValueError(f"need phases ({M}, {d // 2}, 2) and contiguous int64 slots ({M},) for x's {M} rows")
+    (table, weight_size), (L, P, B) = layers, k.shape[:3]
+    if not 0 < num_layers <= min(L, len(table)):
+        raise ValueError(f"num_layers must be in [1, {min(L, len(table))}], got {num_layers}")
+    for first, rows, ids, kv_len in seqs:
+        if ids.dtype != torch.long or not ids.is_contiguous() or not rows <= kv_len <= ids.shape[0] * B:
+            raise ValueError(
+                f"rows [{first}, {first + rows}) need {kv_len} >= {rows} slots in their block table"
+            )
+    if [0, *(first + rows for first, rows, *_ in seqs)] != [first for first, *_ in seqs] + [M]:
+        raise ValueError(
+            f"the sequences' rows must run over x's {M} rows in order, got {[s[:2] for s in seqs]}"
+        )
+    S = len(seqs)
+    columns = [
+        (ctypes.c_int64 * S)(*values) for values in zip(*((s[0], s[1], s[3]) for s in seqs), strict=True)
+    ]
+    tables = (ctypes.c_void_p * S)(*(s[2].data_ptr() for s in seqs))
+    # fmt: off
+    status = library().decoder_stack(
+        x.data_ptr(), M, num_layers, table, weight_size, eps, D, F, Hq, Hkv, d,
+        phases.data_ptr(), None if group_phases is None else group_phases.data_ptr(),
+        k.data_ptr(), k_rope.data_ptr(), v.data_ptr(), None if k_group is None else k_group.data_ptr(), P, B,
+        slots.data_ptr(), S, columns[0], columns[1], tables, columns[2], d**-0.5, torch.get_num_threads(),
+    )
+    # fmt: on
+    if status == 2:
+        raise ValueError(f"a block table names a page outside the {P} pages")
+    if status:
+        raise MemoryError("the CPU decoder stack could not allocate its scratch")

@@ -15,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels.h"
 #include "vec.h"
 
 #define ROWS 4        /* query rows per running softmax (of one kv-head) */
