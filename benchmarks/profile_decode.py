@@ -1,13 +1,16 @@
 """Where a decode step's time goes, against the time it takes to read the weights once.
 
     python benchmarks/profile_decode.py [--quantize none|bf16|int4] [--prompt 512] [--steps 128]
+        [--layer-by-layer]
 
 One greedy generation of --steps tokens after a --prompt-token prompt (plain attention, the
 default model), every decoder part timed by wrappers around it (a perf_counter pair each,
 ~1 us against a step of tens of ms): the layers' work before attention (norm and q/k/v
 projection), attention, the work after it (output projection, norm, MLP, residuals), the
 output head, the rest of the forward (embedding, page bookkeeping, Python between the
-parts) and the rest of the step outside the forward (sampling, detokenizing, the loop). The
+parts) and the rest of the step outside the forward (sampling, detokenizing, the loop); with
+the CPU decoder stack (the default for float32 and bf16 weights), every layer's work is one C
+call, timed as a whole (--layer-by-layer: without the stack, each part timed). The
 weight-read bound is the bytes of weights a step reads (every layer's and the head's)
 over the read bandwidth measured here (a sum over 1 GiB, the best of five). Prints the
 CPU and its features, a table, and appends a row to benchmarks/results/profile_decode.jsonl.
@@ -16,6 +19,7 @@ CPU and its features, a table, and appends a row to benchmarks/results/profile_d
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import functools
 import json
@@ -33,7 +37,7 @@ from benchmarks.machine import cpu_features, cpu_name  # noqa: E402
 from infinikv.model.linear import QUANTIZATIONS  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "profile_decode.jsonl"
-PARTS = ("before attention", "attention", "after attention", "output head")
+PARTS = ("decoder stack", "before attention", "attention", "after attention", "output head")
 
 
 def read_bandwidth_gbs(gib: float = 1.0, repeats: int = 5) -> float:
@@ -88,7 +92,10 @@ def profile(args: argparse.Namespace) -> dict:
 
     gen = build_generator(Settings(quantize=args.quantize, long_context=False))
     model = gen.model
+    if args.layer_by_layer and model.few_rows is not None:
+        model.use_few_rows(dataclasses.replace(model.few_rows, stack=None))
     timers = Timers()
+    timers.wrap(LlamaModel, "_run_stack", "decoder stack")
     timers.wrap(DecoderLayer, "attention_input", "before attention")
     timers.wrap(LlamaModel, "_attend", "attention")
     timers.wrap(DecoderLayer, "finish", "after attention")
@@ -115,6 +122,7 @@ def profile(args: argparse.Namespace) -> dict:
         "cpu": cpu_name(),
         "features": cpu_features(),
         "quantize": args.quantize,
+        "layer_by_layer": args.layer_by_layer,
         "prompt_tokens": args.prompt,
         "steps": steps,
         "step_ms": step_s * 1e3,
@@ -131,16 +139,20 @@ def main() -> None:
     ap.add_argument("--quantize", choices=QUANTIZATIONS, default="none")
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--steps", type=int, default=128)
+    ap.add_argument("--layer-by-layer", action="store_true", help="without the CPU decoder stack")
     row = profile(ap.parse_args())
     with RESULTS.open("a") as f:
         f.write(json.dumps(row) + "\n")
     print(f"CPU: {row['cpu']} ({', '.join(row['features'])}); quantize={row['quantize']}, ", end="")
-    print(f"{row['prompt_tokens']}-token prompt, {row['steps']} steps")
+    print(f"{row['prompt_tokens']}-token prompt, {row['steps']} steps, ", end="")
+    print("layer by layer" if row["layer_by_layer"] else "decoder stack where it applies")
     print("| part | ms per step | share |\n|---|---:|---:|")
     parts = dict(row["parts_ms"])
     parts["rest of the forward"] = row["forward_ms"] - sum(parts.values())
     parts["outside the forward (sampling, detokenizing, loop)"] = row["step_ms"] - row["forward_ms"]
     for part, ms in parts.items():
+        if part in PARTS and not ms:
+            continue
         print(f"| {part} | {ms:.2f} | {ms / row['step_ms']:.0%} |")
     print(f"| **step** | **{row['step_ms']:.2f}** | 100% |")
     print(

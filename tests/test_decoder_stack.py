@@ -1,6 +1,6 @@
 """The CPU decoder stack (every layer of a few-row forward in one C call) against the
 layer-by-layer path it stands in for: the same logits and the same cache, bit for bit, for
-batched decode steps, verification chunks, bf16 weights, biases, a long-context sequence
+batched decode steps, verification chunks, bf16 and int4 weights, biases, a long-context sequence
 below its window (its grouped keys too) and the self-draft's first layers."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from infinikv.engine.batch import Forward, forward_batch
 from infinikv.engine.regions import LongContextConfig
 from infinikv.engine.sequence import Sequence, feed
 from infinikv.kernels.cpu import ops
-from infinikv.model.linear import FEW_ROWS, DenseLinear, few_row_kernels
+from infinikv.model.linear import FEW_ROWS, DenseLinear, few_row_kernels, quantize_int4
 
 from .conftest import nan_pool, ours_from_hf, tiny_hf_model
 
@@ -31,11 +31,15 @@ def hf_model(request):
 
 
 def cpu_model(hf_model, stacked: bool, weights: torch.dtype = torch.float32):
-    """The model on the CPU backend; `stacked`: with the decoder stack, whose calls it counts."""
+    """The model on the CPU backend, its layers' weights in `weights` (uint8: int4, as Q4
+    blocks); `stacked`: with the decoder stack, whose calls it counts."""
     model = ours_from_hf(hf_model)
-    for module in model.modules():
-        if isinstance(module, DenseLinear):
-            module.weight = nn.Parameter(module.weight.detach().to(weights), requires_grad=False)
+    if weights == torch.uint8:
+        quantize_int4(model.layers)
+    else:
+        for module in model.modules():
+            if isinstance(module, DenseLinear):
+                module.weight = nn.Parameter(module.weight.detach().to(weights), requires_grad=False)
     model.attention, model.long_context_attention = cpu_causal_attention, cpu_long_context_attention
     kernels = few_row_kernels("cpu")
     assert kernels is not None and kernels.stack is not None
@@ -83,7 +87,7 @@ def decode_batched(model, long_context: LongContextConfig | None = None, steps: 
     return torch.cat(logits), pool
 
 
-@pytest.mark.parametrize("weights", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weights", [torch.float32, torch.bfloat16, torch.uint8], ids=["f32", "bf16", "int4"])
 def test_stack_equals_layer_by_layer(hf_model, weights) -> None:
     want, want_pool = decode_batched(cpu_model(hf_model, False, weights))
     model = cpu_model(hf_model, True, weights)

@@ -120,10 +120,22 @@ def test_int4_default_model_keeps_greedy_output(default_model, quantize: str) ->
     assert got == want
 
 
-def test_int4_layers_keep_their_kernel_under_the_cpu_backend() -> None:
-    """With the `cpu` backend attached, quantized projections keep torch's int4 kernel and the
-    PyTorch operations around it (the fused layer parts take plain matrices only), while
-    attention goes through the C kernel: decode logits as with the PyTorch backend."""
+def on_q4_grid(w: torch.Tensor) -> torch.Tensor:
+    """w moved to the nearest weights that Q4_1 holds exactly (Int4Linear's min/max grid)."""
+    N, K = w.shape
+    groups = w.view(N, K // GROUP, GROUP)
+    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    scale = (high - low) / 15
+    return (torch.round((groups - low) / scale) * scale + low).view(N, K)
+
+
+def test_int4_layers_take_the_cpu_kernels() -> None:
+    """With the `cpu` backend attached, int4 projections of few rows go through the C kernels'
+    Q4 blocks (the decoder stack included): float32 products of the exact weights, so the
+    logits of a prefill chunk and decode steps are those of a float32 model holding the same
+    weights on the PyTorch path."""
+    import copy
+
     from infinikv.attention.backends import causal_attention
     from infinikv.model.linear import few_row_kernels, quantize_int4
 
@@ -133,18 +145,20 @@ def test_int4_layers_keep_their_kernel_under_the_cpu_backend() -> None:
     model = ours_from_hf(
         tiny_hf_model("llama", hidden_size=128, num_attention_heads=2, num_key_value_heads=1)
     )
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, DenseLinear):
+                module.weight.copy_(on_q4_grid(module.weight))
+    grid = copy.deepcopy(model)
     quantize_int4(model)
     ids = torch.randint(0, 160, (30,), generator=torch.Generator().manual_seed(5)).tolist()
 
-    def logits() -> torch.Tensor:
-        pool = nan_pool(model)
+    def logits(m) -> torch.Tensor:
+        pool = nan_pool(m)
         seq = Sequence(pool)
-        return torch.cat(
-            [feed(model, pool, seq, ids[:20], 20)] + [feed(model, pool, seq, [t], 1) for t in ids[20:]]
-        )
+        return torch.cat([feed(m, pool, seq, ids[:20], 20)] + [feed(m, pool, seq, [t], 1) for t in ids[20:]])
 
-    want = logits()
     model.attention = causal_attention("cpu")
     model.use_few_rows(few_row_kernels("cpu"))
-    assert model._layer_kernels(1) is None
-    torch.testing.assert_close(logits(), want, atol=1e-4, rtol=1e-4)
+    assert model._layer_kernels(1) is not None and model._layer_kernels(20) is not None
+    torch.testing.assert_close(logits(model), logits(grid), atol=1e-4, rtol=1e-4)

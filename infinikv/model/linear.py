@@ -37,6 +37,7 @@ from torch import nn
 
 from infinikv.attention.interface import AttentionBackend, LongContextAttentionBackend
 from infinikv.errors import UnsupportedModelError
+from infinikv.kernels.cpu.ops import q4_blocks
 
 QUANTIZATIONS = ("none", "bf16", "int4", "int4-decode")
 # GGUF Q4_1's and Q8_0's block size: re-quantizing such a tensor with this group recovers it.
@@ -84,7 +85,7 @@ class FewRowKernels:
 # BLAS's 44-95 ms; bfloat16 ones 9 / 14 ms for 1 / 5 rows against 20 / 23 ms for torch's
 # bfloat16 matmul, which overtakes the kernel from ~16 rows (it multiplies in bfloat16
 # dot-product instructions, the kernel widens to float32).
-FEW_ROWS = {torch.float32: 32, torch.bfloat16: 12}
+FEW_ROWS = {torch.float32: 32, torch.bfloat16: 12, torch.uint8: 32}
 
 
 def dense(
@@ -116,6 +117,11 @@ class DenseLinear(nn.Module):
             layer = cls(*weight.shape)
         layer.weight = nn.Parameter(weight, requires_grad=False)
         return layer
+
+    @property
+    def kernel_weight(self) -> torch.Tensor:
+        """The weight as the few-row kernels read it."""
+        return self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return dense(x, self.weight, self.bias, self.few_rows)  # (N, in) -> (N, out)
@@ -168,7 +174,9 @@ class QuantizedLinear(nn.Module):
 
 
 class Int4Linear(QuantizedLinear):
-    """W stored as uint4 per group of GROUP inputs: w = s*q + m."""
+    """W stored as uint4 per group of GROUP inputs: w = s*q + m, twice: for torch's int4
+    kernel (bf16 activations), and as Q4 blocks for the few-row CPU kernels (`few_rows`,
+    float32 activations and products), which take up to FEW_ROWS[torch.uint8] rows."""
 
     def __init__(self, dense: DenseLinear, keep_dense: bool = False):
         super().__init__(dense.weight if keep_dense else None, dense.bias)
@@ -177,8 +185,17 @@ class Int4Linear(QuantizedLinear):
         scale = ((high - low) / 15).clamp_min(torch.finfo(torch.float32).tiny)
         q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15)
         self.plane = Int4Plane(q.flatten(1), scale, low + 8 * scale)
+        self.register_buffer("blocks", q4_blocks(q.flatten(1), scale, low))
+        self.few_rows: FewRows | None = None
+
+    @property
+    def kernel_weight(self) -> torch.Tensor:
+        """The weight as the few-row kernels read it: Q4 blocks."""
+        return self.blocks
 
     def quantized(self, x: torch.Tensor) -> torch.Tensor:
+        if self.few_rows is not None and x.shape[0] <= FEW_ROWS[torch.uint8]:
+            return self.few_rows(x.contiguous(), self.blocks)
         return self.plane(x.bfloat16()).to(x.dtype)
 
 

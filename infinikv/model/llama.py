@@ -21,7 +21,7 @@ from infinikv.attention.tally import AttentionTally
 from infinikv.cache.pages import LayerKV, PageList, PagePool
 from infinikv.core.config import ModelConfig
 from infinikv.core.rope import RotaryEmbedding
-from infinikv.model.linear import FEW_ROWS, DecoderStack, DenseLinear, FewRowKernels, dense
+from infinikv.model.linear import FEW_ROWS, DecoderStack, DenseLinear, FewRowKernels, Int4Linear, dense
 
 
 @dataclass(frozen=True)
@@ -63,14 +63,14 @@ class DecoderLayer(nn.Module):
         """The layer's tensors in the order of the CPU decoder stack's layer table."""
         qkv, o = self.qkv, self.o
         return (
-            *(self.input_norm, qkv.weight, qkv.bias, o.weight, o.bias),
-            *(self.post_norm, self.gate_up.weight, self.down.weight),
+            *(self.input_norm, qkv.kernel_weight, qkv.bias, o.kernel_weight, o.bias),
+            *(self.post_norm, self.gate_up.kernel_weight, self.down.kernel_weight),
         )
 
     def attention_input(self, x: torch.Tensor, eps: float, kernels: FewRowKernels | None) -> torch.Tensor:
         """q, k, v (N, (Hq + 2Hkv) d) of the layer's input x (N, D): projected after the norm."""
         if kernels is not None:
-            return kernels.norm_project(x, self.input_norm, eps, self.qkv.weight, self.qkv.bias)
+            return kernels.norm_project(x, self.input_norm, eps, self.qkv.kernel_weight, self.qkv.bias)
         return self.qkv(F.rms_norm(x, (x.shape[-1],), self.input_norm, eps))
 
     def finish(
@@ -80,9 +80,15 @@ class DecoderLayer(nn.Module):
         plus the MLP of that after the norm (with `kernels`, x itself is updated)."""
         if kernels is not None:
             o, gate_up, down = self.o, self.gate_up, self.down
-            kernels.mlp_residual(
-                x, attn.contiguous(), o.weight, o.bias, self.post_norm, eps, gate_up.weight, down.weight
+            weights = (
+                o.kernel_weight,
+                o.bias,
+                self.post_norm,
+                eps,
+                gate_up.kernel_weight,
+                down.kernel_weight,
             )
+            kernels.mlp_residual(x, attn.contiguous(), *weights)
             return x
         x = x + self.o(attn)
         h = F.rms_norm(x, (x.shape[-1],), self.post_norm, eps)
@@ -117,25 +123,25 @@ class LlamaModel(nn.Module):
         self.few_rows = kernels
         self._layer_table = None
         for module in self.modules():
-            if isinstance(module, DenseLinear):
+            if isinstance(module, DenseLinear | Int4Linear):
                 module.few_rows = None if kernels is None else kernels.linear
 
     def _layer_kernels(self, rows: int) -> FewRowKernels | None:
-        """The few-row kernels for a forward of `rows` rows, if they take its layers: plain
-        (not quantized) projections, and no more rows than FEW_ROWS for their weights."""
+        """The few-row kernels for a forward of `rows` rows, if they take its layers: dense or
+        int4 projections, and no more rows than FEW_ROWS for their weights."""
         qkv = cast(DecoderLayer, self.layers[0]).qkv
-        if self.few_rows is None or not isinstance(qkv, DenseLinear):
+        if self.few_rows is None or not isinstance(qkv, DenseLinear | Int4Linear):
             return None
-        return self.few_rows if rows <= FEW_ROWS.get(qkv.weight.dtype, 0) else None
+        return self.few_rows if rows <= FEW_ROWS.get(qkv.kernel_weight.dtype, 0) else None
 
     @property
     def invariant_rows(self) -> int:
         """Most rows of one-token sequences a forward may hold with each row's logits equal
         to its logits alone: the few-row kernels' limit (their arithmetic is per row), else 1."""
         qkv = cast(DecoderLayer, self.layers[0]).qkv
-        if self.few_rows is None or not isinstance(qkv, DenseLinear):
+        if self.few_rows is None or not isinstance(qkv, DenseLinear | Int4Linear):
             return 1
-        return FEW_ROWS.get(qkv.weight.dtype, 1)
+        return FEW_ROWS.get(qkv.kernel_weight.dtype, 1)
 
     def _apply(self, fn, recurse=True):
         """`.to(device)` moves the rotary table (not a buffer) along with the weights."""

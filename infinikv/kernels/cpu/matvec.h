@@ -3,9 +3,10 @@
  * rows once, four at a time, prefetching the next four, and dotting them with up to four
  * rows of x at once (x stays in L1). W is float32 or bfloat16 (`size` 4 or 2 bytes: half
  * the bytes, each value widened to float32 in registers, so the products and sums are
- * float32's).
+ * float32's), or 4-bit blocks (`size` Q4: llama.cpp's Q4_1 with float32 scales, below).
  *
- * Layouts (contiguous): x (M, K) float32, W (N, K), y (M, N) float32.
+ * Layouts (contiguous): x (M, K) float32, W (N, K) (Q4: N rows of K / 32 blocks), y (M, N)
+ * float32.
  */
 #ifndef INFINIKV_MATVEC_H
 #define INFINIKV_MATVEC_H
@@ -14,6 +15,54 @@
 #include "vec.h"
 
 typedef unsigned short bf16;
+
+/* A Q4 block holds 32 weights w = d * q + m: float32 d and m, then 16 bytes whose low
+ * nibbles are q of weights 0..15 and high nibbles those of 16..31 (GGUF Q4_1's order). */
+#define Q4 1
+#define Q4_BLOCK 24
+#define Q4_WEIGHTS 32
+
+/* The 32 weights of the Q4 block at p, as float32: lo holds weights 0..15, hi 16..31. */
+AI void q4_weights(const char* p, v16* lo, v16* hi) {
+  float d, m;
+  memcpy(&d, p, 4);
+  memcpy(&m, p + 4, 4);
+#ifdef __AVX512F__
+  __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(p + 8)));
+  *lo = (v16)_mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15))) * d + m;
+  *hi = (v16)_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)) * d + m;
+#else
+  typedef unsigned char u8x16 __attribute__((vector_size(16)));
+  typedef int i32x16 __attribute__((vector_size(64)));
+  u8x16 q;
+  memcpy(&q, p + 8, 16);
+  i32x16 b = __builtin_convertvector(q, i32x16);
+  *lo = __builtin_convertvector(b & 15, v16) * d + m;
+  *hi = __builtin_convertvector(b >> 4, v16) * d + m;
+#endif
+}
+
+/* tile's loop for Q4 rows: each block's 32 weights of the four rows made float32 once for
+ * the mb rows of x; the next four rows prefetched as these are read (96 bytes a block). */
+AI void tile_q4(const float* x, const char* w, float* y, int N, int K, int m0, int mb, int n0, int64_t row) {
+  v16 acc[4][4] = {{0}};
+  for (int b = 0; b < K / Q4_WEIGHTS; b++) {
+    const char* wb = w + (int64_t)b * Q4_BLOCK;
+    __builtin_prefetch(w + 4 * row + 4 * (int64_t)b * Q4_BLOCK);
+    __builtin_prefetch(w + 4 * row + 4 * (int64_t)b * Q4_BLOCK + 64);
+    v16 lo[4], hi[4];
+    for (int r = 0; r < 4; r++) q4_weights(wb + r * row, &lo[r], &hi[r]);
+    for (int i = 0; i < mb; i++) {
+      const float* xb = x + (int64_t)(m0 + i) * K + b * Q4_WEIGHTS;
+      v16 xl = load(xb), xh = load(xb + 16);
+      for (int r = 0; r < 4; r++) acc[i][r] += xl * lo[r] + xh * hi[r];
+    }
+  }
+  for (int i = 0; i < mb; i++) {
+    v4 s = hsum4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
+    for (int r = 0; r < 4; r++) y[(int64_t)(m0 + i) * N + n0 + r] = s[r];
+  }
+}
 
 /* The weight loads of the two formats: 16 values at p, and one value. */
 AI v16 wvec_f32(const char* p) { return load((const float*)p); }
@@ -66,6 +115,20 @@ AI void four_rows(const float* x, const char* W, float* y, int M, int N, int K, 
   }
 }
 
+/* four_rows for Q4 weights. */
+AI void four_rows_q4(const float* x, const char* W, float* y, int M, int N, int K, int b) {
+  const int64_t row = (int64_t)K / Q4_WEIGHTS * Q4_BLOCK;
+  const char* w = W + 4 * b * row;
+  for (int m0 = 0; m0 < M; m0 += 4) {
+    switch (M - m0) {
+      case 1: tile_q4(x, w, y, N, K, m0, 1, 4 * b, row); break;
+      case 2: tile_q4(x, w, y, N, K, m0, 2, 4 * b, row); break;
+      case 3: tile_q4(x, w, y, N, K, m0, 3, 4 * b, row); break;
+      default: tile_q4(x, w, y, N, K, m0, 4, 4 * b, row);
+    }
+  }
+}
+
 /* The last N % 4 rows of W, one dot product each. */
 AI void tail_rows(const float* x, const char* W, float* y, int M, int N, int K, int size,
                   float (*wone)(const char*)) {
@@ -78,20 +141,23 @@ AI void tail_rows(const float* x, const char* W, float* y, int M, int N, int K, 
 }
 
 /* y = x W^T, W's rows shared among the workers of the enclosing parallel region (which
- * all call this); returns after a barrier, y complete. */
+ * all call this); returns after a barrier, y complete. Q4 weights come in whole groups of
+ * four rows and 32 inputs (the callers check). */
 AI void project(const float* x, const char* W, int size, float* y, int M, int N, int K) {
 #pragma omp for schedule(static)
   for (int b = 0; b < N / 4; b++) {
     if (size == 4)
       four_rows(x, W, y, M, N, K, b, 4, wvec_f32, wone_f32);
-    else
+    else if (size == 2)
       four_rows(x, W, y, M, N, K, b, 2, wvec_bf16, wone_bf16);
+    else
+      four_rows_q4(x, W, y, M, N, K, b);
   }
 #pragma omp single
   {
     if (size == 4)
       tail_rows(x, W, y, M, N, K, 4, wone_f32);
-    else
+    else if (size == 2)
       tail_rows(x, W, y, M, N, K, 2, wone_bf16);
   }
 }

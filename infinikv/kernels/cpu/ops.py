@@ -13,8 +13,27 @@ from infinikv.kernels.cpu.build import library
 HEAD_DIMS = (64, 128)
 # Each thread takes at least this many slots (benchmarks/bench_kernels_cpu.py).
 MIN_KEYS_PER_THREAD = 256
-# The projection kernels' weight formats: bytes per weight.
-WEIGHT_SIZES = {torch.float32: 4, torch.bfloat16: 2}
+# The projection kernels' weight formats: bytes per weight, or for uint8 tensors the code of
+# Q4 blocks (`q4_blocks`): each row K / 32 blocks of Q4_BLOCK bytes (matvec.h).
+WEIGHT_SIZES = {torch.float32: 4, torch.bfloat16: 2, torch.uint8: 1}
+Q4_WEIGHTS, Q4_BLOCK = 32, 24
+
+
+def q4_blocks(q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """The Q4 blocks (N, K / 32 * 24) uint8 of the weight w = scale * q + low: q (N, K)
+    integers in [0, 15], scale and low (N, K / 32) per group of 32 inputs."""
+    N, K = q.shape
+    if K % Q4_WEIGHTS or N % 4 or scale.shape != (N, K // Q4_WEIGHTS) or low.shape != scale.shape:
+        raise ValueError(f"Q4 blocks need (N, K) with N % 4 == 0 and K % 32 == 0, got {N}x{K}")
+    nibbles = q.to(torch.uint8).view(N, K // Q4_WEIGHTS, 2, Q4_WEIGHTS // 2)
+    packed = nibbles[:, :, 0] | nibbles[:, :, 1] << 4  # (N, K/32, 16): weight j low, j + 16 high
+    scales = torch.stack([scale, low], dim=-1).float().contiguous().view(torch.uint8)  # (N, K/32, 8)
+    return torch.cat([scales, packed], dim=-1).view(N, -1)
+
+
+def weight_shape(w: torch.Tensor) -> tuple[int, int]:
+    """(N, K) of a projection's weight in any of WEIGHT_SIZES' formats."""
+    return (w.shape[0], w.shape[1] // Q4_BLOCK * Q4_WEIGHTS) if w.dtype == torch.uint8 else tuple(w.shape)
 
 
 def supports(dtype: torch.dtype, head_dim: int) -> bool:
@@ -82,10 +101,14 @@ def _check_projection(x: torch.Tensor, *weights: torch.Tensor, floats: tuple[tor
         and weights[0].dtype in WEIGHT_SIZES
         and all(w.dtype == weights[0].dtype for w in weights)
         and all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+        and (
+            weights[0].dtype != torch.uint8
+            or all(w.shape[0] % 4 == 0 == w.shape[1] % Q4_BLOCK for w in weights)
+        )
     ):
         raise ValueError(
-            "the CPU kernel takes contiguous CPU tensors, the weights float32 or bfloat16 and "
-            "everything else float32, got "
+            "the CPU kernel takes contiguous CPU tensors, the weights float32, bfloat16 or Q4 "
+            "blocks (of whole groups of four rows) and everything else float32, got "
             + ", ".join(f"{tuple(t.shape)} {t.dtype} {t.device}" for t in tensors)
         )
     return WEIGHT_SIZES[weights[0].dtype]
@@ -93,10 +116,11 @@ def _check_projection(x: torch.Tensor, *weights: torch.Tensor, floats: tuple[tor
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (M, K) @ weight (N, K)^T -> (M, N) float32, contiguous CPU tensors, x float32 and the
-    weight float32 or bfloat16 (widened exactly; products and sums in float32): the kernel
-    for few rows (it streams the weights once; M rows each reread them from L1)."""
+    weight float32, bfloat16 or Q4 blocks (widened exactly, or de-quantized; products and
+    sums in float32): the kernel for few rows (it streams the weights once; M rows each
+    reread them from L1)."""
     size = _check_projection(x, weight)
-    if x.dim() != 2 or weight.dim() != 2 or weight.shape[1] != x.shape[1]:
+    if x.dim() != 2 or weight.dim() != 2 or weight_shape(weight)[1] != x.shape[1]:
         raise ValueError(f"need x (M, K) and weight (N, K), got {tuple(x.shape)} and {tuple(weight.shape)}")
     (M, K), N = x.shape, weight.shape[0]
     y = torch.empty(M, N)
@@ -117,7 +141,7 @@ def norm_project(
     if (
         x.dim() != 2
         or weight.dim() != 2
-        or weight.shape[1] != K
+        or weight_shape(weight)[1] != K
         or norm.shape != (K,)
         or (bias is not None and bias.shape != (N,))
     ):
@@ -150,14 +174,14 @@ def mlp_residual(
     gate_up (2F, D)^T, x += (silu(gate) * up) @ down (D, F)^T."""
     vectors = (norm,) if o_bias is None else (norm, o_bias)
     size = _check_projection(x, o, gate_up, down, floats=(attn, *vectors))
-    M, D, A, F = x.shape[0], x.shape[-1], attn.shape[-1], down.shape[-1]
+    M, D, A, F = x.shape[0], x.shape[-1], attn.shape[-1], weight_shape(down)[-1]
     if not (
         x.dim() == 2
         and attn.shape == (M, A)
-        and o.shape == (D, A)
+        and weight_shape(o) == (D, A)
         and norm.shape == (D,)
-        and gate_up.shape == (2 * F, D)
-        and down.shape == (D, F)
+        and weight_shape(gate_up) == (2 * F, D)
+        and weight_shape(down) == (D, F)
         and (o_bias is None or o_bias.shape == (D,))
     ):
         raise ValueError(
