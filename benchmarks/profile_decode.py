@@ -52,12 +52,16 @@ def read_bandwidth_gbs(gib: float = 1.0, repeats: int = 5) -> float:
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the weights one decode step reads: every layer's tensors and the head's (the
+    """Bytes of the weights one decode step reads: every layer's tensors as the few-row kernels
+    read them (an int4 layer's Q4 blocks, not its copy for torch's kernel) and the head's (the
     tied embedding, when there is no head of its own)."""
-    layers = sum(t.numel() * t.element_size() for t in model.layers.state_dict().values())
-    head = model.embed if model.lm_head is None else model.lm_head
-    head_tensors = [head] if isinstance(head, torch.Tensor) else list(head.state_dict().values())
-    return layers + sum(t.numel() * t.element_size() for t in head_tensors)
+
+    def size(t: torch.Tensor | None) -> int:
+        return 0 if t is None else t.numel() * t.element_size()
+
+    layers = sum(size(t) for layer in model.layers for t in layer.stack_weights())
+    head = model.embed if model.lm_head is None else model.lm_head.kernel_weight
+    return layers + size(head)
 
 
 class Timers:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from infinikv.core.partial import reference_partial
-from infinikv.kernels.cpu.ops import linear, mlp_residual, norm_project, paged_attention
+from infinikv.kernels.cpu.ops import linear, mlp_residual, norm_project, paged_attention, q4_blocks, q8_blocks
 
 
 def paged(T: int, B: int, Hkv: int, d: int, gen: torch.Generator):
@@ -181,13 +181,13 @@ def test_silu_keeps_large_negative_gates_finite() -> None:
 def test_layer_parts_refuse_what_they_cannot_run() -> None:
     p = layer_weights(16, 8, 4, 12, torch.float32, True, torch.Generator().manual_seed(0))
     x, attn = torch.randn(2, 16), torch.randn(2, 8)
-    with pytest.raises(ValueError, match="float32 or bfloat16"):
+    with pytest.raises(ValueError, match="float32, bfloat16, Q4 or Q8 blocks"):
         norm_project(x, p["input_norm"], 1e-5, p["qkv"].half(), None)
     with pytest.raises(ValueError, match=r"need x \(M, K\), norm"):
         norm_project(x, p["input_norm"][:8], 1e-5, p["qkv"], None)
     with pytest.raises(ValueError, match="everything else float32"):
         mlp_residual(x.double(), attn, p["o"], None, p["post_norm"], 1e-5, p["gate_up"], p["down"])
-    with pytest.raises(ValueError, match="float32 or bfloat16"):  # the weights in one format
+    with pytest.raises(ValueError, match="float32, bfloat16, Q4 or Q8 blocks"):  # the weights in one format
         mlp_residual(x, attn, p["o"].bfloat16(), None, p["post_norm"], 1e-5, p["gate_up"], p["down"])
     with pytest.raises(ValueError, match=r"need x \(M, D\)"):
         mlp_residual(x, attn[:, :4].contiguous(), p["o"], None, p["post_norm"], 1e-5, p["gate_up"], p["down"])
@@ -202,3 +202,24 @@ def test_loading_the_kernels_leaves_the_process_floating_point_alone() -> None:
         "assert x / 4 > 0 and torch.tensor(1e-39).mul(1.0).item() > 0, 'flush-to-zero'"
     )
     subprocess.run([sys.executable, "-c", script], check=True)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 5, 17, 32])
+@pytest.mark.parametrize("fmt", ["q4", "q8"])
+def test_block_weights_project_as_their_float32_values(rows: int, fmt: str) -> None:
+    """Q4 and Q8 blocks (llama.cpp's Q4_1 and Q8_0 with float32 scales): the projection of
+    the weights they hold, float32 products and sums."""
+    g = torch.Generator().manual_seed(rows)
+    N, K = 36, 96
+    scale = torch.rand(N, K // 32, generator=g) * 0.02 + 1e-3
+    if fmt == "q4":
+        q, low = torch.randint(0, 16, (N, K), generator=g), -torch.rand(N, K // 32, generator=g) * 0.1
+        blocks, offset = q4_blocks(q, scale, low), low
+    else:
+        q = torch.randint(-127, 128, (N, K), generator=g)
+        blocks, offset = q8_blocks(q, scale), torch.zeros_like(scale)
+    w = (q.view(N, -1, 32) * scale[..., None] + offset[..., None]).view(N, K)
+    x = torch.randn(rows, K, generator=g)
+    torch.testing.assert_close(linear(x, blocks), x @ w.T, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="N % 4 == 0 and K % 32 == 0"):
+        q4_blocks(torch.zeros(6, 96), torch.ones(6, 3), torch.ones(6, 3))

@@ -37,7 +37,7 @@ from torch import nn
 
 from infinikv.attention.interface import AttentionBackend, LongContextAttentionBackend
 from infinikv.errors import UnsupportedModelError
-from infinikv.kernels.cpu.ops import q4_blocks
+from infinikv.kernels.cpu.ops import q4_blocks, q8_blocks
 
 QUANTIZATIONS = ("none", "bf16", "int4", "int4-decode")
 # GGUF Q4_1's and Q8_0's block size: re-quantizing such a tensor with this group recovers it.
@@ -85,7 +85,7 @@ class FewRowKernels:
 # BLAS's 44-95 ms; bfloat16 ones 9 / 14 ms for 1 / 5 rows against 20 / 23 ms for torch's
 # bfloat16 matmul, which overtakes the kernel from ~16 rows (it multiplies in bfloat16
 # dot-product instructions, the kernel widens to float32).
-FEW_ROWS = {torch.float32: 32, torch.bfloat16: 12, torch.uint8: 32}
+FEW_ROWS = {torch.float32: 32, torch.bfloat16: 12, torch.uint8: 32, torch.int8: 32}
 
 
 def dense(
@@ -200,21 +200,32 @@ class Int4Linear(QuantizedLinear):
 
 
 class Int8Linear(QuantizedLinear):
-    """W stored as int8 per group of GROUP inputs: w = s*q, q in [-127, 127] (no bias).
+    """W stored as int8 per group of GROUP inputs: w = s*q, q in [-127, 127] (no bias); as Q8
+    blocks for the few-row CPU kernels (`few_rows`, up to FEW_ROWS[torch.int8] rows).
 
-    The kernel takes 4-bit values only, so W is two int4 planes: with u = q + 128 = 16h + l
-    (h, l in [0, 15]), w = 16s*(h - 8) + s*(l - 8) + 8s, i.e. plane h with scale 16s and
-    zero 0, plus plane l with scale s and zero 8s."""
+    torch's kernel takes 4-bit values only, so for it W is two int4 planes: with u = q + 128 =
+    16h + l (h, l in [0, 15]), w = 16s*(h - 8) + s*(l - 8) + 8s, i.e. plane h with scale 16s
+    and zero 0, plus plane l with scale s and zero 8s."""
 
     def __init__(self, weight: torch.Tensor, keep_dense: bool = False):
         super().__init__(weight if keep_dense else None, None)
         groups = _groups(weight)
         scale = (groups.abs().amax(-1) / 127).clamp_min(torch.finfo(torch.float32).tiny)  # (N, K/G)
-        u = (torch.round(groups / scale[..., None]).clamp(-127, 127) + 128).flatten(1)  # (N, K) in [1, 255]
+        q = torch.round(groups / scale[..., None]).clamp(-127, 127).flatten(1)  # (N, K)
+        u = q + 128  # in [1, 255]
         self.high = Int4Plane(u.div(16, rounding_mode="floor"), 16 * scale, torch.zeros_like(scale))
         self.low = Int4Plane(u.remainder(16), scale, 8 * scale)
+        self.register_buffer("blocks", q8_blocks(q, scale))
+        self.few_rows: FewRows | None = None
+
+    @property
+    def kernel_weight(self) -> torch.Tensor:
+        """The weight as the few-row kernels read it: Q8 blocks."""
+        return self.blocks
 
     def quantized(self, x: torch.Tensor) -> torch.Tensor:
+        if self.few_rows is not None and x.shape[0] <= FEW_ROWS[torch.int8]:
+            return self.few_rows(x.contiguous(), self.blocks)
         xb = x.bfloat16()
         return (self.high(xb).float() + self.low(xb).float()).to(x.dtype)  # summed in float32
 

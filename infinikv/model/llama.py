@@ -21,7 +21,15 @@ from infinikv.attention.tally import AttentionTally
 from infinikv.cache.pages import LayerKV, PageList, PagePool
 from infinikv.core.config import ModelConfig
 from infinikv.core.rope import RotaryEmbedding
-from infinikv.model.linear import FEW_ROWS, DecoderStack, DenseLinear, FewRowKernels, Int4Linear, dense
+from infinikv.model.linear import (
+    FEW_ROWS,
+    DecoderStack,
+    DenseLinear,
+    FewRowKernels,
+    Int4Linear,
+    Int8Linear,
+    dense,
+)
 
 
 @dataclass(frozen=True)
@@ -123,7 +131,7 @@ class LlamaModel(nn.Module):
         self.few_rows = kernels
         self._layer_table = None
         for module in self.modules():
-            if isinstance(module, DenseLinear | Int4Linear):
+            if isinstance(module, DenseLinear | Int4Linear | Int8Linear):
                 module.few_rows = None if kernels is None else kernels.linear
 
     def _layer_kernels(self, rows: int) -> FewRowKernels | None:

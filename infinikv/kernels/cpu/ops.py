@@ -13,27 +13,47 @@ from infinikv.kernels.cpu.build import library
 HEAD_DIMS = (64, 128)
 # Each thread takes at least this many slots (benchmarks/bench_kernels_cpu.py).
 MIN_KEYS_PER_THREAD = 256
-# The projection kernels' weight formats: bytes per weight, or for uint8 tensors the code of
-# Q4 blocks (`q4_blocks`): each row K / 32 blocks of Q4_BLOCK bytes (matvec.h).
-WEIGHT_SIZES = {torch.float32: 4, torch.bfloat16: 2, torch.uint8: 1}
-Q4_WEIGHTS, Q4_BLOCK = 32, 24
+# The projection kernels' weight formats: bytes per weight, or the code of blocks of 32
+# weights (matvec.h): Q4 blocks in uint8 tensors (`q4_blocks`), Q8 ones in int8 (`q8_blocks`).
+WEIGHT_SIZES = {torch.float32: 4, torch.bfloat16: 2, torch.uint8: 1, torch.int8: 3}
+BLOCK_WEIGHTS = 32
+BLOCK_BYTES = {torch.uint8: 24, torch.int8: 36}
+
+
+def _check_blocks(q: torch.Tensor, *scales: torch.Tensor) -> tuple[int, int]:
+    N, K = q.shape
+    if K % BLOCK_WEIGHTS or N % 4 or any(s.shape != (N, K // BLOCK_WEIGHTS) for s in scales):
+        raise ValueError(
+            f"blocks need (N, K) with N % 4 == 0 and K % 32 == 0 and a scale per block, got {N}x{K}"
+        )
+    return N, K
 
 
 def q4_blocks(q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
     """The Q4 blocks (N, K / 32 * 24) uint8 of the weight w = scale * q + low: q (N, K)
     integers in [0, 15], scale and low (N, K / 32) per group of 32 inputs."""
-    N, K = q.shape
-    if K % Q4_WEIGHTS or N % 4 or scale.shape != (N, K // Q4_WEIGHTS) or low.shape != scale.shape:
-        raise ValueError(f"Q4 blocks need (N, K) with N % 4 == 0 and K % 32 == 0, got {N}x{K}")
-    nibbles = q.to(torch.uint8).view(N, K // Q4_WEIGHTS, 2, Q4_WEIGHTS // 2)
+    N, K = _check_blocks(q, scale, low)
+    nibbles = q.to(torch.uint8).view(N, K // BLOCK_WEIGHTS, 2, BLOCK_WEIGHTS // 2)
     packed = nibbles[:, :, 0] | nibbles[:, :, 1] << 4  # (N, K/32, 16): weight j low, j + 16 high
     scales = torch.stack([scale, low], dim=-1).float().contiguous().view(torch.uint8)  # (N, K/32, 8)
     return torch.cat([scales, packed], dim=-1).view(N, -1)
 
 
+def q8_blocks(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The Q8 blocks (N, K / 32 * 36) int8 of the weight w = scale * q: q (N, K) integers in
+    [-127, 127], scale (N, K / 32) per group of 32 inputs."""
+    N, K = _check_blocks(q, scale)
+    scales = scale.float().contiguous().view(torch.int8).view(N, K // BLOCK_WEIGHTS, 4)
+    return torch.cat([scales, q.to(torch.int8).view(N, K // BLOCK_WEIGHTS, BLOCK_WEIGHTS)], dim=-1).view(
+        N, -1
+    )
+
+
 def weight_shape(w: torch.Tensor) -> tuple[int, int]:
     """(N, K) of a projection's weight in any of WEIGHT_SIZES' formats."""
-    return (w.shape[0], w.shape[1] // Q4_BLOCK * Q4_WEIGHTS) if w.dtype == torch.uint8 else tuple(w.shape)
+    if w.dtype in BLOCK_BYTES:
+        return w.shape[0], w.shape[1] // BLOCK_BYTES[w.dtype] * BLOCK_WEIGHTS
+    return w.shape[0], w.shape[1]
 
 
 def supports(dtype: torch.dtype, head_dim: int) -> bool:
@@ -101,13 +121,13 @@ def _check_projection(x: torch.Tensor, *weights: torch.Tensor, floats: tuple[tor
         and weights[0].dtype in WEIGHT_SIZES
         and all(w.dtype == weights[0].dtype for w in weights)
         and all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
-        and (
-            weights[0].dtype != torch.uint8
-            or all(w.shape[0] % 4 == 0 == w.shape[1] % Q4_BLOCK for w in weights)
+        and all(
+            w.dtype not in BLOCK_BYTES or w.shape[0] % 4 == 0 == w.shape[1] % BLOCK_BYTES[w.dtype]
+            for w in weights
         )
     ):
         raise ValueError(
-            "the CPU kernel takes contiguous CPU tensors, the weights float32, bfloat16 or Q4 "
+            "the CPU kernel takes contiguous CPU tensors, the weights float32, bfloat16, Q4 or Q8 "
             "blocks (of whole groups of four rows) and everything else float32, got "
             + ", ".join(f"{tuple(t.shape)} {t.dtype} {t.device}" for t in tensors)
         )
@@ -116,8 +136,8 @@ def _check_projection(x: torch.Tensor, *weights: torch.Tensor, floats: tuple[tor
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (M, K) @ weight (N, K)^T -> (M, N) float32, contiguous CPU tensors, x float32 and the
-    weight float32, bfloat16 or Q4 blocks (widened exactly, or de-quantized; products and
-    sums in float32): the kernel for few rows (it streams the weights once; M rows each
+    weight float32, bfloat16, Q4 or Q8 blocks (widened exactly, or de-quantized; products
+    and sums in float32): the kernel for few rows (it streams the weights once; M rows each
     reread them from L1)."""
     size = _check_projection(x, weight)
     if x.dim() != 2 or weight.dim() != 2 or weight_shape(weight)[1] != x.shape[1]:
