@@ -260,6 +260,8 @@ def main() -> None:
         ]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         results[engine] = json.loads(out.stdout.strip().splitlines()[-1])
+    if LLAMA_CPP in results:
+        results[LLAMA_CPP] |= {"n_batch": args.llama_cpp_batch, "extra_buffers": not args.llama_cpp_no_extra}
     hf, ours = results["transformers"], results["infinikv"]
     print(
         f"dtype={args.dtype} quantize={args.quantize} (infinikv) new tokens={args.new_tokens} "

@@ -11,11 +11,12 @@ contiguous run (the PyTorch path reads them as a view, its best case). Rows: one
 decode step) and five (a speculative verification of four drafts). Times are medians of
 --repeats steps, in ms; "GB/s" is the keys and values read per step over the kernel's time.
 Part `projections`: every weight matrix of one forward (SmolLM2-135M's 30 layers and its
-tied 49152-token head; Qwen2.5-0.5B's 24 layers and 151936-token head), float32 and bfloat16
-(`--quantize bf16`), applied to 1, 5, 17 and 32 float32 rows: the C kernel
-(`infinikv.kernels.cpu.ops.linear`) vs the PyTorch path (`infinikv.model.linear.dense`
-without a kernel: `F.linear`, for bfloat16 weights on the rows rounded to bfloat16);
-"GB/s" is the weights read over the kernel's time.
+tied 49152-token head; Qwen2.5-0.5B's 24 layers and 151936-token head), float32, bfloat16
+(`--quantize bf16`) and int4 (`--quantize int4`: Q4 layers, a Q8 head), applied to 1, 5,
+17 and 32 float32 rows: the C kernel (`infinikv.kernels.cpu.ops.linear`) vs the PyTorch
+path (`infinikv.model.linear.dense` without a kernel: `F.linear`, for bfloat16 weights on
+the rows rounded to bfloat16; for int4 torch's int4 kernel on bfloat16 rows); "GB/s" is
+the weights the kernel reads over its time.
 Part `layers`: the same models' decoder layers around attention (norm, q/k/v projection;
 output projection, norm, MLP, residuals; every layer once, random weights) at 1 and 5 rows,
 three ways: the plain PyTorch path; the projections through the C kernel and the rest in
@@ -27,6 +28,7 @@ Writes benchmarks/results/kernels_cpu.json (a part not run keeps its last result
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import platform
@@ -41,8 +43,8 @@ from infinikv.attention.pytorch import paged_causal_attention
 from infinikv.cache.pages import PageList, PagePool
 from infinikv.core.config import ModelConfig, RopeConfig
 from infinikv.core.rope import RotaryEmbedding
-from infinikv.kernels.cpu.ops import linear
-from infinikv.model.linear import DenseLinear, dense, few_row_kernels
+from infinikv.kernels.cpu.ops import linear, weight_shape
+from infinikv.model.linear import DenseLinear, Int4Linear, Int8Linear, dense, few_row_kernels
 from infinikv.model.llama import DecoderLayer
 
 PAGE = 16
@@ -98,44 +100,53 @@ def attention_rows(lengths: list[int], repeats: int) -> list[dict]:
     return rows
 
 
+def projection_sets(L: int, D: int, Hq: int, Hkv: int, d: int, inter: int, vocab: int):
+    """(format, [(the PyTorch path's call, the weight the kernel reads)] for every matrix of
+    a forward) for float32, bfloat16 and int4 weights (Q4 layers, a Q8 head)."""
+    shapes = [((Hq + 2 * Hkv) * d, D), (D, Hq * d), (2 * inter, D), (D, inter)] * L + [(vocab, D)]
+    for dtype in (torch.float32, torch.bfloat16):
+        weights = [torch.randn(n, k).to(dtype) for n, k in shapes]
+        yield str(dtype).removeprefix("torch."), [(functools.partial(dense, weight=w), w) for w in weights]
+    modules = [Int4Linear(DenseLinear.of(torch.randn(n, k))) for n, k in shapes[:-1]]
+    modules.append(Int8Linear(torch.randn(*shapes[-1])))
+    yield "int4", [(m, m.kernel_weight) for m in modules]
+
+
 def projection_rows(repeats: int) -> list[dict]:
     rows = []
     print("| model | weights | rows | PyTorch ms | kernel ms | speed-up | kernel GB/s |")
     print("|---|---|---:|---:|---:|---:|---:|")
-    for (name, (L, D, Hq, Hkv, d, inter, vocab)), dtype in itertools.product(
-        MODELS.items(), (torch.float32, torch.bfloat16)
-    ):
-        layer = [((Hq + 2 * Hkv) * d, D), (D, Hq * d), (2 * inter, D), (D, inter)]
-        weights = [torch.randn(n, k).to(dtype) for n, k in layer * L + [(vocab, D)]]
-        nbytes = sum(w.numel() * w.element_size() for w in weights)
-        kind = str(dtype).removeprefix("torch.")
-        for m in (1, 5, 17, 32):
-            inputs = {k: torch.randn(m, k) for k in {w.shape[1] for w in weights}}
-            times = {}
-            for label, fn in (("torch", dense), ("kernel", linear)):
-                samples = []
-                for _ in range(repeats + 1):
-                    t0 = time.perf_counter()
-                    for w in weights:
-                        fn(inputs[w.shape[1]], w)
-                    samples.append((time.perf_counter() - t0) * 1e3)
-                times[label] = statistics.median(samples[1:])
-            ref, ours = times["torch"], times["kernel"]
-            rows.append(
-                dict(
-                    model=name,
-                    weights=kind,
-                    rows=m,
-                    torch_ms=ref,
-                    kernel_ms=ours,
-                    kernel_gb_s=nbytes / ours / 1e6,
+    for name, dims in MODELS.items():
+        for kind, matrices in projection_sets(*dims):
+            nbytes = sum(w.numel() * w.element_size() for _, w in matrices)
+            for m in (1, 5, 17, 32):
+                inputs = {k: torch.randn(m, k) for k in {weight_shape(w)[1] for _, w in matrices}}
+                times = {}
+                for label in ("torch", "kernel"):
+                    samples = []
+                    for _ in range(repeats + 1):
+                        t0 = time.perf_counter()
+                        for call, w in matrices:
+                            x = inputs[weight_shape(w)[1]]
+                            call(x) if label == "torch" else linear(x, w)
+                        samples.append((time.perf_counter() - t0) * 1e3)
+                    times[label] = statistics.median(samples[1:])
+                ref, ours = times["torch"], times["kernel"]
+                rows.append(
+                    dict(
+                        model=name,
+                        weights=kind,
+                        rows=m,
+                        torch_ms=ref,
+                        kernel_ms=ours,
+                        kernel_gb_s=nbytes / ours / 1e6,
+                    )
                 )
-            )
-            print(
-                f"| {name} | {kind} | {m} | {ref:.1f} | {ours:.1f} | {ref / ours:.2f}x "
-                f"| {nbytes / ours / 1e6:.1f} |"
-            )
-        del weights
+                print(
+                    f"| {name} | {kind} | {m} | {ref:.1f} | {ours:.1f} | {ref / ours:.2f}x "
+                    f"| {nbytes / ours / 1e6:.1f} |"
+                )
+            del matrices
     return rows
 
 
