@@ -223,3 +223,21 @@ def test_block_weights_project_as_their_float32_values(rows: int, fmt: str) -> N
     torch.testing.assert_close(linear(x, blocks), x @ w.T, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="N % 4 == 0 and K % 32 == 0"):
         q4_blocks(torch.zeros(6, 96), torch.ones(6, 3), torch.ones(6, 3))
+
+
+def test_released_team_leaves_the_kernels_working_on_every_thread() -> None:
+    """After the calling thread's OpenMP team is freed (the engine does it before its worker
+    starts), parallel regions on that thread and on another give the same results."""
+    import threading
+
+    from infinikv.kernels.cpu.threads import release_team
+
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(300, 64, generator=g), torch.randn(3, 64, generator=g)
+    want = linear(x, w)
+    release_team()
+    results = [linear(x, w)]
+    worker = threading.Thread(target=lambda: results.append(linear(x, w)))
+    worker.start()
+    worker.join()
+    assert all(torch.equal(r, want) for r in results) and len(results) == 2

@@ -50,6 +50,7 @@ from infinikv.engine.tasks import (
     TaskHandle,
 )
 from infinikv.errors import InfinikvError, SessionBusyError
+from infinikv.kernels.cpu.threads import release_team
 from infinikv.memory.store import BlockStore
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ class Engine:
     # ---- requester side (any thread) --------------------------------------------------------
 
     def start(self) -> None:
+        release_team()  # the worker thread computes from now on: its team alone spins
         self._thread.start()
 
     def stop(self, timeout: float = 60.0) -> None:
