@@ -60,6 +60,14 @@ def median_row(n: int, runs: list[tuple[float, float]]) -> dict:
     }
 
 
+def measure(timed, tokenizer, lengths: list[int], new_tokens: int, repeats: int) -> list[dict]:
+    """A row per length of `timed(ids, new)`'s (prefill tok/s, decode tok/s), after a warm-up."""
+    timed(prompt_ids(tokenizer, 32), 4)
+    return [
+        median_row(n, [timed(prompt_ids(tokenizer, n), new_tokens) for _ in range(repeats)]) for n in lengths
+    ]
+
+
 def rss_mb() -> float:
     """This process's resident memory now (Linux)."""
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -117,12 +125,7 @@ def run_transformers(
             )
         return len(ids) / (clock.times[1] - t0), clock.decode_tok_s()
 
-    timed(prompt_ids(tokenizer, 32), 4)  # warm-up
-    rows = []
-    for n in lengths:
-        ids = prompt_ids(tokenizer, n)
-        rows.append(median_row(n, [timed(ids, new_tokens) for _ in range(repeats)]))
-    return rows, loaded_mb
+    return measure(timed, tokenizer, lengths, new_tokens, repeats), loaded_mb
 
 
 def run_llama_cpp(
@@ -171,12 +174,7 @@ def run_llama_cpp(
                 break
         return len(ids) / (times[0] - t0), (new - 1) / (times[-1] - times[0])
 
-    timed(prompt_ids(tokenizer, 32), 4)  # warm-up
-    rows = []
-    for n in lengths:
-        ids = prompt_ids(tokenizer, n)
-        rows.append(median_row(n, [timed(ids, new_tokens) for _ in range(repeats)]))
-    return rows, loaded_mb
+    return measure(timed, tokenizer, lengths, new_tokens, repeats), loaded_mb
 
 
 def worker(engine: str, args: argparse.Namespace) -> None:

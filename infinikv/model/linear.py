@@ -156,13 +156,22 @@ class Int4Plane(nn.Module):
 
 
 class QuantizedLinear(nn.Module):
-    """y = x W^T (+ b) through the quantized weight; with `dense` (the float weight, kept),
-    inputs of more than QUANTIZED_MAX_ROWS rows go through it instead."""
+    """y = x W^T (+ b) through the quantized weight: its `blocks` (Q4 or Q8, `kernel_weight`)
+    for inputs of up to FEW_ROWS[blocks.dtype] rows where `few_rows` (the CPU kernel) is set,
+    else torch's int4 kernel (`quantized`); with `dense` (the float weight, kept), inputs of
+    more than QUANTIZED_MAX_ROWS rows go through it instead."""
 
-    def __init__(self, dense: torch.Tensor | None, bias: torch.Tensor | None):
+    def __init__(self, dense: torch.Tensor | None, bias: torch.Tensor | None, blocks: torch.Tensor):
         super().__init__()
         self.dense = dense
         self.bias = bias
+        self.register_buffer("blocks", blocks)
+        self.few_rows: FewRows | None = None
+
+    @property
+    def kernel_weight(self) -> torch.Tensor:
+        """The weight as the few-row kernels read it."""
+        return self.blocks
 
     def quantized(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -170,63 +179,48 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dense is not None and x.shape[0] > QUANTIZED_MAX_ROWS:
             return F.linear(x, self.dense, self.bias)  # (N, out)
-        y = self.quantized(x)  # (N, out)
+        if self.few_rows is not None and x.shape[0] <= FEW_ROWS[self.blocks.dtype]:
+            y = self.few_rows(x.contiguous(), self.blocks)  # (N, out)
+        else:
+            y = self.quantized(x)
         return y if self.bias is None else y + self.bias
 
 
 class Int4Linear(QuantizedLinear):
     """W stored as uint4 per group of GROUP inputs: w = s*q + m, twice: for torch's int4
-    kernel (bf16 activations), and as Q4 blocks for the few-row CPU kernels (`few_rows`,
-    float32 activations and products), which take up to FEW_ROWS[torch.uint8] rows."""
+    kernel (bf16 activations), and as Q4 blocks for the few-row CPU kernels (float32
+    activations and products)."""
 
     def __init__(self, dense: DenseLinear, keep_dense: bool = False):
-        super().__init__(dense.weight if keep_dense else None, dense.bias)
         groups = _groups(dense.weight)
         low, high = groups.amin(-1), groups.amax(-1)  # (N, K/G)
         scale = ((high - low) / 15).clamp_min(torch.finfo(torch.float32).tiny)
-        q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15)
-        self.plane = Int4Plane(q.flatten(1), scale, low + 8 * scale)
-        self.register_buffer("blocks", q4_blocks(q.flatten(1), scale, low))
-        self.few_rows: FewRows | None = None
-
-    @property
-    def kernel_weight(self) -> torch.Tensor:
-        """The weight as the few-row kernels read it: Q4 blocks."""
-        return self.blocks
+        q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).flatten(1)  # (N, K)
+        super().__init__(dense.weight if keep_dense else None, dense.bias, q4_blocks(q, scale, low))
+        self.plane = Int4Plane(q, scale, low + 8 * scale)
 
     def quantized(self, x: torch.Tensor) -> torch.Tensor:
-        if self.few_rows is not None and x.shape[0] <= FEW_ROWS[torch.uint8]:
-            return self.few_rows(x.contiguous(), self.blocks)
         return self.plane(x.bfloat16()).to(x.dtype)
 
 
 class Int8Linear(QuantizedLinear):
     """W stored as int8 per group of GROUP inputs: w = s*q, q in [-127, 127] (no bias); as Q8
-    blocks for the few-row CPU kernels (`few_rows`, up to FEW_ROWS[torch.int8] rows).
+    blocks for the few-row CPU kernels.
 
     torch's kernel takes 4-bit values only, so for it W is two int4 planes: with u = q + 128 =
     16h + l (h, l in [0, 15]), w = 16s*(h - 8) + s*(l - 8) + 8s, i.e. plane h with scale 16s
     and zero 0, plus plane l with scale s and zero 8s."""
 
     def __init__(self, weight: torch.Tensor, keep_dense: bool = False):
-        super().__init__(weight if keep_dense else None, None)
         groups = _groups(weight)
         scale = (groups.abs().amax(-1) / 127).clamp_min(torch.finfo(torch.float32).tiny)  # (N, K/G)
         q = torch.round(groups / scale[..., None]).clamp(-127, 127).flatten(1)  # (N, K)
+        super().__init__(weight if keep_dense else None, None, q8_blocks(q, scale))
         u = q + 128  # in [1, 255]
         self.high = Int4Plane(u.div(16, rounding_mode="floor"), 16 * scale, torch.zeros_like(scale))
         self.low = Int4Plane(u.remainder(16), scale, 8 * scale)
-        self.register_buffer("blocks", q8_blocks(q, scale))
-        self.few_rows: FewRows | None = None
-
-    @property
-    def kernel_weight(self) -> torch.Tensor:
-        """The weight as the few-row kernels read it: Q8 blocks."""
-        return self.blocks
 
     def quantized(self, x: torch.Tensor) -> torch.Tensor:
-        if self.few_rows is not None and x.shape[0] <= FEW_ROWS[torch.int8]:
-            return self.few_rows(x.contiguous(), self.blocks)
         xb = x.bfloat16()
         return (self.high(xb).float() + self.low(xb).float()).to(x.dtype)  # summed in float32
 

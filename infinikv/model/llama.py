@@ -26,8 +26,7 @@ from infinikv.model.linear import (
     DecoderStack,
     DenseLinear,
     FewRowKernels,
-    Int4Linear,
-    Int8Linear,
+    QuantizedLinear,
     dense,
 )
 
@@ -131,25 +130,26 @@ class LlamaModel(nn.Module):
         self.few_rows = kernels
         self._layer_table = None
         for module in self.modules():
-            if isinstance(module, DenseLinear | Int4Linear | Int8Linear):
+            if isinstance(module, DenseLinear | QuantizedLinear):
                 module.few_rows = None if kernels is None else kernels.linear
 
-    def _layer_kernels(self, rows: int) -> FewRowKernels | None:
-        """The few-row kernels for a forward of `rows` rows, if they take its layers: dense or
-        int4 projections, and no more rows than FEW_ROWS for their weights."""
+    def _kernel_rows(self) -> int:
+        """Most rows the few-row kernels take for the layers' weights (dense or quantized
+        projections, FEW_ROWS by their format); 0 without the kernels."""
         qkv = cast(DecoderLayer, self.layers[0]).qkv
-        if self.few_rows is None or not isinstance(qkv, DenseLinear | Int4Linear):
-            return None
-        return self.few_rows if rows <= FEW_ROWS.get(qkv.kernel_weight.dtype, 0) else None
+        if self.few_rows is None or not isinstance(qkv, DenseLinear | QuantizedLinear):
+            return 0
+        return FEW_ROWS.get(qkv.kernel_weight.dtype, 0)
+
+    def _layer_kernels(self, rows: int) -> FewRowKernels | None:
+        """The few-row kernels for a forward of `rows` rows, if they take its layers."""
+        return self.few_rows if rows <= self._kernel_rows() else None
 
     @property
     def invariant_rows(self) -> int:
         """Most rows of one-token sequences a forward may hold with each row's logits equal
         to its logits alone: the few-row kernels' limit (their arithmetic is per row), else 1."""
-        qkv = cast(DecoderLayer, self.layers[0]).qkv
-        if self.few_rows is None or not isinstance(qkv, DenseLinear | Int4Linear):
-            return 1
-        return FEW_ROWS.get(qkv.kernel_weight.dtype, 1)
+        return max(1, self._kernel_rows())
 
     def _apply(self, fn, recurse=True):
         """`.to(device)` moves the rotary table (not a buffer) along with the weights."""

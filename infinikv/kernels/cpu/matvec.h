@@ -5,8 +5,8 @@
  * the bytes, each value widened to float32 in registers, so the products and sums are
  * float32's), or blocks of 4-bit or 8-bit weights (`size` Q4 or Q8, below).
  *
- * Layouts (contiguous): x (M, K) float32, W (N, K) (Q4: N rows of K / 32 blocks), y (M, N)
- * float32.
+ * Layouts (contiguous): x (M, K) float32, W (N, K) (Q4, Q8: N rows of K / 32 blocks),
+ * y (M, N) float32.
  */
 #ifndef INFINIKV_MATVEC_H
 #define INFINIKV_MATVEC_H

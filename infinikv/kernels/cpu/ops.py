@@ -11,8 +11,6 @@ from infinikv.core.partial import Partial
 from infinikv.kernels.cpu.build import library
 
 HEAD_DIMS = (64, 128)
-# Each thread takes at least this many slots (benchmarks/bench_kernels_cpu.py).
-MIN_KEYS_PER_THREAD = 256
 # The projection kernels' weight formats: bytes per weight, or the code of blocks of 32
 # weights (matvec.h): Q4 blocks in uint8 tensors (`q4_blocks`), Q8 ones in int8 (`q8_blocks`).
 WEIGHT_SIZES = {torch.float32: 4, torch.bfloat16: 2, torch.uint8: 1, torch.int8: 3}
@@ -74,7 +72,8 @@ def paged_attention(
     of k_pages, v_pages (P, B, Hkv, d) (keys already rotated as q expects), page_ids (n_pages,)
     int64. causal: the queries are the last n slots (query i sees slots < stop - n + 1 + i);
     else every query sees every slot. threads: at most this many (default: torch's), each
-    with MIN_KEYS_PER_THREAD slots or more. Returns out (n, Hq, d) and lse (n, Hq), float32."""
+    with 256 slots or more (the kernel's MIN_KEYS_PER_THREAD). Returns out (n, Hq, d) and
+    lse (n, Hq), float32."""
     n, Hq, d = q.shape
     P, B, Hkv, _ = k_pages.shape
     tensors = (q, k_pages, v_pages)
@@ -97,13 +96,12 @@ def paged_attention(
             + (f" and hold the {n} queries" if causal else "")
         )
     limit = stop - n + 1 if causal else stop + n  # row i sees slots < limit + i
-    threads = max(1, min(threads or torch.get_num_threads(), (stop - start) // MIN_KEYS_PER_THREAD))
     out = torch.empty_like(q)
     lse = torch.empty(n, Hq)
     # fmt: off
     status = library().paged_attention(
         q.data_ptr(), k_pages.data_ptr(), v_pages.data_ptr(), P, page_ids.data_ptr(), start, stop, limit,
-        n, Hq, Hkv, d, B, d**-0.5, out.data_ptr(), lse.data_ptr(), threads,
+        n, Hq, Hkv, d, B, d**-0.5, out.data_ptr(), lse.data_ptr(), threads or torch.get_num_threads(),
     )
     # fmt: on
     if status == 2:
@@ -230,8 +228,8 @@ class LayerWeights(ctypes.Structure):
 def layer_table(layers: Sequence[Sequence[torch.Tensor | None]]) -> tuple[ctypes.Array, int]:
     """The weights of every decoder layer, each (input_norm, qkv, qkv_bias, o, o_bias,
     post_norm, gate_up, down) (a bias may be None), checked once for `decoder_stack`: the
-    projections contiguous CPU float32 or bfloat16 of one dtype, the rest float32. Returns
-    the table and the projections' bytes per weight."""
+    projections contiguous CPU tensors of one of WEIGHT_SIZES' formats, the rest float32.
+    Returns the table and the projections' format code."""
     projections = [w for layer in layers for w in (layer[1], layer[3], layer[6], layer[7])]
     vectors = [w for layer in layers for w in (layer[0], layer[2], layer[4], layer[5]) if w is not None]
     size = _check_projection(vectors[0], *projections, floats=tuple(vectors[1:]))

@@ -22,6 +22,7 @@
 #define MAX_NV 8      /* head_dim / 16: 4 (64) or 8 (128) */
 #define BLK 32        /* key rows per step */
 #define HIDDEN (-1e30f) /* the score of a masked key */
+#define MIN_KEYS_PER_THREAD 256 /* each worker takes at least this many slots (bench_kernels_cpu.py) */
 
 /* The running softmax of up to ROWS query rows of one kv-head (unused rows repeat row 0). */
 typedef struct {
@@ -119,8 +120,9 @@ static void fold_range(rows_t* st, int nst, const float* k, const float* v, cons
 }
 
 /* Returns 0, or 1 for an unsupported head_dim, 2 for a page id outside [0, P), 3 for out of
- * memory. `threads` workers (OpenMP: torch's own pool, whose libgomp this library shares)
- * each take an equal share of the slots; their softmaxes merge at the end. */
+ * memory. Up to `threads` workers (OpenMP: torch's own pool, whose libgomp this library
+ * shares), each with MIN_KEYS_PER_THREAD slots or more, take equal shares of the slots;
+ * their softmaxes merge at the end. */
 int paged_attention(const float* q, const float* k, const float* v, int64_t P, const int64_t* pages,
                     int64_t start, int64_t stop, int64_t limit, int n, int Hq, int Hkv, int d,
                     int B, float scale, float* out, float* lse, int threads) {
@@ -130,6 +132,7 @@ int paged_attention(const float* q, const float* k, const float* v, int64_t P, c
   const int g = Hq / Hkv, R = n * g, nv = d / 16, per_head = (R + ROWS - 1) / ROWS;
   const int nst = Hkv * per_head;
   const int64_t row_stride = (int64_t)Hkv * d, page_stride = (int64_t)B * row_stride;
+  if (threads > (stop - start) / MIN_KEYS_PER_THREAD) threads = (int)((stop - start) / MIN_KEYS_PER_THREAD);
   if (threads < 1) threads = 1;
   rows_t* st = aligned_alloc(64, sizeof(rows_t) * (size_t)nst * (size_t)threads);
   if (!st) return 3;

@@ -16,8 +16,8 @@
 
 #include "kernels.h"
 
-/* One layer's weights: the projections float32 or bfloat16 (`size` bytes each), the
- * norms and biases float32 (a NULL bias: none). */
+/* One layer's weights: the projections in one of matvec.h's formats (`size`), the norms
+ * and biases float32 (a NULL bias: none). */
 typedef struct {
   const float* input_norm;
   const void* qkv;
@@ -28,9 +28,6 @@ typedef struct {
   const void* gate_up;
   const void* down;
 } layer_t;
-
-/* Each attention worker takes at least this many slots (ops.MIN_KEYS_PER_THREAD). */
-#define MIN_KEYS_PER_THREAD 256
 
 /* out (H, d) = x (H, d) with each interleaved pair rotated by ph (d/2 (cos, sin) pairs):
  * core/rope.py's complex product, each product rounded before the sum as torch's is (build.py
@@ -72,9 +69,8 @@ int decoder_stack(float* x, int M, int L, const layer_t* layers, int size, float
     }
     for (int s = 0; s < S && !status; s++) {
       const int64_t r = starts[s], n = lens[s], T = kv_lens[s];
-      int t = (int)(T / MIN_KEYS_PER_THREAD < threads ? T / MIN_KEYS_PER_THREAD : threads);
       status = paged_attention(q + r * A, k_rope + base, v + base, P, tables[s], 0, T, T - n + 1, (int)n, Hq, Hkv, d,
-                               B, scale, attn + r * A, lse + r * Hq, t < 1 ? 1 : t);
+                               B, scale, attn + r * A, lse + r * Hq, threads);
     }
     if (!status)
       mlp_residual(x, attn, w->o, w->o_bias, A, w->post_norm, eps, w->gate_up, w->down, size, scratch, M, D, F,
