@@ -5,7 +5,7 @@ the last chunk's last row records, per layer, its attention over the whole histo
 ways: as the sequence reads it (resident keys at their places, evicted ones by the key
 sketch at the memory distance) and uniform (every key at the memory distance). Then, per tally and band of
 layers: where the planted fact's window ranks among the windows a re-read picks (0: first);
-and per (passages, margin, reach to whole lines, band): the plain model's answer over the
+and per (passages, margin, reach to whole lines, order, band): the plain model's answer over the
 re-read prompt.
 
     python benchmarks/bench_reread.py --split tune --length 16384 --cases 10
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import time
 from pathlib import Path
@@ -92,6 +93,7 @@ def main() -> None:
     ap.add_argument("--margins", type=int, nargs="+", default=[16, 32])
     ap.add_argument("--reaches", type=int, nargs="+", default=[0, LINE_REACH], help="to whole lines")
     ap.add_argument("--bands", nargs="+", default=["0:10", "10:20", "20:30", "0:30", "10:30"])
+    ap.add_argument("--orders", nargs="+", default=["position"], choices=["position", "best-last"])
     args = ap.parse_args()
     gen = build_generator(Settings(reread=0))
     cases = tallies(gen, args)
@@ -114,8 +116,8 @@ def main() -> None:
     for lo, hi in bands[-1:]:
         for passages in args.passages:
             for margin in args.margins:
-                for reach in args.reaches:
-                    reread = Reread(passages, margin, base.head, base.tail, reach)
+                for reach, order in itertools.product(args.reaches, args.orders):
+                    reread = Reread(passages, margin, base.head, base.tail, reach, order == "best-last")
                     found, sizes = [], []
                     for case, rec in cases:
                         n = len(case.prompt)
@@ -124,7 +126,7 @@ def main() -> None:
                         sizes.append(len(prompt))
                         text = plain.generate(prompt, SamplingParams(max_tokens=case.max_new_tokens)).text
                         found.append(case.score(text))
-                    key = f"passages {passages} margin {margin} reach {reach} layers {lo}:{hi}"
+                    key = f"passages {passages} margin {margin} reach {reach} order {order} layers {lo}:{hi}"
                     accuracy[key], prompt_tokens[key] = found, round(sum(sizes) / len(sizes))
                     print(
                         f"{key}: {100 * sum(found) / len(found):.0f}% {found}, {prompt_tokens[key]} tokens",

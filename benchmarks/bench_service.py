@@ -1,6 +1,6 @@
 """HTTP service throughput on loopback, beside the in-process engine as the reference.
 
-* Streaming chat requests from 1, 4 and 16 concurrent `openai` clients: requests/s, time to
+* Streaming chat requests from 1, 2, 4, 8 and 16 concurrent `openai` clients (`--clients`): requests/s, time to
   first token (p50/p95), generated tokens/s, against a server with `--max-batch 1` (decode
   steps one sequence at a time) in the same run; and one in-process Generator.generate of
   the same request, so the HTTP + scheduling overhead shows as a ratio.
@@ -190,6 +190,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ingest-tokens", type=int, default=100_000)
     ap.add_argument("--per-client", type=int, default=2, help="requests per client")
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     ap.add_argument(
         "--parts",
         nargs="+",
@@ -210,7 +211,7 @@ def main() -> None:
         for name, flags in (("unbatched", ["--max-batch", "1"]), ("batched", [])):
             with tempfile.TemporaryDirectory() as logs, infinikv_server(Path(logs), *flags) as base:
                 one_stream(openai.OpenAI(base_url=f"{base}/v1", api_key="bench"))  # warm-up
-                results[f"concurrency_{name}"] = [concurrency(base, n, args.per_client) for n in (1, 4, 16)]
+                results[f"concurrency_{name}"] = [concurrency(base, n, args.per_client) for n in args.clients]
         results["in_process"] = reference
     if {"ingestion", "interference"} & set(args.parts):
         with tempfile.TemporaryDirectory() as logs, infinikv_server(Path(logs)) as base:

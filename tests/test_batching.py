@@ -185,3 +185,23 @@ def test_an_engine_task_that_fails_in_the_batch_fails_only_its_request(tiny) -> 
             task_result(bad)
     finally:
         engine.stop()
+
+
+def test_short_prompts_share_one_rounds_prompt_budget(tiny) -> None:
+    """`step_tokens` counts the rows prompts run, not chunks: four 10-token prompts queued
+    together all prefill in the first round under a 48-token budget (not three of the four
+    at a chunk of 16 each), and their first decode tokens share that round's forward."""
+    gen = generator(tiny, long=False)
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    prompts = [ids(10, seed) for seed in range(4)]
+    recorder = Recorder()
+    engine = Engine(gen, InProcessBlockStore(), observer=recorder, step_tokens=48)
+    handles = [engine.submit(generation_task(p, params), TaskHandle(), needs_sequence=True) for p in prompts]
+    engine.start()  # all four are queued before the first round
+    try:
+        got = [task_result(h) for h in handles]
+    finally:
+        engine.stop()
+    assert got == [gen.generate(p, params).token_ids for p in prompts]
+    batched = 4 if tiny.model.invariant_rows > 1 else 1
+    assert recorder.sizes[:5] == [1, 1, 1, 1, batched]

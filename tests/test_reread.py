@@ -50,6 +50,16 @@ def test_passages_are_the_top_windows_widened_joined_and_in_order() -> None:
     assert reread.spans(torch.zeros(n, dtype=torch.float64), history, frozenset()) == []
 
 
+def test_passages_best_last_put_the_most_attended_next_to_the_question() -> None:
+    shares = torch.zeros(400, dtype=torch.float64)
+    shares[100:110], shares[200:210], shares[300:310] = 0.05, 0.01, 0.03
+    history = list(range(400))
+    by_place = Reread(passages=3, margin=4, head=8, tail=10).spans(shares, history, frozenset())
+    by_share = Reread(passages=3, margin=4, head=8, tail=10, best_last=True).spans(shares, history, frozenset())
+    assert [a for a, _ in by_place] == sorted(a for a, _ in by_place)
+    assert by_share == [by_place[1], by_place[2], by_place[0]]
+
+
 def test_passages_grow_to_whole_lines_within_reach() -> None:
     reread = Reread(passages=1, margin=4, head=8, tail=10, reach=20)
     n, eol = 400, -2

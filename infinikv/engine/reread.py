@@ -33,6 +33,7 @@ class Reread:
     head: int  # first tokens of the history kept (the sinks: BOS, a system prompt)
     tail: int  # last tokens kept (the question)
     reach: int = LINE_REACH  # tokens a passage may grow either way to whole lines
+    best_last: bool = False  # passages by attention, the most attended next to the question
 
     @staticmethod
     def tally(num_layers: int) -> AttentionTally:
@@ -46,7 +47,7 @@ class Reread:
         """The token spans [start, end) of `history` that a prompt re-reads between its head
         and tail, in order: the `passages` windows with the most attention `shares` (by
         absolute position), each widened by `margin`, then to whole lines (`breaks`: the
-        tokens that end one), overlaps joined."""
+        tokens that end one), overlaps joined; by position, or by attention if `best_last`."""
         end = len(history) - self.tail
         if end <= self.head:
             return []
@@ -54,17 +55,19 @@ class Reread:
         got = shares[self.head : end]
         mass[: got.shape[0]] = got
         widened = []
-        for _, _, first in top_windows([mass], WINDOW_TOKENS, self.passages):
+        for share, _, first in top_windows([mass], WINDOW_TOKENS, self.passages):
             a = self.head + max(0, first - self.margin)
             b = min(end, self.head + first + WINDOW_TOKENS + self.margin)
-            widened.append(whole_lines(history, a, b, self.head, end, breaks, self.reach))
-        spans: list[tuple[int, int]] = []
-        for a, b in sorted(widened):
+            widened.append((*whole_lines(history, a, b, self.head, end, breaks, self.reach), share))
+        spans: list[tuple[int, int, float]] = []
+        for a, b, share in sorted(widened):
             if spans and a <= spans[-1][1]:
-                spans[-1] = (spans[-1][0], max(b, spans[-1][1]))
+                spans[-1] = (spans[-1][0], max(b, spans[-1][1]), max(share, spans[-1][2]))
             else:
-                spans.append((a, b))
-        return spans
+                spans.append((a, b, share))
+        if self.best_last:
+            spans.sort(key=lambda span: span[2])
+        return [(a, b) for a, b, _ in spans]
 
     def prompt(
         self, shares: torch.Tensor, history: list[int], separator: list[int], breaks: frozenset[int]

@@ -170,23 +170,25 @@ class Engine:
 
     def _round(self) -> None:
         """Every running task one step: forwards of their own (prefill chunks, speculative
-        steps, ingestion chunks) up to `step_tokens` tokens, taking turns across rounds, then
+        steps, ingestion chunks) until they ran `step_tokens` rows, taking turns across rounds, then
         the decode tokens of all in batched forwards (a lone one that may draft, drafts). A
         background task steps only when no interactive one runs or when its last step ended
         BACKGROUND_EVERY ago."""
         due = time.monotonic() - self._background_at >= BACKGROUND_EVERY
         due = due or all(t.background for t in self._running)
-        spent = 0
+        model, spent = self.generator.model, 0
         for task in list(self._running):
             if task.background and not due:
                 continue
-            if task.own_forward:
+            own, before = task.own_forward, model.rows_run
+            if own:
                 if spent >= self.step_tokens:
                     continue
-                spent += self.generator.chunk_size
                 self._running.remove(task)  # the next round starts with another one
                 self._running.append(task)
             self._advance(task)
+            if own:  # the rows it ran: many short prompts share one round's budget
+                spent += model.rows_run - before
             if task.background:  # its share is counted from the end of its step
                 self._background_at = time.monotonic()
         self._forward([t for t in self._running if t.forward is not None and not t.handle.cancelled])

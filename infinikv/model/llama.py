@@ -122,6 +122,7 @@ class LlamaModel(nn.Module):
         self.long_context_attention = long_context_attention
         self.few_rows: FewRowKernels | None = None  # see `use_few_rows`
         self._layer_table: tuple | None = None  # the decoder stack's weights, made at first use
+        self.rows_run = 0  # token rows through every forward so far (the engine budgets them)
 
     def use_few_rows(self, kernels: FewRowKernels | None) -> None:
         """Send inputs of few rows (decode steps, verifications) through `kernels`: the
@@ -299,6 +300,7 @@ class LlamaModel(nn.Module):
         cfg = self.cfg
         D, eps, layers = cfg.hidden_size, cfg.rms_norm_eps, num_layers or cfg.num_layers
         x = F.embedding(batch.tokens, self.embed)  # (N, D)
+        self.rows_run += batch.tokens.shape[0]
         kernels = self._layer_kernels(batch.tokens.shape[0])
         stack = None if kernels is None else kernels.stack
         seqs = None if stack is None else self._stacked(batch, pool, stack)

@@ -88,8 +88,9 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(30.0, gt=0, description="a session lease's time to live")
     lease_wait: float = Field(30.0, ge=0, description="longest wait for a session held elsewhere")
     # Sequences the KV pool holds at once: running stateless requests plus loaded sessions
-    # (idle sessions beyond that are parked to the block store).
-    slots: int = Field(4, ge=1, le=256)
+    # (idle sessions beyond that are parked). Pages are touched as used: a slot costs RAM only
+    # as its sequence grows (SmolLM2, float32: ~69 KB per token, ~0.6 GB at 8k resident).
+    slots: int = Field(16, ge=1, le=256)
     # Each worker round: every running sequence's decode token in one batched forward, and
     # prompt chunks (forwards of their own) up to this many tokens, so they delay decoding by one.
     step_tokens: int = Field(512, ge=1, description="prompt tokens per engine round beside the decode batch")
