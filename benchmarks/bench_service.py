@@ -1,7 +1,7 @@
 """HTTP service throughput on loopback, beside the in-process engine as the reference.
 
-* Streaming chat requests from 1, 2, 4, 8 and 16 concurrent `openai` clients (`--clients`): requests/s, time to
-  first token (p50/p95), generated tokens/s, against a server with `--max-batch 1` (decode
+* Streaming chat requests from 1, 2, 4, 8 and 16 concurrent `openai` clients (`--clients`):
+  requests/s, time to first token (p50/p95), generated tokens/s, against a server with `--max-batch 1` (decode
   steps one sequence at a time) in the same run; and one in-process Generator.generate of
   the same request, so the HTTP + scheduling overhead shows as a ratio.
 * Ingestion of a document into a session (POST /v1/sessions/{id}/documents, polled to

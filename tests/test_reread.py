@@ -5,6 +5,8 @@ sequence's history afterwards; the pool's pages; the real model on real text."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 
 import pytest
@@ -54,8 +56,9 @@ def test_passages_best_last_put_the_most_attended_next_to_the_question() -> None
     shares = torch.zeros(400, dtype=torch.float64)
     shares[100:110], shares[200:210], shares[300:310] = 0.05, 0.01, 0.03
     history = list(range(400))
-    by_place = Reread(passages=3, margin=4, head=8, tail=10).spans(shares, history, frozenset())
-    by_share = Reread(passages=3, margin=4, head=8, tail=10, best_last=True).spans(shares, history, frozenset())
+    reread = Reread(passages=3, margin=4, head=8, tail=10)
+    by_place = reread.spans(shares, history, frozenset())
+    by_share = dataclasses.replace(reread, best_last=True).spans(shares, history, frozenset())
     assert [a for a, _ in by_place] == sorted(a for a, _ in by_place)
     assert by_share == [by_place[1], by_place[2], by_place[0]]
 
