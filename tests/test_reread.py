@@ -6,7 +6,6 @@ sequence's history afterwards; the pool's pages; the real model on real text."""
 from __future__ import annotations
 
 import dataclasses
-
 from pathlib import Path
 
 import pytest
