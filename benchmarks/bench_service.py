@@ -6,8 +6,9 @@
   the same request, so the HTTP + scheduling overhead shows as a ratio.
 * Ingestion of a document into a session (POST /v1/sessions/{id}/documents, polled to
   completion): tokens/s, beside prefilling the same tokens into an in-process sequence.
-* Interference: one 16-token chat request alone, then the same request while a 6k-token
-  document is being ingested into another session (interactive requests come first).
+* Interference: the inter-token latency of 4 streaming chat clients alone, then while the
+  `--ingest-tokens` document is being ingested into another session (interactive requests
+  come first; an ingestion chunk runs once a second beside them), against one chunk's time.
 
 Run from the repository root (it starts `infinikv serve` through tests/server_process.py):
     python benchmarks/bench_service.py [--ingest-tokens 100000] [--parts concurrency ingestion interference]
@@ -41,6 +42,7 @@ from tests.server_process import infinikv_server  # noqa: E402
 MODEL = "SmolLM2-135M-Instruct"
 MESSAGES = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
 MAX_TOKENS = 32
+CHUNK = Settings().chunk_size  # an ingestion's prefill chunk
 
 
 def one_stream(c: openai.OpenAI) -> tuple[float, float, int, list[float]]:
@@ -129,35 +131,34 @@ def ingest(base: str, text: str) -> dict:
     return {"tokens": job["total_tokens"], "seconds": elapsed, "tokens_per_s": job["total_tokens"] / elapsed}
 
 
-def interference(base: str, text: str) -> dict:
-    """Seconds of a 16-token chat request alone and beside an ingestion of `text`."""
-    c = openai.OpenAI(base_url=f"{base}/v1", api_key="bench", max_retries=0, timeout=600)
-
-    def timed_chat() -> float:
-        t0 = time.perf_counter()
-        c.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=16, temperature=0)
-        return time.perf_counter() - t0
-
-    alone = timed_chat()
+def interference(base: str, text: str, clients: int, per_client: int) -> dict:
+    """Inter-token latency of `clients` streaming chat clients alone, then beside an ingestion
+    of `text` into another session (cancelled once they are done); the ingestion's seconds per
+    prefill chunk, timed while it ran alone for a few seconds first."""
+    alone = concurrency(base, clients, per_client)
     session = requests.post(f"{base}/v1/sessions", timeout=30).json()["id"]
     job = requests.post(f"{base}/v1/sessions/{session}/documents", json={"text": text}, timeout=60).json()
-    for _ in range(10_000):  # bounded: until its first chunk is in
+    first: tuple[float, int] | None = None  # (time, tokens done) when its first chunk was in
+    for _ in range(10_000):  # bounded: four more chunks, alone
         job = requests.get(f"{base}/v1/jobs/{job['id']}", timeout=30).json()
-        if job["done_tokens"] > 0:
+        now, done = time.perf_counter(), job.get("done_tokens") or 0
+        first = first or ((now, done) if done else None)
+        if first is not None and done - first[1] >= 4 * CHUNK:
             break
         time.sleep(0.05)
-    beside = timed_chat()
-    still_running = requests.get(f"{base}/v1/jobs/{job['id']}", timeout=30).json()["status"] == "running"
-    for _ in range(100_000):  # bounded poll
-        if requests.get(f"{base}/v1/jobs/{job['id']}", timeout=30).json()["status"] != "running":
-            break
-        time.sleep(0.5)
+    assert first is not None
+    chunk_s = (now - first[0]) / ((done - first[1]) / CHUNK)
+    beside = concurrency(base, clients, per_client)
+    job = requests.get(f"{base}/v1/jobs/{job['id']}", timeout=30).json()
+    requests.delete(f"{base}/v1/jobs/{job['id']}", timeout=60)
     requests.delete(f"{base}/v1/sessions/{session}", timeout=60)
     return {
         "ingest_tokens": job["total_tokens"],
-        "chat_alone_s": alone,
-        "chat_beside_ingestion_s": beside,
-        "ingestion_still_running_after": still_running,
+        "ingested_meanwhile": job.get("done_tokens"),
+        "ingestion_still_running_after": job["status"] == "running",
+        "chunk_s": chunk_s,
+        "alone": alone,
+        "beside_ingestion": beside,
     }
 
 
@@ -222,7 +223,7 @@ def main() -> None:
                     "tokens_per_s": reference["ingest_tokens_per_s"],
                 }
             if "interference" in args.parts:
-                results["interference"] = interference(base, FILLER * (6000 // 22))
+                results["interference"] = interference(base, text, 4, args.per_client)
     out.write_text(json.dumps(results, indent=2))
 
     header = (
@@ -243,10 +244,12 @@ def main() -> None:
         )
     if "interference" in results:
         r = results["interference"]
+        a, b = r["alone"], r["beside_ingestion"]
         print(
-            f"\n16-token chat: {r['chat_alone_s']:.2f} s alone, {r['chat_beside_ingestion_s']:.2f} s "
-            f"beside a {r['ingest_tokens']}-token ingestion (still running after: "
-            f"{r['ingestion_still_running_after']})"
+            f"\n{a['clients']} chat clients, inter-token p50 / p95: {a['inter_token_p50_s'] * 1000:.0f} / "
+            f"{a['inter_token_p95_s'] * 1000:.0f} ms alone, {b['inter_token_p50_s'] * 1000:.0f} / "
+            f"{b['inter_token_p95_s'] * 1000:.0f} ms beside a {r['ingest_tokens']}-token ingestion "
+            f"(one chunk: {r['chunk_s'] * 1000:.0f} ms; running after: {r['ingestion_still_running_after']})"
         )
     if "ingestion" in results:
         http, local = results["ingestion"], results["ingestion_in_process"]
