@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from infinikv.engine.sampling import SamplingParams  # noqa: E402
 from infinikv.engine.sequence import feed  # noqa: E402
+from infinikv.evaluation.haystack import bible_text  # noqa: E402
 from infinikv.evaluation.passkey import FILLER  # noqa: E402
 from infinikv.service.runtime import build_generator  # noqa: E402
 from infinikv.service.settings import Settings  # noqa: E402
@@ -41,11 +42,24 @@ from tests.server_process import infinikv_server  # noqa: E402
 
 MODEL = "SmolLM2-135M-Instruct"
 MESSAGES = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
+CHARS_PER_TOKEN = 4  # about, for English prose and SmolLM2's tokenizer
+
+
+def long_messages(tokens: int, client: int) -> list[dict[str, str]]:
+    """A question about a passage of the King James Bible of about `tokens` tokens, a
+    different passage per client."""
+    size = tokens * CHARS_PER_TOKEN
+    passage = bible_text()[client * size : (client + 1) * size]
+    return [{"role": "user", "content": f"{passage}\n\nWho is named first in the passage above?"}]
+
+
 MAX_TOKENS = 32
 CHUNK = Settings().chunk_size  # an ingestion's prefill chunk
 
 
-def one_stream(c: openai.OpenAI) -> tuple[float, float, int, list[float]]:
+def one_stream(
+    c: openai.OpenAI, messages: list[dict[str, str]] = MESSAGES
+) -> tuple[float, float, int, list[float]]:
     """(time to first token, total seconds, tokens, the gaps between content chunks) of one
     streaming chat request."""
     t0 = time.perf_counter()
@@ -54,7 +68,7 @@ def one_stream(c: openai.OpenAI) -> tuple[float, float, int, list[float]]:
     arrivals: list[float] = []
     stream = c.chat.completions.create(
         model=MODEL,
-        messages=MESSAGES,
+        messages=messages,
         max_tokens=MAX_TOKENS,
         temperature=0,
         stream=True,
@@ -75,18 +89,21 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else float("nan")
 
 
-def concurrency(base: str, clients: int, per_client: int) -> dict:
+def concurrency(base: str, clients: int, per_client: int, prompt_tokens: int = 0) -> dict:
+    """`clients` threads streaming `per_client` requests each: the short request, or with
+    `prompt_tokens`, a question over a passage of about that many tokens."""
     results: list[tuple[float, float, int, list[float]]] = []
     lock = threading.Lock()
 
-    def worker() -> None:
+    def worker(client: int) -> None:
         c = openai.OpenAI(base_url=f"{base}/v1", api_key="bench", max_retries=0, timeout=600)
+        messages = long_messages(prompt_tokens, client) if prompt_tokens else MESSAGES
         for _ in range(per_client):
-            r = one_stream(c)
+            r = one_stream(c, messages)
             with lock:
                 results.append(r)
 
-    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
@@ -97,6 +114,7 @@ def concurrency(base: str, clients: int, per_client: int) -> dict:
     gaps = [gap for r in results for gap in r[3]]  # a chunk may carry several tokens (stop strings)
     return {
         "clients": clients,
+        "prompt_tokens": prompt_tokens or None,
         "requests": len(results),
         "requests_per_s": len(results) / elapsed,
         "ttft_p50_s": statistics.median(ttft),
@@ -187,11 +205,31 @@ def in_process(settings: Settings, text: str, parts: list[str]) -> dict:
     return {**request, "ingest_tokens": len(ids), "ingest_tokens_per_s": len(ids) / ingest_s}
 
 
+def print_concurrency(pairs: list[tuple[dict, dict]], in_process: dict) -> None:
+    """The table of one prompt kind: unbatched and batched servers side by side."""
+    tokens = pairs[0][1].get("prompt_tokens") or "short"
+    print(f"\nprompts: {tokens}; one in-process request: {in_process['generated_tokens_per_s']:.1f} tok/s")
+    print(
+        "| clients | req/s unbatched / batched | TTFT p50 / p95 batched | inter-token p50 / p95 batched "
+        "| gen tok/s batched | x one client |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|")
+    one = pairs[0][1]["generated_tokens_per_s"]
+    for u, b in pairs:
+        print(
+            f"| {b['clients']} | {u['requests_per_s']:.2f} / {b['requests_per_s']:.2f} | "
+            f"{b['ttft_p50_s'] * 1000:.0f} / {b['ttft_p95_s'] * 1000:.0f} ms | "
+            f"{b['inter_token_p50_s'] * 1000:.0f} / {b['inter_token_p95_s'] * 1000:.0f} ms | "
+            f"{b['generated_tokens_per_s']:.1f} | {b['generated_tokens_per_s'] / one:.2f}x |"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ingest-tokens", type=int, default=100_000)
     ap.add_argument("--per-client", type=int, default=2, help="requests per client")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    ap.add_argument("--prompt-tokens", type=int, default=0, help="about this many per request (0: short)")
     ap.add_argument(
         "--parts",
         nargs="+",
@@ -212,7 +250,9 @@ def main() -> None:
         for name, flags in (("unbatched", ["--max-batch", "1"]), ("batched", [])):
             with tempfile.TemporaryDirectory() as logs, infinikv_server(Path(logs), *flags) as base:
                 one_stream(openai.OpenAI(base_url=f"{base}/v1", api_key="bench"))  # warm-up
-                results[f"concurrency_{name}"] = [concurrency(base, n, args.per_client) for n in args.clients]
+                results[f"concurrency_{name}{'_long' if args.prompt_tokens else ''}"] = [
+                    concurrency(base, n, args.per_client, args.prompt_tokens) for n in args.clients
+                ]
         results["in_process"] = reference
     if {"ingestion", "interference"} & set(args.parts):
         with tempfile.TemporaryDirectory() as logs, infinikv_server(Path(logs)) as base:
@@ -226,22 +266,16 @@ def main() -> None:
                 results["interference"] = interference(base, text, 4, args.per_client)
     out.write_text(json.dumps(results, indent=2))
 
-    header = (
-        "clients | req/s unbatched / batched | ratio | TTFT p50 unbatched / batched | "
-        "inter-token p50 / p95 batched | gen tok/s batched"
-    )
-    print(f"\n| {header} | vs in-process ({MAX_TOKENS} tokens) |")
-    print("|---|---|---|---|---|---|---|")
-    pairs = zip(results.get("concurrency_unbatched", []), results.get("concurrency_batched", []), strict=True)
-    for u, b in pairs:
-        ratio = b["generated_tokens_per_s"] / results["in_process"]["generated_tokens_per_s"]
-        print(
-            f"| {b['clients']} | {u['requests_per_s']:.2f} / {b['requests_per_s']:.2f} | "
-            f"{b['requests_per_s'] / u['requests_per_s']:.2f}x | {u['ttft_p50_s'] * 1000:.0f} / "
-            f"{b['ttft_p50_s'] * 1000:.0f} ms | {b.get('inter_token_p50_s', float('nan')) * 1000:.0f} / "
-            f"{b.get('inter_token_p95_s', float('nan')) * 1000:.0f} ms | {b['generated_tokens_per_s']:.1f} | "
-            f"{ratio:.2f}x |"
+    for suffix in ("", "_long"):
+        pairs = list(
+            zip(
+                results.get(f"concurrency_unbatched{suffix}", []),
+                results.get(f"concurrency_batched{suffix}", []),
+                strict=True,
+            )
         )
+        if pairs:
+            print_concurrency(pairs, results["in_process"])
     if "interference" in results:
         r = results["interference"]
         a, b = r["alone"], r["beside_ingestion"]
