@@ -29,13 +29,15 @@ VOCAB = 160
 
 
 class Recorder:
-    """The engine's observer: how many sequences each forward held."""
+    """The engine's observer: how many sequences and rows each forward held."""
 
     def __init__(self) -> None:
         self.sizes: list[int] = []
+        self.rows: list[int] = []
 
-    def step(self, seconds: float, retrieval_seconds: float, sequences: int) -> None:
+    def step(self, seconds: float, retrieval_seconds: float, sequences: int, tokens: int) -> None:
         self.sizes.append(sequences)
+        self.rows.append(tokens)
 
     def waited(self, seconds: float) -> None:
         pass
@@ -205,3 +207,4 @@ def test_short_prompts_share_one_rounds_prompt_budget(tiny) -> None:
     assert got == [gen.generate(p, params).token_ids for p in prompts]
     batched = 4 if tiny.model.invariant_rows > 1 else 1
     assert recorder.sizes[:5] == [1, 1, 1, 1, batched]
+    assert recorder.rows[:5] == [10, 10, 10, 10, batched]

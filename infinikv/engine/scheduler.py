@@ -337,7 +337,7 @@ class Engine:
             return
         self._renew(task)
         reply, task.reply = task.reply, None
-        own, t0 = task.own_forward, time.perf_counter()
+        own, t0, rows = task.own_forward, time.perf_counter(), self.generator.model.rows_run
         try:
             while True:
                 item = task.steps.throw(reply) if isinstance(reply, Exception) else task.steps.send(reply)
@@ -357,20 +357,20 @@ class Engine:
             self._end(task, Failed(e))
         finally:
             if own:
-                self._observe([task], time.perf_counter() - t0)
+                self._observe([task], time.perf_counter() - t0, self.generator.model.rows_run - rows)
 
     def _forward(self, tasks: list[Task]) -> None:
         """The tasks' decode tokens in forwards of at most the model's invariant rows each."""
         rows = min(self.max_batch, self.generator.model.invariant_rows)
         for i in range(0, len(tasks), rows):
             group = tasks[i : i + rows]
-            t0 = time.perf_counter()
+            t0, before = time.perf_counter(), self.generator.model.rows_run
             requests = [t.forward for t in group]
             replies = forward_batch(self.generator.model, self.generator.pool, requests)  # type: ignore[arg-type]
             for task, reply in zip(group, replies, strict=True):
                 # None: it drafts instead, a forward of its own next round
                 task.forward, task.reply, task.own_forward = None, reply, reply is None
-            self._observe(group, time.perf_counter() - t0)
+            self._observe(group, time.perf_counter() - t0, self.generator.model.rows_run - before)
 
     def _end(self, task: Task, outcome: object) -> None:
         self._running.remove(task)
@@ -387,7 +387,7 @@ class Engine:
         except InfinikvError as e:
             log.warning("lease of session %s not renewed (%s)", lease.session_id, e)
 
-    def _observe(self, tasks: list[Task], seconds: float) -> None:
+    def _observe(self, tasks: list[Task], seconds: float, rows: int) -> None:
         if self.observer is None:
             return
         retrieval = 0.0
@@ -396,7 +396,7 @@ class Engine:
             if state is not None and state.memory is not None:
                 retrieval += state.memory.search_seconds - task.search_seen
                 task.search_seen = state.memory.search_seconds
-        self.observer.step(seconds, retrieval, len(tasks))
+        self.observer.step(seconds, retrieval, len(tasks), rows)
 
 
 def _call(fn: Callable[[Engine], Any]) -> StepFn:

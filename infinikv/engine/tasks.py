@@ -73,8 +73,9 @@ class TaskHandle:
 
 
 class EngineObserver(Protocol):
-    def step(self, seconds: float, retrieval_seconds: float, sequences: int) -> None:
-        """A forward of `sequences` sequences (one: a prefill chunk or a speculative step)."""
+    def step(self, seconds: float, retrieval_seconds: float, sequences: int, tokens: int) -> None:
+        """Forwards of `sequences` sequences (one: a prefill chunk or a speculative step) that
+        ran `tokens` rows."""
 
     def waited(self, seconds: float) -> None:
         """A task waited this long in the queue before it started."""

@@ -51,6 +51,12 @@ class Metrics:
             buckets=(1, 2, 4, 8, 12, 16, 32),
             registry=r,
         )
+        self.step_tokens = Histogram(
+            "infinikv_engine_step_tokens",
+            "token rows in one step of the engine (prompt chunk rows, drafts verified, decode tokens)",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+            registry=r,
+        )
         self.queue_wait = Histogram(
             "infinikv_queue_wait_seconds",
             "time a request waited before it started",
@@ -83,9 +89,10 @@ class Metrics:
         self.memory_tokens.set_function(memory_tokens)
         self.store_up.set_function(store_up)
 
-    def step(self, seconds: float, retrieval_seconds: float, sequences: int) -> None:
+    def step(self, seconds: float, retrieval_seconds: float, sequences: int, tokens: int) -> None:
         self.step_seconds.observe(seconds)
         self.batch_size.observe(sequences)
+        self.step_tokens.observe(tokens)
         if retrieval_seconds > 0:
             self.retrieval_seconds.observe(retrieval_seconds)
 
