@@ -12,7 +12,8 @@
 
 Run from the repository root (it starts `infinikv serve` through tests/server_process.py):
     python benchmarks/bench_service.py [--ingest-tokens 100000] [--parts concurrency ingestion interference]
-The parts measured replace theirs in benchmarks/results/service.json; the others stay.
+The parts measured replace theirs in benchmarks/results/service.json; the others stay. The
+concurrency table is drawn to docs/service_concurrency[_long].png.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from tests.server_process import infinikv_server  # noqa: E402
 
 MODEL = "SmolLM2-135M-Instruct"
 MESSAGES = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
+CHART = Path(__file__).resolve().parents[1] / "docs" / "service_concurrency.png"
 CHARS_PER_TOKEN = 4  # about, for English prose and SmolLM2's tokenizer
 
 
@@ -224,6 +226,28 @@ def print_concurrency(pairs: list[tuple[dict, dict]], in_process: dict) -> None:
         )
 
 
+def chart(rows: list[dict], path: Path) -> None:
+    """Generated tokens/s and time to first token (p50, p95) against clients, batched server."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    clients = [r["clients"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3.2))
+    left.plot(clients, [r["generated_tokens_per_s"] for r in rows], marker="o")
+    left.set(xlabel="streaming clients", ylabel="generated tokens/s", xscale="log", ylim=(0, None))
+    right.plot(clients, [r["ttft_p50_s"] for r in rows], marker="o", label="p50")
+    right.plot(clients, [r["ttft_p95_s"] for r in rows], marker="s", label="p95")
+    right.set(xlabel="streaming clients", ylabel="time to first token, s", xscale="log", ylim=(0, None))
+    for ax in (left, right):
+        ax.set_xticks(clients, [str(c) for c in clients])
+        ax.minorticks_off()
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ingest-tokens", type=int, default=100_000)
@@ -276,6 +300,7 @@ def main() -> None:
         )
         if pairs:
             print_concurrency(pairs, results["in_process"])
+            chart([b for _, b in pairs], CHART.with_name(f"{CHART.stem}{suffix}.png"))
     if "interference" in results:
         r = results["interference"]
         a, b = r["alone"], r["beside_ingestion"]
