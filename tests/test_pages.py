@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ from infinikv.cache.pages import NULL_PAGE, BlockTable, PagePool
 from infinikv.engine.sequence import Sequence, feed
 from infinikv.errors import CacheFullError
 from infinikv.model.llama import ForwardBatch, SequenceSlice
+from infinikv.service.runtime import warn_if_pool_exceeds
 
 from .conftest import nan_pool, ours_from_hf, tiny_hf_model
 
@@ -37,6 +40,16 @@ def test_null_page_never_allocated_and_pool_exhaustion() -> None:
     assert NULL_PAGE not in pages and sorted(pages) == [1, 2, 3, 4, 5]
     with pytest.raises(CacheFullError, match="KV cache full"):
         pool.allocate(1)
+
+
+def test_a_pool_larger_than_the_ram_is_reported_naming_the_setting(caplog) -> None:
+    pool = PagePool(2, 6, 4, num_kv_heads=1, head_dim=2, group=2)  # k, k_rope, v, k_group
+    assert pool.nbytes == 4 * 2 * 6 * 4 * 2 * 4
+    with caplog.at_level(logging.WARNING, logger="infinikv.service.runtime"):
+        warn_if_pool_exceeds(pool, pool.nbytes)
+        assert not caplog.records
+        warn_if_pool_exceeds(pool, pool.nbytes - 1)
+    assert "--slots" in caplog.text
 
 
 def test_block_table_slots_and_truncate_frees_pages() -> None:

@@ -86,6 +86,11 @@ class PagePool:
         return self.k.shape[1]
 
     @property
+    def nbytes(self) -> int:
+        """Bytes the pool holds once every page has been written (untouched ones cost none)."""
+        return sum(cache.nbytes for cache in self._caches())
+
+    @property
     def num_free(self) -> int:
         return len(self._free)
 

@@ -4,11 +4,13 @@ drives, from Settings."""
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 
 import torch
 
 from infinikv.attention.backends import causal_attention, long_context_attention, resolve_backend
+from infinikv.cache.pages import PagePool
 from infinikv.engine.generator import Generator
 from infinikv.engine.scheduler import Engine
 from infinikv.engine.speculative.draft_model import DraftModelDrafter, check_same_vocabulary
@@ -29,8 +31,10 @@ def build_engine(settings: Settings, slots: int | None = None) -> Engine:
     `slots` sequences (default: the setting), and the sessions' store. An unreachable Redis
     fails here, before the model loads."""
     store = open_store(settings.redis_url, settings.redis_cluster)
+    generator = build_generator(settings, slots=settings.slots if slots is None else slots)
+    warn_if_pool_exceeds(generator.pool, physical_ram())
     return Engine(
-        build_generator(settings, slots=settings.slots if slots is None else slots),
+        generator,
         store,
         max_queue=settings.max_queue,
         lease_seconds=settings.lease_seconds,
@@ -38,6 +42,22 @@ def build_engine(settings: Settings, slots: int | None = None) -> Engine:
         step_tokens=settings.step_tokens,
         max_batch=settings.max_batch,
     )
+
+
+def physical_ram() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def warn_if_pool_exceeds(pool: PagePool, ram: int) -> None:
+    """Pages are touched as sequences fill them, so a pool larger than the RAM starts; warn that
+    full slots would not fit."""
+    if pool.nbytes > ram:
+        log.warning(
+            "the KV pool grows to %.1f GB when every slot is full, more than this machine's %.1f GB "
+            "of RAM: lower --slots (or --resident) if many long sequences run at once",
+            pool.nbytes / 1e9,
+            ram / 1e9,
+        )
 
 
 def build_generator(settings: Settings, slots: int = 1) -> Generator:
