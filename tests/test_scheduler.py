@@ -18,7 +18,7 @@ from infinikv.memory.store import InProcessBlockStore
 
 def fake_generator(slots: int) -> SimpleNamespace:
     """What the worker reads of a generator when its tasks run no model."""
-    return SimpleNamespace(slots=slots, chunk_size=1, model=SimpleNamespace(invariant_rows=1, rows_run=0))
+    return SimpleNamespace(slots=slots, model=SimpleNamespace(invariant_rows=1, rows_run=0))
 
 
 def engine(slots: int = 2, max_queue: int = 64) -> Engine:

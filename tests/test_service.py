@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import re
 import signal
 import time
 
@@ -135,6 +136,12 @@ def test_openai_client_chat_and_completions_stream_and_not(server) -> None:
     assert "".join(p.choices[0].text for p in pieces).strip().startswith("Paris")
 
 
+def step_rows(base: str) -> float:
+    """The engine's token rows so far, from /metrics (the step-rows histogram's sum)."""
+    text = requests.get(f"{base}/metrics", headers=auth(), timeout=30).text
+    return float(re.search(r"^infinikv_engine_step_tokens_sum (\S+)$", text, re.M).group(1))  # type: ignore[union-attr]
+
+
 def test_bad_requests_get_clear_4xx_and_the_server_keeps_serving(server) -> None:
     url = f"{server}/v1/chat/completions"
     ok_body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -163,11 +170,14 @@ def test_bad_requests_get_clear_4xx_and_the_server_keeps_serving(server) -> None
     r = requests.post(f"{server}/v1/completions", json={"prompt": "hi"}, timeout=30)
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     assert requests.get(f"{server}/v1/sessions/sess_nope", headers=auth(), timeout=30).status_code == 404
+    rows_before = step_rows(server)
     ok = requests.post(url, json=ok_body, headers=auth(), timeout=60)
     assert ok.status_code == 200 and set(ok.json()["speculation"]) >= {
         "acceptance_rate",
         "tokens_per_forward",
     }
+    usage = ok.json()["usage"]  # every token but the last sampled one ran through a forward
+    assert step_rows(server) - rows_before >= usage["prompt_tokens"] + usage["completion_tokens"] - 1
     assert requests.get(f"{server}/health", timeout=5).json()["status"] == "ok"
     for path in ("/metrics", "/openapi.json"):  # they follow --api-keys
         assert requests.get(f"{server}{path}", timeout=30).status_code == 401

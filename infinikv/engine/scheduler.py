@@ -176,19 +176,16 @@ class Engine:
         BACKGROUND_EVERY ago."""
         due = time.monotonic() - self._background_at >= BACKGROUND_EVERY
         due = due or all(t.background for t in self._running)
-        model, spent = self.generator.model, 0
+        spent = 0  # rows run, not chunks: many short prompts share one round's budget
         for task in list(self._running):
             if task.background and not due:
                 continue
-            own, before = task.own_forward, model.rows_run
-            if own:
+            if task.own_forward:
                 if spent >= self.step_tokens:
                     continue
                 self._running.remove(task)  # the next round starts with another one
                 self._running.append(task)
-            self._advance(task)
-            if own:  # the rows it ran: many short prompts share one round's budget
-                spent += model.rows_run - before
+            spent += self._advance(task)
             if task.background:  # its share is counted from the end of its step
                 self._background_at = time.monotonic()
         self._forward([t for t in self._running if t.forward is not None and not t.handle.cancelled])
@@ -328,13 +325,14 @@ class Engine:
         except Exception:  # noqa: BLE001 - reported in the log; the task ends either way
             log.exception("task clean-up failed")
 
-    def _advance(self, task: Task) -> None:
-        """Run the task to its next Forward (left for the batch) or tick, passing its events on."""
+    def _advance(self, task: Task) -> int:
+        """Run the task to its next Forward (left for the batch) or tick, passing its events on;
+        the rows its forwards of its own ran."""
         assert task.steps is not None
         if task.handle.cancelled:
             self._close(task)
             self._end(task, Failed(InfinikvError("cancelled")))
-            return
+            return 0
         self._renew(task)
         reply, task.reply = task.reply, None
         own, t0, rows = task.own_forward, time.perf_counter(), self.generator.model.rows_run
@@ -344,11 +342,11 @@ class Engine:
                 reply = None
                 if isinstance(item, Forward):
                     task.forward, task.own_forward = item, False
-                    return
+                    break
                 task.handle.emit(item)
                 if not isinstance(item, GenerationEvent) or item is TICK:  # a tick: its share ends
                     task.own_forward = True
-                    return
+                    break
         except StopIteration as done:
             self._end(task, Finished(done.value))
         except Exception as e:  # noqa: BLE001 - the error goes to its requester; others go on
@@ -356,8 +354,10 @@ class Engine:
                 log.exception("task failed")
             self._end(task, Failed(e))
         finally:
+            rows = self.generator.model.rows_run - rows
             if own:
-                self._observe([task], time.perf_counter() - t0, self.generator.model.rows_run - rows)
+                self._observe([task], time.perf_counter() - t0, rows)
+        return rows if own else 0
 
     def _forward(self, tasks: list[Task]) -> None:
         """The tasks' decode tokens in forwards of at most the model's invariant rows each."""
