@@ -131,12 +131,13 @@ def on_q4_grid(w: torch.Tensor) -> torch.Tensor:
 
 def test_int4_layers_take_the_cpu_kernels() -> None:
     """With the `cpu` backend attached, int4 projections of few rows go through the C kernels'
-    Q4 blocks (the decoder stack included): float32 products of the exact weights, so the
-    logits of a prefill chunk and decode steps are those of a float32 model holding the same
-    weights on the PyTorch path."""
+    Q4 blocks (the decoder stack included), so the logits of a prefill chunk and decode steps
+    are those of a float32 model holding the same weights on the PyTorch path: exactly with
+    float32 activations, within their int8 rounding where the kernels use it (AVX512-VNNI)."""
     import copy
 
     from infinikv.attention.backends import causal_attention
+    from infinikv.kernels.cpu.ops import int8_activations
     from infinikv.model.linear import few_row_kernels, quantize_int4
 
     from .conftest import nan_pool, ours_from_hf, tiny_hf_model
@@ -161,4 +162,11 @@ def test_int4_layers_take_the_cpu_kernels() -> None:
     model.attention = causal_attention("cpu")
     model.use_few_rows(few_row_kernels("cpu"))
     assert model._layer_kernels(1) is not None and model._layer_kernels(20) is not None
-    torch.testing.assert_close(logits(model), logits(grid), atol=1e-4, rtol=1e-4)
+    got, want = logits(model), logits(grid)
+    if not int8_activations():
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        return
+    # x rounded to int8 per block of 32 before each projection: 2.2% here, against ~100% for a
+    # kernel reading the wrong blocks or scales
+    assert (got - want).norm() <= 0.04 * want.norm()
+    assert torch.equal(got.argmax(-1), want.argmax(-1))

@@ -4,14 +4,24 @@ NaN in every slot it must not read, GQA, both head sizes, causal and unmasked ra
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from infinikv.core.partial import reference_partial
-from infinikv.kernels.cpu.ops import linear, mlp_residual, norm_project, paged_attention, q4_blocks, q8_blocks
+from infinikv.kernels.cpu.ops import (
+    int8_activations,
+    linear,
+    mlp_residual,
+    norm_project,
+    paged_attention,
+    q4_blocks,
+    q8_blocks,
+)
 
 
 def paged(T: int, B: int, Hkv: int, d: int, gen: torch.Generator):
@@ -204,25 +214,83 @@ def test_loading_the_kernels_leaves_the_process_floating_point_alone() -> None:
     subprocess.run([sys.executable, "-c", script], check=True)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 5, 17, 32])
-@pytest.mark.parametrize("fmt", ["q4", "q8"])
-def test_block_weights_project_as_their_float32_values(rows: int, fmt: str) -> None:
-    """Q4 and Q8 blocks (llama.cpp's Q4_1 and Q8_0 with float32 scales): the projection of
-    the weights they hold, float32 products and sums."""
-    g = torch.Generator().manual_seed(rows)
-    N, K = 36, 96
-    scale = torch.rand(N, K // 32, generator=g) * 0.02 + 1e-3
+def block_weights(fmt: str, N: int, K: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4 or Q8 blocks of random values (float16 scales) and the float32 weight they hold."""
+    g = torch.Generator().manual_seed(seed)
+    scale = (torch.rand(N, K // 32, generator=g) * 0.02 + 1e-3).half().float()
     if fmt == "q4":
-        q, low = torch.randint(0, 16, (N, K), generator=g), -torch.rand(N, K // 32, generator=g) * 0.1
-        blocks, offset = q4_blocks(q, scale, low), low
+        q, low = torch.randint(0, 16, (N, K), generator=g), (-torch.rand(N, K // 32, generator=g) * 0.1).half()
+        blocks, offset = q4_blocks(q, scale, low.float()), low.float()
     else:
         q = torch.randint(-127, 128, (N, K), generator=g)
         blocks, offset = q8_blocks(q, scale), torch.zeros_like(scale)
-    w = (q.view(N, -1, 32) * scale[..., None] + offset[..., None]).view(N, K)
-    x = torch.randn(rows, K, generator=g)
-    torch.testing.assert_close(linear(x, blocks), x @ w.T, rtol=1e-5, atol=1e-5)
+    return blocks, (q.view(N, -1, 32) * scale[..., None] + offset[..., None]).view(N, K)
+
+
+def int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x quantized per block of 32 as the kernel does (blocks.h): q = round(x / dx), dx = max|x| / 127."""
+    M, K = x.shape
+    amax = x.view(M, K // 32, 32).abs().amax(-1, keepdim=True)
+    q = torch.round(x.view(M, K // 32, 32) * torch.where(amax > 0, 127 / amax, 0))
+    return q.view(M, K), (amax / 127).expand(M, K // 32, 32).reshape(M, K)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 5, 17, 32])
+@pytest.mark.parametrize("fmt", ["q4", "q8"])
+@pytest.mark.parametrize("K", [96, 224, 576, 736, 1536])
+def test_block_weights_project_their_values(rows: int, fmt: str, K: int) -> None:
+    """Q4 and Q8 blocks (llama.cpp's Q4_1 and Q8_0), rows of 3 to 48 blocks (whole groups of 16
+    and the rests): with int8 activations, within the bound of x's rounding (each x within dx / 2
+    of its int8 value) of the exact product and within one rounding step of the int8 product,
+    each row's result that of the row alone; else float32 products of the weights."""
+    N = 36
+    blocks, w = block_weights(fmt, N, K, seed=rows + K)
+    x = torch.randn(rows, K, generator=torch.Generator().manual_seed(K))
+    got, exact = linear(x, blocks), x.double() @ w.double().T
+    if not int8_activations():
+        torch.testing.assert_close(got, exact.float(), rtol=1e-5, atol=1e-4)
+        return
+    q, dx = int8_rows(x)
+    rounding = (dx.double() / 2) @ w.double().abs().T  # (M, N)
+    assert ((got - exact).abs() <= rounding * (1 + 1e-4) + 1e-5).all()
+    one_step = dx.double().amax(-1, keepdim=True) * w.double().abs().amax(-1)  # a tie rounded the other way
+    assert ((got - (q * dx).double() @ w.double().T).abs() <= one_step + 1e-4).all()
+    assert torch.equal(torch.cat([linear(x[i : i + 1], blocks) for i in range(rows)]), got)
+
+
+def test_blocks_refuse_what_they_cannot_hold() -> None:
     with pytest.raises(ValueError, match="N % 4 == 0 and K % 32 == 0"):
         q4_blocks(torch.zeros(6, 96), torch.ones(6, 3), torch.ones(6, 3))
+    with pytest.raises(ValueError, match="fit float16"):
+        q8_blocks(torch.zeros(4, 32), torch.full((4, 1), 1e5))
+
+
+CPU_FLAGS = set(
+    next((line.split(":")[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+)
+
+
+@pytest.mark.parametrize(
+    "arch, flag", [("x86-64-v3", "avx2"), ("skylake-avx512", "avx512f")], ids=["avx2", "avx512-no-vnni"]
+)
+def test_block_weights_on_cpus_without_vnni(arch: str, flag: str) -> None:
+    """The kernels built for an older CPU (INFINIKV_CPU_ARCH) de-quantize the blocks to float32:
+    the projection of the weights they hold."""
+    if flag not in CPU_FLAGS:
+        pytest.skip(f"this CPU has no {flag}")
+    script = (
+        "import torch\n"
+        "from infinikv.kernels.cpu.ops import int8_activations, linear\n"
+        "from tests.test_kernel_cpu import block_weights\n"
+        "assert not int8_activations()\n"
+        "for fmt in ('q4', 'q8'):\n"
+        "    for rows, K in ((1, 576), (5, 96), (17, 736)):\n"
+        "        blocks, w = block_weights(fmt, 36, K, seed=rows)\n"
+        "        x = torch.randn(rows, K)\n"
+        "        torch.testing.assert_close(linear(x, blocks), x @ w.T, rtol=1e-5, atol=1e-4)\n"
+    )
+    env = {**os.environ, "INFINIKV_CPU_ARCH": arch}
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=Path(__file__).parents[1])
 
 
 def test_released_team_leaves_the_kernels_working_on_every_thread() -> None:

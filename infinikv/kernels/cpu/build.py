@@ -23,7 +23,8 @@ SOURCES = ("paged_attention.c", "linear.c", "decoder.c", "stack.c", "sketch.c")
 # whose constructor sets flush-to-zero for the whole process (torch and numpy included).
 # -fopenmp links libgomp.so.1, the soname of the copy torch ships and has loaded: the
 # kernels' parallel loops run on torch's own (already spinning) worker threads.
-COMPILE = ("-c", "-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC")
+# INFINIKV_CPU_ARCH names another -march target (a test builds the paths of older CPUs).
+COMPILE = ("-c", "-O3", "-ffast-math", "-fopenmp", "-fPIC")
 # stack.c rotates q and k as torch does, each product rounded: no fused multiply-adds, which
 # GCC's vectorizer makes of a complex product even so (vfmaddsub); its loops are not hot.
 EXACT = {"stack.c": ("-ffp-contract=off", "-fno-tree-vectorize", "-fno-tree-slp-vectorize")}
@@ -67,8 +68,10 @@ SIGNATURES = {
         *(_ptr, _int, _int, _int, _int, _int),  # table, chunks, H, d, C, tokens
         *(_ptr, _int, _ptr, _int),  # q, m, out, threads
     ),
+    "int8_activations": (),
 }
-RESTYPES = {"paged_attention": ctypes.c_int, "decoder_stack": ctypes.c_int}  # the others return nothing
+# the others return nothing
+RESTYPES = {"paged_attention": ctypes.c_int, "decoder_stack": ctypes.c_int, "int8_activations": ctypes.c_int}
 
 
 def compiler() -> str:
@@ -82,12 +85,13 @@ def compiler() -> str:
 def library() -> ctypes.CDLL:
     """The loaded kernels (a build failure raises KernelBuildError and is retried next call)."""
     cc = compiler()
+    arch = os.environ.get("INFINIKV_CPU_ARCH", "native")
     here = Path(__file__).parent
     with tempfile.TemporaryDirectory(prefix="infinikv-kernels-") as tmp:
         objects = [str(Path(tmp) / f"{Path(src).stem}.o") for src in SOURCES]
         so = Path(tmp) / "kernels.so"
         steps = [
-            [*COMPILE, *EXACT.get(src, ()), str(here / src), "-o", obj]
+            [*COMPILE, f"-march={arch}", *EXACT.get(src, ()), str(here / src), "-o", obj]
             for src, obj in zip(SOURCES, objects, strict=True)
         ]
         for step in [*steps, [*LINK, *objects, "-o", str(so), "-lm"]]:

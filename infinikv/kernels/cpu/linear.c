@@ -5,6 +5,9 @@
  */
 #include "matvec.h"
 
+/* 1 where blocks of quantized weights multiply int8-quantized rows of x (blocks.h). */
+int int8_activations(void) { return INT8_ACTIVATIONS; }
+
 void linear_rows(const float* x, const void* W, int size, float* y, int M, int N, int K, int threads) {
 #pragma omp parallel num_threads(threads) if (threads > 1)
   project(x, (const char*)W, size, y, M, N, K);

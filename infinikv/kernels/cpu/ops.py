@@ -12,10 +12,10 @@ from infinikv.kernels.cpu.build import library
 
 HEAD_DIMS = (64, 128)
 # The projection kernels' weight formats: bytes per weight, or the code of blocks of 32
-# weights (matvec.h): Q4 blocks in uint8 tensors (`q4_blocks`), Q8 ones in int8 (`q8_blocks`).
+# weights (blocks.h): Q4 blocks in uint8 tensors (`q4_blocks`), Q8 ones in int8 (`q8_blocks`).
 WEIGHT_SIZES = {torch.float32: 4, torch.bfloat16: 2, torch.uint8: 1, torch.int8: 3}
 BLOCK_WEIGHTS = 32
-BLOCK_BYTES = {torch.uint8: 24, torch.int8: 36}
+BLOCK_BYTES = {torch.uint8: 20, torch.int8: 34}  # GGUF Q4_1's and Q8_0's
 
 
 def _check_blocks(q: torch.Tensor, *scales: torch.Tensor) -> tuple[int, int]:
@@ -27,24 +27,35 @@ def _check_blocks(q: torch.Tensor, *scales: torch.Tensor) -> tuple[int, int]:
     return N, K
 
 
+def _halves(*scales: torch.Tensor) -> torch.Tensor:
+    """The scales as float16 bytes (N, K/32 * 2 per scale), refusing values float16 cannot hold."""
+    halves = torch.cat([s.half() for s in scales], dim=-1)
+    if not torch.isfinite(halves).all():
+        raise ValueError("block scales and minimums must fit float16 (|v| <= 65504)")
+    return halves.contiguous().view(torch.uint8)
+
+
 def q4_blocks(q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
-    """The Q4 blocks (N, K / 32 * 24) uint8 of the weight w = scale * q + low: q (N, K)
-    integers in [0, 15], scale and low (N, K / 32) per group of 32 inputs."""
+    """The Q4 rows (N, K / 32 * 20) uint8 of the weight w = scale * q + low: q (N, K) integers
+    in [0, 15], scale and low (N, K / 32) per group of 32 inputs, kept as float16: per row the
+    blocks' 16 bytes (weight j low nibble, j + 16 high), then the scales, then the lows."""
     N, K = _check_blocks(q, scale, low)
     nibbles = q.to(torch.uint8).view(N, K // BLOCK_WEIGHTS, 2, BLOCK_WEIGHTS // 2)
-    packed = nibbles[:, :, 0] | nibbles[:, :, 1] << 4  # (N, K/32, 16): weight j low, j + 16 high
-    scales = torch.stack([scale, low], dim=-1).float().contiguous().view(torch.uint8)  # (N, K/32, 8)
-    return torch.cat([scales, packed], dim=-1).view(N, -1)
+    packed = (nibbles[:, :, 0] | nibbles[:, :, 1] << 4).view(N, -1)  # (N, K/2)
+    return torch.cat([packed, _halves(scale, low)], dim=-1)
 
 
 def q8_blocks(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The Q8 blocks (N, K / 32 * 36) int8 of the weight w = scale * q: q (N, K) integers in
-    [-127, 127], scale (N, K / 32) per group of 32 inputs."""
+    """The Q8 rows (N, K / 32 * 34) int8 of the weight w = scale * q: q (N, K) integers in
+    [-127, 127], scale (N, K / 32) per group of 32 inputs, kept as float16 after the values."""
     N, K = _check_blocks(q, scale)
-    scales = scale.float().contiguous().view(torch.int8).view(N, K // BLOCK_WEIGHTS, 4)
-    return torch.cat([scales, q.to(torch.int8).view(N, K // BLOCK_WEIGHTS, BLOCK_WEIGHTS)], dim=-1).view(
-        N, -1
-    )
+    return torch.cat([q.to(torch.int8), _halves(scale).view(torch.int8)], dim=-1)
+
+
+def int8_activations() -> bool:
+    """Whether Q4 and Q8 blocks multiply x quantized to int8 per block of 32 (CPUs with
+    AVX512-VNNI), rather than float32 x (blocks.h)."""
+    return bool(library().int8_activations())
 
 
 def weight_shape(w: torch.Tensor) -> tuple[int, int]:
