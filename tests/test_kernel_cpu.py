@@ -219,8 +219,9 @@ def block_weights(fmt: str, N: int, K: int, seed: int) -> tuple[torch.Tensor, to
     g = torch.Generator().manual_seed(seed)
     scale = (torch.rand(N, K // 32, generator=g) * 0.02 + 1e-3).half().float()
     if fmt == "q4":
-        q, low = torch.randint(0, 16, (N, K), generator=g), (-torch.rand(N, K // 32, generator=g) * 0.1).half()
-        blocks, offset = q4_blocks(q, scale, low.float()), low.float()
+        q = torch.randint(0, 16, (N, K), generator=g)
+        offset = (-torch.rand(N, K // 32, generator=g) * 0.1).half().float()
+        blocks = q4_blocks(q, scale, offset)
     else:
         q = torch.randint(-127, 128, (N, K), generator=g)
         blocks, offset = q8_blocks(q, scale), torch.zeros_like(scale)
