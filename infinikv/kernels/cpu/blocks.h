@@ -165,15 +165,26 @@ AI void group_int8(const int8_t* xq, const float* dx, const float* sx, const cha
   }
 }
 
-/* y[m0 + i, n] for i < mb (a constant once inlined) and W's row n at w: whole groups of 16
- * blocks, then the rest. */
-AI void row_int8(const int8_t* xq, const float* dx, const float* sx, const char* w, float* y, int N, int K,
-                 int m0, int mb, int n, int size) {
+/* acc[i] (i < mb, a constant once inlined) = the lanes of x's row m0 + i times W's row at w:
+ * whole groups of 16 blocks, then the rest. */
+AI void row_int8(const int8_t* xq, const float* dx, const float* sx, const char* w, __m512* acc, int K, int m0,
+                 int mb, int size) {
   const int nb = K / BLOCK_WEIGHTS, rest = nb % 16;
-  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  for (int i = 0; i < mb; i++) acc[i] = _mm512_setzero_ps();
   for (int b0 = 0; b0 + 16 <= nb; b0 += 16) group_int8(xq, dx, sx, w, acc, K, m0, mb, b0, 8, 0, size);
   if (rest) group_int8(xq, dx, sx, w, acc, K, m0, mb, nb - rest, (rest + 1) / 2, rest % 2, size);
-  for (int i = 0; i < mb; i++) y[(int64_t)(m0 + i) * N + n] = _mm512_reduce_add_ps(acc[i]);
+}
+
+/* y[m0 + i, n0 + r] for i < mb and r < 4: each row of W's lanes kept, then the four rows'
+ * sums at once (one horizontal fold per four outputs, off each row's dependency chain). */
+AI void tile_int8(const int8_t* xq, const float* dx, const float* sx, const char* w, int64_t row, float* y, int N,
+                  int K, int m0, int mb, int n0, int size) {
+  __m512 acc[4][4];
+  for (int r = 0; r < 4; r++) row_int8(xq, dx, sx, w + r * row, acc[r], K, m0, mb, size);
+  for (int i = 0; i < mb; i++) {
+    const v4 s = hsum4((v16)acc[0][i], (v16)acc[1][i], (v16)acc[2][i], (v16)acc[3][i]);
+    for (int r = 0; r < 4; r++) y[(int64_t)(m0 + i) * N + n0 + r] = s[r];
+  }
 }
 
 /* Rows [4b, 4b + 4) of y for every row of x, four rows of x at a time; the next four rows
@@ -183,15 +194,14 @@ AI void four_rows_int8(const int8_t* xq, const float* dx, const float* sx, const
   const int64_t row = block_row_bytes(size, K);
   const char* w = W + 4 * b * row;
   for (int64_t off = 0; off < 4 * row; off += 64) __builtin_prefetch(w + 4 * row + off);
-  for (int r = 0; r < 4; r++)
-    for (int m0 = 0; m0 < M; m0 += 4) {
-      switch (M - m0) {
-        case 1: row_int8(xq, dx, sx, w + r * row, y, N, K, m0, 1, 4 * b + r, size); break;
-        case 2: row_int8(xq, dx, sx, w + r * row, y, N, K, m0, 2, 4 * b + r, size); break;
-        case 3: row_int8(xq, dx, sx, w + r * row, y, N, K, m0, 3, 4 * b + r, size); break;
-        default: row_int8(xq, dx, sx, w + r * row, y, N, K, m0, 4, 4 * b + r, size);
-      }
+  for (int m0 = 0; m0 < M; m0 += 4) {
+    switch (M - m0) {
+      case 1: tile_int8(xq, dx, sx, w, row, y, N, K, m0, 1, 4 * b, size); break;
+      case 2: tile_int8(xq, dx, sx, w, row, y, N, K, m0, 2, 4 * b, size); break;
+      case 3: tile_int8(xq, dx, sx, w, row, y, N, K, m0, 3, 4 * b, size); break;
+      default: tile_int8(xq, dx, sx, w, row, y, N, K, m0, 4, 4 * b, size);
     }
+  }
 }
 
 /* y = x W^T for blocks, inside the enclosing parallel region: each worker quantizes x on its
@@ -202,8 +212,13 @@ AI void project_blocks(const float* x, const char* W, int size, float* y, int M,
   float dx[M * scales], sx[M * scales];
   for (int i = 0; i < M; i++)
     quantize_row(x + (int64_t)i * K, K, size, xq + i * qbytes, dx + i * scales, sx + i * scales);
+  if (size == Q4) {
 #pragma omp for schedule(static)
-  for (int b = 0; b < N / 4; b++) four_rows_int8(xq, dx, sx, W, y, M, N, K, b, size);
+    for (int b = 0; b < N / 4; b++) four_rows_int8(xq, dx, sx, W, y, M, N, K, b, Q4);
+  } else {
+#pragma omp for schedule(static)
+    for (int b = 0; b < N / 4; b++) four_rows_int8(xq, dx, sx, W, y, M, N, K, b, Q8);
+  }
 }
 
 #else
