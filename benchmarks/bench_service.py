@@ -4,6 +4,8 @@
   requests/s, time to first token (p50/p95), generated tokens/s, against a server with `--max-batch 1` (decode
   steps one sequence at a time) in the same run; and one in-process Generator.generate of
   the same request, so the HTTP + scheduling overhead shows as a ratio.
+  `--transformers`: the same clients against `transformers serve --continuous-batching`
+  (its paged-attention continuous batching, float32 on the CPU, the same converted weights).
 * Ingestion of a document into a session (POST /v1/sessions/{id}/documents, polled to
   completion): tokens/s, beside prefilling the same tokens into an in-process sequence.
 * Interference: the inter-token latency of 4 streaming chat clients alone, then while the
@@ -12,6 +14,7 @@
 
 Run from the repository root (it starts `infinikv serve` through tests/server_process.py):
     python benchmarks/bench_service.py [--ingest-tokens 100000] [--parts concurrency ingestion interference]
+        [--clients 1 2 4 8 16] [--prompt-tokens N] [--transformers]
 The parts measured replace theirs in benchmarks/results/service.json; the others stay. The
 concurrency table is drawn to docs/service_concurrency[_long].png.
 """
@@ -26,6 +29,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import openai
@@ -37,9 +42,12 @@ from infinikv.engine.sampling import SamplingParams  # noqa: E402
 from infinikv.engine.sequence import feed  # noqa: E402
 from infinikv.evaluation.haystack import bible_text  # noqa: E402
 from infinikv.evaluation.passkey import FILLER  # noqa: E402
+from infinikv.model.default import default_gguf  # noqa: E402
+from infinikv.model.loader import convert_gguf  # noqa: E402
 from infinikv.service.runtime import build_generator  # noqa: E402
 from infinikv.service.settings import Settings  # noqa: E402
-from tests.server_process import infinikv_server  # noqa: E402
+from tests.redis_server import free_port  # noqa: E402
+from tests.server_process import http_server, infinikv_server  # noqa: E402
 
 MODEL = "SmolLM2-135M-Instruct"
 MESSAGES = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
@@ -60,7 +68,7 @@ CHUNK = Settings().chunk_size  # an ingestion's prefill chunk
 
 
 def one_stream(
-    c: openai.OpenAI, messages: list[dict[str, str]] = MESSAGES
+    c: openai.OpenAI, messages: list[dict[str, str]] = MESSAGES, model: str = MODEL
 ) -> tuple[float, float, int, list[float]]:
     """(time to first token, total seconds, tokens, the gaps between content chunks) of one
     streaming chat request."""
@@ -69,7 +77,7 @@ def one_stream(
     tokens = 0
     arrivals: list[float] = []
     stream = c.chat.completions.create(
-        model=MODEL,
+        model=model,
         messages=messages,
         max_tokens=MAX_TOKENS,
         temperature=0,
@@ -91,7 +99,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else float("nan")
 
 
-def concurrency(base: str, clients: int, per_client: int, prompt_tokens: int = 0) -> dict:
+def concurrency(base: str, clients: int, per_client: int, prompt_tokens: int = 0, model: str = MODEL) -> dict:
     """`clients` threads streaming `per_client` requests each: the short request, or with
     `prompt_tokens`, a question over a passage of about that many tokens."""
     results: list[tuple[float, float, int, list[float]]] = []
@@ -101,7 +109,7 @@ def concurrency(base: str, clients: int, per_client: int, prompt_tokens: int = 0
         c = openai.OpenAI(base_url=f"{base}/v1", api_key="bench", max_retries=0, timeout=600)
         messages = long_messages(prompt_tokens, client) if prompt_tokens else MESSAGES
         for _ in range(per_client):
-            r = one_stream(c, messages)
+            r = one_stream(c, messages, model)
             with lock:
                 results.append(r)
 
@@ -125,6 +133,19 @@ def concurrency(base: str, clients: int, per_client: int, prompt_tokens: int = 0
         "inter_token_p95_s": percentile(gaps, 0.95),
         "generated_tokens_per_s": sum(r[2] for r in results) / elapsed,
     }
+
+
+@contextmanager
+def transformers_server(log_dir: Path) -> Iterator[tuple[str, str]]:
+    """`transformers serve` with its continuous batching (paged attention) on the default
+    model's converted weights, float32 on the CPU: (base URL, the model name it answers to)."""
+    settings = Settings()
+    model = str(convert_gguf(default_gguf(settings.cache_dir), settings.cache_dir))
+    port = free_port()
+    command = [sys.executable, "-m", "transformers.cli.transformers", "serve", model, "--continuous-batching"]
+    command += ["--device", "cpu", "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port)]
+    with http_server(command, port, log_dir / f"transformers-{port}.log") as base:
+        yield base, model
 
 
 def finished(base: str, job: dict, progress: list[tuple[float, int]] | None = None) -> dict:
@@ -207,22 +228,33 @@ def in_process(settings: Settings, text: str, parts: list[str]) -> dict:
     return {**request, "ingest_tokens": len(ids), "ingest_tokens_per_s": len(ids) / ingest_s}
 
 
-def print_concurrency(pairs: list[tuple[dict, dict]], in_process: dict) -> None:
-    """The table of one prompt kind: unbatched and batched servers side by side."""
+def print_concurrency(
+    pairs: list[tuple[dict, dict]], in_process: dict, transformers: list[dict] | None
+) -> None:
+    """The table of one prompt kind: unbatched and batched servers side by side, and
+    transformers' continuous batching on the same clients where it was measured."""
     tokens = pairs[0][1].get("prompt_tokens") or "short"
     print(f"\nprompts: {tokens}; one in-process request: {in_process['generated_tokens_per_s']:.1f} tok/s")
     print(
         "| clients | req/s unbatched / batched | TTFT p50 / p95 batched | inter-token p50 / p95 batched "
-        "| gen tok/s batched | x one client |"
+        "| gen tok/s batched | x one client | transformers CB gen tok/s, TTFT p50 | x transformers |"
     )
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     one = pairs[0][1]["generated_tokens_per_s"]
+    theirs = {t["clients"]: t for t in transformers or []}
     for u, b in pairs:
+        t = theirs.get(b["clients"])
+        reference = (
+            f"{t['generated_tokens_per_s']:.1f}, {t['ttft_p50_s'] * 1000:.0f} ms | "
+            f"{b['generated_tokens_per_s'] / t['generated_tokens_per_s']:.2f}x"
+            if t
+            else "- | -"
+        )
         print(
             f"| {b['clients']} | {u['requests_per_s']:.2f} / {b['requests_per_s']:.2f} | "
             f"{b['ttft_p50_s'] * 1000:.0f} / {b['ttft_p95_s'] * 1000:.0f} ms | "
             f"{b['inter_token_p50_s'] * 1000:.0f} / {b['inter_token_p95_s'] * 1000:.0f} ms | "
-            f"{b['generated_tokens_per_s']:.1f} | {b['generated_tokens_per_s'] / one:.2f}x |"
+            f"{b['generated_tokens_per_s']:.1f} | {b['generated_tokens_per_s'] / one:.2f}x | {reference} |"
         )
 
 
@@ -260,6 +292,11 @@ def main() -> None:
         choices=["concurrency", "ingestion", "interference"],
         default=["concurrency", "ingestion", "interference"],
     )
+    ap.add_argument(
+        "--transformers",
+        action="store_true",
+        help="the concurrency part also against `transformers serve --continuous-batching`, same prompts",
+    )
     ap.add_argument("--out", default="benchmarks/results/service.json")
     args = ap.parse_args()
 
@@ -276,6 +313,12 @@ def main() -> None:
                 one_stream(openai.OpenAI(base_url=f"{base}/v1", api_key="bench"))  # warm-up
                 results[f"concurrency_{name}{'_long' if args.prompt_tokens else ''}"] = [
                     concurrency(base, n, args.per_client, args.prompt_tokens) for n in args.clients
+                ]
+        if args.transformers:
+            with tempfile.TemporaryDirectory() as logs, transformers_server(Path(logs)) as (base, model):
+                one_stream(openai.OpenAI(base_url=f"{base}/v1", api_key="bench"), model=model)  # warm-up
+                results[f"concurrency_transformers{'_long' if args.prompt_tokens else ''}"] = [
+                    concurrency(base, n, args.per_client, args.prompt_tokens, model) for n in args.clients
                 ]
         results["in_process"] = reference
     if {"ingestion", "interference"} & set(args.parts):
@@ -299,7 +342,7 @@ def main() -> None:
             )
         )
         if pairs:
-            print_concurrency(pairs, results["in_process"])
+            print_concurrency(pairs, results["in_process"], results.get(f"concurrency_transformers{suffix}"))
             chart([b for _, b in pairs], CHART.with_name(f"{CHART.stem}{suffix}.png"))
     if "interference" in results:
         r = results["interference"]

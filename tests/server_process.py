@@ -17,18 +17,14 @@ from .redis_server import free_port
 
 
 @contextmanager
-def infinikv_server(log_dir: Path, *args: str, stop_signal: int = signal.SIGTERM) -> Iterator[str]:
-    """Yield the server's base URL once /health answers; stop it with `stop_signal` after."""
-    port = free_port()
-    log_path = log_dir / f"server-{port}.log"
+def http_server(
+    command: list[str], port: int, log_path: Path, stop_signal: int = signal.SIGTERM
+) -> Iterator[str]:
+    """Run `command` (a server listening on loopback `port`), logging to `log_path`; yield its
+    base URL once /health answers; stop it with `stop_signal` after, killing it if it lingers."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "infinikv.cli", "serve", "--port", str(port), *args],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
@@ -52,3 +48,12 @@ def infinikv_server(log_dir: Path, *args: str, stop_signal: int = signal.SIGTERM
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@contextmanager
+def infinikv_server(log_dir: Path, *args: str, stop_signal: int = signal.SIGTERM) -> Iterator[str]:
+    """Yield the server's base URL once /health answers; stop it with `stop_signal` after."""
+    port = free_port()
+    command = [sys.executable, "-m", "infinikv.cli", "serve", "--port", str(port), *args]
+    with http_server(command, port, log_dir / f"server-{port}.log", stop_signal) as base:
+        yield base
