@@ -167,6 +167,9 @@ def test_int4_layers_take_the_cpu_kernels() -> None:
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
         return
     # x rounded to int8 per block of 32 before each projection: 2.2% here, against ~100% for a
-    # kernel reading the wrong blocks or scales
+    # kernel reading the wrong blocks or scales; the argmax kept wherever the top two stand apart
     assert (got - want).norm() <= 0.04 * want.norm()
-    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    top2 = want.topk(2, -1).values
+    clear = top2[:, 0] - top2[:, 1] > 2 * (got - want).abs().max()  # no rounding can swap these
+    assert clear.sum() >= len(clear) // 2
+    assert torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear])
