@@ -266,18 +266,15 @@ def test_blocks_refuse_what_they_cannot_hold() -> None:
         q8_blocks(torch.zeros(4, 32), torch.full((4, 1), 1e5))
 
 
-CPU_FLAGS = set(
-    next((line.split(":")[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
-)
-
-
 @pytest.mark.parametrize(
     "arch, flag", [("x86-64-v3", "avx2"), ("skylake-avx512", "avx512f")], ids=["avx2", "avx512-no-vnni"]
 )
 def test_block_weights_on_cpus_without_vnni(arch: str, flag: str) -> None:
     """The kernels built for an older CPU (INFINIKV_CPU_ARCH) de-quantize the blocks to float32:
     the projection of the weights they hold."""
-    if flag not in CPU_FLAGS:
+    from benchmarks.machine import cpu_features
+
+    if flag not in cpu_features():
         pytest.skip(f"this CPU has no {flag}")
     script = (
         "import torch\n"

@@ -23,25 +23,6 @@
 AI int64_t value_bytes(int size, int K) { return size == Q4 ? K / 2 : K; }
 AI int64_t block_row_bytes(int size, int K) { return value_bytes(size, K) + (size == Q4 ? 2 : 1) * (K / 16); }
 
-#ifdef __F16C__
-#include <immintrin.h>
-#endif
-AI float half_to_float(uint16_t h) {
-#ifdef __F16C__
-  return _cvtsh_ss(h);
-#else
-  const uint32_t e = (h >> 10) & 31, m = h & 1023;
-  float f;
-  if (e == 0) { /* zero or subnormal: m 2^-24 */
-    f = (float)m * 5.9604644775390625e-8f;
-  } else { /* normal (the packer refuses infinities and NaNs) */
-    const uint32_t w = (e + 112) << 23 | m << 13;
-    memcpy(&f, &w, 4);
-  }
-  return h & 0x8000 ? -f : f;
-#endif
-}
-
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define INT8_ACTIVATIONS 1
 #include <immintrin.h>
@@ -74,7 +55,7 @@ AI void quantize_row(const float* x, int K, int size, int8_t* q, float* dx, floa
     _mm_storeu_si128((__m128i*)(p + hi), _mm512_cvtepi32_epi8(q1));
     const int at = b / 16 * 16 + group_position(b % 16);
     dx[at] = amax / 127.f;
-    sx[at] = amax / 127.f * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+    sx[at] = dx[at] * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
   }
 }
 
@@ -224,7 +205,26 @@ AI void project_blocks(const float* x, const char* W, int size, float* y, int M,
 #else
 #define INT8_ACTIVATIONS 0
 
-/* The 32 weights of block b of a row (values at v, scales d, m), as float32: lo holds
+#ifdef __F16C__
+#include <immintrin.h>
+#endif
+AI float half_to_float(uint16_t h) {
+#ifdef __F16C__
+  return _cvtsh_ss(h);
+#else
+  const uint32_t e = (h >> 10) & 31, m = h & 1023;
+  float f;
+  if (e == 0) { /* zero or subnormal: m 2^-24 */
+    f = (float)m * 5.9604644775390625e-8f;
+  } else { /* normal (the packer refuses infinities and NaNs) */
+    const uint32_t w = (e + 112) << 23 | m << 13;
+    memcpy(&f, &w, 4);
+  }
+  return h & 0x8000 ? -f : f;
+#endif
+}
+
+/* The 32 weights of a block (values at v, scale d, minimum m), as float32: lo holds
  * weights 0..15, hi 16..31. */
 AI void q4_weights(const char* v, float d, float m, v16* lo, v16* hi) {
 #ifdef __AVX512F__
@@ -246,8 +246,7 @@ AI void q4_weights(const char* v, float d, float m, v16* lo, v16* hi) {
 #endif
 }
 
-AI void q8_weights(const char* v, float d, float m, v16* lo, v16* hi) {
-  (void)m;
+AI void q8_weights(const char* v, float d, v16* lo, v16* hi) {
   typedef signed char i8x16 __attribute__((vector_size(16)));
   i8x16 q0, q1;
   memcpy(&q0, v, 16);
@@ -278,7 +277,7 @@ AI void tile_blocks(const float* x, const char* w, float* y, int N, int K, int m
       if (size == Q4)
         q4_weights(wr + (int64_t)b * step, d, m, &lo[r], &hi[r]);
       else
-        q8_weights(wr + (int64_t)b * step, d, m, &lo[r], &hi[r]);
+        q8_weights(wr + (int64_t)b * step, d, &lo[r], &hi[r]);
     }
     for (int i = 0; i < mb; i++) {
       const float* xb = x + (int64_t)(m0 + i) * K + b * BLOCK_WEIGHTS;
