@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from infinikv.engine.batch import Forward, forward_alone, forward_batch
+from infinikv.engine.batch import Forward, Prompt, forward_alone, pack, run_round
 from infinikv.engine.generator import Generator
 from infinikv.engine.regions import LongContextConfig
 from infinikv.engine.requests import Turn, submit_turn
@@ -149,9 +149,8 @@ def test_a_failing_sequence_fails_alone_and_the_batch_goes_on(tiny) -> None:
             expected.append(forward_alone(gen.model, gen.pool, Forward(seq, 5)))
             seq.truncate(len(seq) - 1)
         # A token outside the vocabulary: the batch's forward fails, each runs again alone.
-        replies = forward_batch(
-            gen.model, gen.pool, [Forward(seqs[0], 5), Forward(seqs[1], 10**6), Forward(seqs[2], 5)]
-        )
+        requests = [Forward(seqs[0], 5), Forward(seqs[1], 10**6), Forward(seqs[2], 5)]
+        replies = run_round(gen.model, gen.pool, requests, sequences=3, budget=0)
         assert isinstance(replies[1], IndexError)
         assert torch.equal(replies[0], expected[0]) and torch.equal(replies[2], expected[1])
         assert [len(s) for s in seqs] == [lengths[0] + 1, lengths[1], lengths[2] + 1]
@@ -189,15 +188,18 @@ def test_an_engine_task_that_fails_in_the_batch_fails_only_its_request(tiny) -> 
         engine.stop()
 
 
-def test_short_prompts_share_one_rounds_prompt_budget(tiny) -> None:
-    """`step_tokens` counts the rows prompts run, not chunks: four 10-token prompts queued
-    together all prefill in the first round under a 48-token budget (not three of the four
-    at a chunk of 16 each), and their first decode tokens share that round's forward."""
+def test_short_prompts_run_in_pieces_in_the_room_decode_tokens_leave(tiny) -> None:
+    """Four 10-token prompts queued together under a 24-row budget: the first round runs two
+    of them in one forward of pieces (8 + 2 rows each; the third's first piece is over the
+    budget); the next round's forward holds those two's decode tokens and the other two
+    prompts in the room they leave, which no budget bounds. Each output equals its output
+    alone. Without the few-row kernels (the PyTorch path) prompts run in forwards of their
+    own, up to the budget's rows a round, and decode tokens one per forward."""
     gen = generator(tiny, long=False)
     params = SamplingParams(max_tokens=4, ignore_eos=True)
     prompts = [ids(10, seed) for seed in range(4)]
     recorder = Recorder()
-    engine = Engine(gen, InProcessBlockStore(), observer=recorder, step_tokens=48)
+    engine = Engine(gen, InProcessBlockStore(), observer=recorder, step_tokens=24)
     handles = [engine.submit(generation_task(p, params), TaskHandle(), needs_sequence=True) for p in prompts]
     engine.start()  # all four are queued before the first round
     try:
@@ -205,6 +207,36 @@ def test_short_prompts_share_one_rounds_prompt_budget(tiny) -> None:
     finally:
         engine.stop()
     assert got == [gen.generate(p, params).token_ids for p in prompts]
-    batched = 4 if tiny.model.invariant_rows > 1 else 1
-    assert recorder.sizes[:5] == [1, 1, 1, 1, batched]
-    assert recorder.rows[:5] == [10, 10, 10, 10, batched]
+    if tiny.model.invariant_rows > 1:
+        assert recorder.sizes[:3] == [2, 4, 4]
+        assert recorder.rows[:3] == [20, 2 + 20, 4]
+    else:
+        assert recorder.sizes[:4] == [1, 1, 1, 1]
+        assert recorder.rows[:3] == [10, 10, 10]
+
+
+def test_prompt_pieces_pack_in_order_within_the_limits() -> None:
+    """`pack`: decode tokens first, a forward of at most `rows` rows and `sequences`
+    sequences; a prompt's pieces in order, never in a forward before its previous piece's;
+    forwards without decode tokens only up to the budget."""
+    seq = object()
+    decodes = [Forward(seq, i) for i in range(5)]  # type: ignore[arg-type]
+    long, short = (
+        Prompt(
+            seq,
+            tuple(range(20)),
+        ),
+        Prompt(seq, tuple(range(3))),
+    )  # type: ignore[arg-type]
+    groups = pack([*decodes, long, short], rows=16, sequences=3, budget=8)
+    assert [[(p.request, p.rows, p.ends) for p in g] for g in groups] == [
+        [(decodes[0], 1, True), (decodes[1], 1, True), (decodes[2], 1, True)],
+        [(decodes[3], 1, True), (decodes[4], 1, True), (long, 8, False)],
+        [(short, 3, True)],  # the long prompt's second piece would need a forward of its own
+    ]
+    groups = pack([long, short], rows=16, sequences=3, budget=24)
+    assert [[(p.request, [len(x) for x in p.pieces]) for p in g] for g in groups] == [
+        [(long, [8, 8])],
+        [(long, [4]), (short, [3])],  # the budget is spent: 8 + 8 + 4 + 3 rows
+    ]
+    assert pack([short], rows=16, sequences=3, budget=2) == []

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from infinikv.attention.cpu import cpu_causal_attention, cpu_long_context_attention
-from infinikv.engine.batch import Forward, forward_batch
+from infinikv.engine.batch import Forward, run_round
 from infinikv.engine.regions import LongContextConfig
 from infinikv.engine.sequence import Sequence, feed
 from infinikv.kernels.cpu import ops
@@ -82,7 +82,8 @@ def decode_batched(model, long_context: LongContextConfig | None = None, steps: 
         seqs.append(seq)
     for _ in range(steps):
         tokens = torch.randint(0, 160, (len(seqs),), generator=gen).tolist()
-        logits += forward_batch(model, pool, [Forward(s, t) for s, t in zip(seqs, tokens, strict=True)])
+        requests = [Forward(s, t) for s, t in zip(seqs, tokens, strict=True)]
+        logits += run_round(model, pool, requests, sequences=len(requests), budget=0)
     logits.append(feed(model, pool, seqs[0], [3, 1, 4, 1], 4, "all", evict=False))
     return torch.cat(logits), pool
 
@@ -99,14 +100,17 @@ def test_stack_equals_layer_by_layer(hf_model, weights) -> None:
 
 
 def test_long_context_steps_below_the_window_stack(hf_model) -> None:
-    """Below the neighbor window a long-context step attends causally: the stack takes it and
-    writes the grouped keys too, which the steps past the window then read."""
+    """Below the neighbor window a long-context forward (a prefill chunk, a decode step, a
+    verification) attends causally: the stack takes it and writes the grouped keys too, which
+    the steps past the window then read."""
     cfg = LongContextConfig.derive(256, PAGE, resident=64, sinks=8, window=48, group=2)
     cfg.validate(256, PAGE)
     want, want_pool = decode_batched(cpu_model(hf_model, False), cfg, steps=12)
     model = cpu_model(hf_model, True)
     got, pool = decode_batched(model, cfg, steps=12)
-    assert 0 < model.stack_calls < 3 + 12  # the longest sequence passes its window
+    # the six prefill chunks, the steps before the longest sequence (40 tokens) passes its
+    # window (48), the verification
+    assert model.stack_calls == 6 + 8 + 1
     assert torch.equal(got, want)
     assert_same_cache(pool, want_pool)
 

@@ -4,15 +4,20 @@ kernels and an evicting memory."""
 
 from __future__ import annotations
 
-import pytest
+import uuid
 
-from infinikv.engine.generator import Generator
+import pytest
+import torch
+
+from infinikv.engine.batch import Forward, Prompt, forward_alone, run_alone, run_round
+from infinikv.engine.generator import Generator, Transcript
 from infinikv.engine.regions import LongContextConfig
 from infinikv.engine.sampling import SamplingParams
 from infinikv.engine.scheduler import Engine
+from infinikv.engine.sequence import feed
 from infinikv.engine.speculative.lookup import LookupDrafter
 from infinikv.engine.tasks import TaskHandle
-from infinikv.evaluation.haystack import HaystackMissing
+from infinikv.evaluation.haystack import HaystackMissing, bible_text
 from infinikv.evaluation.recall import recall_case
 from infinikv.memory.store import InProcessBlockStore
 
@@ -57,3 +62,95 @@ def test_greedy_output_is_the_same_every_time(cpu_kernels, prompts) -> None:
         engine.stop()
     assert tokens[0] == alone
     assert tokens[1] == gen.generate(prompts[1], PARAMS).token_ids
+
+
+def test_follow_up_turns_in_pieces_equal_their_runs_alone(cpu_kernels) -> None:
+    """Short prompts after a history of 600-900 tokens (where the attention kernel splits
+    the keys between threads) run in pieces that share forwards with the others' decode
+    tokens, and each gives its tokens alone."""
+    try:
+        text = bible_text()
+    except HaystackMissing as e:
+        pytest.skip(str(e))
+    gen = Generator(cpu_kernels, 4096, slots=4)
+    encode = cpu_kernels.tokenizer
+    histories = [encode(text[i * 5000 : i * 5000 + 600 + 100 * i * 4])["input_ids"] for i in range(4)]
+    question = "\n\nWho is named first in the passage above, and what did he do?"
+    prompts = [encode(question * (1 + i % 2))["input_ids"] for i in range(4)]  # 15-30 tokens
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+
+    def turn(history: list[int], prompt: list[int]):
+        def run(engine, task):
+            seq = task.seq = engine.generator.new_sequence(f"ikv:test:{uuid.uuid4().hex}:")
+            try:
+                feed(gen.model, gen.pool, seq, history, gen.chunk_size, "none")
+                assert gen.in_pieces(seq, prompt)
+                out = Transcript()
+                yield from engine.generator.run(seq, prompt, params, None, out)
+                return out.token_ids
+            finally:
+                seq.release()
+
+        return run
+
+    alone = []
+    for history, prompt in zip(histories, prompts, strict=True):
+        seq = gen.new_sequence("ikv:test:alone:")
+        try:
+            feed(gen.model, gen.pool, seq, history, gen.chunk_size, "none")
+            steps = run_alone(gen.model, gen.pool, gen.run(seq, prompt, params))
+            alone.append([e.token_id for e in steps if e.token_id is not None])
+        finally:
+            seq.release()
+    shapes: list[tuple[int, int]] = []
+
+    class Shapes:
+        def step(self, seconds: float, retrieval_seconds: float, sequences: int, tokens: int) -> None:
+            shapes.append((sequences, tokens))
+
+        def waited(self, seconds: float) -> None:
+            pass
+
+    engine = Engine(gen, InProcessBlockStore(), observer=Shapes(), step_tokens=512)
+    engine.start()
+    try:
+        handles = [
+            engine.submit(turn(h, p), TaskHandle(), needs_sequence=True)
+            for h, p in zip(histories, prompts, strict=True)
+        ]
+        got = [task_result(h) for h in handles]
+    finally:
+        engine.stop()
+    assert got == alone
+    assert any(1 < n < rows for n, rows in shapes), "prompt pieces ran beside decode tokens"
+
+
+def test_prompt_pieces_give_the_same_logits_and_keys_in_any_company(cpu_kernels) -> None:
+    """Bit for bit: a 40-token prompt after a 700-token history, run alone (32 rows in one
+    forward, 8 in the next) and in two rounds beside two decode tokens (24 rows in the room
+    of the first round's forward, 16 in the second's), gives the same logits and keys."""
+    try:
+        text = bible_text()
+    except HaystackMissing as e:
+        pytest.skip(str(e))
+    gen = Generator(cpu_kernels, 4096, slots=3)
+    model, pool = gen.model, gen.pool
+    seqs = [gen.new_sequence(f"ikv:test:{i}:") for i in range(3)]
+    try:
+        for i, seq in enumerate(seqs):
+            feed(model, pool, seq, gen.encode(text[i * 9000 : i * 9000 + 3000])[:700], gen.chunk_size, "none")
+        prompt = tuple(gen.encode(text[40000:40400])[:40])
+        start = len(seqs[0])
+        alone = forward_alone(model, pool, Prompt(seqs[0], prompt))
+        keys = pool.k[:, seqs[0].table.pages].clone()
+        seqs[0].truncate(start)
+        replies = []
+        for rest in (prompt, prompt[24:]):
+            requests = [Forward(seqs[1], 7), Prompt(seqs[0], rest), Forward(seqs[2], 9)]
+            replies.append(run_round(model, pool, requests, sequences=3, budget=0)[1])
+        assert replies[0] is None and len(seqs[0]) == start + 40
+        assert torch.equal(replies[1], alone)
+        assert torch.equal(pool.k[:, seqs[0].table.pages], keys)
+    finally:
+        for seq in seqs:
+            seq.release()

@@ -54,10 +54,10 @@ def cpu_long_context_attention(
     two resident runs (grouped keys, then keys at their own positions) through the kernel
     and merges them with its memory by log-sum-exp."""
     se = state.self_extend
+    if int(q_positions[-1]) < se.window:  # all within the window: plain causal attention
+        return cpu_causal_attention(q, q_positions, kv, pages, resident, rope)
     if q.shape[0] > 1:
         return paged_long_context_attention(q, q_positions, kv, pages, resident, layer, rope, state)
-    if int(q_positions[0]) < se.window:  # all within the window: plain causal attention
-        return cpu_causal_attention(q, q_positions, kv, pages, resident, rope)
     check_grouping(kv, se)
     far_end = band_bounds(q_positions, pages.positions[:resident], se.window)[0]
     qn = rotate(q, rope.at(q_positions))  # (1, Hq, d)

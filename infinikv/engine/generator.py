@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from infinikv.attention.tally import AttentionTally
-from infinikv.engine.batch import Forward, run_alone
+from infinikv.engine.batch import PIECE, Forward, Prompt, run_alone
 from infinikv.engine.detokenize import TextStream
 from infinikv.engine.grammar import TokenGrammar
 from infinikv.engine.lines import line_breaks
@@ -204,9 +204,10 @@ class Generator:
         progress: ProgressFn | None = None,
         transcript: Transcript | None = None,
     ) -> Steps[object, Any, None]:
-        """Extend `seq` by `prompt`, then generate: a step function (batch.py). A prefill chunk
-        is a forward of its own, each but the first after a TICK; a decode token is a `Forward`
-        for the worker's batch (with a drafter, a speculative step when it decodes alone).
+        """Extend `seq` by `prompt`, then generate: a step function (batch.py). A short prompt
+        is a `Prompt` for the worker's forwards (`in_pieces`), a longer one's chunks forwards of
+        their own, each but the first after a TICK; a decode token is a `Forward` for the
+        worker's batch (with a drafter, a speculative step when it decodes alone).
         Yields one event per generated token, then a closing event. Every token is fed to
         `seq` except the last one sampled (EOS included), which the caller feeds first if the
         sequence continues. Each event is added to `transcript` as it is yielded; with
@@ -230,23 +231,12 @@ class Generator:
         rereader = None if lc is None else lc.rereader
         # Past the resident window the answer re-reads what the prompt's last position attends to.
         rereads = lc is not None and rereader is not None and len(seq) + len(prompt) > lc.peak_resident
-        for start in range(0, len(prompt), self.chunk_size):
-            if start:
-                yield TICK
-            chunk = prompt[start : start + self.chunk_size]
-            last = start + len(chunk) == len(prompt)
-            if last and (params.citations or rereads):  # its last row picks the first token
-                seq.tally = Reread.tally(self.loaded.config.num_layers) if rereads else AttentionTally()
-                if params.citations:
-                    out.tally = seq.tally
-            read = "all" if echo else "last" if last else "none"
-            logits = feed(self.model, self.pool, seq, chunk, self.chunk_size, read)
-            if echo:  # row i predicts prompt token start + i + 1
-                targets = prompt[start + 1 : start + len(chunk) + 1]
-                out.prompt_logprobs.extend(token_logprobs(logits[: len(targets)], targets, top or 0))
-                logits = logits[-1:]
+        if not (echo or params.citations or rereads) and self.in_pieces(seq, prompt):
+            logits = yield from self._pieces(seq, prompt)
             if progress is not None:
-                progress(start + len(chunk), len(prompt))
+                progress(len(prompt), len(prompt))
+        else:
+            logits = yield from self._chunks(seq, prompt, params, rereads, out, progress)
         reader, reread = seq, []  # the sequence that answers, and the prompt it re-read
         if rereads:
             assert rereader is not None and seq.tally is not None
@@ -325,6 +315,59 @@ class Generator:
                         feed(self.model, self.pool, seq, answered, self.chunk_size, "none")
                 finally:
                     reader.release()
+
+    def _chunks(
+        self,
+        seq: Sequence,
+        prompt: list[int],
+        params: SamplingParams,
+        rereads: bool,
+        out: Transcript,
+        progress: ProgressFn | None,
+    ) -> Steps[object, Any, torch.Tensor]:
+        """Feed `prompt` to `seq` in chunks, each a forward of its own after a TICK but the
+        first; the last token's logits. The last chunk's last row is tallied for citations
+        or a re-read; with `params.echo`, the prompt's log-probabilities go to `out`."""
+        top = params.logprobs
+        echo = params.echo and top is not None
+        logits = torch.empty(0)
+        for start in range(0, len(prompt), self.chunk_size):
+            if start:
+                yield TICK
+            chunk = prompt[start : start + self.chunk_size]
+            last = start + len(chunk) == len(prompt)
+            if last and (params.citations or rereads):  # its last row picks the first token
+                seq.tally = Reread.tally(self.loaded.config.num_layers) if rereads else AttentionTally()
+                if params.citations:
+                    out.tally = seq.tally
+            read = "all" if echo else "last" if last else "none"
+            logits = feed(self.model, self.pool, seq, chunk, self.chunk_size, read)
+            if echo:  # row i predicts prompt token start + i + 1
+                targets = prompt[start + 1 : start + len(chunk) + 1]
+                out.prompt_logprobs.extend(token_logprobs(logits[: len(targets)], targets, top or 0))
+                logits = logits[-1:]
+            if progress is not None:
+                progress(start + len(chunk), len(prompt))
+        return logits
+
+    def in_pieces(self, seq: Sequence, prompt: list[int]) -> bool:
+        """Whether `prompt` runs in pieces that share forwards with other sequences' rows
+        (batch.py): a short one, where the model's few-row kernels take every row, and below
+        the Self-Extend window (where the kernels' attention is the sequence's), so that its
+        output is the same alone and in company. Up to twice the invariant rows a prompt costs
+        at most ~1.2x alone this way (a forward of 32 rows and one of the rest, against one)."""
+        rows, config = self.model.invariant_rows, seq.long_config
+        if rows < PIECE or len(prompt) > 2 * rows:
+            return False
+        return config is None or len(seq) + len(prompt) <= config.window
+
+    def _pieces(self, seq: Sequence, prompt: list[int]) -> Steps[object, Any, torch.Tensor]:
+        """Feed `prompt` to `seq` through the round's forwards; the last token's logits."""
+        end = len(seq) + len(prompt)
+        while True:
+            logits = yield Prompt(seq, tuple(prompt[len(prompt) - (end - len(seq)) :]))
+            if logits is not None:
+                return logits
 
     def _read(self, seq: Sequence, tokens: list[int]) -> Steps[GenerationEvent, Any, torch.Tensor]:
         """Feed `tokens` to `seq`, a TICK before each chunk; the last token's logits."""

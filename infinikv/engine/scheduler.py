@@ -2,14 +2,16 @@
 to it and never touch tensors themselves.
 
 A task is a step function (a generator): each step either runs one forward of its own (a
-prefill chunk, a speculative step, an ingestion chunk) and ends at a tick, or asks for its
-decode token's forward by yielding a `Forward` (batch.py). Each round of the worker steps
-every running task: forwards of their own up to `step_tokens` prompt tokens (taking turns
-across rounds), then the decode tokens of all in batched forwards (continuous batching: a
-sequence joins or leaves between rounds). A background task (an ingestion) steps when no
-interactive task runs or once a `BACKGROUND_EVERY` seconds, so a book being ingested does not
-stall a chat reply. Tasks of one session run in arrival order, under the session's lease
-(leases.py): a session another server holds waits for it, up to `lease_wait` seconds.
+long prompt's chunk, a speculative step, an ingestion chunk) and ends at a tick, or asks for
+a share of the round's forwards by yielding a `Forward` (its decode token) or a `Prompt` (a
+short prompt, in pieces; batch.py). Each round of the worker steps every running task:
+forwards of their own up to `step_tokens` prompt rows (taking turns across rounds), then the
+decode tokens of all with short prompts' pieces in their room, in shared forwards
+(continuous batching: a sequence joins or leaves between rounds). A background task (an
+ingestion) steps when no interactive task runs or once a `BACKGROUND_EVERY` seconds, so a
+book being ingested does not stall a chat reply. Tasks of one session run in arrival order,
+under the session's lease (leases.py): a session another server holds waits for it, up to
+`lease_wait` seconds.
 
 The pool holds `slots` sequences: the running stateless requests plus the sessions loaded in
 pages. When a task needs a slot and none is free, the least recently used idle session is
@@ -34,7 +36,7 @@ from collections.abc import Callable
 from collections.abc import Generator as Steps
 from typing import Any
 
-from infinikv.engine.batch import Forward, forward_batch
+from infinikv.engine.batch import Forward, Part, Prompt, run_round
 from infinikv.engine.generator import TICK, GenerationEvent, Generator
 from infinikv.engine.jobs import JobRegistry
 from infinikv.engine.leases import Leases
@@ -74,8 +76,8 @@ class Engine:
         max_batch: int = 32,
     ):
         self.generator = generator
-        self.step_tokens = step_tokens  # prompt tokens per round through forwards of their own
-        self.max_batch = max_batch  # decode tokens per forward (the model may allow fewer)
+        self.step_tokens = step_tokens  # prompt rows per round in forwards without decode tokens
+        self.max_batch = max_batch  # sequences per forward (the model's invariant rows bound it too)
         self.store = store
         self.max_queue = max_queue
         self.observer = observer
@@ -169,9 +171,11 @@ class Engine:
         self._shutdown()
 
     def _round(self) -> None:
-        """Every running task one step: forwards of their own (prefill chunks, speculative
+        """Every running task one step: forwards of their own (long prompts' chunks, speculative
         steps, ingestion chunks) until they ran `step_tokens` rows, taking turns across rounds, then
-        the decode tokens of all in batched forwards (a lone one that may draft, drafts). A
+        the decode tokens and short prompts' pieces of all in shared forwards (a lone decode
+        token that may draft, drafts; forwards of prompt pieces alone take what is left of
+        `step_tokens`). A
         background task steps only when no interactive one runs or when its last step ended
         BACKGROUND_EVERY ago."""
         due = time.monotonic() - self._background_at >= BACKGROUND_EVERY
@@ -188,7 +192,12 @@ class Engine:
             spent += self._advance(task)
             if task.background:  # its share is counted from the end of its step
                 self._background_at = time.monotonic()
-        self._forward([t for t in self._running if t.forward is not None and not t.handle.cancelled])
+        waiting = [t for t in self._running if t.forward is not None and not t.handle.cancelled]
+        if waiting:
+            # At most one forward of prompt pieces alone: a prompt that ends in it decodes from
+            # the next round on, in the room of the forward that carries the others' pieces.
+            rows = self.generator.model.invariant_rows
+            self._forward(waiting, min(max(0, self.step_tokens - spent), rows))
 
     def _beat(self) -> None:
         try:
@@ -326,8 +335,8 @@ class Engine:
             log.exception("task clean-up failed")
 
     def _advance(self, task: Task) -> int:
-        """Run the task to its next Forward (left for the batch) or tick, passing its events on;
-        the rows its forwards of its own ran."""
+        """Run the task to its next Forward or Prompt (left for the round's forwards) or tick,
+        passing its events on; the rows its forwards of its own ran."""
         assert task.steps is not None
         if task.handle.cancelled:
             self._close(task)
@@ -340,7 +349,7 @@ class Engine:
             while True:
                 item = task.steps.throw(reply) if isinstance(reply, Exception) else task.steps.send(reply)
                 reply = None
-                if isinstance(item, Forward):
+                if isinstance(item, Forward | Prompt):
                     task.forward, task.own_forward = item, False
                     break
                 task.handle.emit(item)
@@ -355,22 +364,26 @@ class Engine:
             self._end(task, Failed(e))
         finally:
             rows = self.generator.model.rows_run - rows
-            if own:
+            if own and rows:  # a step that only asked for a share of the round ran no forward
                 self._observe([task], time.perf_counter() - t0, rows)
         return rows if own else 0
 
-    def _forward(self, tasks: list[Task]) -> None:
-        """The tasks' decode tokens in forwards of at most the model's invariant rows each."""
-        rows = min(self.max_batch, self.generator.model.invariant_rows)
-        for i in range(0, len(tasks), rows):
-            group = tasks[i : i + rows]
-            t0, before = time.perf_counter(), self.generator.model.rows_run
-            requests = [t.forward for t in group]
-            replies = forward_batch(self.generator.model, self.generator.pool, requests)  # type: ignore[arg-type]
-            for task, reply in zip(group, replies, strict=True):
-                # None: it drafts instead, a forward of its own next round
-                task.forward, task.reply, task.own_forward = None, reply, reply is None
-            self._observe(group, time.perf_counter() - t0, self.generator.model.rows_run - before)
+    def _forward(self, tasks: list[Task], budget: int) -> None:
+        """The tasks' decode tokens and prompt pieces in the round's forwards (batch.py); new
+        forwards for prompt pieces alone take at most `budget` rows."""
+        owner = {id(t.forward): t for t in tasks}
+
+        def observe(parts: list[Part], seconds: float, rows: int) -> None:
+            self._observe([owner[id(p.request)] for p in parts], seconds, rows)
+
+        requests = [t.forward for t in tasks if t.forward is not None]
+        model, pool = self.generator.model, self.generator.pool
+        replies = run_round(model, pool, requests, self.max_batch, budget, observe)
+        for task, request, reply in zip(tasks, requests, replies, strict=True):
+            # None: a decode token drafts instead (a forward of its own next round), or a
+            # prompt has pieces left for the next round
+            task.forward, task.reply = None, reply
+            task.own_forward = reply is None and isinstance(request, Forward)
 
     def _end(self, task: Task, outcome: object) -> None:
         self._running.remove(task)

@@ -12,7 +12,7 @@ from collections.abc import Generator as Steps
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from infinikv.engine.batch import Forward, Reply
+from infinikv.engine.batch import Reply, Request
 from infinikv.engine.leases import Lease
 from infinikv.engine.sequence import Sequence
 from infinikv.errors import InfinikvError
@@ -96,7 +96,7 @@ class Task:
     seq: Sequence | None = None  # set by the step function; read for retrieval metrics
     steps: Steps[object, None, Any] | None = None
     search_seen: float = 0.0
-    forward: Forward | None = None  # its decode token, waiting for the round's batch
+    forward: Request | None = None  # its decode token or prompt, waiting for the round's forwards
     reply: Reply = None  # what its step function is sent next (logits, an error, or None)
     own_forward: bool = True  # its next step runs a forward of its own (a chunk, a verification)
     uses_slot: bool = field(default=False, init=False)  # a stateless sequence of its own

@@ -180,10 +180,9 @@ class LlamaModel(nn.Module):
         for s in batch.seqs:
             first = int(batch.positions[s.start])
             if s.long_context is not None and (
-                s.length > 1
-                or s.tally is not None
+                s.tally is not None
                 or self.long_context_attention is not stack.long_context_attention
-                or first >= s.long_context.self_extend.window
+                or first + s.length > s.long_context.self_extend.window
             ):
                 return None
             if (
