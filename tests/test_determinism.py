@@ -9,7 +9,7 @@ import uuid
 import pytest
 import torch
 
-from infinikv.engine.batch import Forward, Prompt, forward_alone, run_alone, run_round
+from infinikv.engine.batch import PIECE, Forward, Prompt, forward_alone, run_alone, run_round
 from infinikv.engine.generator import Generator, Transcript
 from infinikv.engine.regions import LongContextConfig
 from infinikv.engine.sampling import SamplingParams
@@ -126,29 +126,33 @@ def test_follow_up_turns_in_pieces_equal_their_runs_alone(cpu_kernels) -> None:
 
 
 def test_prompt_pieces_give_the_same_logits_and_keys_in_any_company(cpu_kernels) -> None:
-    """Bit for bit: a 40-token prompt after a 700-token history, run alone (32 rows in one
-    forward, 8 in the next) and in two rounds beside two decode tokens (24 rows in the room
-    of the first round's forward, 16 in the second's), gives the same logits and keys."""
+    """Bit for bit: a prompt of one token under the invariant rows after a 700-token history,
+    run alone (one forward) and in two rounds beside two decode tokens (the pieces that fit
+    the room of the first round's forward, the rest in the second's), gives the same logits
+    and keys."""
     try:
         text = bible_text()
     except HaystackMissing as e:
         pytest.skip(str(e))
     gen = Generator(cpu_kernels, 4096, slots=3)
     model, pool = gen.model, gen.pool
+    rows = model.invariant_rows
     seqs = [gen.new_sequence(f"ikv:test:{i}:") for i in range(3)]
     try:
         for i, seq in enumerate(seqs):
             feed(model, pool, seq, gen.encode(text[i * 9000 : i * 9000 + 3000])[:700], gen.chunk_size, "none")
-        prompt = tuple(gen.encode(text[40000:40400])[:40])
-        start = len(seqs[0])
+        prompt = tuple(gen.encode(text[40000:41000])[: rows - 1])
+        start, first = len(seqs[0]), (rows - 2) // PIECE * PIECE
+        assert gen.in_pieces(seqs[0], list(prompt))
         alone = forward_alone(model, pool, Prompt(seqs[0], prompt))
         keys = pool.k[:, seqs[0].table.pages].clone()
         seqs[0].truncate(start)
-        replies = []
-        for rest in (prompt, prompt[24:]):
+        replies, lengths = [], []
+        for rest in (prompt, prompt[first:]):
             requests = [Forward(seqs[1], 7), Prompt(seqs[0], rest), Forward(seqs[2], 9)]
             replies.append(run_round(model, pool, requests, sequences=3, budget=0)[1])
-        assert replies[0] is None and len(seqs[0]) == start + 40
+            lengths.append(len(seqs[0]) - start)
+        assert replies[0] is None and lengths == [first, len(prompt)]
         assert torch.equal(replies[1], alone)
         assert torch.equal(pool.k[:, seqs[0].table.pages], keys)
     finally:

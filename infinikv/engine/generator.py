@@ -357,7 +357,7 @@ class Generator:
         output is the same alone and in company. Up to twice the invariant rows a prompt costs
         at most ~1.2x alone this way (a forward of 32 rows and one of the rest, against one)."""
         rows, config = self.model.invariant_rows, seq.long_config
-        if rows < PIECE or len(prompt) > 2 * rows:
+        if rows < PIECE or len(prompt) > rows:
             return False
         return config is None or len(seq) + len(prompt) <= config.window
 

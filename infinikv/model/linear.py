@@ -79,14 +79,16 @@ class FewRowKernels:
     stack: DecoderStack | None = None
 
 
-# Inputs of at most this many rows (decode steps, draft verifications) go through a
-# FewRows kernel where the model has one, by weight dtype (benchmarks/bench_kernels_cpu.py,
-# SmolLM2's weights on a 2-core CPU): float32 weights 18-71 ms for 1-32 rows against
-# BLAS's 44-95 ms (AMD); bfloat16 ones 9 / 14 ms for 1 / 5 rows against 20 / 23 ms for
-# torch's bfloat16 matmul, which overtakes the kernel from ~16 rows (it multiplies in
-# bfloat16 dot-product instructions, the kernel widens to float32); int4 (Q4 layers, a Q8
-# head: uint8 and int8 blocks) 11-64 ms against torch's int4 kernel's 14-95 ms (Xeon).
-FEW_ROWS = {torch.float32: 32, torch.bfloat16: 12, torch.uint8: 32, torch.int8: 32}
+# Inputs of at most this many rows (decode steps, verifications, batches with short prompts'
+# pieces) go through a FewRows kernel where the model has one, by weight dtype
+# (benchmarks/bench_kernels_cpu.py, SmolLM2's weights on a 2-core CPU): float32 weights
+# 18-71 ms for 1-32 rows against BLAS's 44-95 ms (AMD), 60.6 / 97.9 ms at 32 / 64 rows
+# against 60.8 / 86.3 (Xeon; batches of 64 rows: docs/performance.md); bfloat16 ones 9 / 14
+# ms for 1 / 5 rows against 20 / 23 ms for torch's bfloat16 matmul, which overtakes the
+# kernel from ~16 rows (it multiplies in bfloat16 dot-product instructions, the kernel
+# widens to float32); int4 (Q4 layers, a Q8 head: uint8 and int8 blocks) 11-64 ms against
+# torch's int4 kernel's 14-95 ms (Xeon).
+FEW_ROWS = {torch.float32: 64, torch.bfloat16: 12, torch.uint8: 32, torch.int8: 32}
 
 
 def dense(
