@@ -5,7 +5,8 @@
   steps one sequence at a time) in the same run; and one in-process Generator.generate of
   the same request, so the HTTP + scheduling overhead shows as a ratio.
   `--transformers`: the same clients against `transformers serve --continuous-batching`
-  (its paged-attention continuous batching, float32 on the CPU, the same converted weights).
+  (its paged-attention continuous batching on the CPU, the same converted weights, float32 or
+  with `--quantize bf16` bfloat16). `--quantize`: the servers' weights (results kept apart).
 * Ingestion of a document into a session (POST /v1/sessions/{id}/documents, polled to
   completion): tokens/s, beside prefilling the same tokens into an in-process sequence.
 * Interference: the inter-token latency of 4 streaming chat clients alone, then while the
@@ -14,9 +15,9 @@
 
 Run from the repository root (it starts `infinikv serve` through tests/server_process.py):
     python benchmarks/bench_service.py [--ingest-tokens 100000] [--parts concurrency ingestion interference]
-        [--clients 1 2 4 8 16] [--prompt-tokens N] [--transformers]
+        [--clients 1 2 4 8 16] [--prompt-tokens N] [--transformers] [--quantize bf16]
 The parts measured replace theirs in benchmarks/results/service.json; the others stay. The
-concurrency table is drawn to docs/service_concurrency[_long].png.
+concurrency table is drawn to docs/service_concurrency[_long][_bf16].png.
 """
 
 from __future__ import annotations
@@ -136,14 +137,14 @@ def concurrency(base: str, clients: int, per_client: int, prompt_tokens: int = 0
 
 
 @contextmanager
-def transformers_server(log_dir: Path) -> Iterator[tuple[str, str]]:
+def transformers_server(log_dir: Path, dtype: str) -> Iterator[tuple[str, str]]:
     """`transformers serve` with its continuous batching (paged attention) on the default
-    model's converted weights, float32 on the CPU: (base URL, the model name it answers to)."""
+    model's converted weights, in `dtype` on the CPU: (base URL, the model name it answers to)."""
     settings = Settings()
     model = str(convert_gguf(default_gguf(settings.cache_dir), settings.cache_dir))
     port = free_port()
     command = [sys.executable, "-m", "transformers.cli.transformers", "serve", model, "--continuous-batching"]
-    command += ["--device", "cpu", "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--device", "cpu", "--dtype", dtype, "--host", "127.0.0.1", "--port", str(port)]
     with http_server(command, port, log_dir / f"transformers-{port}.log") as base:
         yield base, model
 
@@ -297,34 +298,43 @@ def main() -> None:
         action="store_true",
         help="the concurrency part also against `transformers serve --continuous-batching`, same prompts",
     )
+    ap.add_argument("--quantize", default="none", help="the servers' weights (their --quantize)")
     ap.add_argument("--out", default="benchmarks/results/service.json")
     args = ap.parse_args()
+    if args.transformers and args.quantize not in ("none", "bf16"):
+        ap.error("--transformers compares float32 or bf16 weights (transformers has no GGUF int4 path here)")
 
     # ~22 tokens per FILLER repetition for the default tokenizer.
     text = FILLER * (args.ingest_tokens // 22)
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {}
     measured_in_process = {"concurrency", "ingestion"} & set(args.parts)
-    reference = in_process(Settings(), text, args.parts) if measured_in_process else {}
+    settings = Settings(quantize=args.quantize)
+    reference = in_process(settings, text, args.parts) if measured_in_process else {}
     print(f"in-process: {json.dumps(reference)}", flush=True)
+    weights = ["--quantize", args.quantize]
+    # One set of concurrency results per prompt kind and weight format.
+    kind = ("_long" if args.prompt_tokens else "") + ("" if args.quantize == "none" else f"_{args.quantize}")
     if "concurrency" in args.parts:
         for name, flags in (("unbatched", ["--max-batch", "1"]), ("batched", [])):
-            with tempfile.TemporaryDirectory() as logs, infinikv_server(Path(logs), *flags) as base:
+            with tempfile.TemporaryDirectory() as logs, infinikv_server(Path(logs), *flags, *weights) as base:
                 one_stream(openai.OpenAI(base_url=f"{base}/v1", api_key="bench"))  # warm-up
-                results[f"concurrency_{name}{'_long' if args.prompt_tokens else ''}"] = [
+                results[f"concurrency_{name}{kind}"] = [
                     concurrency(base, n, args.per_client, args.prompt_tokens) for n in args.clients
                 ]
-        theirs = f"concurrency_transformers{'_long' if args.prompt_tokens else ''}"
+        theirs = f"concurrency_transformers{kind}"
         results.pop(theirs, None)  # a reference from another run does not stand beside this one
         if args.transformers:
-            with tempfile.TemporaryDirectory() as logs, transformers_server(Path(logs)) as (base, model):
+            dtype = {"none": "float32", "bf16": "bfloat16"}[args.quantize]
+            with tempfile.TemporaryDirectory() as logs, transformers_server(Path(logs), dtype) as server:
+                base, model = server
                 one_stream(openai.OpenAI(base_url=f"{base}/v1", api_key="bench"), model=model)  # warm-up
                 results[theirs] = [
                     concurrency(base, n, args.per_client, args.prompt_tokens, model) for n in args.clients
                 ]
-        results["in_process"] = reference
+        results[f"in_process{kind}"] = reference
     if {"ingestion", "interference"} & set(args.parts):
-        with tempfile.TemporaryDirectory() as logs, infinikv_server(Path(logs)) as base:
+        with tempfile.TemporaryDirectory() as logs, infinikv_server(Path(logs), *weights) as base:
             if "ingestion" in args.parts:
                 results["ingestion"] = ingest(base, text)
                 results["ingestion_in_process"] = {
@@ -335,7 +345,7 @@ def main() -> None:
                 results["interference"] = interference(base, text, 4, args.per_client)
     out.write_text(json.dumps(results, indent=2))
 
-    for suffix in ("", "_long"):
+    for suffix in ("", "_long", "_bf16", "_long_bf16", "_int4", "_long_int4"):
         pairs = list(
             zip(
                 results.get(f"concurrency_unbatched{suffix}", []),
@@ -344,7 +354,8 @@ def main() -> None:
             )
         )
         if pairs:
-            print_concurrency(pairs, results["in_process"], results.get(f"concurrency_transformers{suffix}"))
+            reference = results.get(f"in_process{suffix.removeprefix('_long')}", results["in_process"])
+            print_concurrency(pairs, reference, results.get(f"concurrency_transformers{suffix}"))
             chart([b for _, b in pairs], CHART.with_name(f"{CHART.stem}{suffix}.png"))
     if "interference" in results:
         r = results["interference"]
