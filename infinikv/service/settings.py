@@ -93,8 +93,10 @@ class Settings(BaseSettings):
     slots: int = Field(16, ge=1, le=256)
     # Each worker round: every running sequence's decode token in one batched forward, and
     # prompt chunks (forwards of their own) until they ran this many rows, so they delay decoding by one.
-    step_tokens: int = Field(512, ge=1, description="prompt rows per engine round beside the decode batch")
-    max_batch: int = Field(32, ge=1, description="most decode tokens in one forward (1: no batching)")
+    step_tokens: int = Field(
+        512, ge=1, description="prompt rows per engine round in forwards without decode tokens"
+    )
+    max_batch: int = Field(32, ge=1, description="most sequences in one forward (1: no batching)")
     max_queue: int = Field(64, ge=1, description="requests waiting for the engine before 429")
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="largest request body (documents)")
     max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
