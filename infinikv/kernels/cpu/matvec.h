@@ -34,6 +34,10 @@ AI void tile(const float* x, const char* w, float* y, int N, int K, int m0, int 
   for (int k = 0; k < K16; k += 16) {
     const char* wk = w + (int64_t)k * size;
     for (int line = 0; line < size; line++) __builtin_prefetch(w + 4 * row + 4 * (int64_t)k * size + 64 * line);
+    /* bfloat16 rows streamed at ~17 GB/s against float32's ~23 with the prefetch above alone:
+     * a second one 16 rows ahead into L2 keeps more lines in flight (~19-20 GB/s, Xeon). */
+    if (size == 2)
+      for (int line = 0; line < size; line++) __builtin_prefetch(w + 16 * row + 4 * (int64_t)k * size + 64 * line, 0, 2);
     v16 w0 = wvec(wk), w1 = wvec(wk + row), w2 = wvec(wk + 2 * row), w3 = wvec(wk + 3 * row);
     for (int i = 0; i < mb; i++) {
       v16 xv = load(x + (int64_t)(m0 + i) * K + k);
