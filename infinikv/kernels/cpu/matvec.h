@@ -1,7 +1,8 @@
 /* x W^T for a few rows of x, the loop the projection kernels share (linear.c, decoder.c):
  * `project` runs inside an OpenMP parallel region, each worker streaming its share of W's
  * rows once, four at a time, prefetching the next four, and dotting them with up to four
- * rows of x at once (x stays in L1). W is float32 or bfloat16 (`size` 4 or 2 bytes: half
+ * rows of x at once (bfloat16: up to eight, against two of W's rows at a time; x stays in
+ * L1). W is float32 or bfloat16 (`size` 4 or 2 bytes: half
  * the bytes, each value widened to float32 in registers, so the products and sums are
  * float32's), or blocks of 4-bit or 8-bit weights (`size` Q4 or Q8: blocks.h).
  *
@@ -23,54 +24,65 @@ AI v16 wvec_bf16(const char* p) { return load_bf16((const bf16*)p); }
 AI float wone_f32(const char* p) { return *(const float*)p; }
 AI float wone_bf16(const char* p) { return bf16_to_float(*(const bf16*)p); }
 
-/* y[m0 + i, n0 + r] for i < mb (a constant once inlined) and r < 4: W's rows n0.. start at
- * w, `row` bytes apart, `size` bytes a weight. Each group of 16 weights is loaded once for
- * the mb rows of x; the next four rows of W (the next `4 * row` bytes) are prefetched as
- * these are read, one 64-byte line per 16 weights of `size` bytes per row. */
-AI void tile(const float* x, const char* w, float* y, int N, int K, int m0, int mb, int n0, int64_t row,
-             int size, v16 (*wvec)(const char*), float (*wone)(const char*)) {
-  const int K16 = K - K % 16;
-  v16 acc[4][4] = {{0}};
+/* y[m0 + i, n0 + r] for i < mb and r < R (constants once inlined; mb <= 8, R 2 or 4, mb * R
+ * <= 16 accumulators): W's rows n0.. start at w, `row` bytes apart, `size` bytes a weight.
+ * Each group of 16 weights is loaded once for the mb rows of x; the R rows of W at pf (the
+ * rows that follow the tile's block) are prefetched as these are read, one 64-byte line per
+ * 16 weights of `size` bytes per row. A row's products and sums do not depend on mb or R. */
+AI void tile(const float* x, const char* w, float* y, int N, int K, int m0, int mb, int n0, int64_t row, int R,
+             const char* pf, int size, v16 (*wvec)(const char*), float (*wone)(const char*)) {
+  const int K16 = K - K % 16, lines = size * R / 4;
+  v16 acc[8][4] = {{0}};
   for (int k = 0; k < K16; k += 16) {
     const char* wk = w + (int64_t)k * size;
-    for (int line = 0; line < size; line++) __builtin_prefetch(w + 4 * row + 4 * (int64_t)k * size + 64 * line);
+    for (int line = 0; line < lines; line++) __builtin_prefetch(pf + R * (int64_t)k * size + 64 * line);
     /* bfloat16 rows streamed at ~17 GB/s against float32's ~23 with the prefetch above alone:
-     * a second one 16 rows ahead into L2 keeps more lines in flight (~19-20 GB/s, Xeon). */
+     * a second one 12 rows further into L2 keeps more lines in flight (~19-20 GB/s, Xeon). */
     if (size == 2)
-      for (int line = 0; line < size; line++) __builtin_prefetch(w + 16 * row + 4 * (int64_t)k * size + 64 * line, 0, 2);
-    v16 w0 = wvec(wk), w1 = wvec(wk + row), w2 = wvec(wk + 2 * row), w3 = wvec(wk + 3 * row);
+      for (int line = 0; line < lines; line++)
+        __builtin_prefetch(pf + 12 * row + R * (int64_t)k * size + 64 * line, 0, 2);
+    v16 wr[4];
+    for (int r = 0; r < R; r++) wr[r] = wvec(wk + r * row);
     for (int i = 0; i < mb; i++) {
       v16 xv = load(x + (int64_t)(m0 + i) * K + k);
-      acc[i][0] += xv * w0;
-      acc[i][1] += xv * w1;
-      acc[i][2] += xv * w2;
-      acc[i][3] += xv * w3;
+      for (int r = 0; r < R; r++) acc[i][r] += xv * wr[r];
     }
   }
   for (int i = 0; i < mb; i++) {
     const float* xm = x + (int64_t)(m0 + i) * K;
-    v4 s = hsum4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
-    for (int r = 0; r < 4; r++) {
+    v4 s = hsum4(acc[i][0], acc[i][1], acc[i][R - 2], acc[i][R - 1]);
+    for (int r = 0; r < R; r++) {
       for (int k = K16; k < K; k++) s[r] += xm[k] * wone(w + r * row + (int64_t)k * size);
       y[(int64_t)(m0 + i) * N + n0 + r] = s[r];
     }
   }
 }
 
-/* Rows [4b, 4b + 4) of y for every row of x, four rows of x at a time. */
+#define TILE(MB, R, P) tile(x, w + (P) * row, y, N, K, m0, MB, 4 * b + (P), row, R, w + (4 + (P)) * row, size, wvec, wone)
+
+/* Rows [4b, 4b + 4) of y for every row of x: four rows of x at a time against the four rows
+ * of W; in bfloat16, five to eight rows of x against two rows of W at a time, so each weight
+ * streams from memory once for eight rows of x, not twice from cache for four (8 rows: ~17
+ * ms against ~19.5 for SmolLM2's matrices; float32 did not gain, Xeon). */
 AI void four_rows(const float* x, const char* W, float* y, int M, int N, int K, int b, int size,
                   v16 (*wvec)(const char*), float (*wone)(const char*)) {
   const int64_t row = (int64_t)K * size;
   const char* w = W + 4 * b * row;
-  for (int m0 = 0; m0 < M; m0 += 4) {
-    switch (M - m0) {
-      case 1: tile(x, w, y, N, K, m0, 1, 4 * b, row, size, wvec, wone); break;
-      case 2: tile(x, w, y, N, K, m0, 2, 4 * b, row, size, wvec, wone); break;
-      case 3: tile(x, w, y, N, K, m0, 3, 4 * b, row, size, wvec, wone); break;
-      default: tile(x, w, y, N, K, m0, 4, 4 * b, row, size, wvec, wone);
+  const int pairs = size == 2;
+  for (int m0 = 0; m0 < M; m0 += pairs && M - m0 > 4 ? 8 : 4) {
+    switch (pairs && M - m0 > 4 ? M - m0 : M - m0 > 4 ? 4 : M - m0) {
+      case 1: TILE(1, 4, 0); break;
+      case 2: TILE(2, 4, 0); break;
+      case 3: TILE(3, 4, 0); break;
+      case 4: TILE(4, 4, 0); break;
+      case 5: TILE(5, 2, 0); TILE(5, 2, 2); break;
+      case 6: TILE(6, 2, 0); TILE(6, 2, 2); break;
+      case 7: TILE(7, 2, 0); TILE(7, 2, 2); break;
+      default: TILE(8, 2, 0); TILE(8, 2, 2);
     }
   }
 }
+#undef TILE
 
 /* The last N % 4 rows of W, one dot product each. */
 AI void tail_rows(const float* x, const char* W, float* y, int M, int N, int K, int size,
