@@ -12,8 +12,8 @@ decode step) and five (a speculative verification of four drafts). Times are med
 --repeats steps, in ms; "GB/s" is the keys and values read per step over the kernel's time.
 Part `projections`: every weight matrix of one forward (SmolLM2-135M's 30 layers and its
 tied 49152-token head; Qwen2.5-0.5B's 24 layers and 151936-token head), float32, bfloat16
-(`--quantize bf16`) and int4 (`--quantize int4`: Q4 layers, a Q8 head), applied to 1, 5, 17
-and 32 float32 rows (float32 weights also 64 and 128): the C kernel
+(`--quantize bf16`) and int4 (`--quantize int4`: Q4 layers, a Q8 head), applied to 1, 5, 8,
+17 and 32 float32 rows (float32 weights also 64 and 128): the C kernel
 (`infinikv.kernels.cpu.ops.linear`) vs the PyTorch path (`infinikv.model.linear.dense`
 without a kernel: `F.linear`, for bfloat16 weights on the rows rounded to bfloat16; for int4
 torch's int4 kernel on bfloat16 rows); "GB/s" is the weights the kernel reads over its time.
@@ -120,7 +120,7 @@ def projection_rows(repeats: int) -> list[dict]:
         for kind, matrices in projection_sets(*dims):
             nbytes = sum(w.numel() * w.element_size() for _, w in matrices)
             # float32's few-row limit is 64 rows (FEW_ROWS): the rows around it too
-            for m in (1, 5, 17, 32, *((64, 128) if kind == "float32" else ())):
+            for m in (1, 5, 8, 17, 32, *((64, 128) if kind == "float32" else ())):
                 inputs = {k: torch.randn(m, k) for k in {weight_shape(w)[1] for _, w in matrices}}
                 times = {}
                 for label in ("torch", "kernel"):
