@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from infinikv.engine.batch import Forward, Prompt, forward_alone, pack, run_round
+from infinikv.engine.batch import PIECE, Forward, Prompt, forward_alone, pack, run_round
 from infinikv.engine.generator import Generator
 from infinikv.engine.regions import LongContextConfig
 from infinikv.engine.requests import Turn, submit_turn
@@ -154,6 +154,42 @@ def test_a_failing_sequence_fails_alone_and_the_batch_goes_on(tiny) -> None:
         assert isinstance(replies[1], IndexError)
         assert torch.equal(replies[0], expected[0]) and torch.equal(replies[2], expected[1])
         assert [len(s) for s in seqs] == [lengths[0] + 1, lengths[1], lengths[2] + 1]
+    finally:
+        for seq in seqs:
+            seq.release()
+
+
+def test_a_failing_prompt_fails_alone_and_runs_no_further_piece(tiny) -> None:
+    """A prompt with a token outside the vocabulary, beside a decode token: the shared forward
+    is undone, the decode token gets its logits alone, the prompt its error with its sequence
+    as it was. Alone over two forwards, a prompt that fails in the first runs no second."""
+    gen = generator(tiny, long=False)
+    rows = gen.model.invariant_rows
+    if rows < PIECE:
+        pytest.skip("prompts run in pieces only through the few-row kernels")
+    seqs = [gen.new_sequence(f"ikv:test:{i}:") for i in range(2)]
+    try:
+        for i, seq in enumerate(seqs):
+            forward_alone(gen.model, gen.pool, Forward(seq, ids(1, i)[0]))
+        expected = forward_alone(gen.model, gen.pool, Forward(seqs[0], 5))
+        seqs[0].truncate(1)
+        bad = Prompt(seqs[1], (*ids(12, 3), 10**6, *ids(7, 4)))
+        replies = run_round(gen.model, gen.pool, [Forward(seqs[0], 5), bad], sequences=2, budget=0)
+        assert torch.equal(replies[0], expected) and isinstance(replies[1], IndexError)
+        assert [len(s) for s in seqs] == [2, 1]
+        # its first forward holds the bad token, its second would hold the rest
+        long = Prompt(seqs[1], (*ids(rows - 1, 5), 10**6, *ids(5, 6)))
+        forwards: list[int] = []
+        (reply,) = run_round(
+            gen.model,
+            gen.pool,
+            [long],
+            sequences=1,
+            budget=rows + 6,
+            observe=lambda parts, seconds, n: forwards.append(n),
+        )
+        assert isinstance(reply, IndexError) and len(seqs[1]) == 1
+        assert len(forwards) == 1  # the failed forward; no second one
     finally:
         for seq in seqs:
             seq.release()

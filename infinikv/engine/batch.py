@@ -136,6 +136,8 @@ def run_round(
     replies: dict[int, Reply] = {}
     for group in pack(requests, model.invariant_rows, sequences, budget):
         group = [p for p in group if not isinstance(replies.get(id(p.request)), Exception)]
+        if not group:  # its prompts failed in an earlier forward
+            continue
         t0, before = time.perf_counter(), model.rows_run
         for part, reply in zip(group, _run(model, pool, group), strict=True):
             replies[id(part.request)] = reply
