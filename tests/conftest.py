@@ -22,6 +22,7 @@ from infinikv.engine.generator import Transcript
 from infinikv.engine.regions import LongContextConfig
 from infinikv.engine.sampling import SamplingParams
 from infinikv.engine.scheduler import Engine
+from infinikv.engine.sequence import feed
 from infinikv.engine.tasks import Failed, Finished, TaskHandle
 from infinikv.memory.evicted import EvictedMemory
 from infinikv.memory.store import InProcessBlockStore, RedisBlockStore
@@ -139,13 +140,16 @@ def store(request):
     made.close()
 
 
-def generation_task(prompt: list[int], params: SamplingParams):
+def generation_task(prompt: list[int], params: SamplingParams, history: list[int] | None = None):
     """A step function for the engine: the tokens of `prompt`'s generation, in a sequence
-    of its own."""
+    of its own, after `history` if given (fed first, as a session's earlier turns)."""
 
     def run(engine: Engine, task):
-        seq = task.seq = engine.generator.new_sequence(f"ikv:test:{uuid.uuid4().hex}:")
+        gen = engine.generator
+        seq = task.seq = gen.new_sequence(f"ikv:test:{uuid.uuid4().hex}:")
         try:
+            if history:
+                feed(gen.model, gen.pool, seq, history, gen.chunk_size, "none")
             out = Transcript()
             yield from engine.generator.run(seq, prompt, params, None, out)
             return out.token_ids

@@ -4,13 +4,11 @@ kernels and an evicting memory."""
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 import torch
 
 from infinikv.engine.batch import PIECE, Forward, Prompt, forward_alone, run_alone, run_round
-from infinikv.engine.generator import Generator, Transcript
+from infinikv.engine.generator import Generator
 from infinikv.engine.regions import LongContextConfig
 from infinikv.engine.sampling import SamplingParams
 from infinikv.engine.scheduler import Engine
@@ -79,25 +77,12 @@ def test_follow_up_turns_in_pieces_equal_their_runs_alone(cpu_kernels) -> None:
     prompts = [encode(question * (1 + i % 2))["input_ids"] for i in range(4)]  # 15-30 tokens
     params = SamplingParams(max_tokens=12, ignore_eos=True)
 
-    def turn(history: list[int], prompt: list[int]):
-        def run(engine, task):
-            seq = task.seq = engine.generator.new_sequence(f"ikv:test:{uuid.uuid4().hex}:")
-            try:
-                feed(gen.model, gen.pool, seq, history, gen.chunk_size, "none")
-                assert gen.in_pieces(seq, prompt)
-                out = Transcript()
-                yield from engine.generator.run(seq, prompt, params, None, out)
-                return out.token_ids
-            finally:
-                seq.release()
-
-        return run
-
     alone = []
     for history, prompt in zip(histories, prompts, strict=True):
         seq = gen.new_sequence("ikv:test:alone:")
         try:
             feed(gen.model, gen.pool, seq, history, gen.chunk_size, "none")
+            assert gen.in_pieces(seq, prompt)
             steps = run_alone(gen.model, gen.pool, gen.run(seq, prompt, params))
             alone.append([e.token_id for e in steps if e.token_id is not None])
         finally:
@@ -115,7 +100,7 @@ def test_follow_up_turns_in_pieces_equal_their_runs_alone(cpu_kernels) -> None:
     engine.start()
     try:
         handles = [
-            engine.submit(turn(h, p), TaskHandle(), needs_sequence=True)
+            engine.submit(generation_task(p, params, h), TaskHandle(), needs_sequence=True)
             for h, p in zip(histories, prompts, strict=True)
         ]
         got = [task_result(h) for h in handles]

@@ -27,7 +27,7 @@ from infinikv.model.llama import ForwardBatch, LlamaModel
 
 # Rows of a prompt piece. 8 query rows of a model with 3 or 4 query heads per kv-head stay
 # within the CPU attention kernel's rows (SMALL_QUERY_ROWS), and 8 fill the room a round's
-# decode tokens leave in a 32-row forward with at most 7 rows unused.
+# decode tokens leave in a forward (64 rows in float32) with at most 7 rows unused.
 PIECE = 8
 
 # What a request's step function is sent back (None: draft instead, or pieces remain).
@@ -85,7 +85,6 @@ def pack(requests: list[Request], rows: int, sequences: int, budget: int) -> lis
     decodes = [r for r in requests if isinstance(r, Forward)]
     per = max(1, min(rows, sequences))
     groups = [[Part(r, [[r.token]], True) for r in decodes[i : i + per]] for i in range(0, len(decodes), per)]
-    used = [len(g) for g in groups]
     decoding = len(groups)  # forwards [0, decoding) carry decode tokens: their room is free
     for r in requests:
         if not isinstance(r, Prompt):
@@ -93,13 +92,12 @@ def pack(requests: list[Request], rows: int, sequences: int, budget: int) -> lis
         at, placed = 0, False  # its next piece goes to forward `at` or a later one
         for start in range(0, len(r.tokens), PIECE):
             piece = list(r.tokens[start : start + PIECE])
-            fits = (j for j in range(at, len(groups)) if _fits(groups[j], used[j], r, piece, rows, sequences))
+            fits = (j for j in range(at, len(groups)) if _fits(groups[j], r, piece, rows, sequences))
             g = next((j for j in fits if j < decoding or len(piece) <= budget), None)
             if g is None:
                 if (placed and decoding) or len(piece) > budget:
                     break
                 groups.append([])
-                used.append(0)
                 g = len(groups) - 1
             if g >= decoding:
                 budget -= len(piece)
@@ -109,14 +107,13 @@ def pack(requests: list[Request], rows: int, sequences: int, budget: int) -> lis
                 groups[g].append(part)
             part.pieces.append(piece)
             part.ends = start + len(piece) == len(r.tokens)
-            used[g] += len(piece)
             at, placed = g, True
     return groups
 
 
-def _fits(group: list[Part], used: int, r: Prompt, piece: list[int], rows: int, sequences: int) -> bool:
+def _fits(group: list[Part], r: Prompt, piece: list[int], rows: int, sequences: int) -> bool:
     joins = any(p.request is r for p in group) or len(group) < sequences
-    return joins and used + len(piece) <= rows
+    return joins and sum(p.rows for p in group) + len(piece) <= rows
 
 
 def run_round(

@@ -354,8 +354,8 @@ class Generator:
         """Whether `prompt` runs in pieces that share forwards with other sequences' rows
         (batch.py): a short one, where the model's few-row kernels take every row, and below
         the Self-Extend window (where the kernels' attention is the sequence's), so that its
-        output is the same alone and in company. Up to twice the invariant rows a prompt costs
-        at most ~1.2x alone this way (a forward of 32 rows and one of the rest, against one)."""
+        output is the same alone and in company. Alone it is one forward through the kernels
+        (at 64 float32 rows ~12% slower than torch's matmul, docs/performance.md)."""
         rows, config = self.model.invariant_rows, seq.long_config
         if rows < PIECE or len(prompt) > rows:
             return False
@@ -363,9 +363,9 @@ class Generator:
 
     def _pieces(self, seq: Sequence, prompt: list[int]) -> Steps[object, Any, torch.Tensor]:
         """Feed `prompt` to `seq` through the round's forwards; the last token's logits."""
-        end = len(seq) + len(prompt)
+        start = len(seq)
         while True:
-            logits = yield Prompt(seq, tuple(prompt[len(prompt) - (end - len(seq)) :]))
+            logits = yield Prompt(seq, tuple(prompt[len(seq) - start :]))
             if logits is not None:
                 return logits
 

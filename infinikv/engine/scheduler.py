@@ -174,10 +174,9 @@ class Engine:
         """Every running task one step: forwards of their own (long prompts' chunks, speculative
         steps, ingestion chunks) until they ran `step_tokens` rows, taking turns across rounds, then
         the decode tokens and short prompts' pieces of all in shared forwards (a lone decode
-        token that may draft, drafts; forwards of prompt pieces alone take what is left of
-        `step_tokens`). A
-        background task steps only when no interactive one runs or when its last step ended
-        BACKGROUND_EVERY ago."""
+        token that may draft, drafts; prompt pieces alone get at most one forward, within what
+        is left of `step_tokens`). A background task steps only when no interactive one runs or
+        when its last step ended BACKGROUND_EVERY ago."""
         due = time.monotonic() - self._background_at >= BACKGROUND_EVERY
         due = due or all(t.background for t in self._running)
         spent = 0  # rows run, not chunks: many short prompts share one round's budget

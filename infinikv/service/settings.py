@@ -91,8 +91,8 @@ class Settings(BaseSettings):
     # (idle sessions beyond that are parked). Pages are touched as used: a slot costs RAM only
     # as its sequence grows (SmolLM2, float32: ~69 KB per token, ~0.6 GB at 8k resident).
     slots: int = Field(16, ge=1, le=256)
-    # Each worker round: every running sequence's decode token in one batched forward, and
-    # prompt chunks (forwards of their own) until they ran this many rows, so they delay decoding by one.
+    # Each worker round: longer prompts' chunks (forwards of their own) until they ran this many
+    # rows, then every running sequence's decode token with short prompts' pieces in shared forwards.
     step_tokens: int = Field(
         512, ge=1, description="prompt rows per engine round in forwards without decode tokens"
     )
