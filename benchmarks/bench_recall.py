@@ -76,6 +76,7 @@ def run_cell(mode: str, length: int, args: argparse.Namespace, done: set[tuple])
     overrides = parse_sets(args.set)
     variant = variant_name(overrides, args.tag)
     settings = Settings(**mode_settings(mode, length, overrides))
+    long_context = None if mode == "transformers" else settings.long_context_config(TRAINED)
     if mode == "transformers":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -124,6 +125,7 @@ def run_cell(mode: str, length: int, args: argparse.Namespace, done: set[tuple])
                 "output": text,
                 "date": datetime.date.today().isoformat(),
                 "cpu": cpu_name(),
+                "chunk_dtype": long_context.chunk_dtype if long_context else None,
             }
             with RESULTS.open("a") as f:
                 f.write(json.dumps(row) + "\n")

@@ -126,6 +126,11 @@ def _build_parser() -> ArgumentParser:
     )
     lc.add_argument("--reread-margin", type=_count, help="tokens kept on either side of a re-read passage")
     lc.add_argument("--reread-tail", type=_positive_int, help="last tokens of the input a re-read keeps")
+    lc.add_argument(
+        "--chunk-dtype",
+        choices=["float32", "bfloat16"],
+        help="what prefill chunks past the window attend in (default: bfloat16 where the CPU has AMX)",
+    )
     lc.add_argument("--index", choices=INDEX_KINDS, help="FAISS index for the memory")
     lc.add_argument(
         "--granularity",

@@ -69,6 +69,24 @@ def test_long_context_logits_match_torch_backend(hf_model, backend, device, gran
     torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
 
 
+@pytest.mark.parametrize("chunk_dtype, tol", [("float32", 2e-4), ("bfloat16", 5e-2)])
+def test_cpu_prefill_chunks_in_chunk_dtype_match_torch_backend(hf_model, chunk_dtype, tol) -> None:
+    """Prefill chunks of 24 positions (more than a draft verification) past the window read
+    the resident keys in chunk_dtype on the CPU backend; the PyTorch backend stays float32."""
+    ids = torch.randint(0, 160, (150,), generator=torch.Generator().manual_seed(5)).tolist()
+    cfg = LongContextConfig.derive(256, PAGE, resident=64, sinks=8, window=28, group=2, chunk_dtype=chunk_dtype)
+    cfg.validate(256, PAGE)
+    want, _ = logits_of(ours_from_hf(hf_model), cfg, ids, prefill_chunk=24)
+    model = ours_from_hf(hf_model)
+    model.long_context_attention = cpu_long_context_attention
+    model.use_few_rows(few_row_kernels("cpu"))
+    got, seq = logits_of(model, cfg, ids, prefill_chunk=24)
+    assert seq.table.evicted_blocks > 5
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    if chunk_dtype == "bfloat16":  # the chunks past the window did read bfloat16
+        assert (got[:-5] - want[:-5]).abs().max() > 2e-4
+
+
 @backend_param()
 def test_plain_causal_logits_match_torch_backend(hf_model, backend, device) -> None:
     """Chunks of 7 queries (14 rows per kv-head: the CPU kernel takes them, as it takes a

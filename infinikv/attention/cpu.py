@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from infinikv.attention.memory_reads import LongContextState, memory_partial_by_head
+from infinikv.attention.memory_reads import OWN_BLOCK_POSITIONS, LongContextState, memory_partial_by_head
 from infinikv.attention.pytorch import (
     SMALL_QUERY_ROWS,
     band_bounds,
@@ -52,12 +52,14 @@ def cpu_long_context_attention(
 ) -> torch.Tensor:
     """See `paged_long_context_attention`; a decode step past the neighbor window reads its
     two resident runs (grouped keys, then keys at their own positions) through the kernel
-    and merges them with its memory by log-sum-exp."""
+    and merges them with its memory by log-sum-exp. A prefill chunk (more positions than a
+    draft verification) reads its resident keys in `state.chunk_dtype`."""
     se = state.self_extend
     if int(q_positions[-1]) < se.window:  # all within the window: plain causal attention
         return cpu_causal_attention(q, q_positions, kv, pages, resident, rope)
     if q.shape[0] > 1:
-        return paged_long_context_attention(q, q_positions, kv, pages, resident, layer, rope, state)
+        dtype = state.chunk_dtype if q.shape[0] > OWN_BLOCK_POSITIONS else None
+        return paged_long_context_attention(q, q_positions, kv, pages, resident, layer, rope, state, dtype)
     check_grouping(kv, se)
     far_end = band_bounds(q_positions, pages.positions[:resident], se.window)[0]
     qn = rotate(q, rope.at(q_positions))  # (1, Hq, d)

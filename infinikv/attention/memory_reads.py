@@ -39,6 +39,9 @@ class LongContextState:
     # Block granularity: trailing positions of this forward that retrieve for themselves; 0
     # where no one reads its logits (an ingestion, a prompt's chunks before the last).
     own_positions: int = OWN_BLOCK_POSITIONS
+    # The dtype the CPU backend's prefill chunks past the window read their resident keys
+    # and values in (None: the queries'); the plain-PyTorch backend keeps the queries'.
+    chunk_dtype: torch.dtype | None = None
 
 
 def memory_queries(q: torch.Tensor, rope: RotaryEmbedding, distance: int, num_kv_heads: int) -> torch.Tensor:

@@ -78,8 +78,10 @@ def paged_long_context_attention(
     layer: int,
     rope: RotaryEmbedding,
     state: LongContextState,
+    chunk_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """q (n, Hq, d) before RoPE at q_positions (n,); `resident` tokens in `pages`.
+    """q (n, Hq, d) before RoPE at q_positions (n,); `resident` tokens in `pages`; a chunk
+    of several queries attends to the resident keys in `chunk_dtype` (None: q's).
     Returns (n, Hq, d)."""
     n = q.shape[0]
     last = int(q_positions[-1])
@@ -105,7 +107,7 @@ def paged_long_context_attention(
         qg = rotate(q, rope.at(se.grouped_query_positions(q_positions))) if far_end else qn
         recalled = None if memory is None else recall(memory, layer, q, last, rope, state)
         return decode_attention(qg, k_group, qn, k_rope, v, recalled)
-    parts = banded_resident_partials(q, q_positions, k_group, k_rope, v, k_pos, rope, se)
+    parts = banded_resident_partials(q, q_positions, k_group, k_rope, v, k_pos, rope, se, chunk_dtype)
     if memory is not None:
         parts.append(memory_partial_by_head(memory, layer, q, q_positions, rope, state))
     return merge_partials(parts)[0]
@@ -136,6 +138,7 @@ def banded_resident_partials(
     k_pos: torch.Tensor,
     rope: RotaryEmbedding,
     se: SelfExtend,
+    dtype: torch.dtype | None = None,
 ) -> list[Partial]:
     """`resident_partials` for a chunk of n <= W queries that are the last n of T resident
     tokens, with the keys (sorted by position) cut by `band_bounds` into three runs so
@@ -149,7 +152,9 @@ def banded_resident_partials(
 
     k_group: keys [0, near_start) rotated at their grouped positions; k_rope: keys
     [far_end, T) rotated at their own positions (the page pool keeps both); v: all T.
-    (A decode step, n = 1, has no band: `decode_attention` takes both runs in one softmax.)
+    The fused kernel reads queries, keys and values in `dtype` (None: q's); the parts' outputs
+    come back in q's. (A decode step, n = 1, has no band: `decode_attention` takes both runs
+    in one softmax.)
     """
     n, W = q.shape[0], se.window
     if n > W:
@@ -158,6 +163,8 @@ def banded_resident_partials(
     near_start, far_end = k_group.shape[0], T - k_rope.shape[0]
     qn = rotate(q, rope.at(q_pos))  # (n, Hq, d) at exact positions
     qg = rotate(q, rope.at(se.grouped_query_positions(q_pos))) if near_start else qn  # (n, Hq, d)
+    if dtype is not None and dtype != q.dtype:
+        qn, qg, k_group, k_rope, v = (x.to(dtype) for x in (qn, qg, k_group, k_rope, v))
     own = T - n
     parts = [flash_partial(qn, k_rope[own - far_end :], v[own:], causal=True)]
     if own > near_start:
@@ -173,7 +180,7 @@ def banded_resident_partials(
             flash_partial(qn, k_rope[: near_start - far_end], v[band], False, (rel >= 0) & (rel < W))
         )
         parts.append(flash_partial(qg, k_group[band], v[band], False, rel >= W))
-    return parts
+    return [(out.to(q.dtype), lse) for out, lse in parts]
 
 
 def decode_logits(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

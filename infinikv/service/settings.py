@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     reread: int | None = Field(None, ge=0, description="passages an answer re-reads past the resident window")
     reread_margin: int | None = Field(None, ge=0, description="tokens kept around each re-read passage")
     reread_tail: int | None = Field(None, ge=1, description="last tokens of the history a re-read keeps")
+    chunk_dtype: Literal["float32", "bfloat16"] | None = Field(
+        None, description="what prefill chunks past the window attend in; None: bfloat16 where the CPU has AMX"
+    )
     # Block store for evicted blocks and snapshots: in-process when unset.
     redis_url: str | None = None
     redis_cluster: bool = False
@@ -141,6 +144,7 @@ class Settings(BaseSettings):
             reread=self.reread,
             reread_margin=self.reread_margin,
             reread_tail=self.reread_tail,
+            chunk_dtype=self.chunk_dtype,
         )
 
 
