@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from infinikv.attention.backends import BACKENDS
 from infinikv.documents import Document, read_path
+from infinikv.engine.regions import DTYPES
 from infinikv.engine.requests import Turn, TurnResult, ingest_blocking, stream_turn
 from infinikv.engine.sampling import SamplingParams
 from infinikv.engine.scheduler import Engine
@@ -48,7 +49,7 @@ def _build_parser() -> ArgumentParser:
     common = ArgumentParser(add_help=False)
     g = common.add_argument_group("model")
     g.add_argument("--model", help="model directory, .gguf file or hub id (default: SmolLM2-135M-Instruct)")
-    g.add_argument("--dtype", choices=["float32", "bfloat16"])
+    g.add_argument("--dtype", choices=list(DTYPES))
     g.add_argument(
         "--quantize",
         choices=QUANTIZATIONS,
@@ -128,7 +129,7 @@ def _build_parser() -> ArgumentParser:
     lc.add_argument("--reread-tail", type=_positive_int, help="last tokens of the input a re-read keeps")
     lc.add_argument(
         "--chunk-dtype",
-        choices=["float32", "bfloat16"],
+        choices=list(DTYPES),
         help="what prefill chunks past the window attend in (default: bfloat16 where the CPU has AMX)",
     )
     lc.add_argument("--index", choices=INDEX_KINDS, help="FAISS index for the memory")

@@ -74,7 +74,8 @@ def test_cpu_prefill_chunks_in_chunk_dtype_match_torch_backend(hf_model, chunk_d
     """Prefill chunks of 24 positions (more than a draft verification) past the window read
     the resident keys in chunk_dtype on the CPU backend; the PyTorch backend stays float32."""
     ids = torch.randint(0, 160, (150,), generator=torch.Generator().manual_seed(5)).tolist()
-    cfg = LongContextConfig.derive(256, PAGE, resident=64, sinks=8, window=28, group=2, chunk_dtype=chunk_dtype)
+    window = dict(resident=64, sinks=8, window=28, group=2)
+    cfg = LongContextConfig.derive(256, PAGE, **window, chunk_dtype=chunk_dtype)
     cfg.validate(256, PAGE)
     want, _ = logits_of(ours_from_hf(hf_model), cfg, ids, prefill_chunk=24)
     model = ours_from_hf(hf_model)

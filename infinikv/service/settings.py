@@ -10,9 +10,7 @@ import torch
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from infinikv.engine.regions import LongContextConfig
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+from infinikv.engine.regions import DTYPES, LongContextConfig
 
 
 class Settings(BaseSettings):
@@ -66,7 +64,7 @@ class Settings(BaseSettings):
     reread_margin: int | None = Field(None, ge=0, description="tokens kept around each re-read passage")
     reread_tail: int | None = Field(None, ge=1, description="last tokens of the history a re-read keeps")
     chunk_dtype: Literal["float32", "bfloat16"] | None = Field(
-        None, description="what prefill chunks past the window attend in; None: bfloat16 where the CPU has AMX"
+        None, description="what prefill chunks past the window attend in; None: bfloat16 with AMX"
     )
     # Block store for evicted blocks and snapshots: in-process when unset.
     redis_url: str | None = None
