@@ -63,7 +63,9 @@ def memory_selections(
     granularity: the query heads of each of the last state.own_positions positions (those
     whose logits are read: the next token, a draft's verification) choose their blocks
     together, as in a decode step, by approximate logits over the key sketch; earlier
-    positions of a prefill chunk share one set of blocks, by summary bound. With
+    positions of a prefill chunk share one set of blocks, by the summary bound of each
+    query head's mean query over them (the probe's "bound-mean": captures as much of
+    exact attention as ranking by every row, at 1/positions of the search). With
     state.token_top_k the trailing query rows each take their own top tokens over the
     sketch instead, one row per group. `position`:
     the first query row's position (the rows' positions are consecutive).
@@ -75,9 +77,9 @@ def memory_selections(
         return
     Hkv, n_rows, d = queries.shape
     split = max(0, n_rows - state.own_positions * g)
-    if split:
-        group = search[:, None, :split]  # (Hkv, 1, split, d)
-        yield queries[:, None, :split], memory.select_blocks(layer, group, state.max_blocks, "bound")
+    if split:  # ranked by each query head's mean query over the positions (one row per head)
+        mean = search[:, :split].view(Hkv, -1, g, d).mean(1)[:, None]  # (Hkv, 1, g, d)
+        yield queries[:, None, :split], memory.select_blocks(layer, mean, state.max_blocks, "bound")
     if split == n_rows:
         return
     if state.token_top_k:  # each trailing query row its own tokens, one row at a time

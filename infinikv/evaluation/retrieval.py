@@ -10,8 +10,13 @@ p = softmax of the query's logits over every evicted key at the memory distance,
 head; the blocks are chosen per kv-head (the query heads of a group share them, as a decode
 step does). A block ranking reaches 1.0 only when the K heaviest keys fill whole blocks.
 
+A prefill chunk whose logits no one reads (an ingestion's, a prompt's before its last)
+shares one set of blocks among all its query rows: CHUNK_RANKINGS choose that set, measured
+the same way for every row of the chunk (its K heaviest keys' mass the shared set holds).
+
 `RetrievalProbe` wraps a model's long-context attention and measures every ranking in
-RANKINGS at each decode step of a sequence with an evicted memory (block granularity).
+RANKINGS at each decode step of a sequence with an evicted memory (block granularity), and
+with `chunks` every ranking in CHUNK_RANKINGS at each such prefill chunk.
 """
 
 from __future__ import annotations
@@ -110,6 +115,57 @@ RANKINGS: dict[str, Ranking] = {
 }
 
 
+@dataclass(frozen=True)
+class ChunkView:
+    """What a shared ranking sees at one prefill chunk of one layer."""
+
+    memory: EvictedMemory
+    layer: int
+    queries: torch.Tensor  # (Hkv, n * g, d) float32, rows (position, head in group)
+    probs: torch.Tensor  # (Hkv, n * g, tokens): exact attention over the evicted keys
+    blocks: int  # blocks selected per kv-head
+    g: int  # query heads per kv-head
+
+
+ChunkRanking = Callable[[ChunkView], torch.Tensor]  # -> (Hkv, nb) relative block numbers
+
+
+def _bound_every(positions: int) -> ChunkRanking:
+    """The summary-bound selection over the rows of every `positions`-th position, each
+    row's favourites first (as a decode step's query heads merge theirs)."""
+
+    def rank(view: ChunkView) -> torch.Tensor:
+        H, rows, d = view.queries.shape
+        sampled = view.queries.view(H, rows // view.g, view.g, d)[:, ::positions].reshape(H, 1, -1, d)
+        return view.memory.rank_blocks(view.layer, sampled, view.blocks, "bound")[:, 0]
+
+    return rank
+
+
+def _bound_of_mean(view: ChunkView) -> torch.Tensor:
+    """The summary bound of each query head's mean query over the chunk (InfLLM's chunk
+    lookup, by bound instead of representative keys): what the forward reads."""
+    H, rows, d = view.queries.shape
+    mean = view.queries.view(H, rows // view.g, view.g, d).mean(1)[:, None]  # (Hkv, 1, g, d)
+    return view.memory.rank_blocks(view.layer, mean, view.blocks, "bound")[:, 0]
+
+
+def _chunk_mass(view: ChunkView) -> torch.Tensor:
+    """The blocks holding the most exact attention mass summed over the chunk's rows: the
+    ceiling of a shared selection at this budget (by total mass, not by the metric)."""
+    B = view.memory.page_size
+    return _top(view.probs.view(*view.probs.shape[:2], -1, B).sum(-1).sum(1), view.blocks)
+
+
+CHUNK_RANKINGS: dict[str, ChunkRanking] = {
+    "bound-mean": _bound_of_mean,  # what the forward reads (attention/memory_reads.py)
+    "bound-rows": _bound_every(1),
+    "bound-rows-every4": _bound_every(4),
+    "bound-rows-every16": _bound_every(16),
+    "oracle-mass": _chunk_mass,
+}
+
+
 def captured_share(probs: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
     """probs (Hkv, g, tokens), selected (Hkv, g, K) token indices -> (Hkv, g): the mass of
     the K heaviest keys that the selection holds, over the mass of those keys."""
@@ -122,11 +178,18 @@ class RetrievalProbe:
     """A long-context attention backend that runs `inner` and, at each decode step of a
     block-granular memory, records every ranking's captured share per layer and query head."""
 
-    def __init__(self, inner: LongContextAttentionBackend, rankings: dict[str, Ranking] | None = None):
+    def __init__(
+        self,
+        inner: LongContextAttentionBackend,
+        rankings: dict[str, Ranking] | None = None,
+        chunks: bool = False,
+    ):
         self.inner = inner
         self.rankings = RANKINGS if rankings is None else rankings
-        # (ranking, layer) -> captured shares of each step's query heads
+        self.chunk_rankings = CHUNK_RANKINGS if chunks else {}
+        # (ranking, layer) -> captured shares of each step's query heads (of each chunk's rows)
         self.shares: dict[tuple[str, int], list[float]] = defaultdict(list)
+        self.chunk_shares: dict[tuple[str, int], list[float]] = defaultdict(list)
 
     def __call__(
         self,
@@ -140,8 +203,11 @@ class RetrievalProbe:
         state: LongContextState,
     ) -> torch.Tensor:
         memory = state.memory
-        if q.shape[0] == 1 and memory is not None and memory.tokens and memory.granularity == "block":
-            self.measure(memory, layer, q, rope, state)
+        if memory is not None and memory.tokens and memory.granularity == "block":
+            if q.shape[0] == 1:
+                self.measure(memory, layer, q, rope, state)
+            elif self.chunk_rankings and not state.own_positions:
+                self.measure_chunk(memory, layer, q, rope, state)
         return self.inner(q, q_positions, kv, pages, resident, layer, rope, state)
 
     def measure(
@@ -169,9 +235,37 @@ class RetrievalProbe:
             share = captured_share(view.probs, rank(view))
             self.shares[name, layer] += share.flatten().tolist()
 
-    def layer_medians(self) -> dict[str, list[float]]:
-        """Per ranking, the median captured share of each layer (over steps and query heads)."""
-        layers = sorted({layer for _, layer in self.shares})
-        return {
-            name: [statistics.median(self.shares[name, layer]) for layer in layers] for name in self.rankings
-        }
+    def measure_chunk(
+        self,
+        memory: EvictedMemory,
+        layer: int,
+        q: torch.Tensor,
+        rope: RotaryEmbedding,
+        state: LongContextState,
+    ) -> None:
+        """q (n, Hq, d) before RoPE: a prefill chunk's queries of `layer`, whose rows share
+        their blocks."""
+        Hkv, d = memory.shape[2], memory.shape[3]
+        queries = memory_queries(q, rope, state.distance, Hkv).float()  # (Hkv, n * g, d)
+        logits = torch.bmm(queries, memory.keys(layer).transpose(1, 2)) * d**-0.5
+        view = ChunkView(
+            memory,
+            layer,
+            queries,
+            logits.softmax(-1),
+            min(state.max_blocks, memory.tokens // memory.page_size),
+            q.shape[1] // Hkv,
+        )
+        for name, rank in self.chunk_rankings.items():
+            blocks = rank(view).to(view.probs.device)  # (Hkv, nb)
+            tokens = (blocks[..., None] * memory.page_size + torch.arange(memory.page_size)).flatten(1)
+            share = captured_share(view.probs, tokens[:, None].expand(-1, queries.shape[1], -1))
+            self.chunk_shares[name, layer] += share.flatten().tolist()
+
+    def layer_medians(self, chunks: bool = False) -> dict[str, list[float]]:
+        """Per ranking, the median captured share of each layer (over decode steps and query
+        heads; with `chunks`, over prefill chunks and their rows)."""
+        shares = self.chunk_shares if chunks else self.shares
+        layers = sorted({layer for _, layer in shares})
+        names = self.chunk_rankings if chunks else self.rankings
+        return {name: [statistics.median(shares[name, layer]) for layer in layers] for name in names}
