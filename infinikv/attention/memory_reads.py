@@ -77,9 +77,9 @@ def memory_selections(
         return
     Hkv, n_rows, d = queries.shape
     split = max(0, n_rows - state.own_positions * g)
-    if split:  # ranked by each query head's mean query over the positions (one row per head)
-        mean = search[:, :split].view(Hkv, -1, g, d).mean(1)[:, None]  # (Hkv, 1, g, d)
-        yield queries[:, None, :split], memory.select_blocks(layer, mean, state.max_blocks, "bound")
+    if split:
+        shared = shared_chunk_queries(search[:, :split], g)
+        yield queries[:, None, :split], memory.select_blocks(layer, shared, state.max_blocks, "bound")
     if split == n_rows:
         return
     if state.token_top_k:  # each trailing query row its own tokens, one row at a time
@@ -90,6 +90,13 @@ def memory_selections(
     group = search[:, split:].reshape(Hkv, -1, g, d)  # (Hkv, positions, g, d)
     rows = memory.select_blocks(layer, group, state.max_blocks, "sketch", position + split // g)
     yield queries[:, split:].view(Hkv, -1, g, d), rows
+
+
+def shared_chunk_queries(rows: torch.Tensor, g: int) -> torch.Tensor:
+    """Rows (Hkv, n * g, d), (position, head in group), of positions that share their blocks
+    -> what ranks them (Hkv, 1, g, d): each query head's mean query over the positions."""
+    Hkv, _, d = rows.shape
+    return rows.view(Hkv, -1, g, d).mean(1)[:, None]
 
 
 def memory_attention(

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from infinikv.attention.interface import LongContextAttentionBackend
-from infinikv.attention.memory_reads import LongContextState, memory_queries
+from infinikv.attention.memory_reads import LongContextState, memory_queries, shared_chunk_queries
 from infinikv.cache.pages import LayerKV, PageList
 from infinikv.core.rope import RotaryEmbedding
 from infinikv.memory.evicted import EvictedMemory
@@ -50,13 +50,28 @@ class StepView:
 Ranking = Callable[[StepView], torch.Tensor]  # -> (Hkv, g, K) token indices selected
 
 
+@dataclass(frozen=True)
+class ChunkView:
+    """What a shared ranking sees at one prefill chunk of one layer."""
+
+    memory: EvictedMemory
+    layer: int
+    queries: torch.Tensor  # (Hkv, n * g, d) float32, rows (position, head in group)
+    probs: torch.Tensor  # (Hkv, n * g, tokens): exact attention over the evicted keys
+    blocks: int  # blocks selected per kv-head
+    g: int  # query heads per kv-head
+
+
+ChunkRanking = Callable[[ChunkView], torch.Tensor]  # -> (Hkv, nb) relative block numbers
+
+
 def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
     return scores.topk(k, dim=-1).indices
 
 
-def _blocks(view: StepView, blocks: torch.Tensor) -> torch.Tensor:
-    """blocks (Hkv, nb) relative numbers -> their token indices (Hkv, g, nb * B), the same
-    for the g query heads of a kv-head."""
+def _blocks(view: StepView | ChunkView, blocks: torch.Tensor) -> torch.Tensor:
+    """blocks (Hkv, nb) relative numbers -> their token indices (Hkv, rows, nb * B), the
+    same for every query row of a kv-head."""
     B = view.memory.page_size
     tokens = (blocks[..., None] * B + torch.arange(B)).flatten(1)  # (Hkv, nb * B)
     return tokens[:, None].expand(-1, view.queries.shape[1], -1)
@@ -115,21 +130,6 @@ RANKINGS: dict[str, Ranking] = {
 }
 
 
-@dataclass(frozen=True)
-class ChunkView:
-    """What a shared ranking sees at one prefill chunk of one layer."""
-
-    memory: EvictedMemory
-    layer: int
-    queries: torch.Tensor  # (Hkv, n * g, d) float32, rows (position, head in group)
-    probs: torch.Tensor  # (Hkv, n * g, tokens): exact attention over the evicted keys
-    blocks: int  # blocks selected per kv-head
-    g: int  # query heads per kv-head
-
-
-ChunkRanking = Callable[[ChunkView], torch.Tensor]  # -> (Hkv, nb) relative block numbers
-
-
 def _bound_every(positions: int) -> ChunkRanking:
     """The summary-bound selection over the rows of every `positions`-th position, each
     row's favourites first (as a decode step's query heads merge theirs)."""
@@ -145,9 +145,8 @@ def _bound_every(positions: int) -> ChunkRanking:
 def _bound_of_mean(view: ChunkView) -> torch.Tensor:
     """The summary bound of each query head's mean query over the chunk (InfLLM's chunk
     lookup, by bound instead of representative keys): what the forward reads."""
-    H, rows, d = view.queries.shape
-    mean = view.queries.view(H, rows // view.g, view.g, d).mean(1)[:, None]  # (Hkv, 1, g, d)
-    return view.memory.rank_blocks(view.layer, mean, view.blocks, "bound")[:, 0]
+    shared = shared_chunk_queries(view.queries, view.g)
+    return view.memory.rank_blocks(view.layer, shared, view.blocks, "bound")[:, 0]
 
 
 def _chunk_mass(view: ChunkView) -> torch.Tensor:
@@ -176,7 +175,8 @@ def captured_share(probs: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
 
 class RetrievalProbe:
     """A long-context attention backend that runs `inner` and, at each decode step of a
-    block-granular memory, records every ranking's captured share per layer and query head."""
+    block-granular memory, records every ranking's captured share per layer and query head
+    (with `chunks`, also every chunk ranking's at each shared prefill chunk, per row)."""
 
     def __init__(
         self,
@@ -257,9 +257,7 @@ class RetrievalProbe:
             q.shape[1] // Hkv,
         )
         for name, rank in self.chunk_rankings.items():
-            blocks = rank(view).to(view.probs.device)  # (Hkv, nb)
-            tokens = (blocks[..., None] * memory.page_size + torch.arange(memory.page_size)).flatten(1)
-            share = captured_share(view.probs, tokens[:, None].expand(-1, queries.shape[1], -1))
+            share = captured_share(view.probs, _blocks(view, rank(view)))
             self.chunk_shares[name, layer] += share.flatten().tolist()
 
     def layer_medians(self, chunks: bool = False) -> dict[str, list[float]]:

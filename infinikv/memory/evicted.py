@@ -232,9 +232,10 @@ class EvictedMemory:
         queries: (Hkv, P, m, d) float32, rotated by the memory distance; group p's m queries
         share, on any device (the index searches on the host, the sketch on its own).
         ranking "bound": by summary bound through the index (one search per query; a
-        prefill chunk's shared blocks, by its query heads' mean queries); "sketch": by logits, approximate over the key sketch
-        or exact over favourites (closer to the truth; for the few positions whose logits
-        are read), group p being the queries of position `position` + p.
+        prefill chunk's shared blocks, by its query heads' mean queries); "sketch": by
+        logits, approximate over the key sketch or exact over favourites (closer to the
+        truth; for the few positions whose logits are read), group p being the queries of
+        position `position` + p.
         Returns slab rows (Hkv, P, nb * B) of `slab(layer)` (`gather` reads them), nb =
         min(max_blocks, blocks in memory), oldest block first."""
         return self._block_rows(layer, self.rank_blocks(layer, queries, max_blocks, ranking, position))
