@@ -64,8 +64,8 @@ def memory_selections(
     whose logits are read: the next token, a draft's verification) choose their blocks
     together, as in a decode step, by approximate logits over the key sketch; earlier
     positions of a prefill chunk share one set of blocks, by the summary bound of each
-    query head's mean query over them (the probe's "bound-mean": captures as much of
-    exact attention as ranking by every row, at 1/positions of the search). With
+    query head's mean query over them (the probe's "bound-mean": more of exact attention's
+    mass than every row's favourites on held-out text, at 1/positions of the search). With
     state.token_top_k the trailing query rows each take their own top tokens over the
     sketch instead, one row per group. `position`:
     the first query row's position (the rows' positions are consecutive).

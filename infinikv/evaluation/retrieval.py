@@ -173,6 +173,21 @@ def captured_share(probs: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
     return (top * chosen.gather(-1, heaviest)).sum(-1) / top.sum(-1)
 
 
+def _exact_logits(
+    memory: EvictedMemory, layer: int, q: torch.Tensor, rope: RotaryEmbedding, state: LongContextState
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (n, Hq, d) before RoPE -> its memory queries (Hkv, n * g, d) float32 and their
+    scaled logits over every evicted key of `layer` (Hkv, n * g, tokens)."""
+    Hkv, d = memory.shape[2], memory.shape[3]
+    queries = memory_queries(q, rope, state.distance, Hkv).float()
+    return queries, torch.bmm(queries, memory.keys(layer).transpose(1, 2)) * d**-0.5
+
+
+def _budget(memory: EvictedMemory, state: LongContextState) -> int:
+    """Blocks a selection reads per kv-head."""
+    return min(state.max_blocks, memory.tokens // memory.page_size)
+
+
 class RetrievalProbe:
     """A long-context attention backend that runs `inner` and, at each decode step of a
     block-granular memory, records every ranking's captured share per layer and query head
@@ -219,18 +234,8 @@ class RetrievalProbe:
         state: LongContextState,
     ) -> None:
         """q (1, Hq, d) before RoPE: one decode step's query of `layer`."""
-        Hkv, d = memory.shape[2], memory.shape[3]
-        queries = memory_queries(q, rope, state.distance, Hkv).float()  # (Hkv, g, d)
-        keys = memory.keys(layer)  # (Hkv, tokens, d)
-        logits = torch.bmm(queries, keys.transpose(1, 2)) * d**-0.5  # (Hkv, g, tokens)
-        view = StepView(
-            memory,
-            layer,
-            queries,
-            logits.softmax(-1),
-            logits,
-            min(state.max_blocks, memory.tokens // memory.page_size),
-        )
+        queries, logits = _exact_logits(memory, layer, q, rope, state)  # (Hkv, g, ...)
+        view = StepView(memory, layer, queries, logits.softmax(-1), logits, _budget(memory, state))
         for name, rank in self.rankings.items():
             share = captured_share(view.probs, rank(view))
             self.shares[name, layer] += share.flatten().tolist()
@@ -245,17 +250,9 @@ class RetrievalProbe:
     ) -> None:
         """q (n, Hq, d) before RoPE: a prefill chunk's queries of `layer`, whose rows share
         their blocks."""
-        Hkv, d = memory.shape[2], memory.shape[3]
-        queries = memory_queries(q, rope, state.distance, Hkv).float()  # (Hkv, n * g, d)
-        logits = torch.bmm(queries, memory.keys(layer).transpose(1, 2)) * d**-0.5
-        view = ChunkView(
-            memory,
-            layer,
-            queries,
-            logits.softmax(-1),
-            min(state.max_blocks, memory.tokens // memory.page_size),
-            q.shape[1] // Hkv,
-        )
+        queries, logits = _exact_logits(memory, layer, q, rope, state)  # (Hkv, n * g, ...)
+        g = q.shape[1] // memory.shape[2]
+        view = ChunkView(memory, layer, queries, logits.softmax(-1), _budget(memory, state), g)
         for name, rank in self.chunk_rankings.items():
             share = captured_share(view.probs, _blocks(view, rank(view)))
             self.chunk_shares[name, layer] += share.flatten().tolist()
