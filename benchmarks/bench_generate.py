@@ -11,6 +11,8 @@ the medians are reported (prefill: prompt to first token; decode: first to last 
 transformers' streamer timestamps, one `generate` call each). Prints a table and writes
 benchmarks/results/generate-*.json. --long-context adds infinikv with the long-context
 defaults (what `infinikv generate --file` runs) as a third engine, beside the plain one.
+--engines runs a subset: past the plain engine's 8192 tokens, `--engines infinikv-long-context
+llama.cpp` (each table needs both of its engines).
 When llama-cpp-python is installed, llama.cpp runs too, on the default model's own GGUF
 (Q4_1 layers, Q8_0 head) with torch's thread count, the same prompt ids, greedy
 (`pip install llama-cpp-python` builds it for this CPU; --no-llama-cpp skips it). Its AMX
@@ -38,6 +40,7 @@ from infinikv.model.linear import QUANTIZATIONS
 
 LONG = "infinikv-long-context"
 LLAMA_CPP = "llama.cpp"
+ENGINES = ("transformers", "infinikv", LONG, LLAMA_CPP)
 
 TEXT = (
     "The lighthouse keeper rose before dawn, as he had every day for thirty years. He climbed "
@@ -223,14 +226,17 @@ def main() -> None:
         action="store_true",
         help="llama.cpp without its repacked (AMX) weight buffers",
     )
-    ap.add_argument("--worker", choices=["infinikv", "transformers", LONG, LLAMA_CPP], help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--engines", nargs="+", choices=ENGINES, help="run only these (default: as the flags say)"
+    )
+    ap.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker(args.worker, args)
         return
     results = {}
     llama_cpp = not args.no_llama_cpp and importlib.util.find_spec("llama_cpp") is not None
-    engines = (
+    engines = args.engines or (
         "transformers",
         "infinikv",
         *([LONG] if args.long_context else []),
@@ -260,31 +266,42 @@ def main() -> None:
         results[engine] = json.loads(out.stdout.strip().splitlines()[-1])
     if LLAMA_CPP in results:
         results[LLAMA_CPP] |= {"n_batch": args.llama_cpp_batch, "extra_buffers": not args.llama_cpp_no_extra}
-    hf, ours = results["transformers"], results["infinikv"]
     print(
         f"dtype={args.dtype} quantize={args.quantize} (infinikv) new tokens={args.new_tokens} "
         f"repeats={args.repeats} (medians) CPU: {cpu_name()} ({', '.join(cpu_features()) or 'no AVX2'})"
     )
-    ratio_table(ours["rows"], hf["rows"], "ours / HF")
-    if LONG in results:
-        print(f"\ninfinikv with the long-context defaults ({LONG}) against plain infinikv:")
-        ratio_table(results[LONG]["rows"], ours["rows"], "long / plain")
-    if LLAMA_CPP in results:
-        extra = "without" if args.llama_cpp_no_extra else "with"
-        print(
-            f"\ninfinikv ({args.quantize}) against llama.cpp (the GGUF's Q4_1 / Q8_0, same threads, "
-            f"n_batch {args.llama_cpp_batch}, {extra} its repacked weight buffers):"
-        )
-        ratio_table(ours["rows"], results[LLAMA_CPP]["rows"], "ours / llama.cpp")
-        if LONG in results:
-            print("\nthe long-context defaults against llama.cpp (full attention):")
-            ratio_table(results[LONG]["rows"], results[LLAMA_CPP]["rows"], "long / llama.cpp")
+    extra = "without" if args.llama_cpp_no_extra else "with"
+    llama_names = (
+        f"llama.cpp (the GGUF's Q4_1 / Q8_0, same threads, n_batch {args.llama_cpp_batch}, {extra} its "
+        "repacked weight buffers)"
+    )
+    tables = (
+        ("infinikv", "transformers", "ours / HF", "infinikv against transformers:"),
+        (
+            LONG,
+            "infinikv",
+            "long / plain",
+            f"infinikv with the long-context defaults ({LONG}) against plain infinikv:",
+        ),
+        ("infinikv", LLAMA_CPP, "ours / llama.cpp", f"infinikv ({args.quantize}) against {llama_names}:"),
+        (
+            LONG,
+            LLAMA_CPP,
+            "long / llama.cpp",
+            f"the long-context defaults against {llama_names}, full attention:",
+        ),
+    )
+    for ours, reference, names, title in tables:
+        if ours in results and reference in results:
+            print(f"\n{title}")
+            ratio_table(results[ours]["rows"], results[reference]["rows"], names)
     print(
-        f"RSS MB once loaded: infinikv {ours['loaded_rss_mb']:.0f}, transformers {hf['loaded_rss_mb']:.0f}; "
-        f"peak: infinikv {ours['peak_rss_mb']:.0f}, transformers {hf['peak_rss_mb']:.0f}"
+        "RSS MB once loaded / peak: "
+        + ", ".join(f"{e} {r['loaded_rss_mb']:.0f} / {r['peak_rss_mb']:.0f}" for e, r in results.items())
     )
     suffix = args.dtype + ("" if args.quantize == "none" else f"-{args.quantize}")
-    suffix += "-long-context" if args.long_context else ""
+    suffix += "-long-context" if args.long_context or LONG in engines else ""
+    suffix += f"-{max(args.lengths)}" if args.engines else ""
     out_path = Path(__file__).parent / "results" / f"generate-{suffix}.json"
     out_path.write_text(json.dumps(results, indent=2))
     print(f"wrote {out_path}")
