@@ -13,11 +13,17 @@
   `--ingest-tokens` document is being ingested into another session (interactive requests
   come first; an ingestion chunk runs once a second beside them), against one chunk's time.
 
+* `--distinct`: every short request asks a different question (they share the chat
+  template's system turn only; without it all ask the same one, and a prefix cache holds
+  every prompt but its last page). `--server-args`: more flags for both of our servers
+  (`--no-prefix-cache`), their results kept under `--tag`.
+
 Run from the repository root (it starts `infinikv serve` through tests/server_process.py):
     python benchmarks/bench_service.py [--ingest-tokens 100000] [--parts concurrency ingestion interference]
-        [--clients 1 2 4 8 16] [--prompt-tokens N] [--transformers] [--quantize bf16]
+        [--clients 1 2 4 8 16] [--prompt-tokens N] [--distinct] [--transformers] [--quantize bf16]
+        [--server-args "--no-prefix-cache" --tag no-prefix-cache]
 The parts measured replace theirs in benchmarks/results/service.json; the others stay. The
-concurrency table is drawn to docs/service_concurrency[_long][_bf16].png.
+concurrency table is drawn to docs/service_concurrency[_long][_bf16][_distinct][_TAG].png.
 """
 
 from __future__ import annotations
@@ -52,6 +58,41 @@ from tests.server_process import http_server, infinikv_server  # noqa: E402
 
 MODEL = "SmolLM2-135M-Instruct"
 MESSAGES = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
+# --distinct: a different question for each request (32, then they repeat).
+QUESTIONS = [
+    "Write a short story about a lighthouse keeper.",
+    "Name three rivers of Europe and the seas they reach.",
+    "How does a refrigerator keep food cold?",
+    "Give me a recipe for pancakes without eggs.",
+    "What is the difference between weather and climate?",
+    "Explain recursion to a ten-year-old.",
+    "List five uses for an old bicycle tyre.",
+    "Why do cats purr?",
+    "Describe the water cycle in four sentences.",
+    "What should I pack for a week of hiking in the rain?",
+    "Translate 'good morning, my friend' into French and Spanish.",
+    "Suggest a name for a bakery by the sea.",
+    "How many legs do spiders have, and why?",
+    "Write a haiku about autumn leaves.",
+    "What are the planets of the solar system, in order?",
+    "Compare trains and planes for a 500 km trip.",
+    "Summarise the plot of Little Red Riding Hood.",
+    "How do I start learning to play the guitar?",
+    "What causes the seasons on Earth?",
+    "Invent a board game for two players.",
+    "Why is the sky blue?",
+    "Give three tips for a job interview.",
+    "What is photosynthesis?",
+    "Write a limerick about a sleepy dog.",
+    "How do bees make honey?",
+    "Plan a picnic for six people.",
+    "What is a prime number? Give examples.",
+    "Describe a busy market in the morning.",
+    "How can I save energy at home?",
+    "What do volcanoes and geysers have in common?",
+    "Tell me about the history of chess in five sentences.",
+    "What makes a good password?",
+]
 CHART = Path(__file__).resolve().parents[1] / "docs" / "service_concurrency.png"
 CHARS_PER_TOKEN = 4  # about, for English prose and SmolLM2's tokenizer
 
@@ -100,16 +141,30 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else float("nan")
 
 
-def concurrency(base: str, clients: int, per_client: int, prompt_tokens: int = 0, model: str = MODEL) -> dict:
-    """`clients` threads streaming `per_client` requests each: the short request, or with
-    `prompt_tokens`, a question over a passage of about that many tokens."""
+def concurrency(
+    base: str,
+    clients: int,
+    per_client: int,
+    prompt_tokens: int = 0,
+    model: str = MODEL,
+    distinct: bool = False,
+) -> dict:
+    """`clients` threads streaming `per_client` requests each: the short request (with
+    `distinct`, a question of its own per request), or with `prompt_tokens`, a question over
+    a passage of about that many tokens."""
     results: list[tuple[float, float, int, list[float]]] = []
     lock = threading.Lock()
 
     def worker(client: int) -> None:
         c = openai.OpenAI(base_url=f"{base}/v1", api_key="bench", max_retries=0, timeout=600)
-        messages = long_messages(prompt_tokens, client) if prompt_tokens else MESSAGES
-        for _ in range(per_client):
+        for k in range(per_client):
+            if prompt_tokens:
+                messages = long_messages(prompt_tokens, client)
+            elif distinct:
+                question = QUESTIONS[(client * per_client + k) % len(QUESTIONS)]
+                messages = [{"role": "user", "content": question}]
+            else:
+                messages = MESSAGES
             r = one_stream(c, messages, model)
             with lock:
                 results.append(r)
@@ -299,6 +354,9 @@ def main() -> None:
         help="the concurrency part also against `transformers serve --continuous-batching`, same prompts",
     )
     ap.add_argument("--quantize", default="none", help="the servers' weights (their --quantize)")
+    ap.add_argument("--distinct", action="store_true", help="a different short question per request")
+    ap.add_argument("--server-args", default="", help="more flags for our servers, e.g. --no-prefix-cache")
+    ap.add_argument("--tag", default="", help="names the results of --server-args")
     ap.add_argument("--out", default="benchmarks/results/service.json")
     args = ap.parse_args()
     if args.transformers and args.quantize not in ("none", "bf16"):
@@ -315,12 +373,18 @@ def main() -> None:
     weights = ["--quantize", args.quantize]
     # One set of concurrency results per prompt kind and weight format.
     kind = ("_long" if args.prompt_tokens else "") + ("" if args.quantize == "none" else f"_{args.quantize}")
+    kind += ("_distinct" if args.distinct else "") + (f"_{args.tag}" if args.tag else "")
+    extra = args.server_args.split()
     if "concurrency" in args.parts:
         for name, flags in (("unbatched", ["--max-batch", "1"]), ("batched", [])):
-            with tempfile.TemporaryDirectory() as logs, infinikv_server(Path(logs), *flags, *weights) as base:
+            with (
+                tempfile.TemporaryDirectory() as logs,
+                infinikv_server(Path(logs), *flags, *weights, *extra) as base,
+            ):
                 one_stream(openai.OpenAI(base_url=f"{base}/v1", api_key="bench"))  # warm-up
                 results[f"concurrency_{name}{kind}"] = [
-                    concurrency(base, n, args.per_client, args.prompt_tokens) for n in args.clients
+                    concurrency(base, n, args.per_client, args.prompt_tokens, distinct=args.distinct)
+                    for n in args.clients
                 ]
         theirs = f"concurrency_transformers{kind}"
         results.pop(theirs, None)  # a reference from another run does not stand beside this one
@@ -330,7 +394,8 @@ def main() -> None:
                 base, model = server
                 one_stream(openai.OpenAI(base_url=f"{base}/v1", api_key="bench"), model=model)  # warm-up
                 results[theirs] = [
-                    concurrency(base, n, args.per_client, args.prompt_tokens, model) for n in args.clients
+                    concurrency(base, n, args.per_client, args.prompt_tokens, model, args.distinct)
+                    for n in args.clients
                 ]
         results[f"in_process{kind}"] = reference
     if {"ingestion", "interference"} & set(args.parts):
@@ -345,7 +410,8 @@ def main() -> None:
                 results["interference"] = interference(base, text, 4, args.per_client)
     out.write_text(json.dumps(results, indent=2))
 
-    for suffix in ("", "_long", "_bf16", "_long_bf16", "_int4", "_long_int4"):
+    batched = [key for key in results if key.startswith("concurrency_batched")]
+    for suffix in [key.removeprefix("concurrency_batched") for key in batched]:
         pairs = list(
             zip(
                 results.get(f"concurrency_unbatched{suffix}", []),
@@ -355,6 +421,7 @@ def main() -> None:
         )
         if pairs:
             reference = results.get(f"in_process{suffix.removeprefix('_long')}", results["in_process"])
+            print(f"\nresults {suffix or '(short, float32)'}:", end="")
             print_concurrency(pairs, reference, results.get(f"concurrency_transformers{suffix}"))
             chart([b for _, b in pairs], CHART.with_name(f"{CHART.stem}{suffix}.png"))
     if "interference" in results:

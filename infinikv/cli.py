@@ -67,6 +67,13 @@ def _build_parser() -> ArgumentParser:
     g.add_argument("--chunk-size", type=_positive_int, help="prefill chunk size in tokens")
     g.add_argument("--max-seq-len", type=_positive_int, help="tokens the KV cache holds")
     g.add_argument("--threads", type=_positive_int, help="torch CPU threads")
+    g.add_argument(
+        "--no-prefix-cache",
+        dest="prefix_cache",
+        action="store_false",
+        default=None,
+        help="compute every prompt whole (default: reuse the KV pages of a prompt prefix seen before)",
+    )
     lc = common.add_argument_group("long context (unset knobs derive from the trained length)")
     lc.add_argument(
         "--no-long-context",

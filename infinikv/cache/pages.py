@@ -12,14 +12,16 @@ matches the positions attention reads. Page 0 is a reserved null page that is ne
 out, so a padded block table can point at it safely (vLLM's convention). Allocation takes
 the lowest free page ids (a min-heap) so that a sequence's pages tend to form one
 contiguous run: attention then reads them as a view of the pool instead of gathering a
-copy (see `PageList`). We keep no prefix cache, so the vLLM habit of reusing pages in
-eviction order buys nothing here.
+copy (see `PageList`). A page has a reference count: a prefix cache (`cache/prefix.py`) and
+the sequences that start with the prompt prefix it holds share its full pages, and a table
+copies a shared page before it would change it (copy on write).
 """
 
 from __future__ import annotations
 
 import heapq
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -75,6 +77,9 @@ class PagePool:
         # Tests set fill_value=NaN: a read of a slot that was never written poisons the output.
         self.fill_value = fill_value
         self._free: list[int] = list(range(1, num_pages))  # a heap (sorted is a valid heap)
+        self._refs = [0] * num_pages  # holders of each page: tables, a prefix cache
+        # Set by a prefix cache: frees up to n pages that only it holds, for an allocation.
+        self.reclaim: Callable[[int], None] | None = None
 
     @classmethod
     def for_tokens(cls, max_tokens: int, page_size: int, **kwargs: object) -> PagePool:
@@ -95,16 +100,37 @@ class PagePool:
         return len(self._free)
 
     def allocate(self, n: int) -> list[int]:
+        if n > len(self._free) and self.reclaim is not None:
+            self.reclaim(n - len(self._free))
         if n > len(self._free):
             raise CacheFullError(
                 f"KV cache full: need {n} more pages of {self.page_size} tokens, "
                 f"{len(self._free)} free of {self.num_pages - 1}"
             )
         pages = [heapq.heappop(self._free) for _ in range(n)]
+        for page in pages:
+            self._refs[page] = 1
         if self.fill_value is not None:
             for cache in self._caches():
                 cache[:, pages] = self.fill_value
         return pages
+
+    def share(self, pages: list[int]) -> None:
+        """One more holder for each of `pages` (held already)."""
+        for page in pages:
+            if self._refs[page] < 1:
+                raise ValueError(f"page {page} is free: there is nothing to share")
+            self._refs[page] += 1
+
+    def holders(self, page: int) -> int:
+        return self._refs[page]
+
+    def copy(self, page: int) -> int:
+        """A new page holding what `page` holds, in every layer and cache."""
+        (new,) = self.allocate(1)
+        for cache in self._caches():
+            cache[:, new] = cache[:, page]
+        return new
 
     def layer(self, i: int) -> LayerKV:
         return LayerKV(self.k[i], self.k_rope[i], self.v[i], self.k_group[i], self.group)
@@ -162,8 +188,13 @@ class PagePool:
         return self.rope
 
     def free(self, pages: list[int]) -> None:
+        """One holder fewer for each of `pages`; a page no one holds is free again."""
         for page in pages:
-            heapq.heappush(self._free, page)
+            if self._refs[page] < 1:
+                raise ValueError(f"page {page} is freed twice")
+            self._refs[page] -= 1
+            if self._refs[page] == 0:
+                heapq.heappush(self._free, page)
 
 
 @dataclass(frozen=True)
@@ -244,6 +275,8 @@ class BlockTable:
     def reserve(self, n: int) -> torch.Tensor:
         """Make room for n new tokens; return their cache slots (n,) = page * B + offset."""
         B = self.pool.page_size
+        if self.length % B and self.pool.holders(self.pages[-1]) > 1:
+            self._own(len(self.pages) - 1)  # new tokens go into a page someone else reads
         last_block = math.ceil((self.length + n) / B) - 1
         have = self.blocks[-1] if self.blocks else -1
         if last_block > have:
@@ -299,6 +332,24 @@ class BlockTable:
         self._page_list = None
         return self.pages
 
+    def attach(self, pages: list[int]) -> None:
+        """Start an empty table with `pages`, full ones that another holder keeps too (a
+        prefix cache's): blocks 0, 1, ... ."""
+        if self.pages:
+            raise ValueError("attach needs an empty block table")
+        self.pool.share(pages)
+        self.pages, self.blocks = list(pages), list(range(len(pages)))
+        self.length = len(pages) * self.pool.page_size
+        self._page_list = None
+
+    def _own(self, i: int) -> None:
+        """Make the table's i-th page its own: a copy, when others hold it too."""
+        page = self.pages[i]
+        if self.pool.holders(page) > 1:
+            self.pages[i] = self.pool.copy(page)
+            self.pool.free([page])
+            self._page_list = None
+
     def release(self) -> None:
         self.pool.free(self.pages)
         self.pages, self.blocks = [], []
@@ -315,6 +366,10 @@ class BlockTable:
             pages = PageList.of(self.pages, self.blocks, B, self.pool.k.device, self.sink_gap)
             if (pages.sinks, pages.shift) != self._sinks_placed:
                 moved = max(pages.sinks, self._sinks_placed[0]) // B
+                if any(self.pool.holders(p) > 1 for p in self.pages[:moved]):
+                    for i in range(moved):  # regroup rewrites them: copies of shared ones
+                        self._own(i)
+                    pages = PageList.of(self.pages, self.blocks, B, self.pool.k.device, self.sink_gap)
                 self.pool.regroup(self.pages[:moved], pages.positions[: moved * B])
                 self._sinks_placed = (pages.sinks, pages.shift)
             self._page_list = pages

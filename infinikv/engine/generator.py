@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import sys
 import threading
 import time
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 
 from infinikv.attention.tally import AttentionTally
+from infinikv.cache.prefix import PrefixCache
 from infinikv.engine.batch import PIECE, Forward, Prompt, run_alone
 from infinikv.engine.detokenize import TextStream
 from infinikv.engine.grammar import TokenGrammar
@@ -33,6 +35,10 @@ from infinikv.model.loader import LoadedModel
 
 # With long-context memory a sequence has no length limit.
 UNBOUNDED = sys.maxsize
+
+# How a prompt's keys and values were computed, as the prefix cache tells them apart: in
+# pieces of PIECE rows (the few-row kernels) or in chunks of the generator's chunk size.
+PIECES, CHUNKS = ("pieces", PIECE), "chunks"
 
 
 @dataclass(frozen=True)
@@ -102,11 +108,13 @@ class Generator:
         slots: int = 1,
         drafter_factory: Callable[[], Drafter] | None = None,
         max_draft: int = 8,
+        prefix_cache: bool = True,
     ):
         """max_seq_len bounds a sequence's length; with `long_context` the RAM budget of its
         memory does (with a store; without one, nothing leaves RAM and nothing bounds it) and
         a sequence holds at most its resident window plus one prefill chunk in pages. The pool
-        holds `slots` such sequences at once."""
+        holds `slots` such sequences at once; with `prefix_cache`, the full pages of prompts
+        too, while no sequence needs them (`attach_prefix`)."""
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.loaded = loaded
@@ -129,6 +137,7 @@ class Generator:
         self.drafter_factory, self.max_draft = drafter_factory, max_draft
         group = 1 if long_context is None else long_context.group
         self.pool = self.model.new_page_pool(slots * pool_tokens, page_size, fill_value, group)
+        self.prefix_cache = PrefixCache(self.pool) if prefix_cache else None
         self._lock = threading.Lock()
 
     @functools.cached_property
@@ -231,12 +240,20 @@ class Generator:
         rereader = None if lc is None else lc.rereader
         # Past the resident window the answer re-reads what the prompt's last position attends to.
         rereads = lc is not None and rereader is not None and len(seq) + len(prompt) > lc.peak_resident
-        if not (echo or params.citations or rereads) and self.in_pieces(seq, prompt):
-            logits = yield from self._pieces(seq, prompt)
+        pieces = not (echo or params.citations or rereads) and self.in_pieces(seq, prompt)
+        kind = PIECES if pieces else (CHUNKS, self.chunk_size)
+        # A prompt from position 0 shares the prefix cache's full pages (echo reads every position).
+        fresh = not echo and len(seq) == 0
+        cached = self.attach_prefix(seq, prompt, kind) if fresh else 0
+        if pieces:
+            logits = yield from self._pieces(seq, prompt[cached:])
+            if fresh:
+                self.keep_prefix(seq, kind)
             if progress is not None:
                 progress(len(prompt), len(prompt))
         else:
-            logits = yield from self._chunks(seq, prompt, params, rereads, out, progress)
+            shifted = None if progress is None else lambda done, _: progress(cached + done, len(prompt))
+            logits = yield from self._chunks(seq, prompt[cached:], params, rereads, out, shifted, fresh)
         reader, reread = seq, []  # the sequence that answers, and the prompt it re-read
         if rereads:
             assert rereader is not None and seq.tally is not None
@@ -324,10 +341,12 @@ class Generator:
         rereads: bool,
         out: Transcript,
         progress: ProgressFn | None,
+        keep: bool = False,
     ) -> Steps[object, Any, torch.Tensor]:
         """Feed `prompt` to `seq` in chunks, each a forward of its own after a TICK but the
         first; the last token's logits. The last chunk's last row is tallied for citations
-        or a re-read; with `params.echo`, the prompt's log-probabilities go to `out`."""
+        or a re-read; with `params.echo`, the prompt's log-probabilities go to `out`; with
+        `keep`, the prefix cache is offered each full chunk's pages."""
         top = params.logprobs
         echo = params.echo and top is not None
         logits = torch.empty(0)
@@ -342,6 +361,8 @@ class Generator:
                     out.tally = seq.tally
             read = "all" if echo else "last" if last else "none"
             logits = feed(self.model, self.pool, seq, chunk, self.chunk_size, read)
+            if keep:
+                self.keep_prefix(seq, (CHUNKS, self.chunk_size))
             if echo:  # row i predicts prompt token start + i + 1
                 targets = prompt[start + 1 : start + len(chunk) + 1]
                 out.prompt_logprobs.extend(token_logprobs(logits[: len(targets)], targets, top or 0))
@@ -349,6 +370,38 @@ class Generator:
             if progress is not None:
                 progress(start + len(chunk), len(prompt))
         return logits
+
+    def attach_prefix(self, seq: Sequence, prompt: list[int], kind: tuple[str, int]) -> int:
+        """Start an empty `seq` with the prefix cache's pages of `prompt`'s longest cached
+        prefix computed as `kind` (whole pieces or chunks, never the last token: its logits
+        are computed; never past the resident tokens, where a sequence evicts); how many
+        tokens it attached."""
+        if self.prefix_cache is None:
+            return 0
+        most = self._whole_pages(len(prompt) - 1, kind)
+        pages = self.prefix_cache.match(prompt, kind, most, self._unit(kind))
+        seq.attach(prompt[: len(pages) * self.pool.page_size], pages)
+        return len(seq)
+
+    def keep_prefix(self, seq: Sequence, kind: tuple[str, int]) -> None:
+        """Offer the prefix cache the full pages `seq` (started empty) computed as `kind`, in
+        whole pieces or chunks, while no block has left its pages."""
+        if self.prefix_cache is None or seq.table.evicted_blocks:
+            return
+        pages = seq.table.pages[: self._whole_pages(len(seq), kind)]
+        self.prefix_cache.insert(seq.tokens, pages, kind)
+
+    def _unit(self, kind: tuple[str, int]) -> int:
+        """Pages in the fewest whole pieces or chunks of `kind` that fill whole pages."""
+        return math.lcm(kind[1], self.pool.page_size) // self.pool.page_size
+
+    def _whole_pages(self, tokens: int, kind: tuple[str, int]) -> int:
+        """Pages of the first `tokens` that hold whole units of `kind`, within the resident
+        tokens (beyond them a sequence's blocks leave its pages)."""
+        if self.long_context is not None:
+            tokens = min(tokens, self.long_context.resident)
+        unit = self._unit(kind)
+        return tokens // self.pool.page_size // unit * unit
 
     def in_pieces(self, seq: Sequence, prompt: list[int]) -> bool:
         """Whether `prompt` runs in pieces that share forwards with other sequences' rows

@@ -67,6 +67,15 @@ class Sequence:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    def attach(self, tokens: list[int], pages: list[int]) -> None:
+        """Start this empty sequence with `tokens`, whose keys and values fill `pages`: full
+        pages that another holder keeps too (a prefix cache's); the table copies one before
+        it would change it."""
+        if self.tokens:
+            raise ValueError("attach needs an empty sequence")
+        self.table.attach(pages)
+        self.tokens = list(tokens)
+
     def extend_batch(self, tokens: list[int], logits: str = "last") -> ForwardBatch:
         """Reserve cache slots for `tokens` and describe them as a one-sequence batch whose
         logits ("all", "last" or "none") are read."""

@@ -32,6 +32,7 @@ def create_app(engine: Engine, settings: Settings, metrics: Metrics | None = Non
         lambda: engine.sessions.in_pages,
         lambda: engine.sessions.memory_tokens,
         lambda: _store_answers(engine),
+        lambda: _prefix_cache(engine),
     )
     keys = {hashlib.sha256(k.encode()).hexdigest() for k in settings.api_key_list}
 
@@ -78,3 +79,9 @@ def _store_answers(engine: Engine) -> float:
     except InfinikvError:
         return 0.0
     return 1.0
+
+
+def _prefix_cache(engine: Engine) -> tuple[int, int]:
+    """The prefix cache's pages and hit tokens ((0, 0) without one)."""
+    cache = engine.generator.prefix_cache
+    return (0, 0) if cache is None else (len(cache), cache.hit_tokens)

@@ -75,6 +75,14 @@ class Metrics:
         self.memory_tokens = Gauge(
             "infinikv_memory_tokens", "evicted tokens in the kNN memory of loaded sessions", registry=r
         )
+        self.prefix_pages = Gauge(
+            "infinikv_prefix_cache_pages", "KV pages the prefix cache holds", registry=r
+        )
+        self.prefix_hits = Gauge(
+            "infinikv_prefix_cache_hit_tokens",
+            "prompt tokens taken from the prefix cache since start",
+            registry=r,
+        )
 
     def watch(
         self,
@@ -82,12 +90,15 @@ class Metrics:
         sessions: Callable[[], float],
         memory_tokens: Callable[[], float],
         store_up: Callable[[], float],
+        prefix: Callable[[], tuple[int, int]],
     ) -> None:
-        """Gauges read at scrape time."""
+        """Gauges read at scrape time; `prefix`: the prefix cache's (pages, hit tokens)."""
         self.queued.set_function(queued)
         self.sessions.set_function(sessions)
         self.memory_tokens.set_function(memory_tokens)
         self.store_up.set_function(store_up)
+        self.prefix_pages.set_function(lambda: prefix()[0])
+        self.prefix_hits.set_function(lambda: prefix()[1])
 
     def step(self, seconds: float, retrieval_seconds: float, sequences: int, tokens: int) -> None:
         self.step_seconds.observe(seconds)

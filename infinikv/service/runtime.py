@@ -89,6 +89,7 @@ def build_generator(settings: Settings, slots: int = 1) -> Generator:
         long_context=long_context,
         store=InProcessBlockStore(),
         slots=slots,
+        prefix_cache=settings.prefix_cache,
     )
 
 

@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     # The model's trained length for the default SmolLM2 (8192); the KV pool holds this many.
     max_seq_len: int = Field(8192, ge=16)
     threads: int | None = Field(None, ge=1)
+    # Full KV pages of prompts kept for prompts that start with the same tokens (a chat
+    # template's system turn, a document asked again), while the pool has room for them.
+    prefix_cache: bool = True
     # Long context: Self-Extend over a bounded resident window, older blocks evicted into a
     # kNN memory. Unset knobs are derived from the model's trained length
     # (engine/regions.py); impossible combinations are refused at start.
