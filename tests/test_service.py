@@ -126,6 +126,9 @@ def test_openai_client_chat_and_completions_stream_and_not(server) -> None:
     streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert streamed == chat.choices[0].message.content  # greedy: same text, streamed or not
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == chat.usage.total_tokens
+    # The same prompt again: its keys came from the prefix cache, but for its last page's.
+    again = chunks[-1].usage.prompt_tokens_details.cached_tokens
+    assert 0 < again < chat.usage.prompt_tokens and again >= chat.usage.prompt_tokens_details.cached_tokens
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == chat.choices[0].finish_reason
 
     capital = dict(model="SmolLM2-135M-Instruct", prompt="The capital of France is", max_tokens=4)
@@ -176,8 +179,12 @@ def test_bad_requests_get_clear_4xx_and_the_server_keeps_serving(server) -> None
         "acceptance_rate",
         "tokens_per_forward",
     }
-    usage = ok.json()["usage"]  # every token but the last sampled one ran through a forward
-    assert step_rows(server) - rows_before >= usage["prompt_tokens"] + usage["completion_tokens"] - 1
+    # Every token but the last sampled one ran through a forward, but for the chat template's
+    # system turn: its page came from the prefix cache (the requests before asked other things).
+    usage = ok.json()["usage"]
+    cached = usage["prompt_tokens_details"]["cached_tokens"]
+    assert 0 < cached < usage["prompt_tokens"]
+    assert step_rows(server) - rows_before >= usage["prompt_tokens"] - cached + usage["completion_tokens"] - 1
     assert requests.get(f"{server}/health", timeout=5).json()["status"] == "ok"
     for path in ("/metrics", "/openapi.json"):  # they follow --api-keys
         assert requests.get(f"{server}{path}", timeout=30).status_code == 401

@@ -66,6 +66,7 @@ class Transcript:
     logprobs: list[TokenLogprob] = field(default_factory=list)  # the tokens', when asked for
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # echo: None first
     tally: AttentionTally | None = None  # where the answer attended, when citations are asked for
+    cached_tokens: int = 0  # prompt tokens whose pages came from the prefix cache
 
     def add(self, event: GenerationEvent) -> GenerationEvent:
         self.pieces.append(event.text)
@@ -245,6 +246,7 @@ class Generator:
         # A prompt from position 0 shares the prefix cache's full pages (echo reads every position).
         fresh = not echo and len(seq) == 0
         cached = self.attach_prefix(seq, prompt, kind) if fresh else 0
+        out.cached_tokens = cached
         if pieces:
             logits = yield from self._pieces(seq, prompt[cached:])
             if fresh:

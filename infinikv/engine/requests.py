@@ -48,6 +48,7 @@ class TurnResult:
     prompt_ids: list[int] = field(default_factory=list)  # with params.echo
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # with params.echo
     citations: list[Citation] = field(default_factory=list)  # with params.citations
+    cached_tokens: int = 0  # of prompt_tokens, taken from the prefix cache
 
     @property
     def completion_tokens(self) -> int:
@@ -107,6 +108,7 @@ def run_turn(turn: Turn) -> StepFn:
             prompt if turn.params.echo else [],
             out.prompt_logprobs,
             cited,
+            out.cached_tokens,
         )
 
     return run

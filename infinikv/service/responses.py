@@ -69,10 +69,17 @@ class Reply:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
 
-def usage(results: list[TurnResult]) -> dict[str, int]:
+def usage(results: list[TurnResult]) -> dict[str, Any]:
+    """OpenAI's usage object; `cached_tokens`: the prompt tokens whose keys came from the prefix cache."""
     prompt = sum(r.prompt_tokens for r in results)
     generated = sum(r.completion_tokens for r in results)
-    return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
+    cached = sum(r.cached_tokens for r in results)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": generated,
+        "total_tokens": prompt + generated,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
 
 
 def completion(
