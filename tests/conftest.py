@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import os
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,7 +19,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from infinikv.core.config import ModelConfig
-from infinikv.engine.generator import Transcript
+from infinikv.engine.generator import Generator, Transcript
 from infinikv.engine.regions import LongContextConfig
 from infinikv.engine.sampling import SamplingParams
 from infinikv.engine.scheduler import Engine
@@ -88,6 +89,48 @@ def tiny_hf_model(model_type: str = "llama", seed: int = 0, **overrides):
 def ours_from_hf(hf_model, dtype: torch.dtype = torch.float32) -> LlamaModel:
     cfg = ModelConfig.from_hf(hf_model.config)
     return build_model(cfg, hf_model.state_dict().__getitem__, dtype=dtype)
+
+
+# The tiny model of the engine tests (batching, the prefix cache): 4-token pages, 160 ids.
+TINY_PAGE = 4
+TINY_VOCAB = 160
+
+
+@pytest.fixture(scope="module", params=["cpu", "torch"])
+def kernel_tiny(request, tokenizer) -> LoadedModel:
+    """A random model whose head_dim (64) the CPU kernels take, on the `cpu` and the `torch`
+    backend, with the default tokenizer for detokenizing (its first TINY_VOCAB ids are real
+    tokens)."""
+    hf = tiny_hf_model("llama", seed=7, hidden_size=256, num_attention_heads=4, max_position_embeddings=256)
+    model = ours_from_hf(hf)
+    loaded = LoadedModel(model, tokenizer, model.cfg, Path("tiny"), frozenset())
+    attach_kernels(loaded, request.param)
+    return loaded
+
+
+def tiny_generator(loaded: LoadedModel, long: bool, **kwargs: Any) -> Generator:
+    """4 slots of 256 tokens, 16-token chunks, NaN-filled fresh pages (a read of an unwritten
+    slot shows up); `long`: a 32-token resident window (8 sinks, W 12, G 2), so prompts past
+    it evict into memory."""
+    config = None
+    if long:
+        config = LongContextConfig.derive(256, TINY_PAGE, resident=32, sinks=8, window=12, group=2)
+        config.validate(256, TINY_PAGE)
+    return Generator(
+        loaded,
+        256,
+        page_size=TINY_PAGE,
+        chunk_size=16,
+        fill_value=float("nan"),
+        long_context=config,
+        store=InProcessBlockStore(),
+        slots=4,
+        **kwargs,
+    )
+
+
+def random_ids(n: int, seed: int) -> list[int]:
+    return torch.randint(0, TINY_VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 def nan_pool(

@@ -5,27 +5,18 @@ and leaving mid-batch; seeded sampling likewise; one sequence's error fails it a
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from infinikv.engine.batch import PIECE, Forward, Prompt, forward_alone, pack, run_round
-from infinikv.engine.generator import Generator
-from infinikv.engine.regions import LongContextConfig
 from infinikv.engine.requests import Turn, submit_turn
 from infinikv.engine.sampling import SamplingParams
 from infinikv.engine.scheduler import Engine
 from infinikv.engine.speculative.lookup import LookupDrafter
 from infinikv.engine.tasks import TaskHandle
 from infinikv.memory.store import InProcessBlockStore
-from infinikv.model.loader import LoadedModel
-from infinikv.service.runtime import attach_kernels
 
-from .conftest import generation_task, ours_from_hf, task_result, tiny_hf_model
-
-PAGE = 4
-VOCAB = 160
+from .conftest import generation_task, random_ids, task_result, tiny_generator
 
 
 class Recorder:
@@ -43,49 +34,14 @@ class Recorder:
         pass
 
 
-@pytest.fixture(scope="module", params=["cpu", "torch"])
-def tiny(request, tokenizer) -> LoadedModel:
-    """A random model whose head_dim (64) the CPU kernels take, with the default tokenizer
-    for detokenizing (its first VOCAB ids are real tokens)."""
-    hf = tiny_hf_model("llama", seed=7, hidden_size=256, num_attention_heads=4, max_position_embeddings=256)
-    model = ours_from_hf(hf)
-    loaded = LoadedModel(model, tokenizer, model.cfg, Path("tiny"), frozenset())
-    attach_kernels(loaded, request.param)
-    return loaded
-
-
-def long_context() -> LongContextConfig:
-    cfg = LongContextConfig.derive(256, PAGE, resident=32, sinks=8, window=12, group=2)
-    cfg.validate(256, PAGE)
-    return cfg
-
-
-def generator(loaded: LoadedModel, long: bool, drafter_factory=None) -> Generator:
-    return Generator(
-        loaded,
-        256,
-        page_size=PAGE,
-        chunk_size=16,
-        fill_value=float("nan"),  # a read of an unwritten slot would show up
-        long_context=long_context() if long else None,
-        store=InProcessBlockStore(),
-        slots=4,
-        drafter_factory=drafter_factory,
-    )
-
-
-def ids(n: int, seed: int) -> list[int]:
-    return torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
 @pytest.mark.parametrize("long", [False, True], ids=["plain", "long-context"])
 @pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "seeded"])
-def test_batched_sequences_match_their_runs_alone(tiny, long, sampled) -> None:
-    gen = generator(tiny, long)
+def test_batched_sequences_match_their_runs_alone(kernel_tiny, long, sampled) -> None:
+    gen = tiny_generator(kernel_tiny, long)
     # Prompts of mixed lengths (long-context ones past the 32-token resident window, so
     # blocks leave for the memory during prefill and while batched); different lengths of
     # output, so sequences leave the batch at different times.
-    prompts = [ids(n, seed) for seed, n in enumerate((9, 70, 37, 120))]
+    prompts = [random_ids(n, seed) for seed, n in enumerate((9, 70, 37, 120))]
     params = [
         SamplingParams(max_tokens=m, ignore_eos=True, temperature=0.9 if sampled else 0.0, seed=11 + i)
         for i, m in enumerate((30, 12, 40, 25))
@@ -106,18 +62,18 @@ def test_batched_sequences_match_their_runs_alone(tiny, long, sampled) -> None:
     finally:
         engine.stop()
     assert got == alone
-    if tiny.model.invariant_rows > 1:
+    if kernel_tiny.model.invariant_rows > 1:
         assert max(recorder.sizes) > 1, "the decode steps ran batched"
     else:  # the PyTorch path is not row-count invariant: it runs decode steps one by one
         assert max(recorder.sizes) == 1
 
 
-def test_speculative_sequences_join_the_batch_in_company_and_stay_exact(tiny) -> None:
+def test_speculative_sequences_join_the_batch_in_company_and_stay_exact(kernel_tiny) -> None:
     """Alone (in the engine too), a sequence with a drafter verifies drafts; beside others it
     decodes in their batch instead. Greedy output is the same either way."""
-    gen = generator(tiny, long=True, drafter_factory=LookupDrafter)
+    gen = tiny_generator(kernel_tiny, long=True, drafter_factory=LookupDrafter)
     params = SamplingParams(max_tokens=30, ignore_eos=True)
-    prompts = [ids(8, seed) * 4 for seed in range(3)]  # repeats, so lookup finds drafts
+    prompts = [random_ids(8, seed) * 4 for seed in range(3)]  # repeats, so lookup finds drafts
     alone = [gen.generate(p, params) for p in prompts]
     assert any(a.speculation and a.speculation["drafted"] for a in alone)
     recorder = Recorder()
@@ -133,16 +89,16 @@ def test_speculative_sequences_join_the_batch_in_company_and_stay_exact(tiny) ->
         engine.stop()
     assert lone.token_ids == alone[0].token_ids and lone.speculation and lone.speculation["drafted"] > 0
     assert got == [a.token_ids for a in alone]
-    if tiny.model.invariant_rows > 1:
+    if kernel_tiny.model.invariant_rows > 1:
         assert max(recorder.sizes) > 1
 
 
-def test_a_failing_sequence_fails_alone_and_the_batch_goes_on(tiny) -> None:
-    gen = generator(tiny, long=True)
+def test_a_failing_sequence_fails_alone_and_the_batch_goes_on(kernel_tiny) -> None:
+    gen = tiny_generator(kernel_tiny, long=True)
     seqs = [gen.new_sequence(f"ikv:test:{i}:") for i in range(3)]
     try:
         for i, seq in enumerate(seqs):
-            forward_alone(gen.model, gen.pool, Forward(seq, ids(1, i)[0]))
+            forward_alone(gen.model, gen.pool, Forward(seq, random_ids(1, i)[0]))
         lengths = [len(s) for s in seqs]
         expected = []
         for seq in (seqs[0], seqs[2]):
@@ -159,26 +115,26 @@ def test_a_failing_sequence_fails_alone_and_the_batch_goes_on(tiny) -> None:
             seq.release()
 
 
-def test_a_failing_prompt_fails_alone_and_runs_no_further_piece(tiny) -> None:
+def test_a_failing_prompt_fails_alone_and_runs_no_further_piece(kernel_tiny) -> None:
     """A prompt with a token outside the vocabulary, beside a decode token: the shared forward
     is undone, the decode token gets its logits alone, the prompt its error with its sequence
     as it was. Alone over two forwards, a prompt that fails in the first runs no second."""
-    gen = generator(tiny, long=False)
+    gen = tiny_generator(kernel_tiny, long=False)
     rows = gen.model.invariant_rows
     if rows < PIECE:
         pytest.skip("prompts run in pieces only through the few-row kernels")
     seqs = [gen.new_sequence(f"ikv:test:{i}:") for i in range(2)]
     try:
         for i, seq in enumerate(seqs):
-            forward_alone(gen.model, gen.pool, Forward(seq, ids(1, i)[0]))
+            forward_alone(gen.model, gen.pool, Forward(seq, random_ids(1, i)[0]))
         expected = forward_alone(gen.model, gen.pool, Forward(seqs[0], 5))
         seqs[0].truncate(1)
-        bad = Prompt(seqs[1], (*ids(12, 3), 10**6, *ids(7, 4)))
+        bad = Prompt(seqs[1], (*random_ids(12, 3), 10**6, *random_ids(7, 4)))
         replies = run_round(gen.model, gen.pool, [Forward(seqs[0], 5), bad], sequences=2, budget=0)
         assert torch.equal(replies[0], expected) and isinstance(replies[1], IndexError)
         assert [len(s) for s in seqs] == [2, 1]
         # its first forward holds the bad token, its second would hold the rest
-        long = Prompt(seqs[1], (*ids(rows - 1, 5), 10**6, *ids(5, 6)))
+        long = Prompt(seqs[1], (*random_ids(rows - 1, 5), 10**6, *random_ids(5, 6)))
         forwards: list[int] = []
         (reply,) = run_round(
             gen.model,
@@ -195,16 +151,16 @@ def test_a_failing_prompt_fails_alone_and_runs_no_further_piece(tiny) -> None:
             seq.release()
 
 
-def test_an_engine_task_that_fails_in_the_batch_fails_only_its_request(tiny) -> None:
-    gen = generator(tiny, long=False)
+def test_an_engine_task_that_fails_in_the_batch_fails_only_its_request(kernel_tiny) -> None:
+    gen = tiny_generator(kernel_tiny, long=False)
     params = SamplingParams(max_tokens=20, ignore_eos=True)
-    prompts = [ids(12, 1), ids(20, 2)]
+    prompts = [random_ids(12, 1), random_ids(20, 2)]
     alone = [gen.generate(p, params).token_ids for p in prompts]
 
     def broken(engine: Engine, task):
         seq = task.seq = engine.generator.new_sequence("ikv:test:broken:")
         try:
-            engine.generator.model(seq.extend_batch(ids(5, 3)), engine.generator.pool)
+            engine.generator.model(seq.extend_batch(random_ids(5, 3)), engine.generator.pool)
             for _ in range(3):
                 yield Forward(seq, 1)
             yield Forward(seq, 10**6)  # out of the vocabulary
@@ -224,16 +180,16 @@ def test_an_engine_task_that_fails_in_the_batch_fails_only_its_request(tiny) -> 
         engine.stop()
 
 
-def test_short_prompts_run_in_pieces_in_the_room_decode_tokens_leave(tiny) -> None:
+def test_short_prompts_run_in_pieces_in_the_room_decode_tokens_leave(kernel_tiny) -> None:
     """Four 10-token prompts queued together under a 24-row budget: the first round runs two
     of them in one forward of pieces (8 + 2 rows each; the third's first piece is over the
     budget); the next round's forward holds those two's decode tokens and the other two
     prompts in the room they leave, which no budget bounds. Each output equals its output
     alone. Without the few-row kernels (the PyTorch path) prompts run in forwards of their
     own, up to the budget's rows a round, and decode tokens one per forward."""
-    gen = generator(tiny, long=False)
+    gen = tiny_generator(kernel_tiny, long=False)
     params = SamplingParams(max_tokens=4, ignore_eos=True)
-    prompts = [ids(10, seed) for seed in range(4)]
+    prompts = [random_ids(10, seed) for seed in range(4)]
     recorder = Recorder()
     engine = Engine(gen, InProcessBlockStore(), observer=recorder, step_tokens=24)
     handles = [engine.submit(generation_task(p, params), TaskHandle(), needs_sequence=True) for p in prompts]
@@ -243,7 +199,7 @@ def test_short_prompts_run_in_pieces_in_the_room_decode_tokens_leave(tiny) -> No
     finally:
         engine.stop()
     assert got == [gen.generate(p, params).token_ids for p in prompts]
-    if tiny.model.invariant_rows > 1:
+    if kernel_tiny.model.invariant_rows > 1:
         assert recorder.sizes[:3] == [2, 4, 4]
         assert recorder.rows[:3] == [20, 2 + 20, 4]
     else:

@@ -6,32 +6,28 @@ them."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from infinikv.cache.pages import BlockTable, PagePool
 from infinikv.cache.prefix import PrefixCache
 from infinikv.engine.generator import Generator
-from infinikv.engine.regions import LongContextConfig
 from infinikv.engine.sampling import SamplingParams
 from infinikv.engine.scheduler import Engine
 from infinikv.engine.sequence import Sequence, feed
 from infinikv.engine.tasks import TaskHandle
 from infinikv.errors import CacheFullError
 from infinikv.memory.store import InProcessBlockStore
-from infinikv.model.loader import LoadedModel
-from infinikv.service.runtime import attach_kernels
 
-from .conftest import generation_task, ours_from_hf, task_result, tiny_hf_model
-
-PAGE = 4
-VOCAB = 160
-
-
-def ids(n: int, seed: int) -> list[int]:
-    return torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+from .conftest import (
+    TINY_PAGE,
+    generation_task,
+    ours_from_hf,
+    random_ids,
+    task_result,
+    tiny_generator,
+    tiny_hf_model,
+)
 
 
 def snapshot(pool: PagePool, pages: list[int]) -> list[torch.Tensor]:
@@ -119,10 +115,10 @@ def test_a_table_copies_a_shared_page_before_writing_into_it() -> None:
 
 def test_sinks_that_move_are_rotated_again_in_copies_of_shared_pages() -> None:
     model = ours_from_hf(tiny_hf_model("llama", seed=3))
-    pool = model.new_page_pool(64, PAGE, group=2)
+    pool = model.new_page_pool(64, TINY_PAGE, group=2)
     cache = PrefixCache(pool)
     seq = Sequence(pool)
-    feed(model, pool, seq, ids(24, 8), 8)
+    feed(model, pool, seq, random_ids(24, 8), 8)
     cache.insert(seq.tokens, seq.table.pages, "k")
     cached = list(seq.table.pages)
     kept = snapshot(pool, cached)
@@ -133,38 +129,10 @@ def test_sinks_that_move_are_rotated_again_in_copies_of_shared_pages() -> None:
     victims = table.evict_oldest(3, protected=1)  # blocks 0, 4, 5, 6: the sink moves
     pool.free([page for _, page in victims])
     moved = table.page_list()
-    assert moved.sinks == PAGE and table.pages[0] != cached[0]
+    assert moved.sinks == TINY_PAGE and table.pages[0] != cached[0]
     assert unchanged(pool, cached, kept)
     assert torch.equal(pool.k[:, table.pages[0]], kept[0][:, 0])
     assert not torch.equal(pool.k_group[:, table.pages[0]], kept[3][:, 0])
-
-
-@pytest.fixture(scope="module", params=["cpu", "torch"])
-def tiny(request, tokenizer) -> LoadedModel:
-    """A random model whose head_dim (64) the CPU kernels take, with the default tokenizer."""
-    hf = tiny_hf_model("llama", seed=7, hidden_size=256, num_attention_heads=4, max_position_embeddings=256)
-    model = ours_from_hf(hf)
-    loaded = LoadedModel(model, tokenizer, model.cfg, Path("tiny"), frozenset())
-    attach_kernels(loaded, request.param)
-    return loaded
-
-
-def generator(loaded: LoadedModel, long: bool, prefix_cache: bool) -> Generator:
-    config = None
-    if long:
-        config = LongContextConfig.derive(256, PAGE, resident=32, sinks=8, window=12, group=2)
-        config.validate(256, PAGE)
-    return Generator(
-        loaded,
-        256,
-        page_size=PAGE,
-        chunk_size=16,
-        fill_value=float("nan"),  # a read of an unwritten slot would show up
-        long_context=config,
-        store=InProcessBlockStore(),
-        slots=4,
-        prefix_cache=prefix_cache,
-    )
 
 
 def logprobs(gen: Generator, prompt: list[int]) -> list[tuple[int, float]]:
@@ -174,13 +142,14 @@ def logprobs(gen: Generator, prompt: list[int]) -> list[tuple[int, float]]:
 
 
 @pytest.mark.parametrize("long", [False, True], ids=["plain", "long-context"])
-def test_prompts_that_share_a_prefix_give_their_tokens_without_the_cache(tiny, long) -> None:
+def test_prompts_that_share_a_prefix_give_their_tokens_without_the_cache(kernel_tiny, long) -> None:
     """Short prompts (in pieces) and long ones (in chunks; long-context ones past the
     32-token resident window, evicting into memory after the attached pages)."""
-    base = ids(120, 1)
-    prompts = [base[:20], base[:23], base[:20] + ids(9, 2), base, base[:90] + ids(30, 3), ids(7, 4) + base]
-    want = [logprobs(generator(tiny, long, prefix_cache=False), p) for p in prompts]
-    gen = generator(tiny, long, prefix_cache=True)
+    base = random_ids(120, 1)
+    prompts = [base[:20], base[:23], base[:20] + random_ids(9, 2), base, base[:90] + random_ids(30, 3)]
+    prompts.append(random_ids(7, 4) + base)  # the same tokens after another start: no hit
+    want = [logprobs(tiny_generator(kernel_tiny, long, prefix_cache=False), p) for p in prompts]
+    gen = tiny_generator(kernel_tiny, long, prefix_cache=True)
     assert gen.prefix_cache is not None
     assert [logprobs(gen, p) for p in prompts] == want
     assert gen.prefix_cache.hit_tokens > 0
@@ -190,14 +159,14 @@ def test_prompts_that_share_a_prefix_give_their_tokens_without_the_cache(tiny, l
 
 
 @pytest.mark.parametrize("long", [False, True], ids=["plain", "long-context"])
-def test_requests_of_one_prompt_share_its_pages_in_the_engine_batches(tiny, long) -> None:
+def test_requests_of_one_prompt_share_its_pages_in_the_engine_batches(kernel_tiny, long) -> None:
     """Each gives its tokens alone while they decode side by side (long-context ones past
     their resident window: evicting, their sinks moving in copies of the shared pages)."""
-    gen = generator(tiny, long, prefix_cache=True)
+    gen = tiny_generator(kernel_tiny, long, prefix_cache=True)
     assert gen.prefix_cache is not None
-    prompt = ids(60, 5)
+    prompt = random_ids(60, 5)
     params = SamplingParams(max_tokens=40, ignore_eos=True)
-    want = generator(tiny, long, prefix_cache=False).generate(prompt, params).token_ids
+    want = tiny_generator(kernel_tiny, long, prefix_cache=False).generate(prompt, params).token_ids
     assert gen.generate(prompt, params).token_ids == want
     hits = gen.prefix_cache.hit_tokens
     engine = Engine(gen, InProcessBlockStore())
@@ -211,4 +180,4 @@ def test_requests_of_one_prompt_share_its_pages_in_the_engine_batches(tiny, long
     finally:
         engine.stop()
     assert got == [want] * 3
-    assert gen.prefix_cache.hit_tokens >= hits + 3 * PAGE
+    assert gen.prefix_cache.hit_tokens >= hits + 3 * TINY_PAGE

@@ -275,8 +275,8 @@ class BlockTable:
     def reserve(self, n: int) -> torch.Tensor:
         """Make room for n new tokens; return their cache slots (n,) = page * B + offset."""
         B = self.pool.page_size
-        if self.length % B and self.pool.holders(self.pages[-1]) > 1:
-            self._own(len(self.pages) - 1)  # new tokens go into a page someone else reads
+        if self.length % B:
+            self._own(len(self.pages) - 1)  # new tokens go into it: a copy if others read it
         last_block = math.ceil((self.length + n) / B) - 1
         have = self.blocks[-1] if self.blocks else -1
         if last_block > have:
