@@ -1,7 +1,8 @@
 """Prefill and decode throughput, infinikv vs transformers `generate`, same weights, one run.
 
     python benchmarks/bench_generate.py [--lengths 512 2048 6144] [--dtype float32]
-        [--quantize bf16|int4|int4-decode] [--repeats 3] [--long-context] [--no-llama-cpp]
+        [--quantize bf16|int4|int4-decode] [--repeats 3] [--long-context] [--kv-bf16]
+        [--no-llama-cpp]
 
 Each engine runs in its own subprocess (so its RSS, once the model is loaded and at its
 peak, is its own); both read the same
@@ -10,7 +11,8 @@ de-quantized weights in --dtype). Each length is generated --repeats times per e
 the medians are reported (prefill: prompt to first token; decode: first to last token, from
 transformers' streamer timestamps, one `generate` call each). Prints a table and writes
 benchmarks/results/generate-*.json. --long-context adds infinikv with the long-context
-defaults (what `infinikv generate --file` runs) as a third engine, beside the plain one.
+defaults (what `infinikv generate --file` runs) as a third engine, beside the plain one;
+--kv-bf16 adds plain infinikv with its KV pages in bfloat16 (`--kv-dtype bfloat16`).
 --engines runs a subset: past the plain engine's 8192 tokens, `--engines infinikv-long-context
 llama.cpp` (each table needs both of its engines).
 When llama-cpp-python is installed, llama.cpp runs too, on the default model's own GGUF
@@ -39,8 +41,9 @@ from machine import cpu_features, cpu_name
 from infinikv.model.linear import QUANTIZATIONS
 
 LONG = "infinikv-long-context"
+KV_BF16 = "infinikv-kv-bf16"
 LLAMA_CPP = "llama.cpp"
-ENGINES = ("transformers", "infinikv", LONG, LLAMA_CPP)
+ENGINES = ("transformers", "infinikv", LONG, KV_BF16, LLAMA_CPP)
 
 TEXT = (
     "The lighthouse keeper rose before dawn, as he had every day for thirty years. He climbed "
@@ -77,7 +80,13 @@ def rss_mb() -> float:
 
 
 def run_infinikv(
-    lengths: list[int], new_tokens: int, dtype: str, quantize: str, repeats: int, long_context: bool = False
+    lengths: list[int],
+    new_tokens: int,
+    dtype: str,
+    quantize: str,
+    repeats: int,
+    long_context: bool = False,
+    kv_dtype: str | None = None,
 ) -> tuple[list[dict], float]:
     from infinikv.engine.generator import Generator
     from infinikv.engine.sampling import SamplingParams
@@ -86,7 +95,8 @@ def run_infinikv(
 
     # Plain attention over the whole prompt, as transformers does: this measures the decoder
     # and the paged cache; long_context: the defaults' regions and memory on the same prompts.
-    gen: Generator = build_generator(Settings(dtype=dtype, quantize=quantize, long_context=long_context))
+    settings = Settings(dtype=dtype, quantize=quantize, long_context=long_context, kv_dtype=kv_dtype)
+    gen: Generator = build_generator(settings)
     loaded_mb = rss_mb()
     params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
     gen.generate(prompt_ids(gen.tokenizer, 32), SamplingParams(max_tokens=4))  # warm-up
@@ -188,8 +198,9 @@ def worker(engine: str, args: argparse.Namespace) -> None:
         extra = not args.llama_cpp_no_extra
         rows, loaded_mb = run_llama_cpp(lengths, new_tokens, repeats, args.llama_cpp_batch, extra)
     else:
+        kv_dtype = "bfloat16" if engine == KV_BF16 else None
         rows, loaded_mb = run_infinikv(
-            lengths, new_tokens, args.dtype, args.quantize, repeats, engine == LONG
+            lengths, new_tokens, args.dtype, args.quantize, repeats, engine == LONG, kv_dtype
         )
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     print(json.dumps({"engine": engine, "rows": rows, "loaded_rss_mb": loaded_mb, "peak_rss_mb": peak_mb}))
@@ -217,6 +228,7 @@ def main() -> None:
     ap.add_argument(
         "--long-context", action="store_true", help="also infinikv with the long-context defaults"
     )
+    ap.add_argument("--kv-bf16", action="store_true", help="also infinikv with bfloat16 KV pages")
     ap.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp even when installed")
     ap.add_argument(
         "--llama-cpp-batch", type=int, default=512, help="llama.cpp's n_batch (prompt tokens per eval)"
@@ -240,6 +252,7 @@ def main() -> None:
         "transformers",
         "infinikv",
         *([LONG] if args.long_context else []),
+        *([KV_BF16] if args.kv_bf16 else []),
         *([LLAMA_CPP] if llama_cpp else []),
     )
     for engine in engines:
@@ -283,7 +296,14 @@ def main() -> None:
             "long / plain",
             f"infinikv with the long-context defaults ({LONG}) against plain infinikv:",
         ),
+        (
+            KV_BF16,
+            "infinikv",
+            "bf16 KV / float32 KV",
+            f"infinikv with bfloat16 KV pages ({KV_BF16}) against float32 ones:",
+        ),
         ("infinikv", LLAMA_CPP, "ours / llama.cpp", f"infinikv ({args.quantize}) against {llama_names}:"),
+        (KV_BF16, LLAMA_CPP, "bf16 KV / llama.cpp", f"{KV_BF16} against {llama_names}:"),
         (
             LONG,
             LLAMA_CPP,
@@ -301,6 +321,7 @@ def main() -> None:
     )
     suffix = args.dtype + ("" if args.quantize == "none" else f"-{args.quantize}")
     suffix += "-long-context" if args.long_context or LONG in engines else ""
+    suffix += "-kv-bf16" if KV_BF16 in engines else ""
     suffix += f"-{max(args.lengths)}" if args.engines else ""
     out_path = Path(__file__).parent / "results" / f"generate-{suffix}.json"
     out_path.write_text(json.dumps(results, indent=2))

@@ -74,6 +74,12 @@ def _build_parser() -> ArgumentParser:
         default=None,
         help="compute every prompt whole (default: reuse the KV pages of a prompt prefix seen before)",
     )
+    g.add_argument(
+        "--kv-dtype",
+        choices=list(DTYPES),
+        help="what the KV pages keep keys and values in (default: the model's dtype); bfloat16 "
+        "halves the bytes a decode step reads from its context",
+    )
     lc = common.add_argument_group("long context (unset knobs derive from the trained length)")
     lc.add_argument(
         "--no-long-context",

@@ -138,11 +138,12 @@ def nan_pool(
     max_tokens: int = 512,
     page_size: int = 5,
     long_context: LongContextConfig | None = None,
+    kv_dtype: torch.dtype | None = None,
 ):
     """A page pool whose fresh pages are NaN: any read of an unwritten slot shows up; for
-    sequences with `long_context` (its Self-Extend group)."""
+    sequences with `long_context` (its Self-Extend group), in `kv_dtype` (None: the model's)."""
     group = 1 if long_context is None else long_context.group
-    return model.new_page_pool(max_tokens, page_size, fill_value=float("nan"), group=group)
+    return model.new_page_pool(max_tokens, page_size, fill_value=float("nan"), group=group, dtype=kv_dtype)
 
 
 def retrieve(mem: EvictedMemory, layer: int, q: torch.Tensor, top_k: int):

@@ -1,7 +1,8 @@
 """Decode steps of several sequences in one forward (engine/batch.py, the worker's rounds):
 each sequence's greedy tokens equal its tokens alone, plain and long-context (evicting,
-retrieving from memory while batched), with mixed prompt lengths and sequences joining
-and leaving mid-batch; seeded sampling likewise; one sequence's error fails it alone."""
+retrieving from memory while batched), float32 and bfloat16 KV pages, with mixed prompt
+lengths and sequences joining and leaving mid-batch; seeded sampling likewise; one
+sequence's error fails it alone."""
 
 from __future__ import annotations
 
@@ -36,8 +37,9 @@ class Recorder:
 
 @pytest.mark.parametrize("long", [False, True], ids=["plain", "long-context"])
 @pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "seeded"])
-def test_batched_sequences_match_their_runs_alone(kernel_tiny, long, sampled) -> None:
-    gen = tiny_generator(kernel_tiny, long)
+@pytest.mark.parametrize("kv_dtype", [None, torch.bfloat16], ids=["kv-model", "kv-bf16"])
+def test_batched_sequences_match_their_runs_alone(kernel_tiny, long, sampled, kv_dtype) -> None:
+    gen = tiny_generator(kernel_tiny, long, kv_dtype=kv_dtype)
     # Prompts of mixed lengths (long-context ones past the 32-token resident window, so
     # blocks leave for the memory during prefill and while batched); different lengths of
     # output, so sequences leave the batch at different times.

@@ -38,6 +38,7 @@ def run_cli(argv: list[str]) -> int:
         (["generate", "hi", "--temperature", "-1"], 1, "temperature must be >= 0"),
         (["generate", "hi", "--max-tokens", "0"], 2, "--max-tokens: must be >= 1"),
         (["generate", "hi", "--dtype", "int3"], 2, "--dtype: invalid choice"),
+        (["generate", "hi", "--kv-dtype", "int8"], 2, "--kv-dtype: invalid choice"),
         (["generate", "hi", "--model", "/no/such/model"], 1, "model not found: '/no/such/model'"),
         (["generate", "hi", "--max-seq-len", "8"], 2, "invalid max_seq_len"),
         (["bogus"], 2, "invalid choice"),

@@ -1,7 +1,8 @@
 """The CPU decoder stack (every layer of a few-row forward in one C call) against the
 layer-by-layer path it stands in for: the same logits and the same cache, bit for bit, for
-batched decode steps, verification chunks, bf16 and int4 weights, biases, a long-context sequence
-below its window (its grouped keys too) and the self-draft's first layers."""
+batched decode steps, verification chunks, bf16 and int4 weights, float32 and bfloat16 pools,
+biases, a long-context sequence below its window (its grouped keys too) and the self-draft's
+first layers."""
 
 from __future__ import annotations
 
@@ -54,9 +55,9 @@ def cpu_model(hf_model, stacked: bool, weights: torch.dtype = torch.float32):
     return model
 
 
-def pool_of(model, max_tokens: int, long_context: LongContextConfig | None = None):
+def pool_of(model, max_tokens: int, long_context: LongContextConfig | None = None, kv_dtype=None):
     """A pool that is NaN everywhere until written."""
-    pool = nan_pool(model, max_tokens=max_tokens, page_size=PAGE, long_context=long_context)
+    pool = nan_pool(model, max_tokens, PAGE, long_context, kv_dtype)
     for cache in (pool.k, pool.k_rope, pool.v, pool.k_group):
         cache.fill_(float("nan"))
     return pool
@@ -67,11 +68,11 @@ def assert_same_cache(a, b) -> None:
         torch.testing.assert_close(x, y, atol=0, rtol=0, equal_nan=True)
 
 
-def decode_batched(model, long_context: LongContextConfig | None = None, steps: int = 6):
+def decode_batched(model, long_context: LongContextConfig | None = None, steps: int = 6, kv_dtype=None):
     """Three sequences prefilled apart in chunks of 16 (32 query rows per kv-head, the most
     the stack takes), then `steps` decode steps in one batch, then a 4-token verification of
-    the first: every logit, and the pool."""
-    pool = pool_of(model, 600, long_context)
+    the first: every logit, and the pool (its keys and values in `kv_dtype`)."""
+    pool = pool_of(model, 600, long_context, kv_dtype)
     gen = torch.Generator().manual_seed(5)
     seqs, logits = [], []
     for length in (9, 23, 40):
@@ -89,25 +90,28 @@ def decode_batched(model, long_context: LongContextConfig | None = None, steps: 
 
 
 @pytest.mark.parametrize("weights", [torch.float32, torch.bfloat16, torch.uint8], ids=["f32", "bf16", "int4"])
-def test_stack_equals_layer_by_layer(hf_model, weights) -> None:
-    want, want_pool = decode_batched(cpu_model(hf_model, False, weights))
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16], ids=["kv-f32", "kv-bf16"])
+def test_stack_equals_layer_by_layer(hf_model, weights, kv_dtype) -> None:
+    want, want_pool = decode_batched(cpu_model(hf_model, False, weights), kv_dtype=kv_dtype)
     model = cpu_model(hf_model, True, weights)
-    got, pool = decode_batched(model)
+    got, pool = decode_batched(model, kv_dtype=kv_dtype)
+    assert pool.k.dtype == kv_dtype
     chunks = [9, 16, 7, 16, 16, 8]  # the prefills' (at most FEW_ROWS[weights] rows: the stack's)
     assert model.stack_calls == sum(n <= FEW_ROWS[weights] for n in chunks) + 6 + 1  # + steps, verification
     assert torch.equal(got, want)
     assert_same_cache(pool, want_pool)
 
 
-def test_long_context_steps_below_the_window_stack(hf_model) -> None:
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16], ids=["kv-f32", "kv-bf16"])
+def test_long_context_steps_below_the_window_stack(hf_model, kv_dtype) -> None:
     """Below the neighbor window a long-context forward (a prefill chunk, a decode step, a
     verification) attends causally: the stack takes it and writes the grouped keys too, which
     the steps past the window then read."""
     cfg = LongContextConfig.derive(256, PAGE, resident=64, sinks=8, window=48, group=2)
     cfg.validate(256, PAGE)
-    want, want_pool = decode_batched(cpu_model(hf_model, False), cfg, steps=12)
+    want, want_pool = decode_batched(cpu_model(hf_model, False), cfg, steps=12, kv_dtype=kv_dtype)
     model = cpu_model(hf_model, True)
-    got, pool = decode_batched(model, cfg, steps=12)
+    got, pool = decode_batched(model, cfg, steps=12, kv_dtype=kv_dtype)
     # the six prefill chunks, the steps before the longest sequence (40 tokens) passes its
     # window (48), the verification
     assert model.stack_calls == 6 + 8 + 1

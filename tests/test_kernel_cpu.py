@@ -1,6 +1,7 @@
 """The C attention kernel (`infinikv.kernels.cpu`) against the plain-PyTorch partial
 attention: awkward lengths, page sizes that do not divide them, shuffled block tables,
-NaN in every slot it must not read, GQA, both head sizes, causal and unmasked ranges."""
+NaN in every slot it must not read, GQA, both head sizes, causal and unmasked ranges,
+float32 and bfloat16 pages."""
 
 from __future__ import annotations
 
@@ -49,9 +50,12 @@ def paged(T: int, B: int, Hkv: int, d: int, gen: torch.Generator):
     ],
 )
 @pytest.mark.parametrize("causal", [True, False])
-def test_kernel_matches_reference(T, B, n, Hq, Hkv, d, causal) -> None:
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+def test_kernel_matches_reference(T, B, n, Hq, Hkv, d, causal, kv_dtype) -> None:
     gen = torch.Generator().manual_seed(T + n)
     k_pages, v_pages, ids, k, v = paged(T, B, Hkv, d, gen)
+    k_pages, v_pages = k_pages.to(kv_dtype), v_pages.to(kv_dtype)  # widened exactly as read
+    k, v = k.to(kv_dtype).float(), v.to(kv_dtype).float()
     q = torch.randn(n, Hq, d, generator=gen)
     for start in (0, T // 3):
         visible = None
@@ -92,6 +96,8 @@ def test_kernel_refuses_what_it_cannot_run() -> None:
         )
     with pytest.raises(ValueError, match="contiguous"):
         paged_attention(q, k_pages.transpose(0, 1), v_pages, ids, 0, 40, True)
+    with pytest.raises(ValueError, match="both float32 or both bfloat16"):
+        paged_attention(q, k_pages.bfloat16(), v_pages, ids, 0, 40, True)
     with pytest.raises(ValueError, match="must lie in the table"):
         paged_attention(q, k_pages, v_pages, ids, 0, 41, True)
     with pytest.raises(ValueError, match="page outside"):

@@ -56,11 +56,11 @@ def _auto(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
 def _cpu_unfit(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
     """Why the C kernels cannot run this model here, or None."""
     from infinikv.kernels.cpu.build import library
-    from infinikv.kernels.cpu.ops import HEAD_DIMS, supports
+    from infinikv.kernels.cpu.ops import HEAD_DIMS
 
     if device.type != "cpu":
         return f"runs on the CPU, the model is on {device}"
-    if not supports(dtype, head_dim):
+    if dtype != torch.float32 or head_dim not in HEAD_DIMS:
         return f"takes float32 models with head_dim in {HEAD_DIMS}, got {dtype} and {head_dim}"
     try:
         library()

@@ -25,8 +25,8 @@ def paged_causal_attention(
     """See `AttentionBackend`. Keys sit at their own positions 0..kv_len-1."""
     if q.dim() != 3 or q.shape[-1] != kv.k.shape[-1]:
         raise ValueError(f"q must be (n, Hq, {kv.k.shape[-1]}), got {tuple(q.shape)}")
-    k = pages.gather(kv.k_rope, kv_len)  # (T, Hkv, d), already at positions 0..T-1
-    v = pages.gather(kv.v, kv_len)  # (T, Hkv, d)
+    k = pages.gather(kv.k_rope, kv_len).to(q.dtype)  # (T, Hkv, d), already at positions 0..T-1
+    v = pages.gather(kv.v, kv_len).to(q.dtype)  # (T, Hkv, d)
     qr = rotate(q, rope.at(q_positions))  # (n, Hq, d)
     return attend(qr, k, v, q_positions)
 
@@ -90,17 +90,17 @@ def paged_long_context_attention(
         # as W < R): the regions reduce to plain causal attention, so take the fast path.
         return attend(
             rotate(q, rope.at(q_positions)),
-            pages.gather(kv.k_rope, resident),
-            pages.gather(kv.v, resident),
+            pages.gather(kv.k_rope, resident).to(q.dtype),
+            pages.gather(kv.v, resident).to(q.dtype),
             q_positions,
         )
     se = state.self_extend
     check_grouping(kv, se)
     k_pos = pages.positions[:resident]  # (T,)
     far_end, near_start = band_bounds(q_positions, k_pos, se.window)
-    k_group = pages.gather(kv.k_group, near_start)  # (near_start, Hkv, d)
-    k_rope = pages.gather(kv.k_rope, resident, far_end)  # (T - far_end, Hkv, d)
-    v = pages.gather(kv.v, resident)  # (T, Hkv, d)
+    k_group = pages.gather(kv.k_group, near_start).to(q.dtype)  # (near_start, Hkv, d)
+    k_rope = pages.gather(kv.k_rope, resident, far_end).to(q.dtype)  # (T - far_end, Hkv, d)
+    v = pages.gather(kv.v, resident).to(q.dtype)  # (T, Hkv, d)
     memory = state.memory if state.memory is not None and state.memory.tokens else None
     if n == 1:
         qn = rotate(q, rope.at(q_positions))

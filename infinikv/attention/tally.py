@@ -52,16 +52,18 @@ class AttentionTally:
         tokens[: pages.sinks] -= pages.shift
         if self.uniform:
             far = at_memory_distance(q, rope, state.distance)
-            scores = [decode_logits(far, pages.gather(kv.k, resident)).reshape(Hq, -1)]
+            scores = [decode_logits(far, pages.gather(kv.k, resident).to(q.dtype)).reshape(Hq, -1)]
             keys = [tokens]
         else:
             far_end = band_bounds(at, positions, se.window)[0] if se.group > 1 else 0
             near = rotate(q, rope.at(at))
-            scores = [decode_logits(near, pages.gather(kv.k_rope, resident, far_end)).reshape(Hq, -1)]
+            near_keys = pages.gather(kv.k_rope, resident, far_end).to(q.dtype)
+            scores = [decode_logits(near, near_keys).reshape(Hq, -1)]
             keys = [tokens[far_end:]]
             if far_end:
                 grouped = rotate(q, rope.at(se.grouped_query_positions(at)))
-                scores.insert(0, decode_logits(grouped, pages.gather(kv.k_group, far_end)).reshape(Hq, -1))
+                far_keys = pages.gather(kv.k_group, far_end).to(q.dtype)
+                scores.insert(0, decode_logits(grouped, far_keys).reshape(Hq, -1))
                 keys.insert(0, tokens[:far_end])
         memory = state.memory
         if memory is not None and memory.tokens:

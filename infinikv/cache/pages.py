@@ -149,9 +149,10 @@ class PagePool:
         k_group: torch.Tensor,
     ) -> None:
         """Store layer i's new tokens: slots (N,) long; k, k_rope, v, k_group (N, Hkv, d)
-        (k_group is not stored when the pool keeps no separate copy: group 1)."""
+        (k_group is not stored when the pool keeps no separate copy: group 1), rounded to the
+        pool's dtype."""
         for cache, new in zip(self._caches(), (k, k_rope, v, k_group), strict=False):
-            cache[i].view(-1, *new.shape[1:]).index_copy_(0, slots, new)
+            cache[i].view(-1, *new.shape[1:]).index_copy_(0, slots, new.to(cache.dtype))
 
     def key_phases(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Phases (N, d/2) of keys at `positions` as the pool keeps them: at their own

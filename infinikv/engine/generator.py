@@ -110,12 +110,14 @@ class Generator:
         drafter_factory: Callable[[], Drafter] | None = None,
         max_draft: int = 8,
         prefix_cache: bool = True,
+        kv_dtype: torch.dtype | None = None,
     ):
         """max_seq_len bounds a sequence's length; with `long_context` the RAM budget of its
         memory does (with a store; without one, nothing leaves RAM and nothing bounds it) and
         a sequence holds at most its resident window plus one prefill chunk in pages. The pool
         holds `slots` such sequences at once; with `prefix_cache`, the full pages of prompts
-        too, while no sequence needs them (`attach_prefix`)."""
+        too, while no sequence needs them (`attach_prefix`); its keys and values in `kv_dtype`
+        (None: the model's)."""
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.loaded = loaded
@@ -137,7 +139,7 @@ class Generator:
         # Speculative decoding: a fresh drafter per generation (it keeps per-sequence state).
         self.drafter_factory, self.max_draft = drafter_factory, max_draft
         group = 1 if long_context is None else long_context.group
-        self.pool = self.model.new_page_pool(slots * pool_tokens, page_size, fill_value, group)
+        self.pool = self.model.new_page_pool(slots * pool_tokens, page_size, fill_value, group, kv_dtype)
         self.prefix_cache = PrefixCache(self.pool) if prefix_cache else None
         self._lock = threading.Lock()
 

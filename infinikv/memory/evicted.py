@@ -178,7 +178,10 @@ class EvictedMemory:
         self.make_room(self.tokens + len(blocks) * B)
         if self.first_block is None:
             self.first_block = start
-        kv = torch.stack([self.placed(blocks, k), v]).to("cpu", self.dtype)  # (2, L, nb, B, Hkv, d)
+        wide = torch.promote_types(k.dtype, self.dtype)  # rotated before any rounding to the memory's
+        kv = torch.stack([self.placed(blocks, k.to(wide)), v.to(wide)]).to(
+            "cpu", self.dtype
+        )  # (2, L, nb, B, Hkv, d)
         if self.store is not None:
             payloads = blocks_to_bytes(kv)
             self.store.put_many({block_key(self.prefix, b): p for b, p in zip(blocks, payloads, strict=True)})

@@ -167,12 +167,12 @@ class LlamaModel(nn.Module):
     def _stacked(self, batch: ForwardBatch, pool: PagePool, stack: DecoderStack) -> list[tuple] | None:
         """The batch's sequences as `stack` takes them (first row, rows, block table, resident
         slots), or None where one attends otherwise: another backend, a long-context step past
-        its window or with a tally, more query rows than the kernel takes, a float32 pool's
-        absence; a query not at its sequence's end is left to the backend's own error."""
+        its window or with a tally, more query rows than the kernel takes, a float32 or
+        bfloat16 pool's absence; a query not at its sequence's end is left to the backend's own error."""
         cfg = self.cfg
         if (
             self.attention is not stack.attention
-            or pool.k.dtype != torch.float32
+            or pool.k.dtype not in (torch.float32, torch.bfloat16)
             or pool.k.device.type != "cpu"
         ):
             return None
@@ -231,10 +231,16 @@ class LlamaModel(nn.Module):
         return self.embed.device
 
     def new_page_pool(
-        self, max_tokens: int, page_size: int, fill_value: float | None = None, group: int = 1
+        self,
+        max_tokens: int,
+        page_size: int,
+        fill_value: float | None = None,
+        group: int = 1,
+        dtype: torch.dtype | None = None,
     ) -> PagePool:
-        """A pool for this model's keys and values; `group`: the Self-Extend group size of the
-        long-context sequences it will hold (1 for plain attention)."""
+        """A pool for this model's keys and values, kept in `dtype` (None: the model's);
+        `group`: the Self-Extend group size of the long-context sequences it will hold (1 for
+        plain attention)."""
         cfg = self.cfg
         return PagePool.for_tokens(
             max_tokens,
@@ -242,7 +248,7 @@ class LlamaModel(nn.Module):
             num_layers=cfg.num_layers,
             num_kv_heads=cfg.num_kv_heads,
             head_dim=cfg.head_dim,
-            dtype=self.dtype,
+            dtype=dtype or self.dtype,
             device=self.device,
             fill_value=fill_value,
             group=group,

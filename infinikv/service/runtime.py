@@ -90,6 +90,7 @@ def build_generator(settings: Settings, slots: int = 1) -> Generator:
         store=InProcessBlockStore(),
         slots=slots,
         prefix_cache=settings.prefix_cache,
+        kv_dtype=settings.torch_kv_dtype,
     )
 
 

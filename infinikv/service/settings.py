@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     # Full KV pages of prompts kept for prompts that start with the same tokens (a chat
     # template's system turn, a document asked again), while the pool has room for them.
     prefix_cache: bool = True
+    # What the KV pages keep keys and values in; None: the model's dtype. bfloat16 halves the
+    # bytes a decode step reads from its context (docs/performance.md has the price in recall).
+    kv_dtype: Literal["float32", "bfloat16"] | None = None
     # Long context: Self-Extend over a bounded resident window, older blocks evicted into a
     # kNN memory. Unset knobs are derived from the model's trained length
     # (engine/regions.py); impossible combinations are refused at start.
@@ -119,6 +122,10 @@ class Settings(BaseSettings):
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    @property
+    def torch_kv_dtype(self) -> torch.dtype | None:
+        return None if self.kv_dtype is None else DTYPES[self.kv_dtype]
 
     def long_context_config(self, trained_len: int) -> LongContextConfig | None:
         if not self.long_context:

@@ -33,7 +33,7 @@ LINK = ("-shared", "-fopenmp")
 _ptr, _i64, _int, _float = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 SIGNATURES = {
     "paged_attention": (
-        *(_ptr, _ptr, _ptr, _i64, _ptr),  # q, k, v, P, pages
+        *(_ptr, _ptr, _ptr, _int, _i64, _ptr),  # q, k, v, kv_size, P, pages
         *(_i64, _i64, _i64),  # start, stop, limit
         *(_int, _int, _int, _int, _int, _float),  # n, Hq, Hkv, d, B, scale
         *(_ptr, _ptr, _int),  # out, lse, threads
@@ -51,17 +51,8 @@ SIGNATURES = {
     "decoder_stack": (
         *(_ptr, _int, _int, _ptr, _int, _float),  # x, M, L, layers, size, eps
         *(_int, _int, _int, _int, _int),  # D, F, Hq, Hkv, d
-        *(
-            _ptr,
-            _ptr,
-            _ptr,
-            _ptr,
-            _ptr,
-            _ptr,
-            _i64,
-            _int,
-            _ptr,
-        ),  # phases, group, k, k_rope, v, k_group, P, B, slots
+        *(_ptr, _ptr, _ptr, _ptr, _ptr, _ptr),  # phases, group, k, k_rope, v, k_group
+        *(_int, _i64, _int, _ptr),  # kv_size, P, B, slots
         *(_int, _ptr, _ptr, _ptr, _ptr, _float, _int),  # S, starts, lens, tables, kv_lens, scale, threads
     ),
     "sketch_logits": (

@@ -3,7 +3,7 @@
 #define INFINIKV_KERNELS_H
 #include <stdint.h>
 
-int paged_attention(const float* q, const float* k, const float* v, int64_t P, const int64_t* pages,
+int paged_attention(const float* q, const void* k, const void* v, int kv_size, int64_t P, const int64_t* pages,
                     int64_t start, int64_t stop, int64_t limit, int n, int Hq, int Hkv, int d, int B, float scale,
                     float* out, float* lse, int threads);
 void norm_project(const float* x, const float* norm_w, float eps, const void* W, int size, const float* bias,

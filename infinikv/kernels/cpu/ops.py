@@ -65,8 +65,14 @@ def weight_shape(w: torch.Tensor) -> tuple[int, int]:
     return w.shape[0], w.shape[1]
 
 
-def supports(dtype: torch.dtype, head_dim: int) -> bool:
-    return dtype == torch.float32 and head_dim in HEAD_DIMS
+# The KV caches' formats the attention kernel reads: bytes per value.
+KV_SIZES = {torch.float32: 4, torch.bfloat16: 2}
+
+
+def _kv_size(*caches: torch.Tensor) -> int:
+    """Bytes per value of caches the kernels read, or 0 where they cannot (mixed formats)."""
+    sizes = {KV_SIZES.get(c.dtype, 0) for c in caches}
+    return sizes.pop() if len(sizes) == 1 else 0
 
 
 def paged_attention(
@@ -80,17 +86,24 @@ def paged_attention(
     threads: int | None = None,
 ) -> Partial:
     """Attention of rotated queries q (n, Hq, d) over the block table's slots [start, stop)
-    of k_pages, v_pages (P, B, Hkv, d) (keys already rotated as q expects), page_ids (n_pages,)
-    int64. causal: the queries are the last n slots (query i sees slots < stop - n + 1 + i);
-    else every query sees every slot. threads: at most this many (default: torch's), each
-    with 256 slots or more (the kernel's MIN_KEYS_PER_THREAD). Returns out (n, Hq, d) and
-    lse (n, Hq), float32."""
+    of k_pages, v_pages (P, B, Hkv, d) float32 or both bfloat16 (keys already rotated as q
+    expects), page_ids (n_pages,) int64. causal: the queries are the last n slots (query i
+    sees slots < stop - n + 1 + i); else every query sees every slot. threads: at most this
+    many (default: torch's), each with 256 slots or more (the kernel's MIN_KEYS_PER_THREAD).
+    Returns out (n, Hq, d) and lse (n, Hq), float32."""
     n, Hq, d = q.shape
     P, B, Hkv, _ = k_pages.shape
     tensors = (q, k_pages, v_pages)
-    if not all(supports(t.dtype, d) and t.device.type == "cpu" and t.is_contiguous() for t in tensors):
+    kv_size = _kv_size(k_pages, v_pages)
+    if not (
+        q.dtype == torch.float32
+        and kv_size
+        and d in HEAD_DIMS
+        and all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+    ):
         raise ValueError(
-            f"the CPU kernel takes contiguous float32 CPU tensors with head_dim in {HEAD_DIMS}, got "
+            f"the CPU kernel takes contiguous CPU tensors with head_dim in {HEAD_DIMS}, q float32 "
+            "and the pages both float32 or both bfloat16, got "
             + ", ".join(f"{tuple(t.shape)} {t.dtype} {t.device}" for t in tensors)
         )
     if v_pages.shape != k_pages.shape or k_pages.shape[-1] != d or Hq % Hkv:
@@ -111,8 +124,9 @@ def paged_attention(
     lse = torch.empty(n, Hq)
     # fmt: off
     status = library().paged_attention(
-        q.data_ptr(), k_pages.data_ptr(), v_pages.data_ptr(), P, page_ids.data_ptr(), start, stop, limit,
-        n, Hq, Hkv, d, B, d**-0.5, out.data_ptr(), lse.data_ptr(), threads or torch.get_num_threads(),
+        q.data_ptr(), k_pages.data_ptr(), v_pages.data_ptr(), kv_size, P, page_ids.data_ptr(),
+        start, stop, limit, n, Hq, Hkv, d, B, d**-0.5, out.data_ptr(), lse.data_ptr(),
+        threads or torch.get_num_threads(),
     )
     # fmt: on
     if status == 2:
@@ -266,13 +280,23 @@ def decoder_stack(
     """The first `num_layers` layers of `layers` (`layer_table`'s) on x (M, D) in place, in
     one call (stack.c): dims (D, F, Hq, Hkv, d); phases, group_phases (M, d/2, 2)
     float32 at each row's own and grouped position (None: the pool keeps no k_group); caches
-    k, k_rope, v, k_group (L, P, B, Hkv, d) (k_group None: it is k_rope); slots (M,) int64;
+    k, k_rope, v, k_group (L, P, B, Hkv, d), all float32 or all bfloat16 (k_group None: it is
+    k_rope); slots (M,) int64;
     seqs: (first row, rows, block table ids, resident slots), its rows the last of them."""
     D, F, Hq, Hkv, d = dims
     k, k_rope, v, k_group = caches
-    tensors = [x, phases, k, k_rope, v, *(t for t in (group_phases, k_group) if t is not None)]
-    if not all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors):
-        raise ValueError("the decoder stack takes contiguous float32 CPU activations, phases and caches")
+    floats = [x, phases, *(() if group_phases is None else (group_phases,))]
+    caches_in = [k, k_rope, v, *(() if k_group is None else (k_group,))]
+    kv_size = _kv_size(*caches_in)
+    if not (
+        kv_size
+        and all(t.dtype == torch.float32 for t in floats)
+        and all(t.device.type == "cpu" and t.is_contiguous() for t in floats + caches_in)
+    ):
+        raise ValueError(
+            "the decoder stack takes contiguous CPU tensors: activations and phases float32, "
+            "the caches all float32 or all bfloat16"
+        )
     if (group_phases is None) != (k_group is None) or d not in HEAD_DIMS:
         raise ValueError(f"need grouped phases with a k_group cache and head_dim in {HEAD_DIMS}")
     M = x.shape[0]
@@ -304,7 +328,8 @@ def decoder_stack(
     status = library().decoder_stack(
         x.data_ptr(), M, num_layers, table, weight_size, eps, D, F, Hq, Hkv, d,
         phases.data_ptr(), None if group_phases is None else group_phases.data_ptr(),
-        k.data_ptr(), k_rope.data_ptr(), v.data_ptr(), None if k_group is None else k_group.data_ptr(), P, B,
+        k.data_ptr(), k_rope.data_ptr(), v.data_ptr(), None if k_group is None else k_group.data_ptr(),
+        kv_size, P, B,
         slots.data_ptr(), S, columns[0], columns[1], tables, columns[2], d**-0.5, torch.get_num_threads(),
     )
     # fmt: on
