@@ -95,7 +95,10 @@ def run_infinikv(
 
     # Plain attention over the whole prompt, as transformers does: this measures the decoder
     # and the paged cache; long_context: the defaults' regions and memory on the same prompts.
-    settings = Settings(dtype=dtype, quantize=quantize, long_context=long_context, kv_dtype=kv_dtype)
+    # No prefix cache: a repeat would reuse the prompt's pages (llama.cpp's runs reset likewise).
+    settings = Settings(
+        dtype=dtype, quantize=quantize, long_context=long_context, kv_dtype=kv_dtype, prefix_cache=False
+    )
     gen: Generator = build_generator(settings)
     loaded_mb = rss_mb()
     params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)

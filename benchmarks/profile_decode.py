@@ -1,7 +1,7 @@
 """Where a decode step's time goes, against the time it takes to read the weights once.
 
     python benchmarks/profile_decode.py [--quantize none|bf16|int4] [--prompt 512] [--steps 128]
-        [--layer-by-layer]
+        [--layer-by-layer] [--kv-dtype float32|bfloat16]
 
 One greedy generation of --steps tokens after a --prompt-token prompt (plain attention, the
 default model), every decoder part timed by wrappers around it (a perf_counter pair each,
@@ -12,8 +12,10 @@ parts) and the rest of the step outside the forward (sampling, detokenizing, the
 the CPU decoder stack (the default for float32 and bf16 weights), every layer's work is one C
 call, timed as a whole (--layer-by-layer: without the stack, each part timed). The
 weight-read bound is the bytes of weights a step reads (every layer's and the head's)
-over the read bandwidth measured here (a sum over 1 GiB, the best of five). Prints the
-CPU and its features, a table, and appends a row to benchmarks/results/profile_decode.jsonl.
+over the read bandwidth measured here (a sum over 1 GiB, the best of five); the read bound
+adds the keys and values the step's attention reads (the mean context over the steps, in
+the pool's dtype). Prints the CPU and its features, a table, and appends a row to
+benchmarks/results/profile_decode.jsonl.
 """
 
 from __future__ import annotations
@@ -94,7 +96,7 @@ def profile(args: argparse.Namespace) -> dict:
     from infinikv.service.runtime import build_generator
     from infinikv.service.settings import Settings
 
-    gen = build_generator(Settings(quantize=args.quantize, long_context=False))
+    gen = build_generator(Settings(quantize=args.quantize, long_context=False, kv_dtype=args.kv_dtype))
     model = gen.model
     if args.layer_by_layer and model.few_rows is not None:
         model.use_few_rows(dataclasses.replace(model.few_rows, stack=None))
@@ -121,11 +123,14 @@ def profile(args: argparse.Namespace) -> dict:
     step_s = result.decode_seconds / steps
     bandwidth = read_bandwidth_gbs()
     nbytes = weight_bytes(model)
+    pool, context = gen.pool, args.prompt + steps / 2  # keys and values read per step, on average
+    kv_bytes = 2 * context * model.cfg.num_layers * pool.k[0, 0, 0].numel() * pool.k.element_size()
     return {
         "date": datetime.date.today().isoformat(),
         "cpu": cpu_name(),
         "features": cpu_features(),
         "quantize": args.quantize,
+        "kv_dtype": str(pool.k.dtype).removeprefix("torch."),
         "layer_by_layer": args.layer_by_layer,
         "prompt_tokens": args.prompt,
         "steps": steps,
@@ -133,6 +138,8 @@ def profile(args: argparse.Namespace) -> dict:
         "weight_mb": nbytes / 2**20,
         "read_gbs": bandwidth,
         "bound_ms": nbytes / bandwidth / 1e6,
+        "kv_mb": kv_bytes / 2**20,
+        "read_bound_ms": (nbytes + kv_bytes) / bandwidth / 1e6,
         "parts_ms": {part: decode[part] / steps * 1e3 for part in PARTS},
         "forward_ms": decode["forward"] / steps * 1e3,
     }
@@ -144,10 +151,14 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--steps", type=int, default=128)
     ap.add_argument("--layer-by-layer", action="store_true", help="without the CPU decoder stack")
+    ap.add_argument(
+        "--kv-dtype", choices=["float32", "bfloat16"], help="the KV pages' (default: the model's)"
+    )
     row = profile(ap.parse_args())
     with RESULTS.open("a") as f:
         f.write(json.dumps(row) + "\n")
     print(f"CPU: {row['cpu']} ({', '.join(row['features'])}); quantize={row['quantize']}, ", end="")
+    print(f"KV pages {row['kv_dtype']}, ", end="")
     print(f"{row['prompt_tokens']}-token prompt, {row['steps']} steps, ", end="")
     print("layer by layer" if row["layer_by_layer"] else "decoder stack where it applies")
     print("| part | ms per step | share |\n|---|---:|---:|")
@@ -161,7 +172,9 @@ def main() -> None:
     print(f"| **step** | **{row['step_ms']:.2f}** | 100% |")
     print(
         f"weights read per step {row['weight_mb']:.0f} MB at {row['read_gbs']:.1f} GB/s: bound "
-        f"{row['bound_ms']:.2f} ms, the step at {row['bound_ms'] / row['step_ms']:.0%} of it"
+        f"{row['bound_ms']:.2f} ms, the step at {row['bound_ms'] / row['step_ms']:.0%} of it; with the "
+        f"{row['kv_mb']:.0f} MB of keys and values its attention reads: {row['read_bound_ms']:.2f} ms, "
+        f"the step at {row['read_bound_ms'] / row['step_ms']:.0%}"
     )
 
 

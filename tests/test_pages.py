@@ -49,7 +49,18 @@ def test_a_pool_larger_than_the_ram_is_reported_naming_the_setting(caplog) -> No
         warn_if_pool_exceeds(pool, pool.nbytes)
         assert not caplog.records
         warn_if_pool_exceeds(pool, pool.nbytes - 1)
-    assert "--slots" in caplog.text
+    assert "--slots" in caplog.text and "--kv-dtype" in caplog.text
+    narrow = PagePool(2, 6, 4, num_kv_heads=1, head_dim=2, group=2, dtype=torch.bfloat16)
+    assert narrow.nbytes == pool.nbytes // 2
+
+
+def test_a_bfloat16_pool_keeps_its_writes_rounded_as_torch_rounds() -> None:
+    pool = PagePool(2, 4, 4, num_kv_heads=2, head_dim=4, dtype=torch.bfloat16)
+    slots = BlockTable(pool).reserve(3)
+    k, v = torch.randn(3, 2, 4) * 1e3, torch.randn(3, 2, 4)
+    pool.write(1, slots, k, k + 1, v, k + 1)
+    for cache, want in ((pool.k, k), (pool.k_rope, k + 1), (pool.v, v)):
+        assert torch.equal(cache[1].view(-1, 2, 4)[slots], want.to(torch.bfloat16))
 
 
 def test_block_table_slots_and_truncate_frees_pages() -> None:

@@ -54,7 +54,8 @@ def warn_if_pool_exceeds(pool: PagePool, ram: int) -> None:
     if pool.nbytes > ram:
         log.warning(
             "the KV pool grows to %.1f GB when every slot is full, more than this machine's %.1f GB "
-            "of RAM: lower --slots (or --resident) if many long sequences run at once",
+            "of RAM: lower --slots (or --resident), or keep the pages in bfloat16 (--kv-dtype bfloat16), "
+            "if many long sequences run at once",
             pool.nbytes / 1e9,
             ram / 1e9,
         )
