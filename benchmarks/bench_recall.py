@@ -200,12 +200,14 @@ def chart(summary: dict, split: str, columns: list[tuple[str, str]], path: Path)
     from infinikv.evaluation.recall import TASKS
 
     fig, axes = plt.subplots(1, len(TASKS), figsize=(4 * len(TASKS), 3.6), sharey=True)
+    colours = plt.get_cmap("tab20")  # a column keeps its colour and marker in every panel
     for ax, task in zip(axes, TASKS, strict=True):
         for i, (mode, variant) in enumerate(columns):
             pts = sorted((k[4], v[0]) for k, v in summary.items() if k[:4] == (split, mode, variant, task))
             if pts:
                 label = mode + (f" [{variant}]" if variant else "")
-                ax.plot(*zip(*pts, strict=True), marker="os^Dv<>"[i % 7], label=label)
+                style = {"marker": "os^Dv<>"[i % 7], "color": colours(i % 20)}
+                ax.plot(*zip(*pts, strict=True), label=label, **style)
         ax.axvline(TRAINED, color="grey", ls=":")
         ax.set_xscale("log", base=2)
         lengths = sorted({k[4] for k in summary if k[0] == split})
