@@ -98,9 +98,10 @@ def paged_long_context_attention(
     check_grouping(kv, se)
     k_pos = pages.positions[:resident]  # (T,)
     far_end, near_start = band_bounds(q_positions, k_pos, se.window)
-    k_group = pages.gather(kv.k_group, near_start).to(q.dtype)  # (near_start, Hkv, d)
-    k_rope = pages.gather(kv.k_rope, resident, far_end).to(q.dtype)  # (T - far_end, Hkv, d)
-    v = pages.gather(kv.v, resident).to(q.dtype)  # (T, Hkv, d)
+    keys = q.dtype if n == 1 or chunk_dtype is None else chunk_dtype  # what attention reads them in
+    k_group = pages.gather(kv.k_group, near_start).to(keys)  # (near_start, Hkv, d)
+    k_rope = pages.gather(kv.k_rope, resident, far_end).to(keys)  # (T - far_end, Hkv, d)
+    v = pages.gather(kv.v, resident).to(keys)  # (T, Hkv, d)
     memory = state.memory if state.memory is not None and state.memory.tokens else None
     if n == 1:
         qn = rotate(q, rope.at(q_positions))

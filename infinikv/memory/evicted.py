@@ -178,10 +178,10 @@ class EvictedMemory:
         self.make_room(self.tokens + len(blocks) * B)
         if self.first_block is None:
             self.first_block = start
-        wide = torch.promote_types(k.dtype, self.dtype)  # rotated before any rounding to the memory's
-        kv = torch.stack([self.placed(blocks, k.to(wide)), v.to(wide)]).to(
-            "cpu", self.dtype
-        )  # (2, L, nb, B, Hkv, d)
+        # (2, L, nb, B, Hkv, d): rotated in the wider of the pages' and the memory's dtypes,
+        # then rounded once to the memory's.
+        wide = torch.promote_types(k.dtype, self.dtype)
+        kv = torch.stack([self.placed(blocks, k.to(wide)), v.to(wide)]).to("cpu", self.dtype)
         if self.store is not None:
             payloads = blocks_to_bytes(kv)
             self.store.put_many({block_key(self.prefix, b): p for b, p in zip(blocks, payloads, strict=True)})
