@@ -2,11 +2,12 @@
 steps), the same engine with `max_batch=1` (one sequence per forward), and transformers'
 continuous batching (`generate_batch`), same weights (float32), same prompts, one process.
 
-    python benchmarks/bench_batching.py [--sequences 1 4 8] [--new-tokens 64]
+    python benchmarks/bench_batching.py [--sequences 1 4 8] [--new-tokens 64] [--quantize bf16]
 
 N distinct short chat prompts, all submitted at once, greedy, `--new-tokens` each (EOS
 ignored); generated tokens per second of wall time, prefill included. infinikv runs its
-default settings with `slots` = N. Writes benchmarks/results/batching.json.
+default settings with `slots` = N (`--quantize`: infinikv's weights; transformers' stay
+float32). Writes benchmarks/results/batching.json.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from infinikv.engine.scheduler import Engine  # noqa: E402
 from infinikv.engine.tasks import Failed, Finished, TaskHandle  # noqa: E402
 from infinikv.memory.store import InProcessBlockStore  # noqa: E402
 from infinikv.model.default import default_gguf  # noqa: E402
+from infinikv.model.linear import QUANTIZATIONS  # noqa: E402
 from infinikv.model.loader import convert_gguf  # noqa: E402
 from infinikv.service.runtime import build_generator  # noqa: E402
 from infinikv.service.settings import Settings  # noqa: E402
@@ -46,9 +48,9 @@ def messages(n: int) -> list[list[dict[str, str]]]:
     ]
 
 
-def run_infinikv(n: int, new_tokens: int, max_batch: int) -> float:
+def run_infinikv(n: int, new_tokens: int, max_batch: int, quantize: str) -> float:
     """Generated tokens per second of n chat requests submitted at once."""
-    gen = build_generator(Settings(slots=n), slots=n)
+    gen = build_generator(Settings(slots=n, quantize=quantize), slots=n)
     engine = Engine(gen, InProcessBlockStore(), max_queue=max(64, n), max_batch=max_batch)
     engine.start()
     params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
@@ -86,6 +88,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sequences", type=int, nargs="+", default=[1, 4, 8])
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--quantize", choices=QUANTIZATIONS, default="none", help="infinikv's weights")
     ap.add_argument("--out", default="benchmarks/results/batching.json")
     args = ap.parse_args()
 
@@ -103,8 +106,9 @@ def main() -> None:
         row = {
             "sequences": n,
             "transformers_tok_s": run_transformers(n, args.new_tokens, hf, tokenizer),
-            "unbatched_tok_s": run_infinikv(n, args.new_tokens, max_batch=1),
-            "batched_tok_s": run_infinikv(n, args.new_tokens, max_batch=32),
+            "quantize": args.quantize,
+            "unbatched_tok_s": run_infinikv(n, args.new_tokens, 1, args.quantize),
+            "batched_tok_s": run_infinikv(n, args.new_tokens, 32, args.quantize),
         }
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -3,6 +3,7 @@ attention (every layer once) at 512 to 32k tokens of context, and the projection
 
     python benchmarks/bench_kernels_cpu.py [--parts attention projections layers]
         [--lengths 512 2048 6144 16384 32768] [--repeats 15]
+        [--weights float32 bfloat16 int4] [--rows 1 5 8 17 32]
 
 Part `attention`:
 Shapes: SmolLM2-135M's attention (30 layers, 9 query heads, 3 kv-heads, head_dim 64) and
@@ -57,6 +58,7 @@ MODELS = {
     "SmolLM2-135M": (30, 576, 9, 3, 64, 1536, 49152),
     "Qwen2.5-0.5B": (24, 896, 14, 2, 64, 4864, 151936),
 }
+WEIGHTS = ("float32", "bfloat16", "int4")
 RESULTS = Path(__file__).parent / "results" / "kernels_cpu.json"
 
 
@@ -112,15 +114,17 @@ def projection_sets(L: int, D: int, Hq: int, Hkv: int, d: int, inter: int, vocab
     yield "int4", [(m, m.kernel_weight) for m in modules]
 
 
-def projection_rows(repeats: int) -> list[dict]:
+def projection_rows(repeats: int, weights: list[str], row_counts: list[int] | None) -> list[dict]:
     rows = []
     print("| model | weights | rows | PyTorch ms | kernel ms | speed-up | kernel GB/s |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for name, dims in MODELS.items():
         for kind, matrices in projection_sets(*dims):
+            if kind not in weights:
+                continue
             nbytes = sum(w.numel() * w.element_size() for _, w in matrices)
             # float32's few-row limit is 64 rows (FEW_ROWS): the rows around it too
-            for m in (1, 5, 8, 17, 32, *((64, 128) if kind == "float32" else ())):
+            for m in row_counts or (1, 5, 8, 17, 32, *((64, 128) if kind == "float32" else ())):
                 inputs = {k: torch.randn(m, k) for k in {weight_shape(w)[1] for _, w in matrices}}
                 times = {}
                 for label in ("torch", "kernel"):
@@ -219,6 +223,8 @@ def main() -> None:
     )
     ap.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 6144, 16384, 32768])
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--weights", nargs="+", choices=WEIGHTS, default=list(WEIGHTS), help="projections")
+    ap.add_argument("--rows", type=int, nargs="+", help="projections: rows of x")
     args = ap.parse_args()
     # The parts not run this time keep their last results.
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
@@ -226,7 +232,7 @@ def main() -> None:
     if "attention" in args.parts:
         results["attention"] = attention_rows(args.lengths, args.repeats)
     if "projections" in args.parts:
-        results["projections"] = projection_rows(args.repeats)
+        results["projections"] = projection_rows(args.repeats, args.weights, args.rows)
     if "layers" in args.parts:
         results["layers"] = layer_rows(args.repeats)
     RESULTS.write_text(json.dumps(results, indent=1) + "\n")

@@ -3,9 +3,10 @@ of 32 inputs.
 
 `--quantize bf16` stores every projection's weight (and the output head) as bfloat16, half
 float32's bytes; activations, the KV cache and everything else stay float32. Inputs of few
-rows go through the CPU kernel, which widens the weights exactly and computes in float32;
-more rows (prefill chunks) are rounded to bfloat16 for torch's bfloat16 matmul (oneDNN, the
-CPU's bfloat16 dot-product instructions where it has them) and the result widened back.
+rows go through the CPU kernel: on CPUs with AVX512-BF16 it rounds them to bfloat16 and sums
+the exact products in float32 (VDPBF16PS), elsewhere it widens the weights and multiplies
+float32 inputs; more rows (prefill chunks) are rounded to bfloat16 for torch's bfloat16
+matmul (oneDNN, the same instructions where the CPU has them) and the result widened back.
 
 `--quantize int4` keeps the activations, the KV cache and everything else in float32;
 only the weight matrices are stored quantized and multiplied by torch's CPU int4 kernel
@@ -84,9 +85,9 @@ class FewRowKernels:
 # (benchmarks/bench_kernels_cpu.py, SmolLM2's weights on a 2-core CPU): float32 weights
 # 18-71 ms for 1-32 rows against BLAS's 44-95 ms (AMD), 60.6 / 97.9 ms at 32 / 64 rows
 # against 60.8 / 86.3 (Xeon; batches of 64 rows: docs/performance.md); bfloat16 ones 9 / 14
-# ms for 1 / 5 rows against 20 / 23 ms for torch's bfloat16 matmul, which overtakes the
-# kernel from ~16 rows (it multiplies in bfloat16 dot-product instructions, the kernel
-# widens to float32); int4 (Q4 layers, a Q8 head: uint8 and int8 blocks) 11-64 ms against
+# ms for 1 / 5 rows against 20 / 23 ms for torch's bfloat16 matmul, which overtook the
+# widening kernel from ~16 rows (Xeon; with VDPBF16PS 12 rows take 12-14 ms against 16-24,
+# AMD Zen 5); int4 (Q4 layers, a Q8 head: uint8 and int8 blocks) 11-64 ms against
 # torch's int4 kernel's 14-95 ms (Xeon).
 FEW_ROWS = {torch.float32: 64, torch.bfloat16: 12, torch.uint8: 32, torch.int8: 32}
 

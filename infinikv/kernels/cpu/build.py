@@ -60,9 +60,15 @@ SIGNATURES = {
         *(_ptr, _int, _ptr, _int),  # q, m, out, threads
     ),
     "int8_activations": (),
+    "bf16_dot": (),
 }
 # the others return nothing
-RESTYPES = {"paged_attention": ctypes.c_int, "decoder_stack": ctypes.c_int, "int8_activations": ctypes.c_int}
+RESTYPES = {
+    "paged_attention": ctypes.c_int,
+    "decoder_stack": ctypes.c_int,
+    "int8_activations": ctypes.c_int,
+    "bf16_dot": ctypes.c_int,
+}
 
 
 def compiler() -> str:

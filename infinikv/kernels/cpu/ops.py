@@ -58,6 +58,12 @@ def int8_activations() -> bool:
     return bool(library().int8_activations())
 
 
+def bf16_dot() -> bool:
+    """Whether bfloat16 weights multiply x rounded to bfloat16 in the CPU's bfloat16 dot-product
+    instruction (AVX512-BF16), rather than float32 x and the weights widened (matvec.h)."""
+    return bool(library().bf16_dot())
+
+
 def weight_shape(w: torch.Tensor) -> tuple[int, int]:
     """(N, K) of a projection's weight in any of WEIGHT_SIZES' formats."""
     if w.dtype in BLOCK_BYTES:

@@ -16,6 +16,7 @@
 #include <string.h>
 
 #include "kernels.h"
+#include "vec.h"
 
 /* One layer's weights: the projections in one of matvec.h's formats (`size`), the norms
  * and biases float32 (a NULL bias: none). */
@@ -43,18 +44,14 @@ static void rotate_heads(const float* x, const float* ph, float* out, int H, int
 }
 
 /* n floats of src into dst as the pool keeps them: float32 (kv_size 4), or bfloat16 rounded
- * to nearest even as torch's conversion rounds (a NaN stays one). */
+ * as torch rounds. */
 static void put_row(char* dst, const float* src, int n, int kv_size) {
   if (kv_size == 4) {
     memcpy(dst, src, sizeof(float) * (size_t)n);
     return;
   }
   unsigned short* h = (unsigned short*)dst;
-  for (int i = 0; i < n; i++) {
-    unsigned int u;
-    memcpy(&u, src + i, sizeof u);
-    h[i] = (u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0 : (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-  }
+  for (int i = 0; i < n; i++) h[i] = float_to_bf16(src[i]);
 }
 
 /* Returns 0, paged_attention's status (2: a page outside the pool), or 3 for out of memory. */

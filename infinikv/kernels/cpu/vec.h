@@ -32,6 +32,12 @@ AI v16 load_bf16(const unsigned short* p) {
   return x;
 }
 #endif
+/* f rounded to bfloat16 to nearest even, as torch's conversion rounds (a NaN stays one). */
+AI unsigned short float_to_bf16(float f) {
+  unsigned int u;
+  memcpy(&u, &f, sizeof u);
+  return (u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0 : (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
 AI float bf16_to_float(unsigned short h) {
   unsigned int w = (unsigned int)h << 16;
   float x;
