@@ -420,7 +420,7 @@ def main() -> None:
             )
         )
         if pairs:
-            reference = results.get(f"in_process{suffix.removeprefix('_long')}", results["in_process"])
+            reference = results.get(f"in_process{suffix.removeprefix('_long')}") or results["in_process"]
             print(f"\nresults {suffix or '(short, float32)'}:", end="")
             print_concurrency(pairs, reference, results.get(f"concurrency_transformers{suffix}"))
             chart([b for _, b in pairs], CHART.with_name(f"{CHART.stem}{suffix}.png"))
