@@ -25,6 +25,7 @@ from infinikv.engine.sampling import SamplingParams
 from infinikv.engine.scheduler import Engine
 from infinikv.engine.sequence import feed
 from infinikv.engine.tasks import Failed, Finished, TaskHandle
+from infinikv.kernels.cpu.ops import bf16_dot
 from infinikv.memory.evicted import EvictedMemory
 from infinikv.memory.store import InProcessBlockStore, RedisBlockStore
 from infinikv.model.llama import LlamaModel
@@ -36,6 +37,12 @@ from infinikv.service.settings import Settings
 from .redis_server import redis_server
 
 CACHE_DIR = Settings().cache_dir
+
+
+def kernel_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The rows of x as the few-row kernels multiply weights of `dtype` by them: rounded to
+    bfloat16 for bfloat16 weights on CPUs with AVX512-BF16."""
+    return x.bfloat16().to(x.dtype) if dtype == torch.bfloat16 and bf16_dot() else x
 
 
 @pytest.fixture(scope="session")

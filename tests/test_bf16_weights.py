@@ -21,7 +21,7 @@ from infinikv.model.linear import FEW_ROWS, DenseLinear, dense
 from infinikv.model.loader import load_model
 from infinikv.service.runtime import attach_kernels
 
-from .conftest import CACHE_DIR
+from .conftest import CACHE_DIR, kernel_rows
 
 
 @pytest.mark.parametrize("rows", [1, 5, FEW_ROWS[torch.bfloat16], FEW_ROWS[torch.bfloat16] + 1, 100])
@@ -35,8 +35,7 @@ def test_dense_with_bf16_weights(rows: int) -> None:
     x, b = torch.randn(rows, 96, generator=gen), torch.randn(40, generator=gen)
     w = torch.randn(40, 96, generator=gen).bfloat16()
     bf16_matmul = F.linear(x.bfloat16(), w).float() + b
-    xk = x.bfloat16().float() if bf16_dot() else x
-    exact = (xk.double() @ w.double().T).float() + b
+    exact = (kernel_rows(x, torch.bfloat16).double() @ w.double().T).float() + b
     got = dense(x, w, b, linear)
     assert got.dtype == torch.float32
     if rows <= FEW_ROWS[torch.bfloat16]:
@@ -62,8 +61,8 @@ def bf16_model():
 
 
 def rounded_input(m: DenseLinear, x: torch.Tensor) -> torch.Tensor:
-    """m's float32 projection of x rounded to bfloat16, as the few-row kernel with AVX512-BF16."""
-    return F.linear(x.bfloat16().float(), m.weight, m.bias)
+    """m's float32 projection of x as the few-row kernel takes it (kernel_rows)."""
+    return F.linear(kernel_rows(x, torch.bfloat16), m.weight, m.bias)
 
 
 @pytest.mark.slow

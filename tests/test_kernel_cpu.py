@@ -25,6 +25,8 @@ from infinikv.kernels.cpu.ops import (
     q8_blocks,
 )
 
+from .conftest import kernel_rows
+
 
 def paged(T: int, B: int, Hkv: int, d: int, gen: torch.Generator):
     """Keys and values of T slots in shuffled pages of size B (page 0 and the tail of the
@@ -124,11 +126,6 @@ def test_linear_matches_torch(M, N, K, dtype) -> None:
         torch.testing.assert_close(y, linear(xk, w.float()), atol=1e-4, rtol=1e-5)
 
 
-def kernel_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The rows of x as the few-row kernels multiply weights of `dtype` by them."""
-    return x.bfloat16().to(x.dtype) if dtype == torch.bfloat16 and bf16_dot() else x
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_each_row_of_linear_is_its_row_alone(dtype) -> None:
     """Row counts 1-13 (four rows of x against four of W; in bfloat16 five to eight against
@@ -187,7 +184,7 @@ def test_layer_parts_match_pytorch(M, D, A, F_, N, bias, dtype) -> None:
     x, attn, eps = torch.randn(M, D, generator=gen), torch.randn(M, A, generator=gen), 1e-5
     d = {k: None if v is None else v.double() for k, v in p.items()}
     x64 = x.double()
-    atol = 5e-4 if kernel_rows(x, dtype) is not x else 1e-4
+    atol = 5e-4 if dtype == torch.bfloat16 and bf16_dot() else 1e-4
 
     def project(t: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         return torch.nn.functional.linear(kernel_rows(t.float(), dtype).double(), w, b)
@@ -298,16 +295,17 @@ def test_blocks_refuse_what_they_cannot_hold() -> None:
 @pytest.mark.parametrize(
     "arch, flag", [("x86-64-v3", "avx2"), ("skylake-avx512", "avx512f")], ids=["avx2", "avx512-no-vnni"]
 )
-def test_block_weights_on_cpus_without_vnni(arch: str, flag: str) -> None:
-    """The kernels built for an older CPU (INFINIKV_CPU_ARCH) de-quantize the blocks to float32:
-    the projection of the weights they hold."""
+def test_kernels_on_cpus_without_vnni_or_bf16(arch: str, flag: str) -> None:
+    """The kernels built for an older CPU (INFINIKV_CPU_ARCH) de-quantize the blocks to float32
+    (the projection of the weights they hold) and widen bfloat16 weights, x unrounded (the
+    path CPUs without AVX512-BF16 take), each row as alone."""
     from benchmarks.machine import cpu_features
 
     if flag not in cpu_features():
         pytest.skip(f"this CPU has no {flag}")
     script = (
         "import torch\n"
-        "from infinikv.kernels.cpu.ops import int8_activations, linear\n"
+        "from infinikv.kernels.cpu.ops import bf16_dot, int8_activations, linear\n"
         "from tests.test_kernel_cpu import block_weights\n"
         "assert not int8_activations()\n"
         "for fmt in ('q4', 'q8'):\n"
@@ -315,6 +313,11 @@ def test_block_weights_on_cpus_without_vnni(arch: str, flag: str) -> None:
         "        blocks, w = block_weights(fmt, 36, K, seed=rows)\n"
         "        x = torch.randn(rows, K)\n"
         "        torch.testing.assert_close(linear(x, blocks), x @ w.T, rtol=1e-5, atol=1e-4)\n"
+        "assert not bf16_dot()\n"
+        "x, w = torch.randn(9, 577), torch.randn(46, 577).bfloat16()\n"
+        "y = linear(x, w)\n"
+        "torch.testing.assert_close(y, (x.double() @ w.double().T).float(), rtol=1e-5, atol=1e-4)\n"
+        "assert torch.equal(torch.cat([linear(x[i : i + 1], w) for i in range(9)]), y)\n"
     )
     env = {**os.environ, "INFINIKV_CPU_ARCH": arch}
     subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=Path(__file__).parents[1])
