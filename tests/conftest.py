@@ -52,6 +52,14 @@ def default_model() -> LoadedModel:
 
 
 @pytest.fixture(scope="session")
+def bf16_model() -> LoadedModel:
+    """The default model with bfloat16 weight matrices (`--quantize bf16`) on the CPU kernels."""
+    loaded = load_model(None, CACHE_DIR, quantize="bf16")
+    attach_kernels(loaded, "cpu")
+    return loaded
+
+
+@pytest.fixture(scope="session")
 def tokenizer(default_model: LoadedModel):
     return default_model.tokenizer
 

@@ -17,20 +17,20 @@ from infinikv.engine.sampling import SamplingParams
 from infinikv.engine.sequence import Sequence, feed
 from infinikv.errors import UnsupportedModelError
 from infinikv.kernels.cpu.ops import bf16_dot, linear
-from infinikv.model.linear import FEW_ROWS, DenseLinear, dense
+from infinikv.model.linear import BF16_DOT_ROWS, FEW_ROWS, DenseLinear, dense, few_rows_limit
 from infinikv.model.loader import load_model
-from infinikv.service.runtime import attach_kernels
 
 from .conftest import CACHE_DIR, kernel_rows
 
 
-@pytest.mark.parametrize("rows", [1, 5, FEW_ROWS[torch.bfloat16], FEW_ROWS[torch.bfloat16] + 1, 100])
+# Either side of the kernels' limit with and without the bfloat16 dot product, and beyond.
+@pytest.mark.parametrize("rows", [1, 5, FEW_ROWS[torch.bfloat16], FEW_ROWS[torch.bfloat16] + 1, 64, 65, 100])
 def test_dense_with_bf16_weights(rows: int) -> None:
-    """Up to FEW_ROWS[bfloat16] rows: the kernel, float32 sums of products of the exact weights
-    with x (rounded to bfloat16 on CPUs with AVX512-BF16, as torch's matmul rounds it, its sums
-    kept in float32); more rows: x rounded to bfloat16 times the weights in torch's bf16
-    matmul. Float32 out, bias added in float32, and the same without a kernel (the PyTorch
-    backend)."""
+    """Up to few_rows_limit(bfloat16) rows (BF16_DOT_ROWS with AVX512-BF16): the kernel,
+    float32 sums of products of the exact weights with x (rounded to bfloat16 on CPUs with
+    AVX512-BF16, as torch's matmul rounds it, its sums kept in float32); more rows: x rounded
+    to bfloat16 times the weights in torch's bf16 matmul. Float32 out, bias added in float32,
+    and the same without a kernel (the PyTorch backend)."""
     gen = torch.Generator().manual_seed(rows)
     x, b = torch.randn(rows, 96, generator=gen), torch.randn(40, generator=gen)
     w = torch.randn(40, 96, generator=gen).bfloat16()
@@ -38,7 +38,9 @@ def test_dense_with_bf16_weights(rows: int) -> None:
     exact = (kernel_rows(x, torch.bfloat16).double() @ w.double().T).float() + b
     got = dense(x, w, b, linear)
     assert got.dtype == torch.float32
-    if rows <= FEW_ROWS[torch.bfloat16]:
+    limit = few_rows_limit(torch.bfloat16)
+    assert limit == (BF16_DOT_ROWS if bf16_dot() else FEW_ROWS[torch.bfloat16])
+    if rows <= limit:
         torch.testing.assert_close(got, exact, atol=1e-4, rtol=1e-5)
         assert (bf16_matmul - exact).abs().max() > 1e-3  # so the kernel did not round its sums
     else:
@@ -51,13 +53,6 @@ def test_bf16_weights_are_refused_where_they_do_not_apply() -> None:
         load_model(None, CACHE_DIR, device="meta", quantize="bf16")
     with pytest.raises(UnsupportedModelError, match="float32 activations"):
         load_model(None, CACHE_DIR, dtype=torch.bfloat16, quantize="bf16")
-
-
-@pytest.fixture(scope="module")
-def bf16_model():
-    loaded = load_model(None, CACHE_DIR, quantize="bf16")
-    attach_kernels(loaded, "cpu")
-    return loaded
 
 
 def rounded_input(m: DenseLinear, x: torch.Tensor) -> torch.Tensor:

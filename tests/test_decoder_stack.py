@@ -17,7 +17,7 @@ from infinikv.engine.batch import Forward, run_round
 from infinikv.engine.regions import LongContextConfig
 from infinikv.engine.sequence import Sequence, feed
 from infinikv.kernels.cpu import ops
-from infinikv.model.linear import FEW_ROWS, DenseLinear, few_row_kernels, quantize_int4
+from infinikv.model.linear import DenseLinear, few_row_kernels, few_rows_limit, quantize_int4
 
 from .conftest import nan_pool, ours_from_hf, tiny_hf_model
 
@@ -96,8 +96,9 @@ def test_stack_equals_layer_by_layer(hf_model, weights, kv_dtype) -> None:
     model = cpu_model(hf_model, True, weights)
     got, pool = decode_batched(model, kv_dtype=kv_dtype)
     assert pool.k.dtype == kv_dtype
-    chunks = [9, 16, 7, 16, 16, 8]  # the prefills' (at most FEW_ROWS[weights] rows: the stack's)
-    assert model.stack_calls == sum(n <= FEW_ROWS[weights] for n in chunks) + 6 + 1  # + steps, verification
+    chunks = [9, 16, 7, 16, 16, 8]  # the prefills' (at most few_rows_limit rows: the stack's)
+    stacked = sum(n <= few_rows_limit(weights) for n in chunks)
+    assert model.stack_calls == stacked + 6 + 1  # + steps, verification
     assert torch.equal(got, want)
     assert_same_cache(pool, want_pool)
 

@@ -110,16 +110,17 @@ def test_follow_up_turns_in_pieces_equal_their_runs_alone(cpu_kernels) -> None:
     assert any(1 < n < rows for n, rows in shapes), "prompt pieces ran beside decode tokens"
 
 
-def test_prompt_pieces_give_the_same_logits_and_keys_in_any_company(cpu_kernels) -> None:
-    """Bit for bit: a prompt of one token under the invariant rows after a 700-token history,
-    run alone (one forward) and in two rounds beside two decode tokens (the pieces that fit
-    the room of the first round's forward, the rest in the second's), gives the same logits
-    and keys."""
+@pytest.mark.parametrize("weights", ["cpu_kernels", "bf16_model"], ids=["f32", "bf16"])
+def test_prompt_pieces_give_the_same_logits_and_keys_in_any_company(request, weights) -> None:
+    """Bit for bit, float32 and bfloat16 weights: a prompt of one token under the invariant
+    rows after a 700-token history, run alone (one forward) and in two rounds beside two
+    decode tokens (the pieces that fit the room of the first round's forward, the rest in the
+    second's), gives the same logits and keys."""
     try:
         text = bible_text()
     except HaystackMissing as e:
         pytest.skip(str(e))
-    gen = Generator(cpu_kernels, 4096, slots=3)
+    gen = Generator(request.getfixturevalue(weights), 4096, slots=3)
     model, pool = gen.model, gen.pool
     rows = model.invariant_rows
     seqs = [gen.new_sequence(f"ikv:test:{i}:") for i in range(3)]

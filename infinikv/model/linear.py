@@ -28,6 +28,7 @@ through them: prefill at float32's speed, decode at int4's.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +39,7 @@ from torch import nn
 
 from infinikv.attention.interface import AttentionBackend, LongContextAttentionBackend
 from infinikv.errors import UnsupportedModelError
-from infinikv.kernels.cpu.ops import q4_blocks, q8_blocks
+from infinikv.kernels.cpu.ops import bf16_dot, q4_blocks, q8_blocks
 
 QUANTIZATIONS = ("none", "bf16", "int4", "int4-decode")
 # GGUF Q4_1's and Q8_0's block size: re-quantizing such a tensor with this group recovers it.
@@ -86,19 +87,30 @@ class FewRowKernels:
 # 18-71 ms for 1-32 rows against BLAS's 44-95 ms (AMD), 60.6 / 97.9 ms at 32 / 64 rows
 # against 60.8 / 86.3 (Xeon; batches of 64 rows: docs/performance.md); bfloat16 ones 9 / 14
 # ms for 1 / 5 rows against 20 / 23 ms for torch's bfloat16 matmul, which overtook the
-# widening kernel from ~16 rows (Xeon; with VDPBF16PS 12 rows take 12-14 ms against 16-24,
-# AMD Zen 5); int4 (Q4 layers, a Q8 head: uint8 and int8 blocks) 11-64 ms against
-# torch's int4 kernel's 14-95 ms (Xeon).
+# widening kernel from ~16 rows (Xeon); int4 (Q4 layers, a Q8 head: uint8 and int8 blocks)
+# 11-64 ms against torch's int4 kernel's 14-95 ms (Xeon).
 FEW_ROWS = {torch.float32: 64, torch.bfloat16: 12, torch.uint8: 32, torch.int8: 32}
+# bfloat16 weights on CPUs with AVX512-BF16 (`bf16_dot`): 12 / 32 / 64 rows in 9-10 / 20 / 37
+# ms against torch's 18-20 / 23-30 / 35-46 (AMD Zen 5); as many rows as float32, so that short
+# prompts share forwards with decode tokens (docs/performance.md, "bf16 prompts in pieces").
+BF16_DOT_ROWS = 64
+
+
+@functools.cache
+def few_rows_limit(dtype: torch.dtype) -> int:
+    """Most rows of x the FewRows kernels take for weights of `dtype` on this CPU (0: none)."""
+    if dtype == torch.bfloat16 and bf16_dot():
+        return BF16_DOT_ROWS
+    return FEW_ROWS.get(dtype, 0)
 
 
 def dense(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, few_rows: FewRows | None = None
 ) -> torch.Tensor:
     """x (N, in) W^T (+ b) -> (N, out) in x's dtype: through `few_rows` for inputs of at most
-    FEW_ROWS[weight dtype] rows; a weight of another dtype (bf16 weights) multiplies x
+    few_rows_limit(weight dtype) rows; a weight of another dtype (bf16 weights) multiplies x
     rounded to it."""
-    if few_rows is not None and x.shape[0] <= FEW_ROWS.get(weight.dtype, 0):
+    if few_rows is not None and x.shape[0] <= few_rows_limit(weight.dtype):
         y = few_rows(x.contiguous(), weight)
     elif weight.dtype != x.dtype:
         y = F.linear(x.to(weight.dtype), weight).to(x.dtype)
@@ -160,7 +172,7 @@ class Int4Plane(nn.Module):
 
 class QuantizedLinear(nn.Module):
     """y = x W^T (+ b) through the quantized weight: its `blocks` (Q4 or Q8, `kernel_weight`)
-    for inputs of up to FEW_ROWS[blocks.dtype] rows where `few_rows` (the CPU kernel) is set,
+    for inputs of up to few_rows_limit(blocks.dtype) rows where `few_rows` (the CPU kernel) is set,
     else torch's int4 kernel (`quantized`); with `dense` (the float weight, kept), inputs of
     more than QUANTIZED_MAX_ROWS rows go through it instead."""
 
@@ -182,7 +194,7 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dense is not None and x.shape[0] > QUANTIZED_MAX_ROWS:
             return F.linear(x, self.dense, self.bias)  # (N, out)
-        if self.few_rows is not None and x.shape[0] <= FEW_ROWS[self.blocks.dtype]:
+        if self.few_rows is not None and x.shape[0] <= few_rows_limit(self.blocks.dtype):
             y = self.few_rows(x.contiguous(), self.blocks)  # (N, out)
         else:
             y = self.quantized(x)

@@ -22,12 +22,12 @@ from infinikv.cache.pages import LayerKV, PageList, PagePool
 from infinikv.core.config import ModelConfig
 from infinikv.core.rope import RotaryEmbedding
 from infinikv.model.linear import (
-    FEW_ROWS,
     DecoderStack,
     DenseLinear,
     FewRowKernels,
     QuantizedLinear,
     dense,
+    few_rows_limit,
 )
 
 
@@ -136,11 +136,11 @@ class LlamaModel(nn.Module):
 
     def _kernel_rows(self) -> int:
         """Most rows the few-row kernels take for the layers' weights (dense or quantized
-        projections, FEW_ROWS by their format); 0 without the kernels."""
+        projections, few_rows_limit by their format); 0 without the kernels."""
         qkv = cast(DecoderLayer, self.layers[0]).qkv
         if self.few_rows is None or not isinstance(qkv, DenseLinear | QuantizedLinear):
             return 0
-        return FEW_ROWS.get(qkv.kernel_weight.dtype, 0)
+        return few_rows_limit(qkv.kernel_weight.dtype)
 
     def _layer_kernels(self, rows: int) -> FewRowKernels | None:
         """The few-row kernels for a forward of `rows` rows, if they take its layers."""

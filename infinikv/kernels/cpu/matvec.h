@@ -1,11 +1,12 @@
 /* x W^T for a few rows of x, the loop the projection kernels share (linear.c, decoder.c):
  * `project` runs inside an OpenMP parallel region, each worker streaming its share of W's
  * rows once, four at a time, prefetching the next four, and dotting them with up to four
- * rows of x at once (bfloat16: up to eight, against two of W's rows at a time; x stays in
- * L1). W is float32 or bfloat16 (`size` 4 or 2 bytes: half the bytes; on CPUs with
- * AVX512-BF16 x is rounded to bfloat16 and multiplied in VDPBF16PS, as torch's bfloat16
- * matmul does; elsewhere each weight is widened to float32 in registers, float32 products),
- * or blocks of 4-bit or 8-bit weights (`size` Q4 or Q8: blocks.h).
+ * rows of x at once (bfloat16: up to eight, against two of W's rows at a time, or past eight
+ * rows six against four; x stays in L1). W is float32 or bfloat16 (`size` 4 or 2 bytes:
+ * half the bytes; on CPUs with AVX512-BF16 x is rounded to bfloat16 and multiplied in
+ * VDPBF16PS, as torch's bfloat16 matmul does; elsewhere each weight is widened to float32
+ * in registers, float32 products), or blocks of 4-bit or 8-bit weights (`size` Q4 or Q8:
+ * blocks.h).
  *
  * Layouts (contiguous): x (M, K) float32, W (N, K) (Q4, Q8: N rows of blocks.h's bytes),
  * y (M, N) float32.
@@ -27,10 +28,11 @@ AI float wone_f32(const char* p) { return *(const float*)p; }
 AI float wone_bf16(const char* p) { return bf16_to_float(*(const bf16*)p); }
 
 /* y[m0 + i, n0 + r] for i < mb and r < R (constants once inlined; mb <= 8, R 2 or 4, mb * R
- * <= 16 accumulators): W's rows n0.. start at w, `row` bytes apart, `size` bytes a weight.
- * Each group of 16 weights is loaded once for the mb rows of x; the R rows of W at pf (the
- * rows that follow the tile's block) are prefetched as these are read, one 64-byte line per
- * 16 weights of `size` bytes per row. A row's products and sums do not depend on mb or R. */
+ * <= 16 accumulators; tile_dot's up to 24): W's rows n0.. start at w, `row` bytes apart,
+ * `size` bytes a weight. Each group of 16 weights is loaded once for the mb rows of x; the R
+ * rows of W at pf (the rows that follow the tile's block) are prefetched as these are read,
+ * one 64-byte line per 16 weights of `size` bytes per row. A row's products and sums do not
+ * depend on mb or R. */
 AI void tile(const float* x, const char* w, float* y, int N, int K, int m0, int mb, int n0, int64_t row, int R,
              const char* pf, int size, v16 (*wvec)(const char*), float (*wone)(const char*)) {
   const int K16 = K - K % 16, lines = size * R / 4;
@@ -138,6 +140,24 @@ AI void four_rows(const float* x, const bf16* xb, const char* W, float* y, int M
   const int64_t row = (int64_t)K * size;
   const char* w = W + 4 * b * row;
   const int pairs = size == 2;
+#if BF16_DOT
+  /* Past 8 rows the dot products bound the time, not W's bytes: six rows of x against all
+   * four of W's (24 accumulators) load less per product (SmolLM2, 32 / 64 rows: 20 / 37 ms
+   * against 30-35 / 48-58 in 8 x 2 tiles, torch's bfloat16 matmul 23-30 / 35-46; Zen 5). */
+  if (xb && M > 8) {
+    int m0 = 0;
+    for (; M - m0 >= 6; m0 += 6) TILE(6, 4, 0);
+    switch (M - m0) {
+      case 0: break;
+      case 1: TILE(1, 4, 0); break;
+      case 2: TILE(2, 4, 0); break;
+      case 3: TILE(3, 4, 0); break;
+      case 4: TILE(4, 4, 0); break;
+      default: TILE(5, 4, 0);
+    }
+    return;
+  }
+#endif
   for (int m0 = 0; m0 < M; m0 += pairs && M - m0 > 4 ? 8 : 4) {
     switch (pairs && M - m0 > 4 ? M - m0 : M - m0 > 4 ? 4 : M - m0) {
       case 1: TILE(1, 4, 0); break;
