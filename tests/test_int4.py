@@ -53,6 +53,47 @@ def test_int4_matches_a_bf16_matmul_of_the_same_weights() -> None:
     assert (got - exact).norm() <= 2 * (bf16 - exact).norm() + 1e-6
 
 
+def test_q4_blocks_become_their_weights_in_bfloat16() -> None:
+    """q4_to_bf16: each block's d q + m (float16 scale and minimum) rounded to bfloat16, to
+    bfloat16's precision (the same value wherever the sum is computed fused, as with AVX-512)."""
+    from infinikv.kernels.cpu.ops import q4_to_bf16
+
+    w, _ = q4_1_weight(48, 224, seed=3)
+    layer = Int4Linear(dense(w))
+    N, K = w.shape
+    nb = K // GROUP
+    values = layer.blocks[:, : K // 2].reshape(N, nb, GROUP // 2)
+    halves = layer.blocks[:, K // 2 :].contiguous().view(torch.float16)
+    nibbles = torch.cat([values & 15, values >> 4], dim=-1)  # byte j: weight j, then j + 16
+    d, m = halves[:, :nb].double(), halves[:, nb:].double()
+    exact = (nibbles.double() * d[..., None] + m[..., None]).view(N, K)
+    got = q4_to_bf16(layer.blocks)
+    assert got.dtype == torch.bfloat16 and got.shape == (N, K)
+    torch.testing.assert_close(got.float(), exact.float().bfloat16().float(), atol=0, rtol=2**-8)
+    with pytest.raises(ValueError, match="Q4 rows"):
+        q4_to_bf16(layer.blocks.float())
+
+
+def test_int4_rows_past_the_kernels_multiply_bf16_weights_where_the_cpu_has_the_dot() -> None:
+    """With the CPU kernels attached, more rows than they take: on CPUs with AVX512-BF16 the
+    blocks de-quantized to bfloat16 in torch's bfloat16 matmul, else torch's int4 kernel;
+    either within 2x a plain bf16 matmul's error against float32."""
+    from infinikv.kernels.cpu.ops import bf16_dot, linear, q4_to_bf16
+    from infinikv.model.linear import few_rows_limit
+
+    w, _ = q4_1_weight(96, 160, seed=4)
+    layer = Int4Linear(dense(w))
+    layer.few_rows = linear
+    x = torch.randn(few_rows_limit(torch.uint8) + 1, 160)
+    got = layer(x)
+    if bf16_dot():
+        assert torch.equal(got, torch.nn.functional.linear(x.bfloat16(), q4_to_bf16(layer.blocks)).float())
+    else:
+        assert torch.equal(got, layer.quantized(x))
+    exact, bf16 = x @ w.T, (x.bfloat16() @ w.bfloat16().T).float()
+    assert (got - exact).norm() <= 2 * (bf16 - exact).norm() + 1e-6
+
+
 def test_int8_matches_a_bf16_matmul_of_the_same_weights() -> None:
     w = q8_0_weight(96, 160)
     x = torch.randn(5, 160)
@@ -94,13 +135,17 @@ def test_quantized_linears_refuse_shapes_the_kernel_cannot_pack(make) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("quantize", ["int4", "int4-decode"])
-def test_int4_default_model_keeps_greedy_output(default_model, quantize: str) -> None:
+@pytest.mark.parametrize("quantize, backend", [("int4", "torch"), ("int4-decode", "torch"), ("int4", "cpu")])
+def test_int4_default_model_keeps_greedy_output(default_model, quantize: str, backend: str) -> None:
+    """The PyTorch path, and the CPU kernels' (64-row chunks past their rows: on CPUs with
+    AVX512-BF16 the blocks de-quantized to bfloat16)."""
     from infinikv.model.loader import load_model
+    from infinikv.service.runtime import attach_kernels
 
     from .conftest import CACHE_DIR
 
     q4 = load_model(None, CACHE_DIR, quantize=quantize)
+    attach_kernels(q4, backend)
     assert all(isinstance(layer.qkv, Int4Linear) for layer in q4.model.layers)
     assert isinstance(q4.model.lm_head, Int8Linear)
     ids = default_model.tokenizer("The lighthouse keeper rose before dawn and climbed the stairs. " * 8)[

@@ -23,6 +23,62 @@
 AI int64_t value_bytes(int size, int K) { return size == Q4 ? K / 2 : K; }
 AI int64_t block_row_bytes(int size, int K) { return value_bytes(size, K) + (size == Q4 ? 2 : 1) * (K / 16); }
 
+#ifdef __F16C__
+#include <immintrin.h>
+#endif
+AI float half_to_float(uint16_t h) {
+#ifdef __F16C__
+  return _cvtsh_ss(h);
+#else
+  const uint32_t e = (h >> 10) & 31, m = h & 1023;
+  float f;
+  if (e == 0) { /* zero or subnormal: m 2^-24 */
+    f = (float)m * 5.9604644775390625e-8f;
+  } else { /* normal (the packer refuses infinities and NaNs) */
+    const uint32_t w = (e + 112) << 23 | m << 13;
+    memcpy(&f, &w, 4);
+  }
+  return h & 0x8000 ? -f : f;
+#endif
+}
+
+/* The 32 weights of a block (values at v, scale d, minimum m), as float32: lo holds
+ * weights 0..15, hi 16..31. */
+AI void q4_weights(const char* v, float d, float m, v16* lo, v16* hi) {
+#ifdef __AVX512F__
+  /* the block's 16 values d * q + m, looked up by each nibble (a permute reads an index's low
+   * four bits): fewer instructions than converting the nibbles */
+  const __m512 table = _mm512_fmadd_ps(_mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                       _mm512_set1_ps(d), _mm512_set1_ps(m));
+  __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)v));
+  *lo = (v16)_mm512_permutexvar_ps(b, table);
+  *hi = (v16)_mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);
+#else
+  typedef unsigned char u8x16 __attribute__((vector_size(16)));
+  typedef int i32x16 __attribute__((vector_size(64)));
+  u8x16 q;
+  memcpy(&q, v, 16);
+  i32x16 b = __builtin_convertvector(q, i32x16);
+  *lo = __builtin_convertvector(b & 15, v16) * d + m;
+  *hi = __builtin_convertvector(b >> 4, v16) * d + m;
+#endif
+}
+
+AI void q8_weights(const char* v, float d, v16* lo, v16* hi) {
+  typedef signed char i8x16 __attribute__((vector_size(16)));
+  i8x16 q0, q1;
+  memcpy(&q0, v, 16);
+  memcpy(&q1, v + 16, 16);
+  *lo = __builtin_convertvector(q0, v16) * d;
+  *hi = __builtin_convertvector(q1, v16) * d;
+}
+
+AI float block_scale(const char* row, int64_t at, int b) {
+  uint16_t h;
+  memcpy(&h, row + at + 2 * b, 2);
+  return half_to_float(h);
+}
+
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define INT8_ACTIVATIONS 1
 #include <immintrin.h>
@@ -204,62 +260,6 @@ AI void project_blocks(const float* x, const char* W, int size, float* y, int M,
 
 #else
 #define INT8_ACTIVATIONS 0
-
-#ifdef __F16C__
-#include <immintrin.h>
-#endif
-AI float half_to_float(uint16_t h) {
-#ifdef __F16C__
-  return _cvtsh_ss(h);
-#else
-  const uint32_t e = (h >> 10) & 31, m = h & 1023;
-  float f;
-  if (e == 0) { /* zero or subnormal: m 2^-24 */
-    f = (float)m * 5.9604644775390625e-8f;
-  } else { /* normal (the packer refuses infinities and NaNs) */
-    const uint32_t w = (e + 112) << 23 | m << 13;
-    memcpy(&f, &w, 4);
-  }
-  return h & 0x8000 ? -f : f;
-#endif
-}
-
-/* The 32 weights of a block (values at v, scale d, minimum m), as float32: lo holds
- * weights 0..15, hi 16..31. */
-AI void q4_weights(const char* v, float d, float m, v16* lo, v16* hi) {
-#ifdef __AVX512F__
-  /* the block's 16 values d * q + m, looked up by each nibble (a permute reads an index's low
-   * four bits): fewer instructions than converting the nibbles */
-  const __m512 table = _mm512_fmadd_ps(_mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                       _mm512_set1_ps(d), _mm512_set1_ps(m));
-  __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)v));
-  *lo = (v16)_mm512_permutexvar_ps(b, table);
-  *hi = (v16)_mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);
-#else
-  typedef unsigned char u8x16 __attribute__((vector_size(16)));
-  typedef int i32x16 __attribute__((vector_size(64)));
-  u8x16 q;
-  memcpy(&q, v, 16);
-  i32x16 b = __builtin_convertvector(q, i32x16);
-  *lo = __builtin_convertvector(b & 15, v16) * d + m;
-  *hi = __builtin_convertvector(b >> 4, v16) * d + m;
-#endif
-}
-
-AI void q8_weights(const char* v, float d, v16* lo, v16* hi) {
-  typedef signed char i8x16 __attribute__((vector_size(16)));
-  i8x16 q0, q1;
-  memcpy(&q0, v, 16);
-  memcpy(&q1, v + 16, 16);
-  *lo = __builtin_convertvector(q0, v16) * d;
-  *hi = __builtin_convertvector(q1, v16) * d;
-}
-
-AI float block_scale(const char* row, int64_t at, int b) {
-  uint16_t h;
-  memcpy(&h, row + at + 2 * b, 2);
-  return half_to_float(h);
-}
 
 /* y[m0 + i, n0 + r] for i < mb and r < 4: each block's 32 weights of the four rows made
  * float32 once for the mb rows of x; the next four rows prefetched as these are read. */

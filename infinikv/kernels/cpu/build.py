@@ -61,6 +61,7 @@ SIGNATURES = {
     ),
     "int8_activations": (),
     "bf16_dot": (),
+    "q4_to_bf16": (_ptr, _ptr, _int, _int, _int),  # W, out, N, K, threads
 }
 # the others return nothing
 RESTYPES = {

@@ -64,6 +64,24 @@ def bf16_dot() -> bool:
     return bool(library().bf16_dot())
 
 
+def q4_to_bf16(blocks: torch.Tensor) -> torch.Tensor:
+    """Q4 rows (N, K / 32 * 20) uint8 (`q4_blocks`) -> the weights (N, K) in bfloat16: each
+    d q + m in float32, rounded to nearest even."""
+    if (
+        blocks.dtype != torch.uint8
+        or blocks.dim() != 2
+        or not blocks.is_contiguous()
+        or blocks.device.type != "cpu"
+    ):
+        raise ValueError(
+            f"need contiguous CPU Q4 rows (N, K / 32 * 20) uint8, got {tuple(blocks.shape)} {blocks.dtype}"
+        )
+    N, K = weight_shape(blocks)
+    out = torch.empty(N, K, dtype=torch.bfloat16)
+    library().q4_to_bf16(blocks.data_ptr(), out.data_ptr(), N, K, torch.get_num_threads())
+    return out
+
+
 def weight_shape(w: torch.Tensor) -> tuple[int, int]:
     """(N, K) of a projection's weight in any of WEIGHT_SIZES' formats."""
     if w.dtype in BLOCK_BYTES:
