@@ -15,7 +15,6 @@ bfloat16 (`bf16_dot`), and appends a row to benchmarks/results/bf16_weights.json
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.machine import cpu_features, cpu_name  # noqa: E402
+from benchmarks.machine import append_record  # noqa: E402
 from infinikv.engine.sequence import Sequence, feed  # noqa: E402
 from infinikv.evaluation.haystack import HAYSTACKS, haystack_text  # noqa: E402
 from infinikv.kernels.cpu.ops import bf16_dot  # noqa: E402
@@ -70,16 +69,7 @@ def main() -> None:
                 }
             )
             print(json.dumps(rows[-1]), flush=True)
-    record = {
-        "date": datetime.date.today().isoformat(),
-        "cpu": cpu_name(),
-        "features": cpu_features(),
-        "bf16_dot": bf16_dot(),
-        "tokens": args.tokens,
-        "rows": rows,
-    }
-    with RESULTS.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+    record = append_record(RESULTS, {"bf16_dot": bf16_dot(), "tokens": args.tokens, "rows": rows})
     print(f"CPU: {record['cpu']}; bf16_dot={record['bf16_dot']}; ", end="")
     print(f"{args.tokens}-token windows, chunks of {CHUNK}")
     print("| haystack | offset | same next token as float32 weights | log-prob gap, median / max |")

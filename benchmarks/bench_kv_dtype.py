@@ -16,7 +16,6 @@ appends a row to benchmarks/results/kv_dtype.jsonl.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import statistics
 import sys
@@ -27,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_generate import prompt_ids  # noqa: E402
-from benchmarks.machine import cpu_features, cpu_name  # noqa: E402
+from benchmarks.machine import append_record  # noqa: E402
 from infinikv.engine.generator import Generator  # noqa: E402
 from infinikv.engine.sampling import SamplingParams  # noqa: E402
 from infinikv.engine.sequence import Sequence, feed  # noqa: E402
@@ -106,17 +105,8 @@ def main() -> None:
             }
         )
         print(json.dumps(rows[-1]), flush=True)
-    record = {
-        "date": datetime.date.today().isoformat(),
-        "cpu": cpu_name(),
-        "features": cpu_features(),
-        "quantize": args.quantize,
-        "haystack": args.haystack,
-        "rounds": args.rounds,
-        "rows": rows,
-    }
-    with RESULTS.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+    fields = {"quantize": args.quantize, "haystack": args.haystack, "rounds": args.rounds, "rows": rows}
+    record = append_record(RESULTS, fields)
     print(f"CPU: {record['cpu']} ({', '.join(record['features'])}); quantize={args.quantize}; ", end="")
     print(f"{args.haystack} prose; decode: medians of {args.rounds} alternating rounds of {STEPS} tokens")
     print(

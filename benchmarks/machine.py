@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+import json
 import platform
 from pathlib import Path
 
@@ -24,3 +26,17 @@ def cpu_features() -> list[str]:
     """Those of FEATURES the CPU has (Linux's /proc/cpuinfo flags)."""
     flags = set((_cpuinfo_field("flags") or "").split())
     return [f for f in FEATURES if f in flags]
+
+
+def append_record(path: Path, fields: dict) -> dict:
+    """`fields` with today's date, the CPU's name and features, appended to the JSON-lines
+    file at `path`; the record."""
+    record = {
+        "date": datetime.date.today().isoformat(),
+        "cpu": cpu_name(),
+        "features": cpu_features(),
+        **fields,
+    }
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    return record

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import functools
-import json
 import sys
 import time
 from collections import defaultdict
@@ -35,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_generate import prompt_ids  # noqa: E402
-from benchmarks.machine import cpu_features, cpu_name  # noqa: E402
+from benchmarks.machine import append_record  # noqa: E402
 from infinikv.model.linear import QUANTIZATIONS  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "profile_decode.jsonl"
@@ -126,9 +124,6 @@ def profile(args: argparse.Namespace) -> dict:
     pool, context = gen.pool, args.prompt + steps / 2  # keys and values read per step, on average
     kv_bytes = 2 * context * model.cfg.num_layers * pool.k[0, 0, 0].numel() * pool.k.element_size()
     return {
-        "date": datetime.date.today().isoformat(),
-        "cpu": cpu_name(),
-        "features": cpu_features(),
         "quantize": args.quantize,
         "kv_dtype": str(pool.k.dtype).removeprefix("torch."),
         "layer_by_layer": args.layer_by_layer,
@@ -154,9 +149,7 @@ def main() -> None:
     ap.add_argument(
         "--kv-dtype", choices=["float32", "bfloat16"], help="the KV pages' (default: the model's)"
     )
-    row = profile(ap.parse_args())
-    with RESULTS.open("a") as f:
-        f.write(json.dumps(row) + "\n")
+    row = append_record(RESULTS, profile(ap.parse_args()))
     print(f"CPU: {row['cpu']} ({', '.join(row['features'])}); quantize={row['quantize']}, ", end="")
     print(f"KV pages {row['kv_dtype']}, ", end="")
     print(f"{row['prompt_tokens']}-token prompt, {row['steps']} steps, ", end="")

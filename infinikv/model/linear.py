@@ -23,9 +23,9 @@ only the weight matrices are stored quantized and multiplied by torch's CPU int4
 The kernel is built for few rows: it beats a float32 matmul at decode and draft
 verification, and loses 2-2.5x on prefill chunks. So on CPUs with AVX512-BF16 (`bf16_dot`),
 with the CPU kernels attached, inputs of many rows multiply the Q4 blocks de-quantized to
-bfloat16 in torch's bfloat16 matmul instead (~0.1 ms per matrix). `--quantize int4-decode` keeps the float32
-weights as well (the memory of both) and sends inputs of more than QUANTIZED_MAX_ROWS rows
-through them: prefill at float32's speed, decode at int4's.
+bfloat16 in torch's bfloat16 matmul instead (~0.1 ms per matrix). `--quantize int4-decode`
+keeps the float32 weights as well (the memory of both) and sends inputs of more than
+QUANTIZED_MAX_ROWS rows through them: prefill at float32's speed, decode at int4's.
 """
 
 from __future__ import annotations
