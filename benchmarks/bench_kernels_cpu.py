@@ -2,15 +2,17 @@
 attention (every layer once) at 512 to 32k tokens of context, and the projections.
 
     python benchmarks/bench_kernels_cpu.py [--parts attention projections layers]
-        [--lengths 512 2048 6144 16384 32768] [--repeats 15]
+        [--lengths 512 2048 6144 16384 32768] [--queries 1 5] [--shapes SmolLM2-135M] [--repeats 15]
         [--weights float32 bfloat16 int4] [--rows 1 5 8 17 32]
 
 Part `attention`:
 Shapes: SmolLM2-135M's attention (30 layers, 9 query heads, 3 kv-heads, head_dim 64) and
 Llama-3-8B's for head_dim 128 (32 layers, 32 / 8 heads), float32, 16-token pages in one
 contiguous run (the PyTorch path reads them as a view, its best case). Rows: one query (a
-decode step) and five (a speculative verification of four drafts). Times are medians of
---repeats steps, in ms; "GB/s" is the keys and values read per step over the kernel's time.
+decode step) and five (a speculative verification of four drafts); `--queries 512`: a
+prefill chunk, the PyTorch path torch's fused flash kernel. Times are medians of
+--repeats steps, in ms; "GB/s" is the keys and values read per step over the kernel's time,
+"GFLOP/s" the products of the causal scores and values over it.
 Part `projections`: every weight matrix of one forward (SmolLM2-135M's 30 layers and its
 tied 49152-token head; Qwen2.5-0.5B's 24 layers and 151936-token head), float32, bfloat16
 (`--quantize bf16`) and int4 (`--quantize int4`: Q4 layers, a Q8 head), applied to 1, 5, 8,
@@ -76,11 +78,12 @@ def step_ms(attention, pool: PagePool, pages: PageList, q: torch.Tensor, T: int,
     return statistics.median(times[1:])  # the first warms up
 
 
-def attention_rows(lengths: list[int], repeats: int) -> list[dict]:
+def attention_rows(lengths: list[int], queries: list[int], shapes: list[str], repeats: int) -> list[dict]:
     rows = []
-    print("| shape | context | queries | PyTorch ms | kernel ms | speed-up | kernel GB/s |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, (L, Hq, Hkv, d) in SHAPES.items():
+    print("| shape | context | queries | PyTorch ms | kernel ms | speed-up | kernel GB/s | kernel GFLOP/s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name in shapes:
+        L, Hq, Hkv, d = SHAPES[name]
         rope = RotaryEmbedding(RopeConfig(theta=10000.0), d)
         for T in lengths:
             pool = PagePool.for_tokens(T, PAGE, num_layers=L, num_kv_heads=Hkv, head_dim=d, rope=rope)
@@ -89,17 +92,33 @@ def attention_rows(lengths: list[int], repeats: int) -> list[dict]:
             n_pages = -(-T // PAGE)
             ids = list(range(1, n_pages + 1))
             pages = PageList.of(ids, list(range(n_pages)), PAGE, torch.device("cpu"))
-            for n in (1, 5):
+            for n in (n for n in queries if n <= T):
                 q = torch.randn(n, Hq, d)
                 ref = step_ms(paged_causal_attention, pool, pages, q, T, rope, repeats)
                 ours = step_ms(cpu_causal_attention, pool, pages, q, T, rope, repeats)
                 gbs = 2 * L * T * Hkv * d * 4 / ours / 1e6
+                gflops = 4 * L * Hq * n * (T - (n - 1) / 2) * d / ours / 1e6
                 rows.append(
-                    dict(shape=name, context=T, queries=n, torch_ms=ref, kernel_ms=ours, kernel_gb_s=gbs)
+                    dict(
+                        shape=name,
+                        context=T,
+                        queries=n,
+                        torch_ms=ref,
+                        kernel_ms=ours,
+                        kernel_gb_s=gbs,
+                        kernel_gflop_s=gflops,
+                    )
                 )
-                print(f"| {name} | {T} | {n} | {ref:.2f} | {ours:.2f} | {ref / ours:.2f}x | {gbs:.1f} |")
+                print(
+                    f"| {name} | {T} | {n} | {ref:.2f} | {ours:.2f} | {ref / ours:.2f}x | {gbs:.1f} "
+                    f"| {gflops:.0f} |"
+                )
             del pool
     return rows
+
+
+def attention_key(row: dict) -> tuple:
+    return row["shape"], row["context"], row["queries"]
 
 
 def projection_sets(L: int, D: int, Hq: int, Hkv: int, d: int, inter: int, vocab: int):
@@ -222,15 +241,21 @@ def main() -> None:
         default=["attention", "projections", "layers"],
     )
     ap.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 6144, 16384, 32768])
+    ap.add_argument("--queries", type=int, nargs="+", default=[1, 5], help="attention: query rows")
+    ap.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES), help="attention")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--weights", nargs="+", choices=WEIGHTS, default=list(WEIGHTS), help="projections")
     ap.add_argument("--rows", type=int, nargs="+", help="projections: rows of x")
     args = ap.parse_args()
-    # The parts not run this time keep their last results.
+    # The parts not run this time keep their last results, attention its other rows.
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     results.update(machine=platform.processor() or platform.machine(), threads=torch.get_num_threads())
     if "attention" in args.parts:
-        results["attention"] = attention_rows(args.lengths, args.repeats)
+        new = attention_rows(args.lengths, args.queries, args.shapes, args.repeats)
+        measured = {attention_key(r) for r in new}  # earlier rows of other shapes and rows stay
+        results["attention"] = [
+            r for r in results.get("attention", []) if attention_key(r) not in measured
+        ] + new
     if "projections" in args.parts:
         results["projections"] = projection_rows(args.repeats, args.weights, args.rows)
     if "layers" in args.parts:

@@ -50,6 +50,8 @@ def paged(T: int, B: int, Hkv: int, d: int, gen: torch.Generator):
         (200, 7, 5, 8, 2, 128),  # a 5-row verification, 4 heads per kv-head: two 4-row tiles
         (2000, 16, 1, 14, 2, 64),  # Qwen2.5-0.5B's 7 heads per kv-head; long enough for 3 threads
         (130, 32, 3, 4, 4, 128),  # no GQA
+        (300, 16, 40, 9, 3, 64),  # a chunk: 120 rows per kv-head, tiles of 6, items of 48
+        (517, 7, 70, 8, 2, 128),  # a chunk: 280 rows, the last tile and block partial
     ],
 )
 @pytest.mark.parametrize("causal", [True, False])
@@ -71,6 +73,20 @@ def test_kernel_matches_reference(T, B, n, Hq, Hkv, d, causal, kv_dtype) -> None
             out, lse = paged_attention(q, k_pages, v_pages, ids, start, T, causal, threads)
             torch.testing.assert_close(out, want_out, atol=2e-6, rtol=1e-5)
             torch.testing.assert_close(lse, want_lse, atol=2e-6, rtol=1e-5)
+
+
+def test_chunk_rows_do_not_depend_on_their_company() -> None:
+    """A chunk's rows come out bit for bit the same whatever the other rows hold and however
+    many threads share them: a prompt's output does not depend on what runs beside it."""
+    gen = torch.Generator().manual_seed(3)
+    k_pages, v_pages, ids, _, _ = paged(700, 16, 3, 64, gen)
+    q = torch.randn(100, 9, 64, generator=gen)
+    other = q.clone()
+    other[:37] = torch.randn(37, 9, 64, generator=gen)
+    want = paged_attention(q, k_pages, v_pages, ids, 0, 700, True, threads=1)
+    for rows, threads in ((q, 3), (other, 1), (other, 2)):
+        out, lse = paged_attention(rows, k_pages, v_pages, ids, 0, 700, True, threads=threads)
+        assert torch.equal(out[37:], want[0][37:]) and torch.equal(lse[37:], want[1][37:])
 
 
 def test_kernel_merges_long_ranges_exactly() -> None:

@@ -1,8 +1,9 @@
-"""The attention of `pytorch.py` with decode steps and short draft verifications through the
-CPU kernel (`infinikv.kernels.cpu`): one pass over the pages for all heads instead of a
-gather and batched matmuls, which read the keys at a fraction of the memory bandwidth
-(benchmarks/bench_kernels_cpu.py). Longer chunks (prefill) keep the PyTorch path, whose
-fused flash kernel suits them."""
+"""The attention of `pytorch.py` through the CPU kernels (`infinikv.kernels.cpu`), which read
+the pages in place: decode steps and short draft verifications in one pass over the keys for
+all heads (a gather and batched matmuls read them at a fraction of the memory bandwidth),
+prefill chunks in register tiles of query rows (~2x torch's fused flash kernel;
+benchmarks/bench_kernels_cpu.py). Chunks read in bfloat16 (`chunk_dtype`, on CPUs with AMX
+tiles) keep torch's kernel."""
 
 from __future__ import annotations
 
@@ -10,11 +11,10 @@ import torch
 
 from infinikv.attention.memory_reads import OWN_BLOCK_POSITIONS, LongContextState, memory_partial_by_head
 from infinikv.attention.pytorch import (
-    SMALL_QUERY_ROWS,
     band_bounds,
+    band_partials,
     check_grouping,
     check_last,
-    paged_causal_attention,
     paged_long_context_attention,
 )
 from infinikv.cache.pages import LayerKV, PageList
@@ -32,9 +32,6 @@ def cpu_causal_attention(
     rope: RotaryEmbedding,
 ) -> torch.Tensor:
     """See `AttentionBackend`."""
-    n, Hq, _ = q.shape
-    if n * Hq // kv.k.shape[2] > SMALL_QUERY_ROWS:
-        return paged_causal_attention(q, q_positions, kv, pages, kv_len, rope)
     check_last(q_positions, kv_len)
     qr = rotate(q, rope.at(q_positions))  # (n, Hq, d)
     return paged_attention(qr, kv.k_rope, kv.v, pages.ids, 0, kv_len, causal=True)[0]
@@ -50,23 +47,33 @@ def cpu_long_context_attention(
     rope: RotaryEmbedding,
     state: LongContextState,
 ) -> torch.Tensor:
-    """See `paged_long_context_attention`; a decode step past the neighbor window reads its
-    two resident runs (grouped keys, then keys at their own positions) through the kernel
-    and merges them with its memory by log-sum-exp. A prefill chunk (more positions than a
-    draft verification) reads its resident keys in `state.chunk_dtype`."""
+    """See `paged_long_context_attention`: the resident runs of `banded_resident_partials`
+    (grouped keys far from every query, keys at their own positions near every query, the
+    chunk's own causal) through the kernels, the thin band between through torch's, merged
+    with the memory by log-sum-exp. A prefill chunk (more positions than a draft
+    verification) with `state.chunk_dtype` bfloat16 takes the PyTorch path in it."""
     se = state.self_extend
     if int(q_positions[-1]) < se.window:  # all within the window: plain causal attention
         return cpu_causal_attention(q, q_positions, kv, pages, resident, rope)
-    if q.shape[0] > 1:
-        dtype = state.chunk_dtype if q.shape[0] > OWN_BLOCK_POSITIONS else None
+    n = q.shape[0]
+    dtype = state.chunk_dtype if n > OWN_BLOCK_POSITIONS else None
+    if dtype not in (None, q.dtype):
         return paged_long_context_attention(q, q_positions, kv, pages, resident, layer, rope, state, dtype)
     check_grouping(kv, se)
-    far_end = band_bounds(q_positions, pages.positions[:resident], se.window)[0]
-    qn = rotate(q, rope.at(q_positions))  # (1, Hq, d)
-    parts = [paged_attention(qn, kv.k_rope, kv.v, pages.ids, far_end, resident, causal=False)]
-    if far_end:
+    k_pos = pages.positions[:resident]
+    far_end, near_start = band_bounds(q_positions, k_pos, se.window)
+    qn = rotate(q, rope.at(q_positions))  # (n, Hq, d)
+    parts = [paged_attention(qn, kv.k_rope, kv.v, pages.ids, near_start, resident, causal=n > 1)]
+    if near_start:
         qg = rotate(q, rope.at(se.grouped_query_positions(q_positions)))
-        parts.append(paged_attention(qg, kv.k_group, kv.v, pages.ids, 0, far_end, causal=False))
+        if far_end:
+            parts.append(paged_attention(qg, kv.k_group, kv.v, pages.ids, 0, far_end, causal=False))
+        if near_start > far_end:
+            k_group, k_rope, v = (
+                pages.gather(c, near_start, far_end).to(q.dtype) for c in (kv.k_group, kv.k_rope, kv.v)
+            )
+            rel = q_positions[:, None] - k_pos[None, far_end:near_start]  # (n, band)
+            parts += band_partials(qn, qg, k_group, k_rope, v, rel, se.window)
     memory = state.memory
     if memory is not None and memory.tokens:
         parts.append(memory_partial_by_head(memory, layer, q, q_positions, rope, state))

@@ -177,11 +177,26 @@ def banded_resident_partials(
     if near_start > far_end:
         band = slice(far_end, near_start)
         rel = q_pos[:, None] - k_pos[None, band]  # (n, band)
-        parts.append(
-            flash_partial(qn, k_rope[: near_start - far_end], v[band], False, (rel >= 0) & (rel < W))
-        )
-        parts.append(flash_partial(qg, k_group[band], v[band], False, rel >= W))
+        parts += band_partials(qn, qg, k_group[band], k_rope[: near_start - far_end], v[band], rel, W)
     return [(out.to(q.dtype), lse) for out, lse in parts]
+
+
+def band_partials(
+    qn: torch.Tensor,
+    qg: torch.Tensor,
+    k_group: torch.Tensor,
+    k_rope: torch.Tensor,
+    v: torch.Tensor,
+    rel: torch.Tensor,
+    window: int,
+) -> list[Partial]:
+    """The band's two partials: its keys (band, Hkv, d) near a query (0 <= rel < window, rel
+    (n, band) its position minus theirs) at their own positions for qn, the others grouped
+    for qg."""
+    return [
+        flash_partial(qn, k_rope, v, False, (rel >= 0) & (rel < window)),
+        flash_partial(qg, k_group, v, False, rel >= window),
+    ]
 
 
 def decode_logits(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

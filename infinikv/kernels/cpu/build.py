@@ -17,7 +17,7 @@ from pathlib import Path
 
 from infinikv.errors import KernelBuildError
 
-SOURCES = ("paged_attention.c", "linear.c", "decoder.c", "stack.c", "sketch.c")
+SOURCES = ("paged_attention.c", "chunk_attention.c", "linear.c", "decoder.c", "stack.c", "sketch.c")
 # -ffast-math lets the compiler vectorize the reductions and exp; the source uses no
 # infinities. It is given to the compile step only: linked with it, gcc adds crtfastmath.o,
 # whose constructor sets flush-to-zero for the whole process (torch and numpy included).
@@ -33,6 +33,12 @@ LINK = ("-shared", "-fopenmp")
 _ptr, _i64, _int, _float = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 SIGNATURES = {
     "paged_attention": (
+        *(_ptr, _ptr, _ptr, _int, _i64, _ptr),  # q, k, v, kv_size, P, pages
+        *(_i64, _i64, _i64),  # start, stop, limit
+        *(_int, _int, _int, _int, _int, _float),  # n, Hq, Hkv, d, B, scale
+        *(_ptr, _ptr, _int),  # out, lse, threads
+    ),
+    "chunk_attention": (
         *(_ptr, _ptr, _ptr, _int, _i64, _ptr),  # q, k, v, kv_size, P, pages
         *(_i64, _i64, _i64),  # start, stop, limit
         *(_int, _int, _int, _int, _int, _float),  # n, Hq, Hkv, d, B, scale
@@ -66,6 +72,7 @@ SIGNATURES = {
 # the others return nothing
 RESTYPES = {
     "paged_attention": ctypes.c_int,
+    "chunk_attention": ctypes.c_int,
     "decoder_stack": ctypes.c_int,
     "int8_activations": ctypes.c_int,
     "bf16_dot": ctypes.c_int,

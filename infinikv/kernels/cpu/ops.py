@@ -89,7 +89,11 @@ def weight_shape(w: torch.Tensor) -> tuple[int, int]:
     return w.shape[0], w.shape[1]
 
 
-# The KV caches' formats the attention kernel reads: bytes per value.
+# Query rows per kv-head up to which attention folds four rows at a time over the keys, split
+# among the threads; beyond, register tiles of rows over the keys are ~2x torch's flash kernel
+# (benchmarks/bench_kernels_cpu.py --queries 512).
+FOLD_ROWS = 32
+# The KV caches' formats the attention kernels read: bytes per value.
 KV_SIZES = {torch.float32: 4, torch.bfloat16: 2}
 
 
@@ -113,7 +117,8 @@ def paged_attention(
     of k_pages, v_pages (P, B, Hkv, d) float32 or both bfloat16 (keys already rotated as q
     expects), page_ids (n_pages,) int64. causal: the queries are the last n slots (query i
     sees slots < stop - n + 1 + i); else every query sees every slot. threads: at most this
-    many (default: torch's), each with 256 slots or more (the kernel's MIN_KEYS_PER_THREAD).
+    many (default: torch's). Up to FOLD_ROWS query rows per kv-head the keys are split
+    among the threads (paged_attention.c), beyond them the rows (chunk_attention.c).
     Returns out (n, Hq, d) and lse (n, Hq), float32."""
     n, Hq, d = q.shape
     P, B, Hkv, _ = k_pages.shape
@@ -147,7 +152,8 @@ def paged_attention(
     out = torch.empty_like(q)
     lse = torch.empty(n, Hq)
     # fmt: off
-    status = library().paged_attention(
+    kernel = library().chunk_attention if n * Hq // Hkv > FOLD_ROWS else library().paged_attention
+    status = kernel(
         q.data_ptr(), k_pages.data_ptr(), v_pages.data_ptr(), kv_size, P, page_ids.data_ptr(),
         start, stop, limit, n, Hq, Hkv, d, B, d**-0.5, out.data_ptr(), lse.data_ptr(),
         threads or torch.get_num_threads(),
