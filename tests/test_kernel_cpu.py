@@ -89,6 +89,25 @@ def test_chunk_rows_do_not_depend_on_their_company() -> None:
         assert torch.equal(out[37:], want[0][37:]) and torch.equal(lse[37:], want[1][37:])
 
 
+@pytest.mark.skipif(not bf16_dot(), reason="bfloat16 tiles need AVX512-BF16")
+@pytest.mark.parametrize("T, n, Hq, Hkv, d", [(700, 100, 9, 3, 64), (301, 37, 8, 2, 128)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_bf16_tiles_match_reference_on_rounded_inputs(T, n, Hq, Hkv, d, causal) -> None:
+    """bf16: the scaled queries, keys and values rounded to bfloat16, their products exact;
+    the probabilities' rounding is the rest of the error (~2^-9 of each value)."""
+    gen = torch.Generator().manual_seed(T)
+    k_pages, v_pages, ids, k, v = paged(T, 16, Hkv, d, gen)
+    q = torch.randn(n, Hq, d, generator=gen) * 2
+    rounded = (q * d**-0.5).bfloat16().float() * d**0.5
+    visible = torch.arange(T)[None] <= torch.arange(T - n, T)[:, None] if causal else None
+    want_out, want_lse = reference_partial(rounded, k.bfloat16().float(), v.bfloat16().float(), visible)
+    out, lse = paged_attention(q, k_pages, v_pages, ids, 0, T, causal, bf16=True)
+    torch.testing.assert_close(out, want_out, atol=4e-3, rtol=0)
+    torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
+    exact = paged_attention(q, k_pages, v_pages, ids, 0, T, causal)[0]
+    assert (out - exact).abs().max() > 1e-4  # it did round
+
+
 def test_kernel_merges_long_ranges_exactly() -> None:
     """Scores that differ by far more than float32's exp range: the running max rescales."""
     gen = torch.Generator().manual_seed(1)

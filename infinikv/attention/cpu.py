@@ -2,8 +2,8 @@
 the pages in place: decode steps and short draft verifications in one pass over the keys for
 all heads (a gather and batched matmuls read them at a fraction of the memory bandwidth),
 prefill chunks in register tiles of query rows (~2x torch's fused flash kernel;
-benchmarks/bench_kernels_cpu.py). Chunks read in bfloat16 (`chunk_dtype`, on CPUs with AMX
-tiles) keep torch's kernel."""
+benchmarks/bench_kernels_cpu.py). Chunks read in bfloat16 (`chunk_dtype`) on CPUs with AMX
+tiles keep torch's kernel."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from infinikv.attention.pytorch import (
 from infinikv.cache.pages import LayerKV, PageList
 from infinikv.core.partial import merge_partials
 from infinikv.core.rope import RotaryEmbedding, rotate
-from infinikv.kernels.cpu.ops import paged_attention
+from infinikv.kernels.cpu.ops import amx, bf16_dot, paged_attention
 
 
 def cpu_causal_attention(
@@ -51,23 +51,25 @@ def cpu_long_context_attention(
     (grouped keys far from every query, keys at their own positions near every query, the
     chunk's own causal) through the kernels, the thin band between through torch's, merged
     with the memory by log-sum-exp. A prefill chunk (more positions than a draft
-    verification) with `state.chunk_dtype` bfloat16 takes the PyTorch path in it."""
+    verification) with `state.chunk_dtype` bfloat16 reads its runs in the kernel's
+    bfloat16 tiles, or on CPUs with AMX (or without AVX512-BF16) takes the PyTorch path."""
     se = state.self_extend
     if int(q_positions[-1]) < se.window:  # all within the window: plain causal attention
         return cpu_causal_attention(q, q_positions, kv, pages, resident, rope)
     n = q.shape[0]
     dtype = state.chunk_dtype if n > OWN_BLOCK_POSITIONS else None
-    if dtype not in (None, q.dtype):
+    bf16 = dtype == torch.bfloat16
+    if bf16 and (amx() or not bf16_dot()):  # torch's kernel multiplies bfloat16 in AMX tiles
         return paged_long_context_attention(q, q_positions, kv, pages, resident, layer, rope, state, dtype)
     check_grouping(kv, se)
     k_pos = pages.positions[:resident]
     far_end, near_start = band_bounds(q_positions, k_pos, se.window)
     qn = rotate(q, rope.at(q_positions))  # (n, Hq, d)
-    parts = [paged_attention(qn, kv.k_rope, kv.v, pages.ids, near_start, resident, causal=n > 1)]
+    parts = [paged_attention(qn, kv.k_rope, kv.v, pages.ids, near_start, resident, n > 1, bf16=bf16)]
     if near_start:
         qg = rotate(q, rope.at(se.grouped_query_positions(q_positions)))
         if far_end:
-            parts.append(paged_attention(qg, kv.k_group, kv.v, pages.ids, 0, far_end, causal=False))
+            parts.append(paged_attention(qg, kv.k_group, kv.v, pages.ids, 0, far_end, False, bf16=bf16))
         if near_start > far_end:
             k_group, k_rope, v = (
                 pages.gather(c, near_start, far_end).to(q.dtype) for c in (kv.k_group, kv.k_rope, kv.v)

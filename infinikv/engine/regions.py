@@ -14,6 +14,7 @@ from infinikv.attention.memory_reads import OWN_BLOCK_POSITIONS, LongContextStat
 from infinikv.core.config import ModelConfig
 from infinikv.core.self_extend import SelfExtend
 from infinikv.engine.reread import Reread
+from infinikv.kernels.cpu.ops import amx
 from infinikv.memory.budget import RamBudget, memory_capacity
 from infinikv.memory.cache import block_bytes
 from infinikv.memory.evicted import EvictedMemory, MemorySpec
@@ -24,11 +25,6 @@ from infinikv.memory.store import BlockStore
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def amx() -> bool:
-    """Whether this CPU multiplies bfloat16 in AMX tiles (and the OS lets torch use them)."""
-    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
 @dataclass(frozen=True)

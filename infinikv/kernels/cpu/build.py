@@ -41,7 +41,7 @@ SIGNATURES = {
     "chunk_attention": (
         *(_ptr, _ptr, _ptr, _int, _i64, _ptr),  # q, k, v, kv_size, P, pages
         *(_i64, _i64, _i64),  # start, stop, limit
-        *(_int, _int, _int, _int, _int, _float),  # n, Hq, Hkv, d, B, scale
+        *(_int, _int, _int, _int, _int, _float, _int),  # n, Hq, Hkv, d, B, scale, in_bf16
         *(_ptr, _ptr, _int),  # out, lse, threads
     ),
     "linear_rows": (_ptr, _ptr, _int, _ptr, _int, _int, _int, _int),  # x, W, size, y, M, N, K, threads

@@ -64,6 +64,11 @@ def bf16_dot() -> bool:
     return bool(library().bf16_dot())
 
 
+def amx() -> bool:
+    """Whether this CPU multiplies bfloat16 in AMX tiles (and the OS lets torch use them)."""
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
 def q4_to_bf16(blocks: torch.Tensor) -> torch.Tensor:
     """Q4 rows (N, K / 32 * 20) uint8 (`q4_blocks`) -> the weights (N, K) in bfloat16: each
     d q + m in float32, rounded to nearest even."""
@@ -112,14 +117,16 @@ def paged_attention(
     stop: int,
     causal: bool,
     threads: int | None = None,
+    bf16: bool = False,
 ) -> Partial:
     """Attention of rotated queries q (n, Hq, d) over the block table's slots [start, stop)
     of k_pages, v_pages (P, B, Hkv, d) float32 or both bfloat16 (keys already rotated as q
     expects), page_ids (n_pages,) int64. causal: the queries are the last n slots (query i
     sees slots < stop - n + 1 + i); else every query sees every slot. threads: at most this
     many (default: torch's). Up to FOLD_ROWS query rows per kv-head the keys are split
-    among the threads (paged_attention.c), beyond them the rows (chunk_attention.c).
-    Returns out (n, Hq, d) and lse (n, Hq), float32."""
+    among the threads (paged_attention.c), beyond them the rows (chunk_attention.c); bf16:
+    the rows' kernel with everything rounded to bfloat16 and the CPU's bfloat16 dot product
+    (`bf16_dot()`). Returns out (n, Hq, d) and lse (n, Hq), float32."""
     n, Hq, d = q.shape
     P, B, Hkv, _ = k_pages.shape
     tensors = (q, k_pages, v_pages)
@@ -148,17 +155,18 @@ def paged_attention(
             f"slots [{start}, {stop}) must lie in the table's {page_ids.shape[0] * B}"
             + (f" and hold the {n} queries" if causal else "")
         )
+    if bf16 and not bf16_dot():
+        raise ValueError("bfloat16 attention needs a CPU with AVX512-BF16")
     limit = stop - n + 1 if causal else stop + n  # row i sees slots < limit + i
     out = torch.empty_like(q)
     lse = torch.empty(n, Hq)
-    # fmt: off
-    kernel = library().chunk_attention if n * Hq // Hkv > FOLD_ROWS else library().paged_attention
-    status = kernel(
-        q.data_ptr(), k_pages.data_ptr(), v_pages.data_ptr(), kv_size, P, page_ids.data_ptr(),
-        start, stop, limit, n, Hq, Hkv, d, B, d**-0.5, out.data_ptr(), lse.data_ptr(),
-        threads or torch.get_num_threads(),
-    )
-    # fmt: on
+    inputs = (q.data_ptr(), k_pages.data_ptr(), v_pages.data_ptr())
+    shape = (kv_size, P, page_ids.data_ptr(), start, stop, limit, n, Hq, Hkv, d, B, d**-0.5)
+    results = (out.data_ptr(), lse.data_ptr(), threads or torch.get_num_threads())
+    if bf16 or n * Hq // Hkv > FOLD_ROWS:
+        status = library().chunk_attention(*inputs, *shape, int(bf16), *results)
+    else:
+        status = library().paged_attention(*inputs, *shape, *results)
     if status == 2:
         raise ValueError(f"the block table names a page outside the {P} pages")
     if status:
