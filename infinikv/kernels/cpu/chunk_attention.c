@@ -9,7 +9,7 @@
  * pages (P, B, Hkv, d) float32 or bfloat16; slots [start, stop) attended, query row i
  * sees slots < limit + i. A row's arithmetic is the same whatever rows share its tile
  * (keys in blocks of 64 from `start`, in order), so a prompt gives the same output in any
- * company. With `bf16` (CPUs with AVX512-BF16) queries, keys, values and probabilities are
+ * company. With `in_bf16` (CPUs with AVX512-BF16) queries, keys, values and probabilities are
  * rounded to bfloat16 and multiplied in pairs by VDPBF16PS (float32 sums): half the
  * instructions, bfloat16's rounding (prefill chunks past the window, `chunk_dtype`).
  */
