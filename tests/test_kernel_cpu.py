@@ -334,7 +334,8 @@ def test_blocks_refuse_what_they_cannot_hold() -> None:
 def test_kernels_on_cpus_without_vnni_or_bf16(arch: str, flag: str) -> None:
     """The kernels built for an older CPU (INFINIKV_CPU_ARCH) de-quantize the blocks to float32
     (the projection of the weights they hold) and widen bfloat16 weights, x unrounded (the
-    path CPUs without AVX512-BF16 take), each row as alone."""
+    path CPUs without AVX512-BF16 take), each row as alone; the chunk tiles in float32, and
+    bfloat16 tiles refused."""
     from benchmarks.machine import cpu_features
 
     if flag not in cpu_features():
@@ -354,6 +355,18 @@ def test_kernels_on_cpus_without_vnni_or_bf16(arch: str, flag: str) -> None:
         "y = linear(x, w)\n"
         "torch.testing.assert_close(y, (x.double() @ w.double().T).float(), rtol=1e-5, atol=1e-4)\n"
         "assert torch.equal(torch.cat([linear(x[i : i + 1], w) for i in range(9)]), y)\n"
+        "from infinikv.core.partial import reference_partial\n"
+        "from infinikv.kernels.cpu.ops import paged_attention\n"
+        "from tests.test_kernel_cpu import paged\n"
+        "kp, vp, ids, k, v = paged(300, 16, 3, 64, torch.Generator().manual_seed(0))\n"
+        "q = torch.randn(40, 9, 64)\n"
+        "out, want = paged_attention(q, kp, vp, ids, 0, 300, False)[0], reference_partial(q, k, v)[0]\n"
+        "torch.testing.assert_close(out, want, atol=2e-6, rtol=1e-5)\n"
+        "try:\n"
+        "    paged_attention(q, kp, vp, ids, 0, 300, False, bf16=True)\n"
+        "    raise AssertionError('bfloat16 tiles ran without AVX512-BF16')\n"
+        "except ValueError as e:\n"
+        "    assert 'AVX512-BF16' in str(e)\n"
     )
     env = {**os.environ, "INFINIKV_CPU_ARCH": arch}
     subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=Path(__file__).parents[1])

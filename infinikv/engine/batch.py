@@ -26,7 +26,7 @@ from infinikv.engine.sequence import Sequence
 from infinikv.model.llama import ForwardBatch, LlamaModel
 
 # Rows of a prompt piece. 8 query rows of a model with 3 or 4 query heads per kv-head stay
-# within the CPU attention kernel's rows (SMALL_QUERY_ROWS), and 8 fill the room a round's
+# within the CPU folding attention kernel's rows (FOLD_ROWS), and 8 fill the room a round's
 # decode tokens leave in a forward (64 rows in float32) with at most 7 rows unused.
 PIECE = 8
 

@@ -261,11 +261,18 @@ def few_row_kernels(backend: str) -> FewRowKernels | None:
     and the work around them (None: PyTorch operations and torch's matmul)."""
     if backend == "cpu":
         from infinikv.attention.cpu import cpu_causal_attention, cpu_long_context_attention
-        from infinikv.attention.pytorch import SMALL_QUERY_ROWS
-        from infinikv.kernels.cpu.ops import decoder_stack, layer_table, linear, mlp_residual, norm_project
+        from infinikv.kernels.cpu.ops import (
+            FOLD_ROWS,
+            decoder_stack,
+            layer_table,
+            linear,
+            mlp_residual,
+            norm_project,
+        )
 
+        # stack.c attends through the folding kernel, as cpu_causal_attention does up to FOLD_ROWS.
         stack = DecoderStack(
-            layer_table, decoder_stack, cpu_causal_attention, cpu_long_context_attention, SMALL_QUERY_ROWS
+            layer_table, decoder_stack, cpu_causal_attention, cpu_long_context_attention, FOLD_ROWS
         )
         return FewRowKernels(linear, norm_project, mlp_residual, stack)
     return None

@@ -131,22 +131,17 @@ static void fold_tile(const float (*q)[MAX_D], float (*o)[MAX_D], float* m, floa
 #define PAIRS 1
 typedef unsigned short bf16;
 
-/* Keys of one kv-head, slots [t0, t0 + nb), rounded to bfloat16 in pairs of dimensions:
- * kp[(e / 2) * 2 * KB + 2 * t + e % 2] (zeros past nb). */
-static void key_pairs(const char* k, const pages_t* pg, int64_t t0, int nb, int64_t head_off, int d, bf16* kp) {
-  memset(kp, 0, sizeof(bf16) * (size_t)d * KB);
+/* Keys (by_dims) or values of one kv-head, slots [t0, t0 + nb), rounded to bfloat16 in
+ * pairs: keys in pairs of dimensions, out[(e / 2) * 2 * KB + 2 * t + e % 2], values in pairs
+ * of slots, out[(t / 2) * 2 * d + 2 * e + t % 2] (zeros past nb). */
+static void bf16_pairs(const char* src, const pages_t* pg, int64_t t0, int nb, int64_t head_off, int d, int by_dims,
+                       bf16* out) {
+  memset(out, 0, sizeof(bf16) * (size_t)d * KB);
   for (int t = 0; t < nb; t++) {
-    const char* row = slot_row(k, pg, t0 + t, head_off);
-    for (int e = 0; e < d; e++) kp[e / 2 * 2 * KB + 2 * t + e % 2] = float_to_bf16(row_value(row, pg->kv_size, e));
-  }
-}
-
-/* Values likewise in pairs of slots: vp[(t / 2) * 2 * d + 2 * e + t % 2]. */
-static void value_pairs(const char* v, const pages_t* pg, int64_t t0, int nb, int64_t head_off, int d, bf16* vp) {
-  memset(vp, 0, sizeof(bf16) * (size_t)d * KB);
-  for (int t = 0; t < nb; t++) {
-    const char* row = slot_row(v, pg, t0 + t, head_off);
-    for (int e = 0; e < d; e++) vp[t / 2 * 2 * d + 2 * e + t % 2] = float_to_bf16(row_value(row, pg->kv_size, e));
+    const char* row = slot_row(src, pg, t0 + t, head_off);
+    for (int e = 0; e < d; e++)
+      out[by_dims ? e / 2 * 2 * KB + 2 * t + e % 2 : t / 2 * 2 * d + 2 * e + t % 2] =
+          float_to_bf16(row_value(row, pg->kv_size, e));
   }
 }
 
@@ -225,7 +220,9 @@ typedef struct {
 static void item(const call_t* c, int h, int r0, int r1) {
   const int d = c->d, g = c->g, rows = r1 - r0, tiles = (rows + RT - 1) / RT;
   float qs[ITEM_ROWS][MAX_D], o[ITEM_ROWS][MAX_D], m[ITEM_ROWS], l[ITEM_ROWS];
+#if PAIRS
   uint32_t qp[ITEM_ROWS][MAX_D / 2]; /* in pairs: the scaled query rounded to bfloat16 */
+#endif
   int64_t lim[ITEM_ROWS];
   for (int r = 0; r < ITEM_ROWS; r++) { /* rows past the item's repeat its first (discarded) */
     int rr = r0 + (r < rows ? r : 0), i = rr / g;
@@ -234,8 +231,10 @@ static void item(const call_t* c, int h, int r0, int r1) {
       qs[r][e] = src[e] * c->scale;
       o[r][e] = 0.f;
     }
-    for (int e = 0; e < d; e += 2)
+#if PAIRS
+    for (int e = 0; c->kp && e < d; e += 2)
       qp[r][e / 2] = float_to_bf16(qs[r][e]) | (uint32_t)float_to_bf16(qs[r][e + 1]) << 16;
+#endif
     m[r] = HIDDEN;
     l[r] = 0.f;
     lim[r] = c->limit + i < c->stop ? c->limit + i : c->stop;
@@ -298,8 +297,8 @@ int chunk_attention(const float* q, const void* k, const void* v, int kv_size, i
       int nb = (int)(stop - t0 < KB ? stop - t0 : KB);
 #if PAIRS
       if (in_bf16) {
-        key_pairs(k, &c.pg, t0, nb, head_off, d, (bf16*)c.kp + hb * d * KB);
-        value_pairs(v, &c.pg, t0, nb, head_off, d, (bf16*)c.vp + hb * d * KB);
+        bf16_pairs(k, &c.pg, t0, nb, head_off, d, 1, (bf16*)c.kp + hb * d * KB);
+        bf16_pairs(v, &c.pg, t0, nb, head_off, d, 0, (bf16*)c.vp + hb * d * KB);
         continue;
       }
 #endif
