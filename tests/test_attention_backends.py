@@ -28,8 +28,11 @@ def hf_model():
     return tiny_hf_model("llama", seed=7, **sizes)
 
 
-def config(**kw) -> LongContextConfig:
-    cfg = LongContextConfig.derive(256, PAGE, resident=32, sinks=8, window=12, group=2, **kw)
+def config(group: int = 2, **kw) -> LongContextConfig:
+    """Self-Extend groups of `group` (2: a window of 12 neighbours; 1, the defaults' kind: the
+    window is what the sinks leave of the resident tokens)."""
+    placement = dict(window=12, group=2) if group == 2 else dict(group=1)
+    cfg = LongContextConfig.derive(256, PAGE, resident=32, sinks=8, **placement, **kw)
     cfg.validate(256, PAGE)
     return cfg
 
@@ -55,11 +58,15 @@ CAUSAL = {"triton": triton_causal_attention, "cpu": cpu_causal_attention}
 
 
 @backend_param()
-@pytest.mark.parametrize("granularity, token_top_k", [("token", 0), ("block", 0), ("block", 5)])
-def test_long_context_logits_match_torch_backend(hf_model, backend, device, granularity, token_top_k) -> None:
+@pytest.mark.parametrize(
+    "granularity, token_top_k, group", [("token", 0, 2), ("block", 0, 2), ("block", 5, 2), ("block", 5, 1)]
+)
+def test_long_context_logits_match_torch_backend(
+    hf_model, backend, device, granularity, token_top_k, group
+) -> None:
     model = ours_from_hf(hf_model).to(device)
     ids = torch.randint(0, 160, (90,), generator=torch.Generator().manual_seed(3)).tolist()
-    kw = dict(granularity=granularity, top_k=6, max_blocks=3, token_top_k=token_top_k)
+    kw = dict(granularity=granularity, top_k=6, max_blocks=3, token_top_k=token_top_k, group=group)
     want, _ = logits_of(model, config(**kw), ids)
     model.long_context_attention = LONG_CONTEXT[backend]
     model.use_few_rows(few_row_kernels(backend))
@@ -69,13 +76,16 @@ def test_long_context_logits_match_torch_backend(hf_model, backend, device, gran
     torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
 
 
-@pytest.mark.parametrize("chunk_dtype, tol", [("float32", 2e-4), ("bfloat16", 5e-2)])
-def test_cpu_prefill_chunks_in_chunk_dtype_match_torch_backend(hf_model, chunk_dtype, tol) -> None:
+@pytest.mark.parametrize(
+    "chunk_dtype, tol, group", [("float32", 2e-4, 2), ("bfloat16", 5e-2, 2), ("float32", 2e-4, 1)]
+)
+def test_cpu_prefill_chunks_in_chunk_dtype_match_torch_backend(hf_model, chunk_dtype, tol, group) -> None:
     """Prefill chunks of 24 positions (more than a draft verification) past the window read
-    the resident keys in chunk_dtype on the CPU backend; the PyTorch backend stays float32."""
+    the resident keys in chunk_dtype on the CPU backend; the PyTorch backend stays float32.
+    Groups of one (the defaults) attend to the resident keys in one causal run."""
     ids = torch.randint(0, 160, (150,), generator=torch.Generator().manual_seed(5)).tolist()
-    window = dict(resident=64, sinks=8, window=28, group=2)
-    cfg = LongContextConfig.derive(256, PAGE, **window, chunk_dtype=chunk_dtype)
+    placement = dict(window=28, group=2) if group == 2 else dict(group=1)
+    cfg = LongContextConfig.derive(256, PAGE, resident=64, sinks=8, **placement, chunk_dtype=chunk_dtype)
     cfg.validate(256, PAGE)
     want, _ = logits_of(ours_from_hf(hf_model), cfg, ids, prefill_chunk=24)
     model = ours_from_hf(hf_model)

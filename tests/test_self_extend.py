@@ -110,7 +110,8 @@ def test_memory_covering_everything_equals_one_softmax(rope) -> None:
         (5, 8, 3, True),
         (8, 8, 2, True),
         (3, 40, 4, False),
-        (16, 16, 1, True),
+        (16, 16, 1, True),  # groups of one: every key near, one run (resident_bounds)
+        (5, 8, 1, True),
         (7, 30, 5, True),
         (1, 8, 3, True),  # one query (a decode step takes decode_attention instead)
         (1, 30, 4, False),
@@ -119,7 +120,7 @@ def test_memory_covering_everything_equals_one_softmax(rope) -> None:
 )
 def test_banded_paged_regions_equal_the_reference(rope, n, W, G, evicted) -> None:
     """The fast split into far / band / near runs == the masked reference."""
-    from infinikv.attention.pytorch import band_bounds, banded_resident_partials
+    from infinikv.attention.pytorch import banded_resident_partials, resident_bounds
     from infinikv.core.partial import merge_partials
     from infinikv.core.self_extend import resident_partials
 
@@ -129,7 +130,7 @@ def test_banded_paged_regions_equal_the_reference(rope, n, W, G, evicted) -> Non
     q, k, v = rand(n, 6, D_HEAD, seed=20), rand(T, 2, D_HEAD, seed=21), rand(T, 2, D_HEAD, seed=22)
     k_rope = rotate(k, rope.at(k_pos))
     se = SelfExtend(W, G)
-    far_end, near_start = band_bounds(q_pos, k_pos, W)
+    far_end, near_start = resident_bounds(q_pos, k_pos, se)
     k_group = rotate(k[:near_start], rope.at(se.grouped_key_positions(k_pos[:near_start])))
     got = merge_partials(banded_resident_partials(q, q_pos, k_group, k_rope[far_end:], v, k_pos, rope, se))
     want = merge_partials(resident_partials(q, q_pos, k, k_rope, v, k_pos, rope, se))

@@ -11,11 +11,11 @@ import torch
 
 from infinikv.attention.memory_reads import OWN_BLOCK_POSITIONS, LongContextState, memory_partial_by_head
 from infinikv.attention.pytorch import (
-    band_bounds,
     band_partials,
     check_grouping,
     check_last,
     paged_long_context_attention,
+    resident_bounds,
 )
 from infinikv.cache.pages import LayerKV, PageList
 from infinikv.core.partial import merge_partials
@@ -49,10 +49,11 @@ def cpu_long_context_attention(
 ) -> torch.Tensor:
     """See `paged_long_context_attention`: the resident runs of `banded_resident_partials`
     (grouped keys far from every query, keys at their own positions near every query, the
-    chunk's own causal) through the kernels, the thin band between through torch's, merged
-    with the memory by log-sum-exp. A prefill chunk (more positions than a draft
-    verification) with `state.chunk_dtype` bfloat16 reads its runs in the kernel's
-    bfloat16 tiles, or on CPUs with AMX (or without AVX512-BF16) takes the PyTorch path."""
+    chunk's own causal; one causal run where groups are of one) through the kernels, the
+    thin band between through torch's, merged with the memory by log-sum-exp. A prefill
+    chunk (more positions than a draft verification) with `state.chunk_dtype` bfloat16 reads
+    its runs in the kernel's bfloat16 tiles, or on CPUs with AMX (or without AVX512-BF16)
+    takes the PyTorch path."""
     se = state.self_extend
     if int(q_positions[-1]) < se.window:  # all within the window: plain causal attention
         return cpu_causal_attention(q, q_positions, kv, pages, resident, rope)
@@ -63,7 +64,7 @@ def cpu_long_context_attention(
         return paged_long_context_attention(q, q_positions, kv, pages, resident, layer, rope, state, dtype)
     check_grouping(kv, se)
     k_pos = pages.positions[:resident]
-    far_end, near_start = band_bounds(q_positions, k_pos, se.window)
+    far_end, near_start = resident_bounds(q_positions, k_pos, se)
     qn = rotate(q, rope.at(q_positions))  # (n, Hq, d)
     parts = [paged_attention(qn, kv.k_rope, kv.v, pages.ids, near_start, resident, n > 1, bf16=bf16)]
     if near_start:

@@ -97,7 +97,7 @@ def paged_long_context_attention(
     se = state.self_extend
     check_grouping(kv, se)
     k_pos = pages.positions[:resident]  # (T,)
-    far_end, near_start = band_bounds(q_positions, k_pos, se.window)
+    far_end, near_start = resident_bounds(q_positions, k_pos, se)
     keys = q.dtype if n == 1 or chunk_dtype is None else chunk_dtype  # what attention reads them in
     k_group = pages.gather(kv.k_group, near_start).to(keys)  # (near_start, Hkv, d)
     k_rope = pages.gather(kv.k_rope, resident, far_end).to(keys)  # (T - far_end, Hkv, d)
@@ -128,6 +128,12 @@ def band_bounds(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> tuple[
     far_end = int(torch.searchsorted(k_pos, s - window, right=True))
     near_start = int(torch.searchsorted(k_pos, s + n - 1 - window, right=True))
     return far_end, near_start
+
+
+def resident_bounds(q_pos: torch.Tensor, k_pos: torch.Tensor, se: SelfExtend) -> tuple[int, int]:
+    """`band_bounds` under `se`; groups of one place every key at its own position, so
+    every key reads as near: (0, 0)."""
+    return band_bounds(q_pos, k_pos, se.window) if se.group > 1 else (0, 0)
 
 
 def banded_resident_partials(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from infinikv.attention.memory_reads import LongContextState, memory_queries
-from infinikv.attention.pytorch import band_bounds, decode_logits
+from infinikv.attention.pytorch import decode_logits, resident_bounds
 from infinikv.cache.pages import LayerKV, PageList
 from infinikv.core.rope import RotaryEmbedding, rotate
 from infinikv.core.self_extend import at_memory_distance
@@ -55,7 +55,7 @@ class AttentionTally:
             scores = [decode_logits(far, pages.gather(kv.k, resident).to(q.dtype)).reshape(Hq, -1)]
             keys = [tokens]
         else:
-            far_end = band_bounds(at, positions, se.window)[0] if se.group > 1 else 0
+            far_end = resident_bounds(at, positions, se)[0]
             near = rotate(q, rope.at(at))
             near_keys = pages.gather(kv.k_rope, resident, far_end).to(q.dtype)
             scores = [decode_logits(near, near_keys).reshape(Hq, -1)]
