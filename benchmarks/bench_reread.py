@@ -5,8 +5,8 @@ the last chunk's last row records, per layer, its attention over the whole histo
 ways: as the sequence reads it (resident keys at their places, evicted ones by the key
 sketch at the memory distance) and uniform (every key at the memory distance). Then, per tally and band of
 layers: where the planted fact's window ranks among the windows a re-read picks (0: first);
-and per (passages, margin, reach to whole lines, order, band): the plain model's answer over the
-re-read prompt.
+and per (passages, margin, reach to whole lines, order, floor, band): the plain model's answer
+over the re-read prompt.
 
     python benchmarks/bench_reread.py --split tune --length 16384 --cases 10
 
@@ -94,6 +94,7 @@ def main() -> None:
     ap.add_argument("--reaches", type=int, nargs="+", default=[0, LINE_REACH], help="to whole lines")
     ap.add_argument("--bands", nargs="+", default=["0:10", "10:20", "20:30", "0:30", "10:30"])
     ap.add_argument("--orders", nargs="+", default=["position"], choices=["position", "best-last"])
+    ap.add_argument("--floors", type=float, nargs="+", default=[0.0], help="of the best window's share")
     args = ap.parse_args()
     gen = build_generator(Settings(reread=0))
     cases = tallies(gen, args)
@@ -116,8 +117,9 @@ def main() -> None:
     for lo, hi in bands[-1:]:
         for passages in args.passages:
             for margin in args.margins:
-                for reach, order in itertools.product(args.reaches, args.orders):
-                    reread = Reread(passages, margin, base.head, base.tail, reach, order == "best-last")
+                for reach, order, floor in itertools.product(args.reaches, args.orders, args.floors):
+                    best_last = order == "best-last"
+                    reread = Reread(passages, margin, base.head, base.tail, reach, best_last, floor)
                     found, sizes = [], []
                     for case, rec in cases:
                         n = len(case.prompt)
@@ -127,6 +129,7 @@ def main() -> None:
                         text = plain.generate(prompt, SamplingParams(max_tokens=case.max_new_tokens)).text
                         found.append(case.score(text))
                     key = f"passages {passages} margin {margin} reach {reach} order {order} layers {lo}:{hi}"
+                    key += f" floor {floor}" if floor else ""
                     accuracy[key], prompt_tokens[key] = found, round(sum(sizes) / len(sizes))
                     print(
                         f"{key}: {100 * sum(found) / len(found):.0f}% {found}, {prompt_tokens[key]} tokens",

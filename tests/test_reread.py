@@ -62,6 +62,16 @@ def test_passages_best_last_put_the_most_attended_next_to_the_question() -> None
     assert by_share == [by_place[1], by_place[2], by_place[0]]
 
 
+def test_passages_under_the_floor_are_left_out() -> None:
+    shares = torch.zeros(400, dtype=torch.float64)
+    shares[100:110], shares[200:210], shares[300:310] = 0.05, 0.01, 0.03
+    history = list(range(400))
+    reread = Reread(passages=3, margin=4, head=8, tail=10)
+    every = reread.spans(shares, history, frozenset())
+    assert dataclasses.replace(reread, floor=0.5).spans(shares, history, frozenset()) == [every[0], every[2]]
+    assert dataclasses.replace(reread, floor=1.0).spans(shares, history, frozenset()) == [every[0]]
+
+
 def test_passages_grow_to_whole_lines_within_reach() -> None:
     reread = Reread(passages=1, margin=4, head=8, tail=10, reach=20)
     n, eol = 400, -2

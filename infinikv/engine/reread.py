@@ -34,6 +34,7 @@ class Reread:
     tail: int  # last tokens kept (the question)
     reach: int = LINE_REACH  # tokens a passage may grow either way to whole lines
     best_last: bool = False  # passages by attention, the most attended next to the question
+    floor: float = 0.0  # windows holding less than this share of the best one's are left out
 
     @staticmethod
     def tally(num_layers: int) -> AttentionTally:
@@ -55,7 +56,8 @@ class Reread:
         got = shares[self.head : end]
         mass[: got.shape[0]] = got
         widened = []
-        for share, _, first in top_windows([mass], WINDOW_TOKENS, self.passages):
+        picked = top_windows([mass], WINDOW_TOKENS, self.passages)
+        for share, _, first in (p for p in picked if p[0] >= self.floor * picked[0][0]):
             a = self.head + max(0, first - self.margin)
             b = min(end, self.head + first + WINDOW_TOKENS + self.margin)
             widened.append((*whole_lines(history, a, b, self.head, end, breaks, self.reach), share))
