@@ -143,7 +143,7 @@ def _build_parser() -> ArgumentParser:
     lc.add_argument(
         "--chunk-dtype",
         choices=list(DTYPES),
-        help="what prefill chunks past the window attend in (default: bfloat16 where the CPU has AMX)",
+        help="what prefill chunks past the window attend in (default: bfloat16 with AMX or AVX512-BF16)",
     )
     lc.add_argument("--index", choices=INDEX_KINDS, help="FAISS index for the memory")
     lc.add_argument(

@@ -70,7 +70,8 @@ class Settings(BaseSettings):
     reread_margin: int | None = Field(None, ge=0, description="tokens kept around each re-read passage")
     reread_tail: int | None = Field(None, ge=1, description="last tokens of the history a re-read keeps")
     chunk_dtype: Literal["float32", "bfloat16"] | None = Field(
-        None, description="what prefill chunks past the window attend in; None: bfloat16 with AMX"
+        None,
+        description="what prefill chunks past the window attend in; None: bfloat16 with AMX or AVX512-BF16",
     )
     # Block store for evicted blocks and snapshots: in-process when unset.
     redis_url: str | None = None

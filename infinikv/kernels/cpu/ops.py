@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from infinikv.core.partial import Partial
+from infinikv.errors import KernelBuildError
 from infinikv.kernels.cpu.build import library
 
 HEAD_DIMS = (64, 128)
@@ -67,6 +68,17 @@ def bf16_dot() -> bool:
 def amx() -> bool:
     """Whether this CPU multiplies bfloat16 in AMX tiles (and the OS lets torch use them)."""
     return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def bf16_tiles() -> bool:
+    """Whether prefill chunks multiply bfloat16 tiles here: torch's kernel in AMX tiles, or the
+    chunk kernel's in AVX512-BF16 dot products (where the kernels build)."""
+    if amx():
+        return True
+    try:
+        return bf16_dot()
+    except KernelBuildError:
+        return False
 
 
 def q4_to_bf16(blocks: torch.Tensor) -> torch.Tensor:
