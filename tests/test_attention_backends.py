@@ -29,9 +29,9 @@ def hf_model():
 
 
 def config(group: int = 2, **kw) -> LongContextConfig:
-    """Self-Extend groups of `group` (2: a window of 12 neighbours; 1, the defaults' kind: the
-    window is what the sinks leave of the resident tokens)."""
-    placement = dict(window=12, group=2) if group == 2 else dict(group=1)
+    """Self-Extend groups of `group`: a window of 12 neighbours, or with groups of one (the
+    defaults' kind) what the sinks leave of the resident tokens."""
+    placement = dict(window=12, group=group) if group > 1 else dict(group=1)
     cfg = LongContextConfig.derive(256, PAGE, resident=32, sinks=8, **placement, **kw)
     cfg.validate(256, PAGE)
     return cfg
@@ -84,7 +84,7 @@ def test_cpu_prefill_chunks_in_chunk_dtype_match_torch_backend(hf_model, chunk_d
     the resident keys in chunk_dtype on the CPU backend; the PyTorch backend stays float32.
     Groups of one (the defaults) attend to the resident keys in one causal run."""
     ids = torch.randint(0, 160, (150,), generator=torch.Generator().manual_seed(5)).tolist()
-    placement = dict(window=28, group=2) if group == 2 else dict(group=1)
+    placement = dict(window=28, group=group) if group > 1 else dict(group=1)
     cfg = LongContextConfig.derive(256, PAGE, resident=64, sinks=8, **placement, chunk_dtype=chunk_dtype)
     cfg.validate(256, PAGE)
     want, _ = logits_of(ours_from_hf(hf_model), cfg, ids, prefill_chunk=24)

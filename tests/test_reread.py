@@ -51,11 +51,15 @@ def test_passages_are_the_top_windows_widened_joined_and_in_order() -> None:
     assert reread.spans(torch.zeros(n, dtype=torch.float64), history, frozenset()) == []
 
 
-def test_passages_best_last_put_the_most_attended_next_to_the_question() -> None:
+def three_passages() -> tuple[Reread, torch.Tensor, list[int]]:
+    """A re-read of 3 passages over 400 tokens with windows of shares 0.05, 0.01, 0.03 in order."""
     shares = torch.zeros(400, dtype=torch.float64)
     shares[100:110], shares[200:210], shares[300:310] = 0.05, 0.01, 0.03
-    history = list(range(400))
-    reread = Reread(passages=3, margin=4, head=8, tail=10)
+    return Reread(passages=3, margin=4, head=8, tail=10), shares, list(range(400))
+
+
+def test_passages_best_last_put_the_most_attended_next_to_the_question() -> None:
+    reread, shares, history = three_passages()
     by_place = reread.spans(shares, history, frozenset())
     by_share = dataclasses.replace(reread, best_last=True).spans(shares, history, frozenset())
     assert [a for a, _ in by_place] == sorted(a for a, _ in by_place)
@@ -63,10 +67,7 @@ def test_passages_best_last_put_the_most_attended_next_to_the_question() -> None
 
 
 def test_passages_under_the_floor_are_left_out() -> None:
-    shares = torch.zeros(400, dtype=torch.float64)
-    shares[100:110], shares[200:210], shares[300:310] = 0.05, 0.01, 0.03
-    history = list(range(400))
-    reread = Reread(passages=3, margin=4, head=8, tail=10)
+    reread, shares, history = three_passages()
     every = reread.spans(shares, history, frozenset())
     assert dataclasses.replace(reread, floor=0.5).spans(shares, history, frozenset()) == [every[0], every[2]]
     assert dataclasses.replace(reread, floor=1.0).spans(shares, history, frozenset()) == [every[0]]

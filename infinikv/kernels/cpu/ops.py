@@ -8,7 +8,6 @@ from collections.abc import Sequence
 import torch
 
 from infinikv.core.partial import Partial
-from infinikv.errors import KernelBuildError
 from infinikv.kernels.cpu.build import library
 
 HEAD_DIMS = (64, 128)
@@ -71,14 +70,9 @@ def amx() -> bool:
 
 
 def bf16_tiles() -> bool:
-    """Whether prefill chunks multiply bfloat16 tiles here: torch's kernel in AMX tiles, or the
-    chunk kernel's in AVX512-BF16 dot products (where the kernels build)."""
-    if amx():
-        return True
-    try:
-        return bf16_dot()
-    except KernelBuildError:
-        return False
+    """Whether this CPU multiplies bfloat16 tiles: AMX (torch's kernel) or AVX512-BF16 (the chunk
+    kernel's). A feature check, no kernel build: cpu.py takes torch's path where the build lacks them."""
+    return amx() or bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
 
 
 def q4_to_bf16(blocks: torch.Tensor) -> torch.Tensor:
