@@ -164,7 +164,7 @@ def test_linear_matches_torch(M, N, K, dtype) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_each_row_of_linear_is_its_row_alone(dtype) -> None:
     """Row counts 1-20 (four rows of x against four of W; in bfloat16 five to eight against
-    two of W, past eight six against four with the bfloat16 dot product; and their rests), W's
+    two of W; past eight six against four, float32 and the bfloat16 dot product; and their rests), W's
     rows not a multiple of 4, K not of 16: each row of the result equals the row alone, bit
     for bit (what batching relies on)."""
     gen = torch.Generator().manual_seed(3)

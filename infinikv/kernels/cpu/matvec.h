@@ -1,7 +1,7 @@
 /* x W^T for a few rows of x, the loop the projection kernels share (linear.c, decoder.c):
  * `project` runs inside an OpenMP parallel region, each worker streaming its share of W's
  * rows once, four at a time, prefetching the next four, and dotting them with up to four
- * rows of x at once (bfloat16: up to eight, against two of W's rows at a time, or past eight
+ * rows of x at once (bfloat16: up to eight, against two of W's rows at a time; past eight
  * rows six against four; x stays in L1). W is float32 or bfloat16 (`size` 4 or 2 bytes:
  * half the bytes; on CPUs with AVX512-BF16 x is rounded to bfloat16 and multiplied in
  * VDPBF16PS, as torch's bfloat16 matmul does; elsewhere each weight is widened to float32
@@ -140,11 +140,10 @@ AI void four_rows(const float* x, const bf16* xb, const char* W, float* y, int M
   const int64_t row = (int64_t)K * size;
   const char* w = W + 4 * b * row;
   const int pairs = size == 2;
-#if BF16_DOT
-  /* Past 8 rows the dot products bound the time, not W's bytes: six rows of x against all
-   * four of W's (24 accumulators) load less per product (SmolLM2, 32 / 64 rows: 20 / 37 ms
-   * against 30-35 / 48-58 in 8 x 2 tiles, torch's bfloat16 matmul 23-30 / 35-46; Zen 5). */
-  if (xb && M > 8) {
+  /* Past 8 rows the products bound the time, not W's bytes: six rows of x against all four
+   * of W's (24 accumulators) load less per product (SmolLM2 on Zen 5, 32 rows: bfloat16 dot
+   * products 20 ms against 30-35 in 8 x 2 tiles; float32 46-51 against 57-78 in 4 x 4). */
+  if ((xb || size == 4) && M > 8) {
     int m0 = 0;
     for (; M - m0 >= 6; m0 += 6) TILE(6, 4, 0);
     switch (M - m0) {
@@ -157,7 +156,6 @@ AI void four_rows(const float* x, const bf16* xb, const char* W, float* y, int M
     }
     return;
   }
-#endif
   for (int m0 = 0; m0 < M; m0 += pairs && M - m0 > 4 ? 8 : 4) {
     switch (pairs && M - m0 > 4 ? M - m0 : M - m0 > 4 ? 4 : M - m0) {
       case 1: TILE(1, 4, 0); break;
