@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from infinikv.attention import cpu as cpu_backend
 from infinikv.attention.backends import resolve_backend
 from infinikv.attention.cpu import cpu_causal_attention, cpu_long_context_attention
 from infinikv.attention.triton import triton_causal_attention, triton_long_context_attention
@@ -109,6 +110,27 @@ def test_plain_causal_logits_match_torch_backend(hf_model, backend, device) -> N
     model.use_few_rows(few_row_kernels(backend))
     got, _ = logits_of(model, None, ids)
     torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("long_context", [False, True], ids=["causal", "long-context"])
+def test_chunks_take_torch_path_where_kernels_lack_avx512(hf_model, monkeypatch, long_context) -> None:
+    """Prefill chunks of 24 positions (48 rows per kv-head) attend through torch's kernel, bit
+    for bit the PyTorch backend's logits, where the kernels were built without AVX-512 (their
+    tiles run slower there); with it, through the tiles (not bit for bit)."""
+    ids = torch.randint(0, 160, (150,), generator=torch.Generator().manual_seed(6)).tolist()
+    cfg = None
+    if long_context:
+        cfg = LongContextConfig.derive(256, PAGE, resident=64, sinks=8, group=1, chunk_dtype="float32")
+        cfg.validate(256, PAGE)
+    want, _ = logits_of(ours_from_hf(hf_model), cfg, ids, prefill_chunk=24, decode_steps=6)
+    model = ours_from_hf(hf_model)
+    model.attention, model.long_context_attention = cpu_causal_attention, cpu_long_context_attention
+    for wide in (False, True):
+        monkeypatch.setattr(cpu_backend, "wide_vectors", lambda wide=wide: wide)
+        got, seq = logits_of(model, cfg, ids, prefill_chunk=24, decode_steps=6)
+        assert torch.equal(got[:144], want[:144]) != wide  # the six chunks
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
+        assert not long_context or seq.table.evicted_blocks > 5
 
 
 def test_backend_choice(monkeypatch) -> None:

@@ -335,16 +335,17 @@ def test_kernels_on_cpus_without_vnni_or_bf16(arch: str, flag: str) -> None:
     """The kernels built for an older CPU (INFINIKV_CPU_ARCH) de-quantize the blocks to float32
     (the projection of the weights they hold) and widen bfloat16 weights, x unrounded (the
     path CPUs without AVX512-BF16 take), each row as alone; the chunk tiles in float32, and
-    bfloat16 tiles refused."""
+    bfloat16 tiles refused; the AVX2 build says it lacks wide vectors (chunks go to torch's)."""
     from benchmarks.machine import cpu_features
 
     if flag not in cpu_features():
         pytest.skip(f"this CPU has no {flag}")
     script = (
         "import torch\n"
-        "from infinikv.kernels.cpu.ops import bf16_dot, int8_activations, linear\n"
+        "from infinikv.kernels.cpu.ops import bf16_dot, int8_activations, linear, wide_vectors\n"
         "from tests.test_kernel_cpu import block_weights\n"
         "assert not int8_activations()\n"
+        f"assert wide_vectors() == {flag == 'avx512f'}\n"
         "for fmt in ('q4', 'q8'):\n"
         "    for rows, K in ((1, 576), (5, 96), (17, 736)):\n"
         "        blocks, w = block_weights(fmt, 36, K, seed=rows)\n"

@@ -3,7 +3,7 @@ the pages in place: decode steps and short draft verifications in one pass over 
 all heads (a gather and batched matmuls read them at a fraction of the memory bandwidth),
 prefill chunks in register tiles of query rows (~2x torch's fused flash kernel;
 benchmarks/bench_kernels_cpu.py). Chunks read in bfloat16 (`chunk_dtype`) on CPUs with AMX
-tiles keep torch's kernel."""
+tiles, and every chunk where the kernels lack AVX-512 (`wide_vectors`), keep torch's kernel."""
 
 from __future__ import annotations
 
@@ -14,13 +14,20 @@ from infinikv.attention.pytorch import (
     band_partials,
     check_grouping,
     check_last,
+    paged_causal_attention,
     paged_long_context_attention,
     resident_bounds,
 )
 from infinikv.cache.pages import LayerKV, PageList
 from infinikv.core.partial import merge_partials
 from infinikv.core.rope import RotaryEmbedding, rotate
-from infinikv.kernels.cpu.ops import amx, bf16_dot, paged_attention
+from infinikv.kernels.cpu.ops import FOLD_ROWS, amx, bf16_dot, paged_attention, wide_vectors
+
+
+def tiles_lose(q: torch.Tensor, kv: LayerKV) -> bool:
+    """Whether q (n, Hq, d) is a chunk for the register tiles (over FOLD_ROWS rows per kv-head)
+    on a build without AVX-512, where torch's flash kernel runs it faster."""
+    return q.shape[0] * q.shape[1] // kv.k_rope.shape[-2] > FOLD_ROWS and not wide_vectors()
 
 
 def cpu_causal_attention(
@@ -32,6 +39,8 @@ def cpu_causal_attention(
     rope: RotaryEmbedding,
 ) -> torch.Tensor:
     """See `AttentionBackend`."""
+    if tiles_lose(q, kv):
+        return paged_causal_attention(q, q_positions, kv, pages, kv_len, rope)
     check_last(q_positions, kv_len)
     qr = rotate(q, rope.at(q_positions))  # (n, Hq, d)
     return paged_attention(qr, kv.k_rope, kv.v, pages.ids, 0, kv_len, causal=True)[0]
@@ -53,14 +62,14 @@ def cpu_long_context_attention(
     thin band between through torch's, merged with the memory by log-sum-exp. A prefill
     chunk (more positions than a draft verification) with `state.chunk_dtype` bfloat16 reads
     its runs in the kernel's bfloat16 tiles, or on CPUs with AMX (or without AVX512-BF16)
-    takes the PyTorch path."""
+    takes the PyTorch path, as every chunk does where `tiles_lose`."""
     se = state.self_extend
     if int(q_positions[-1]) < se.window:  # all within the window: plain causal attention
         return cpu_causal_attention(q, q_positions, kv, pages, resident, rope)
     n = q.shape[0]
     dtype = state.chunk_dtype if n > OWN_BLOCK_POSITIONS else None
     bf16 = dtype == torch.bfloat16
-    if bf16 and (amx() or not bf16_dot()):  # torch's kernel multiplies bfloat16 in AMX tiles
+    if (bf16 and (amx() or not bf16_dot())) or tiles_lose(q, kv):  # torch's: AMX tiles, or no AVX-512
         return paged_long_context_attention(q, q_positions, kv, pages, resident, layer, rope, state, dtype)
     check_grouping(kv, se)
     k_pos = pages.positions[:resident]

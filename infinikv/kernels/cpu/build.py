@@ -67,6 +67,7 @@ SIGNATURES = {
     ),
     "int8_activations": (),
     "bf16_dot": (),
+    "wide_vectors": (),
     "q4_to_bf16": (_ptr, _ptr, _int, _int, _int),  # W, out, N, K, threads
 }
 # the others return nothing
@@ -76,6 +77,7 @@ RESTYPES = {
     "decoder_stack": ctypes.c_int,
     "int8_activations": ctypes.c_int,
     "bf16_dot": ctypes.c_int,
+    "wide_vectors": ctypes.c_int,
 }
 
 

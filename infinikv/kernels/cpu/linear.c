@@ -11,6 +11,9 @@ int int8_activations(void) { return INT8_ACTIVATIONS; }
 /* 1 where bfloat16 weights multiply x rounded to bfloat16 (matvec.h's tile_dot). */
 int bf16_dot(void) { return BF16_DOT; }
 
+/* 1 where the build's vectors are 16 floats wide in registers (vec.h). */
+int wide_vectors(void) { return WIDE_VECTORS; }
+
 void linear_rows(const float* x, const void* W, int size, float* y, int M, int N, int K, int threads) {
 #pragma omp parallel num_threads(threads) if (threads > 1)
   project(x, (const char*)W, size, y, M, N, K);

@@ -8,6 +8,13 @@ typedef float v16 __attribute__((vector_size(64)));
 typedef float v4 __attribute__((vector_size(16)));
 
 #define AI static inline __attribute__((always_inline))
+/* 1 where a v16 is one register. Without AVX-512 GCC keeps arrays of them in memory: tiles of
+ * many rows then run slower than torch's kernels (docs/performance.md, "CPUs without AVX-512"). */
+#ifdef __AVX512F__
+#define WIDE_VECTORS 1
+#else
+#define WIDE_VECTORS 0
+#endif
 AI v16 load(const float* p) { v16 x; memcpy(&x, p, sizeof x); return x; }
 AI void store(float* p, v16 x) { memcpy(p, &x, sizeof x); }
 
