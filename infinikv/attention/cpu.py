@@ -21,13 +21,13 @@ from infinikv.attention.pytorch import (
 from infinikv.cache.pages import LayerKV, PageList
 from infinikv.core.partial import merge_partials
 from infinikv.core.rope import RotaryEmbedding, rotate
-from infinikv.kernels.cpu.ops import FOLD_ROWS, amx, bf16_dot, paged_attention, wide_vectors
+from infinikv.kernels.cpu.ops import amx, bf16_dot, paged_attention, tiled, wide_vectors
 
 
 def tiles_lose(q: torch.Tensor, kv: LayerKV) -> bool:
     """Whether q (n, Hq, d) is a chunk for the register tiles (over FOLD_ROWS rows per kv-head)
     on a build without AVX-512, where torch's flash kernel runs it faster."""
-    return q.shape[0] * q.shape[1] // kv.k_rope.shape[-2] > FOLD_ROWS and not wide_vectors()
+    return tiled(q.shape[0], q.shape[1], kv.k_rope.shape[-2]) and not wide_vectors()
 
 
 def cpu_causal_attention(

@@ -114,6 +114,12 @@ FOLD_ROWS = 32
 KV_SIZES = {torch.float32: 4, torch.bfloat16: 2}
 
 
+def tiled(n: int, Hq: int, Hkv: int) -> bool:
+    """Whether `paged_attention` runs n query rows in the chunk kernel's register tiles (more
+    than FOLD_ROWS rows per kv-head) rather than folding them over the keys."""
+    return n * Hq // Hkv > FOLD_ROWS
+
+
 def _kv_size(*caches: torch.Tensor) -> int:
     """Bytes per value of caches the kernels read, or 0 where they cannot (mixed formats)."""
     sizes = {KV_SIZES.get(c.dtype, 0) for c in caches}
@@ -175,7 +181,7 @@ def paged_attention(
     inputs = (q.data_ptr(), k_pages.data_ptr(), v_pages.data_ptr())
     shape = (kv_size, P, page_ids.data_ptr(), start, stop, limit, n, Hq, Hkv, d, B, d**-0.5)
     results = (out.data_ptr(), lse.data_ptr(), threads or torch.get_num_threads())
-    if bf16 or n * Hq // Hkv > FOLD_ROWS:
+    if bf16 or tiled(n, Hq, Hkv):
         status = library().chunk_attention(*inputs, *shape, int(bf16), *results)
     else:
         status = library().paged_attention(*inputs, *shape, *results)
