@@ -334,7 +334,8 @@ def test_blocks_refuse_what_they_cannot_hold() -> None:
 def test_kernels_on_cpus_without_vnni_or_bf16(arch: str, flag: str) -> None:
     """The kernels built for an older CPU (INFINIKV_CPU_ARCH) de-quantize the blocks to float32
     (the projection of the weights they hold) and widen bfloat16 weights, x unrounded (the
-    path CPUs without AVX512-BF16 take), each row as alone; the chunk tiles in float32, and
+    path CPUs without AVX512-BF16 take), float32 and bfloat16 rows each as alone (AVX2: in
+    8-float halves, tiles of three rows and their remainders); the chunk tiles in float32, and
     bfloat16 tiles refused; the AVX2 build says it lacks wide vectors (chunks go to torch's)."""
     from benchmarks.machine import cpu_features
 
@@ -352,10 +353,11 @@ def test_kernels_on_cpus_without_vnni_or_bf16(arch: str, flag: str) -> None:
         "        x = torch.randn(rows, K)\n"
         "        torch.testing.assert_close(linear(x, blocks), x @ w.T, rtol=1e-5, atol=1e-4)\n"
         "assert not bf16_dot()\n"
-        "x, w = torch.randn(9, 577), torch.randn(46, 577).bfloat16()\n"
-        "y = linear(x, w)\n"
-        "torch.testing.assert_close(y, (x.double() @ w.double().T).float(), rtol=1e-5, atol=1e-4)\n"
-        "assert torch.equal(torch.cat([linear(x[i : i + 1], w) for i in range(9)]), y)\n"
+        "for dtype, rows in ((torch.float32, 10), (torch.bfloat16, 11)):\n"
+        "    x, w = torch.randn(rows, 577), torch.randn(46, 577).to(dtype)\n"
+        "    y = linear(x, w)\n"
+        "    torch.testing.assert_close(y, (x.double() @ w.double().T).float(), rtol=1e-5, atol=1e-4)\n"
+        "    assert torch.equal(torch.cat([linear(x[i : i + 1], w) for i in range(rows)]), y)\n"
         "from infinikv.core.partial import reference_partial\n"
         "from infinikv.kernels.cpu.ops import paged_attention\n"
         "from tests.test_kernel_cpu import paged\n"

@@ -2,7 +2,7 @@
  * `project` runs inside an OpenMP parallel region, each worker streaming its share of W's
  * rows once, four at a time, prefetching the next four, and dotting them with up to four
  * rows of x at once (bfloat16: up to eight, against two of W's rows at a time; past eight
- * rows six against four; x stays in L1). W is float32 or bfloat16 (`size` 4 or 2 bytes:
+ * rows six against four; without AVX-512 three against two; x stays in L1). W is float32 or bfloat16 (`size` 4 or 2 bytes:
  * half the bytes; on CPUs with AVX512-BF16 x is rounded to bfloat16 and multiplied in
  * VDPBF16PS, as torch's bfloat16 matmul does; elsewhere each weight is widened to float32
  * in registers, float32 products), or blocks of 4-bit or 8-bit weights (`size` Q4 or Q8:
@@ -21,9 +21,26 @@
 
 typedef unsigned short bf16;
 
-/* The weight loads of the two float formats: 16 values at p, and one value. */
-AI v16 wvec_f32(const char* p) { return load((const float*)p); }
-AI v16 wvec_bf16(const char* p) { return load_bf16((const bf16*)p); }
+/* The tiles' vectors: a 16-float AVX-512 register, or two 8-float halves where the CPU has
+ * none (GCC keeps arrays of 16-float vectors in memory there). Lane j sums k = j mod 16 either
+ * way. The loads of x and of the two weight formats: 16 / HALVES values at p; one value. */
+#if WIDE_VECTORS
+#define HALVES 1
+typedef v16 vt;
+AI vt xvec(const float* p) { return load(p); }
+AI vt wvec_f32(const char* p) { return load((const float*)p); }
+AI vt wvec_bf16(const char* p) { return load_bf16((const bf16*)p); }
+AI v16 whole(const vt* a) { return a[0]; }
+#else
+#define HALVES 2
+typedef v8 vt;
+AI vt xvec(const float* p) { return load8(p); }
+AI vt wvec_f32(const char* p) { return load8((const float*)p); }
+AI vt wvec_bf16(const char* p) { return load8_bf16((const bf16*)p); }
+AI v16 whole(const vt* a) {
+  return __builtin_shufflevector(a[0], a[1], 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+#endif
 AI float wone_f32(const char* p) { return *(const float*)p; }
 AI float wone_bf16(const char* p) { return bf16_to_float(*(const bf16*)p); }
 
@@ -34,9 +51,9 @@ AI float wone_bf16(const char* p) { return bf16_to_float(*(const bf16*)p); }
  * one 64-byte line per 16 weights of `size` bytes per row. A row's products and sums do not
  * depend on mb or R. */
 AI void tile(const float* x, const char* w, float* y, int N, int K, int m0, int mb, int n0, int64_t row, int R,
-             const char* pf, int size, v16 (*wvec)(const char*), float (*wone)(const char*)) {
+             const char* pf, int size, vt (*wvec)(const char*), float (*wone)(const char*)) {
   const int K16 = K - K % 16, lines = size * R / 4;
-  v16 acc[8][4] = {{0}};
+  vt acc[8][4][HALVES] = {{{0}}};
   for (int k = 0; k < K16; k += 16) {
     const char* wk = w + (int64_t)k * size;
     for (int line = 0; line < lines; line++) __builtin_prefetch(pf + R * (int64_t)k * size + 64 * line);
@@ -45,16 +62,19 @@ AI void tile(const float* x, const char* w, float* y, int N, int K, int m0, int 
     if (size == 2)
       for (int line = 0; line < lines; line++)
         __builtin_prefetch(pf + 12 * row + R * (int64_t)k * size + 64 * line, 0, 2);
-    v16 wr[4];
-    for (int r = 0; r < R; r++) wr[r] = wvec(wk + r * row);
-    for (int i = 0; i < mb; i++) {
-      v16 xv = load(x + (int64_t)(m0 + i) * K + k);
-      for (int r = 0; r < R; r++) acc[i][r] += xv * wr[r];
+    for (int h = 0; h < HALVES; h++) {
+      const int kh = k + h * 16 / HALVES;
+      vt wr[4];
+      for (int r = 0; r < R; r++) wr[r] = wvec(wk + r * row + h * 16 / HALVES * size);
+      for (int i = 0; i < mb; i++) {
+        vt xv = xvec(x + (int64_t)(m0 + i) * K + kh);
+        for (int r = 0; r < R; r++) acc[i][r][h] += xv * wr[r];
+      }
     }
   }
   for (int i = 0; i < mb; i++) {
     const float* xm = x + (int64_t)(m0 + i) * K;
-    v4 s = hsum4(acc[i][0], acc[i][1], acc[i][R - 2], acc[i][R - 1]);
+    v4 s = hsum4(whole(acc[i][0]), whole(acc[i][1]), whole(acc[i][R - 2]), whole(acc[i][R - 1]));
     for (int r = 0; r < R; r++) {
       for (int k = K16; k < K; k++) s[r] += xm[k] * wone(w + r * row + (int64_t)k * size);
       y[(int64_t)(m0 + i) * N + n0 + r] = s[r];
@@ -136,10 +156,26 @@ static bf16* rounded_rows(const float* x, int M, int K) {
  * streams from memory once for eight rows of x, not twice from cache for four (8 rows: ~17
  * ms against ~19.5 for SmolLM2's matrices; float32 did not gain, Xeon). */
 AI void four_rows(const float* x, const bf16* xb, const char* W, float* y, int M, int N, int K, int b, int size,
-                  v16 (*wvec)(const char*), float (*wone)(const char*)) {
+                  vt (*wvec)(const char*), float (*wone)(const char*)) {
   const int64_t row = (int64_t)K * size;
   const char* w = W + 4 * b * row;
   const int pairs = size == 2;
+#if !WIDE_VECTORS
+  /* Without AVX-512: three rows of x against two of W (12 of AVX2's 16 registers accumulate).
+   * SmolLM2 at 8 rows, AVX2 build: float32 31-33 ms, bfloat16 29-32, against 79-120 in 4 x 4. */
+  if (M > 1) {
+    for (int p = 0; p < 4; p += 2)
+      for (int m0 = 0; m0 < M; m0 += 3) {
+        if (M - m0 >= 3)
+          TILE(3, 2, p);
+        else if (M - m0 == 2)
+          TILE(2, 2, p);
+        else
+          TILE(1, 2, p);
+      }
+    return;
+  }
+#endif
   /* Past 8 rows the products bound the time, not W's bytes: six rows of x against all four
    * of W's (24 accumulators) load less per product (SmolLM2 on Zen 5, 32 rows: bfloat16 dot
    * products 20 ms against 30-35 in 8 x 2 tiles; float32 46-51 against 57-78 in 4 x 4). */

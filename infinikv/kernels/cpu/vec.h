@@ -5,6 +5,7 @@
 #include <string.h>
 
 typedef float v16 __attribute__((vector_size(64)));
+typedef float v8 __attribute__((vector_size(32)));
 typedef float v4 __attribute__((vector_size(16)));
 
 #define AI static inline __attribute__((always_inline))
@@ -16,6 +17,7 @@ typedef float v4 __attribute__((vector_size(16)));
 #define WIDE_VECTORS 0
 #endif
 AI v16 load(const float* p) { v16 x; memcpy(&x, p, sizeof x); return x; }
+AI v8 load8(const float* p) { v8 x; memcpy(&x, p, sizeof x); return x; }
 AI void store(float* p, v16 x) { memcpy(p, &x, sizeof x); }
 
 /* 16 bfloat16 values (the high halves of float32s) widened to float32: exact. With AVX-512
@@ -39,6 +41,17 @@ AI v16 load_bf16(const unsigned short* p) {
   return x;
 }
 #endif
+/* 8 bfloat16 values widened to float32 (one AVX2 instruction and a shift where it has them). */
+typedef unsigned short u16x8 __attribute__((vector_size(16)));
+typedef unsigned int u32x8 __attribute__((vector_size(32)));
+AI v8 load8_bf16(const unsigned short* p) {
+  u16x8 h;
+  memcpy(&h, p, sizeof h);
+  u32x8 w = __builtin_convertvector(h, u32x8) << 16;
+  v8 x;
+  memcpy(&x, &w, sizeof x);
+  return x;
+}
 /* f rounded to bfloat16 to nearest even, as torch's conversion rounds (a NaN stays one). */
 AI unsigned short float_to_bf16(float f) {
   unsigned int u;
