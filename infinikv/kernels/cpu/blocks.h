@@ -260,6 +260,8 @@ AI void project_blocks(const float* x, const char* W, int size, float* y, int M,
 
 #else
 #define INT8_ACTIVATIONS 0
+#if WIDE_VECTORS
+#define BLOCK_TILE 4 /* rows of x a tile takes */
 
 /* y[m0 + i, n0 + r] for i < mb and r < 4: each block's 32 weights of the four rows made
  * float32 once for the mb rows of x; the next four rows prefetched as these are read. */
@@ -290,18 +292,87 @@ AI void tile_blocks(const float* x, const char* w, float* y, int N, int K, int m
     for (int r = 0; r < 4; r++) y[(int64_t)(m0 + i) * N + n0 + r] = s[r];
   }
 }
+#else
+/* Without AVX-512, in 8-float vectors (GCC keeps arrays of 16-float ones in memory there:
+ * SmolLM2 in int4 ran at 0.1x torch's kernel): one row of W's block at a time, made float32
+ * in four vectors (weights 0..7, 8..15, 16..23, 24..31) and dotted with up to two rows of x. */
+#define BLOCK_TILE 2
+typedef unsigned char u8x8 __attribute__((vector_size(8)));
+typedef signed char i8x8 __attribute__((vector_size(8)));
+typedef int i32x8 __attribute__((vector_size(32)));
+
+/* 8 bytes at v widened to int32, unsigned or signed: one instruction each with AVX2 (GCC
+ * builds the generic conversion from scalar inserts). */
+#ifdef __AVX2__
+#include <immintrin.h>
+AI i32x8 widen_u8(const char* v) { return (i32x8)_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)v)); }
+AI i32x8 widen_i8(const char* v) { return (i32x8)_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)v)); }
+#else
+AI i32x8 widen_u8(const char* v) {
+  u8x8 b;
+  memcpy(&b, v, 8);
+  return __builtin_convertvector(b, i32x8);
+}
+AI i32x8 widen_i8(const char* v) {
+  i8x8 b;
+  memcpy(&b, v, 8);
+  return __builtin_convertvector(b, i32x8);
+}
+#endif
+
+AI void q4_weights8(const char* v, float d, float m, v8 q[4]) {
+  const i32x8 lo = widen_u8(v), hi = widen_u8(v + 8);
+  q[0] = __builtin_convertvector(lo & 15, v8) * d + m;
+  q[1] = __builtin_convertvector(hi & 15, v8) * d + m;
+  q[2] = __builtin_convertvector(lo >> 4, v8) * d + m;
+  q[3] = __builtin_convertvector(hi >> 4, v8) * d + m;
+}
+
+AI void q8_weights8(const char* v, float d, v8 q[4]) {
+  for (int j = 0; j < 4; j++) q[j] = __builtin_convertvector(widen_i8(v + 8 * j), v8) * d;
+}
+
+AI void tile_blocks(const float* x, const char* w, float* y, int N, int K, int m0, int mb, int n0, int64_t row,
+                    int size) {
+  const int nb = K / BLOCK_WEIGHTS, step = size == Q4 ? 16 : 32;
+  const int64_t values = value_bytes(size, K);
+  v8 acc[BLOCK_TILE][4] = {{0}};
+  for (int b = 0; b < nb; b++) {
+    for (int r = 0; r < 4; r++) {
+      const char* wr = w + r * row;
+      __builtin_prefetch(wr + 4 * row + (int64_t)b * step);
+      const float d = block_scale(wr, values, b), m = size == Q4 ? block_scale(wr, values + 2 * nb, b) : 0.f;
+      v8 q[4];
+      if (size == Q4)
+        q4_weights8(wr + (int64_t)b * step, d, m, q);
+      else
+        q8_weights8(wr + (int64_t)b * step, d, q);
+      for (int i = 0; i < mb; i++) {
+        const float* xb = x + (int64_t)(m0 + i) * K + b * BLOCK_WEIGHTS;
+        acc[i][r] += load8(xb) * q[0] + load8(xb + 8) * q[1] + load8(xb + 16) * q[2] + load8(xb + 24) * q[3];
+      }
+    }
+  }
+  for (int i = 0; i < mb; i++) {
+    v4 s = hsum4_8(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
+    for (int r = 0; r < 4; r++) y[(int64_t)(m0 + i) * N + n0 + r] = s[r];
+  }
+}
+#endif
 
 AI void project_blocks(const float* x, const char* W, int size, float* y, int M, int N, int K) {
   const int64_t row = block_row_bytes(size, K);
 #pragma omp for schedule(static)
   for (int b = 0; b < N / 4; b++) {
     const char* w = W + 4 * b * row;
-    for (int m0 = 0; m0 < M; m0 += 4) {
-      switch (M - m0) {
+    for (int m0 = 0; m0 < M; m0 += BLOCK_TILE) {
+      switch (M - m0 < BLOCK_TILE ? M - m0 : BLOCK_TILE) {
         case 1: tile_blocks(x, w, y, N, K, m0, 1, 4 * b, row, size); break;
+#if BLOCK_TILE == 4
         case 2: tile_blocks(x, w, y, N, K, m0, 2, 4 * b, row, size); break;
         case 3: tile_blocks(x, w, y, N, K, m0, 3, 4 * b, row, size); break;
-        default: tile_blocks(x, w, y, N, K, m0, 4, 4 * b, row, size);
+#endif
+        default: tile_blocks(x, w, y, N, K, m0, BLOCK_TILE, 4 * b, row, size);
       }
     }
   }

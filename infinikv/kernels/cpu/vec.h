@@ -77,4 +77,16 @@ AI v4 hsum4(v16 a0, v16 a1, v16 a2, v16 a3) {
   w = w + __builtin_shufflevector(w, w, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
   return (v4){w[0], w[4], w[8], w[12]};
 }
+
+/* The sums of a0..a3's 8 lanes each. */
+AI v4 hsum4_8(v8 a0, v8 a1, v8 a2, v8 a3) {
+  v8 x = __builtin_shufflevector(a0, a1, 0, 1, 2, 3, 8, 9, 10, 11) +
+         __builtin_shufflevector(a0, a1, 4, 5, 6, 7, 12, 13, 14, 15);
+  v8 y = __builtin_shufflevector(a2, a3, 0, 1, 2, 3, 8, 9, 10, 11) +
+         __builtin_shufflevector(a2, a3, 4, 5, 6, 7, 12, 13, 14, 15);
+  v8 z = __builtin_shufflevector(x, y, 0, 1, 4, 5, 8, 9, 12, 13) +
+         __builtin_shufflevector(x, y, 2, 3, 6, 7, 10, 11, 14, 15);
+  z = z + __builtin_shufflevector(z, z, 1, 0, 3, 2, 5, 4, 7, 6);
+  return (v4){z[0], z[2], z[4], z[6]};
+}
 #endif
