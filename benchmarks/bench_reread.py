@@ -28,7 +28,7 @@ from machine import cpu_name
 from infinikv.attention.tally import AttentionTally, top_windows
 from infinikv.engine.generator import Generator
 from infinikv.engine.lines import LINE_REACH
-from infinikv.engine.reread import WINDOW_TOKENS, Reread
+from infinikv.engine.reread import ORDERS, WINDOW_TOKENS, Reread
 from infinikv.engine.sampling import SamplingParams
 from infinikv.engine.sequence import feed
 from infinikv.evaluation.recall import RecallCase, recall_case
@@ -93,7 +93,7 @@ def main() -> None:
     ap.add_argument("--margins", type=int, nargs="+", default=[16, 32])
     ap.add_argument("--reaches", type=int, nargs="+", default=[0, LINE_REACH], help="to whole lines")
     ap.add_argument("--bands", nargs="+", default=["0:10", "10:20", "20:30", "0:30", "10:30"])
-    ap.add_argument("--orders", nargs="+", default=["position"], choices=["position", "best-last"])
+    ap.add_argument("--orders", nargs="+", default=["position"], choices=ORDERS)
     ap.add_argument("--floors", type=float, nargs="+", default=[0.0], help="of the best window's share")
     args = ap.parse_args()
     gen = build_generator(Settings(reread=0))
@@ -118,8 +118,7 @@ def main() -> None:
         for passages in args.passages:
             for margin in args.margins:
                 for reach, order, floor in itertools.product(args.reaches, args.orders, args.floors):
-                    best_last = order == "best-last"
-                    reread = Reread(passages, margin, base.head, base.tail, reach, best_last, floor)
+                    reread = Reread(passages, margin, base.head, base.tail, reach, order, floor)
                     found, sizes = [], []
                     for case, rec in cases:
                         n = len(case.prompt)

@@ -61,9 +61,19 @@ def three_passages() -> tuple[Reread, torch.Tensor, list[int]]:
 def test_passages_best_last_put_the_most_attended_next_to_the_question() -> None:
     reread, shares, history = three_passages()
     by_place = reread.spans(shares, history, frozenset())
-    by_share = dataclasses.replace(reread, best_last=True).spans(shares, history, frozenset())
+    by_share = dataclasses.replace(reread, order="best-last").spans(shares, history, frozenset())
     assert [a for a, _ in by_place] == sorted(a for a, _ in by_place)
     assert by_share == [by_place[1], by_place[2], by_place[0]]
+
+
+def test_passages_top_last_or_twice_keep_the_others_by_position() -> None:
+    reread, shares, history = three_passages()
+    shares[200:210], shares[300:310] = 0.03, 0.01  # best-last would give 300, 200, 100
+    by_place = reread.spans(shares, history, frozenset())
+    moved = dataclasses.replace(reread, order="top-last").spans(shares, history, frozenset())
+    twice = dataclasses.replace(reread, order="top-twice").spans(shares, history, frozenset())
+    assert moved == [by_place[1], by_place[2], by_place[0]]
+    assert twice == [*by_place, by_place[0]]
 
 
 def test_passages_under_the_floor_are_left_out() -> None:

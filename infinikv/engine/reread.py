@@ -24,6 +24,9 @@ WINDOW_TOKENS = 32
 VOTING_FROM = 1 / 3
 # Between the pieces of a re-read prompt: marks the text left out.
 SEPARATOR = "\n...\n"
+# The passages' order: by position; by attention, the most attended next to the question; by
+# position with the most attended moved next to the question, or also repeated there.
+ORDERS = ("position", "best-last", "top-last", "top-twice")
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,7 @@ class Reread:
     head: int  # first tokens of the history kept (the sinks: BOS, a system prompt)
     tail: int  # last tokens kept (the question)
     reach: int = LINE_REACH  # tokens a passage may grow either way to whole lines
-    best_last: bool = False  # passages by attention, the most attended next to the question
+    order: str = "position"  # one of ORDERS
     floor: float = 0.0  # windows holding less than this share of the best one's are left out
 
     @staticmethod
@@ -48,7 +51,7 @@ class Reread:
         """The token spans [start, end) of `history` that a prompt re-reads between its head
         and tail, in order: the `passages` windows with the most attention `shares` (by
         absolute position), each widened by `margin`, then to whole lines (`breaks`: the
-        tokens that end one), overlaps joined; by position, or by attention if `best_last`."""
+        tokens that end one), overlaps joined; in `order`."""
         end = len(history) - self.tail
         if end <= self.head:
             return []
@@ -67,8 +70,11 @@ class Reread:
                 spans[-1] = (spans[-1][0], max(b, spans[-1][1]), max(share, spans[-1][2]))
             else:
                 spans.append((a, b, share))
-        if self.best_last:
+        if self.order == "best-last":
             spans.sort(key=lambda span: span[2])
+        elif self.order in ("top-last", "top-twice") and spans:
+            top = max(spans, key=lambda span: span[2])
+            spans = [s for s in spans if s is not top or self.order == "top-twice"] + [top]
         return [(a, b) for a, b, _ in spans]
 
     def prompt(
