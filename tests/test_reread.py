@@ -74,6 +74,8 @@ def test_passages_top_last_or_twice_keep_the_others_by_position() -> None:
     twice = dataclasses.replace(reread, order="top-twice").spans(shares, history, frozenset())
     assert moved == [by_place[1], by_place[2], by_place[0]]
     assert twice == [*by_place, by_place[0]]
+    with pytest.raises(ValueError, match="order='best-first': one of position"):
+        dataclasses.replace(reread, order="best-first")
 
 
 def test_passages_under_the_floor_are_left_out() -> None:

@@ -39,6 +39,10 @@ class Reread:
     order: str = "position"  # one of ORDERS
     floor: float = 0.0  # windows holding less than this share of the best one's are left out
 
+    def __post_init__(self) -> None:
+        if self.order not in ORDERS:
+            raise ValueError(f"order={self.order!r}: one of {', '.join(ORDERS)}")
+
     @staticmethod
     def tally(num_layers: int) -> AttentionTally:
         """The tally a re-read ranks passages by: every key at the memory distance, the
@@ -74,7 +78,8 @@ class Reread:
             spans.sort(key=lambda span: span[2])
         elif self.order in ("top-last", "top-twice") and spans:
             top = max(spans, key=lambda span: span[2])
-            spans = [s for s in spans if s is not top or self.order == "top-twice"] + [top]
+            rest = spans if self.order == "top-twice" else [s for s in spans if s is not top]
+            spans = [*rest, top]
         return [(a, b) for a, b, _ in spans]
 
     def prompt(

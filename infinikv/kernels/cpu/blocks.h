@@ -304,7 +304,6 @@ typedef int i32x8 __attribute__((vector_size(32)));
 /* 8 bytes at v widened to int32, unsigned or signed: one instruction each with AVX2 (GCC
  * builds the generic conversion from scalar inserts). */
 #ifdef __AVX2__
-#include <immintrin.h>
 AI i32x8 widen_u8(const char* v) { return (i32x8)_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)v)); }
 AI i32x8 widen_i8(const char* v) { return (i32x8)_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)v)); }
 #else

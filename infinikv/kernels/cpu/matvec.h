@@ -2,10 +2,10 @@
  * `project` runs inside an OpenMP parallel region, each worker streaming its share of W's
  * rows once, four at a time, prefetching the next four, and dotting them with up to four
  * rows of x at once (bfloat16: up to eight, against two of W's rows at a time; past eight
- * rows six against four; without AVX-512 three against two; x stays in L1). W is float32 or bfloat16 (`size` 4 or 2 bytes:
- * half the bytes; on CPUs with AVX512-BF16 x is rounded to bfloat16 and multiplied in
- * VDPBF16PS, as torch's bfloat16 matmul does; elsewhere each weight is widened to float32
- * in registers, float32 products), or blocks of 4-bit or 8-bit weights (`size` Q4 or Q8:
+ * rows six against four; without AVX-512 three against two; x stays in L1). W is float32
+ * or bfloat16 (`size` 4 or 2 bytes: half the bytes; on CPUs with AVX512-BF16 x is rounded
+ * to bfloat16 and multiplied in VDPBF16PS, as torch's bfloat16 matmul does; elsewhere each
+ * weight is widened to float32 in registers, float32 products), or blocks of 4-bit or 8-bit weights (`size` Q4 or Q8:
  * blocks.h).
  *
  * Layouts (contiguous): x (M, K) float32, W (N, K) (Q4, Q8: N rows of blocks.h's bytes),
@@ -37,9 +37,7 @@ typedef v8 vt;
 AI vt xvec(const float* p) { return load8(p); }
 AI vt wvec_f32(const char* p) { return load8((const float*)p); }
 AI vt wvec_bf16(const char* p) { return load8_bf16((const bf16*)p); }
-AI v16 whole(const vt* a) {
-  return __builtin_shufflevector(a[0], a[1], 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-}
+AI v16 whole(const vt* a) { return join8(a[0], a[1]); }
 #endif
 AI float wone_f32(const char* p) { return *(const float*)p; }
 AI float wone_bf16(const char* p) { return bf16_to_float(*(const bf16*)p); }

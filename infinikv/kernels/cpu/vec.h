@@ -20,28 +20,21 @@ AI v16 load(const float* p) { v16 x; memcpy(&x, p, sizeof x); return x; }
 AI v8 load8(const float* p) { v8 x; memcpy(&x, p, sizeof x); return x; }
 AI void store(float* p, v16 x) { memcpy(p, &x, sizeof x); }
 
-/* 16 bfloat16 values (the high halves of float32s) widened to float32: exact. With AVX-512
- * in one widening instruction: GCC lowers the generic conversion to five shuffles where it
- * prefers 256-bit vectors (-march=native on Intel), and the decode step was bound by them. */
-#ifdef __AVX512F__
+/* Two 8-float vectors as one of 16 (lo's lanes first). */
+AI v16 join8(v8 lo, v8 hi) {
+  return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+
+/* 8 bfloat16 values (the high halves of float32s) widened to float32: exact; one widening
+ * instruction and a shift with AVX2 (GCC's generic conversion takes two 128-bit ones). */
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
-AI v16 load_bf16(const unsigned short* p) {
-  __m512i w = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16);
-  return (v16)_mm512_castsi512_ps(w);
+#endif
+#ifdef __AVX2__
+AI v8 load8_bf16(const unsigned short* p) {
+  return (v8)_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
 }
 #else
-typedef unsigned short u16x16 __attribute__((vector_size(32)));
-typedef unsigned int u32x16 __attribute__((vector_size(64)));
-AI v16 load_bf16(const unsigned short* p) {
-  u16x16 h;
-  memcpy(&h, p, sizeof h);
-  u32x16 w = __builtin_convertvector(h, u32x16) << 16;
-  v16 x;
-  memcpy(&x, &w, sizeof x);
-  return x;
-}
-#endif
-/* 8 bfloat16 values widened to float32 (one AVX2 instruction and a shift where it has them). */
 typedef unsigned short u16x8 __attribute__((vector_size(16)));
 typedef unsigned int u32x8 __attribute__((vector_size(32)));
 AI v8 load8_bf16(const unsigned short* p) {
@@ -52,6 +45,18 @@ AI v8 load8_bf16(const unsigned short* p) {
   memcpy(&x, &w, sizeof x);
   return x;
 }
+#endif
+/* The same for 16 values. With AVX-512 in one widening instruction: GCC lowers the generic
+ * conversion to five shuffles where it prefers 256-bit vectors (-march=native on Intel), and
+ * the decode step was bound by them. */
+#ifdef __AVX512F__
+AI v16 load_bf16(const unsigned short* p) {
+  __m512i w = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16);
+  return (v16)_mm512_castsi512_ps(w);
+}
+#else
+AI v16 load_bf16(const unsigned short* p) { return join8(load8_bf16(p), load8_bf16(p + 8)); }
+#endif
 /* f rounded to bfloat16 to nearest even, as torch's conversion rounds (a NaN stays one). */
 AI unsigned short float_to_bf16(float f) {
   unsigned int u;
