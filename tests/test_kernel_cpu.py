@@ -6,6 +6,7 @@ float32 and bfloat16 pages."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from infinikv.core.partial import reference_partial
+from infinikv.kernels.cpu import build
 from infinikv.kernels.cpu.ops import (
     bf16_dot,
     int8_activations,
@@ -274,6 +276,44 @@ def test_loading_the_kernels_leaves_the_process_floating_point_alone() -> None:
         "assert x / 4 > 0 and torch.tensor(1e-39).mul(1.0).item() > 0, 'flush-to-zero'"
     )
     subprocess.run([sys.executable, "-c", script], check=True)
+
+
+def test_the_built_kernels_are_cached_per_machine_and_a_damaged_copy_is_rebuilt(tmp_path) -> None:
+    """The second process loads the first's build without compiling; a cached file that does
+    not load (truncated, another format) is rebuilt; other sources or flags name another file."""
+    calls = tmp_path / "cc-calls"
+    cc = tmp_path / "cc"
+    cc.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nexec {build.compiler()} "$@"\n')
+    cc.chmod(0o755)
+    env = {**os.environ, "CC": str(cc), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    key = build.build_key(str(cc), "native")  # what a process with CC=cc computes
+    cached = tmp_path / "cache" / "infinikv" / "kernels" / f"kernels-{key}.so"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"not a shared library")
+    load = "from infinikv.kernels.cpu.build import library; assert library().wide_vectors() in (0, 1)"
+
+    def compiles() -> int:
+        done = [line for line in calls.read_text().splitlines() if line.startswith("-c ")]
+        calls.write_text("")
+        return len(done)
+
+    subprocess.run([sys.executable, "-c", load], env=env, check=True)
+    assert compiles() == len(build.SOURCES) and cached.read_bytes()[:4] == b"\x7fELF"
+    subprocess.run([sys.executable, "-c", load], env=env, check=True)
+    assert compiles() == 0
+    assert build.build_key(str(cc), "haswell") != build.build_key(str(cc), "native")
+
+
+def test_kernel_sources_decide_the_cache_name(tmp_path, monkeypatch) -> None:
+    copy = tmp_path / "src"
+    shutil.copytree(build.HERE, copy, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    cc = build.compiler()
+    monkeypatch.setattr(build, "HERE", copy)
+    same = build.build_key(cc, "native")
+    (copy / "vec.h").write_text((copy / "vec.h").read_text() + "\n")
+    assert same != build.build_key(cc, "native")
+    monkeypatch.undo()
+    assert build.build_key(cc, "native") == same
 
 
 def block_weights(fmt: str, N: int, K: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
