@@ -147,7 +147,11 @@ def test_kernel_refuses_what_it_cannot_run() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     "M, N, K",
-    [(1, 576, 576), (3, 13, 40), (32, 960, 577), (1, 7, 16), (5, 49152 // 16, 64), (4, 8, 32), (9, 20, 48)],
+    [
+        *[(1, 576, 576), (3, 13, 40), (32, 960, 577), (1, 7, 16), (5, 49152 // 16, 64), (4, 8, 32)],
+        (9, 20, 48),
+        *[(17, 48, 64), (64, 960, 576), (70, 192, 1536)],  # AMX tiles (bfloat16): 16 x 32, 64 rows a pass
+    ],
 )
 def test_linear_matches_torch(M, N, K, dtype) -> None:
     """Row counts of W that are not a multiple of 4, inner sizes not a multiple of 16 or 32,
@@ -164,15 +168,17 @@ def test_linear_matches_torch(M, N, K, dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_each_row_of_linear_is_its_row_alone(dtype) -> None:
+@pytest.mark.parametrize("N, K, rows", [(46, 200, 20), (48, 224, 70)])
+def test_each_row_of_linear_is_its_row_alone(dtype, N, K, rows) -> None:
     """Row counts 1-20 (four rows of x against four of W; in bfloat16 five to eight against
     two of W; past eight six against four, float32 and the bfloat16 dot product; and their rests), W's
-    rows not a multiple of 4, K not of 16: each row of the result equals the row alone, bit
+    rows not a multiple of 4, K not of 16; and 1-70 rows against whole AMX tiles (bfloat16 on
+    CPUs with AMX: 16 rows a tile, 64 a pass): each row of the result equals the row alone, bit
     for bit (what batching relies on)."""
     gen = torch.Generator().manual_seed(3)
-    x, w = torch.randn(20, 200, generator=gen), torch.randn(46, 200, generator=gen).to(dtype)
-    alone = torch.cat([linear(x[i : i + 1], w) for i in range(20)])
-    for m in range(1, 21):
+    x, w = torch.randn(rows, K, generator=gen), torch.randn(N, K, generator=gen).to(dtype)
+    alone = torch.cat([linear(x[i : i + 1], w) for i in range(rows)])
+    for m in range(1, rows + 1):
         assert torch.equal(linear(x[:m], w), alone[:m]), f"{m} rows"
 
 

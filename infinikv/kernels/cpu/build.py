@@ -76,6 +76,7 @@ SIGNATURES = {
     "int8_activations": (),
     "bf16_dot": (),
     "wide_vectors": (),
+    "amx_tiles": (),
     "q4_to_bf16": (_ptr, _ptr, _int, _int, _int),  # W, out, N, K, threads
 }
 # the others return nothing
@@ -86,6 +87,7 @@ RESTYPES = {
     "int8_activations": ctypes.c_int,
     "bf16_dot": ctypes.c_int,
     "wide_vectors": ctypes.c_int,
+    "amx_tiles": ctypes.c_int,
 }
 
 

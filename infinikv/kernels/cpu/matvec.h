@@ -5,8 +5,8 @@
  * rows six against four; without AVX-512 three against two; x stays in L1). W is float32
  * or bfloat16 (`size` 4 or 2 bytes: half the bytes; on CPUs with AVX512-BF16 x is rounded
  * to bfloat16 and multiplied in VDPBF16PS, as torch's bfloat16 matmul does; elsewhere each
- * weight is widened to float32 in registers, float32 products), or blocks of 4-bit or 8-bit weights (`size` Q4 or Q8:
- * blocks.h).
+ * weight is widened to float32 in registers, float32 products; on CPUs with AMX in its tiles:
+ * amx.h), or blocks of 4-bit or 8-bit weights (`size` Q4 or Q8: blocks.h).
  *
  * Layouts (contiguous): x (M, K) float32, W (N, K) (Q4, Q8: N rows of blocks.h's bytes),
  * y (M, N) float32.
@@ -20,6 +20,8 @@
 #include "vec.h"
 
 typedef unsigned short bf16;
+
+#include "amx.h"
 
 /* The tiles' vectors: a 16-float AVX-512 register, or two 8-float halves where the CPU has
  * none (GCC keeps arrays of 16-float vectors in memory there). Lane j sums k = j mod 16 either
@@ -226,6 +228,10 @@ AI void tail_rows(const float* x, const bf16* xb, const char* W, float* y, int M
 AI void project(const float* x, const char* W, int size, float* y, int M, int N, int K) {
   if (size == Q4 || size == Q8) {
     project_blocks(x, W, size, y, M, N, K);
+    return;
+  }
+  if (amx_takes(size, N, K)) {
+    project_amx(x, W, y, M, N, K);
     return;
   }
   const bf16* xb = NULL;

@@ -70,6 +70,12 @@ def wide_vectors() -> bool:
     return bool(library().wide_vectors())
 
 
+def amx_projections() -> bool:
+    """Whether bfloat16 weights multiply x rounded to bfloat16 in AMX tiles (amx.h): this CPU
+    has them, the build targets them and the OS granted this process their state."""
+    return bool(library().amx_tiles())
+
+
 def amx() -> bool:
     """Whether this CPU multiplies bfloat16 in AMX tiles (and the OS lets torch use them)."""
     return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
