@@ -17,6 +17,8 @@ import torch
 from infinikv.core.partial import reference_partial
 from infinikv.kernels.cpu import build
 from infinikv.kernels.cpu.ops import (
+    amx,
+    amx_projections,
     bf16_dot,
     int8_activations,
     linear,
@@ -150,7 +152,7 @@ def test_kernel_refuses_what_it_cannot_run() -> None:
     [
         *[(1, 576, 576), (3, 13, 40), (32, 960, 577), (1, 7, 16), (5, 49152 // 16, 64), (4, 8, 32)],
         (9, 20, 48),
-        *[(17, 48, 64), (64, 960, 576), (70, 192, 1536)],  # AMX tiles (bfloat16): 16 x 32, 64 rows a pass
+        *[(17, 48, 64), (64, 960, 576), (70, 192, 1536)],  # whole AMX tiles: 16 x 32, 64 rows a pass
     ],
 )
 def test_linear_matches_torch(M, N, K, dtype) -> None:
@@ -172,14 +174,27 @@ def test_linear_matches_torch(M, N, K, dtype) -> None:
 def test_each_row_of_linear_is_its_row_alone(dtype, N, K, rows) -> None:
     """Row counts 1-20 (four rows of x against four of W; in bfloat16 five to eight against
     two of W; past eight six against four, float32 and the bfloat16 dot product; and their rests), W's
-    rows not a multiple of 4, K not of 16; and 1-70 rows against whole AMX tiles (bfloat16 on
-    CPUs with AMX: 16 rows a tile, 64 a pass): each row of the result equals the row alone, bit
+    rows not a multiple of 4, K not of 16; and 1-70 rows against whole AMX tiles (where they
+    run: 16 rows a tile, 64 a pass): each row of the result equals the row alone, bit
     for bit (what batching relies on)."""
     gen = torch.Generator().manual_seed(3)
     x, w = torch.randn(rows, K, generator=gen), torch.randn(N, K, generator=gen).to(dtype)
     alone = torch.cat([linear(x[i : i + 1], w) for i in range(rows)])
     for m in range(1, rows + 1):
         assert torch.equal(linear(x[:m], w), alone[:m]), f"{m} rows"
+
+
+def test_amx_runs_only_when_asked() -> None:
+    """bfloat16 weights go through AMX tiles exactly where INFINIKV_AMX=1 and the CPU has them."""
+    assert amx_projections() == (os.environ.get("INFINIKV_AMX") == "1" and amx())
+
+
+@pytest.mark.skipif(not amx() or os.environ.get("INFINIKV_AMX") == "1", reason="needs AMX; asked already")
+def test_bf16_projections_in_amx_tiles() -> None:
+    """The projection tests again in a process that asks for AMX tiles (amx.h)."""
+    tests = "amx_runs_only_when_asked or linear_matches_torch or each_row_of_linear or layer_parts_match"
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", tests]
+    subprocess.run(command, env={**os.environ, "INFINIKV_AMX": "1"}, check=True)
 
 
 def test_linear_refuses_what_it_cannot_run() -> None:
