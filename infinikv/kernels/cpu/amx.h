@@ -25,7 +25,7 @@
 #define XFEATURE_XTILEDATA 18
 #define AMX_GROUPS 4 /* rows of x in groups of 16, four C tiles at a time (tmm2..tmm5) */
 
-static int amx_granted;
+static int amx_granted; /* a copy per file that includes this, each set alike at load */
 
 /* Opt-in (INFINIKV_AMX=1): one row costs ~10% more than in VDPBF16PS, 8-64 rows 1.5-5x
  * less. Linux hands a process the tile state only when asked (else the first tile
