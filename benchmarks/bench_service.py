@@ -94,6 +94,7 @@ QUESTIONS = [
     "What makes a good password?",
 ]
 CHART = Path(__file__).resolve().parents[1] / "docs" / "service_concurrency.png"
+RESULTS = "benchmarks/results/service.json"  # its charts are the docs'; another --out's go beside it
 CHARS_PER_TOKEN = 4  # about, for English prose and SmolLM2's tokenizer
 
 
@@ -357,7 +358,7 @@ def main() -> None:
     ap.add_argument("--distinct", action="store_true", help="a different short question per request")
     ap.add_argument("--server-args", default="", help="more flags for our servers, e.g. --no-prefix-cache")
     ap.add_argument("--tag", default="", help="names the results of --server-args")
-    ap.add_argument("--out", default="benchmarks/results/service.json")
+    ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args()
     if args.transformers and args.quantize not in ("none", "bf16"):
         ap.error("--transformers compares float32 or bf16 weights (transformers has no GGUF int4 path here)")
@@ -423,7 +424,8 @@ def main() -> None:
             reference = results.get(f"in_process{suffix.removeprefix('_long')}") or results["in_process"]
             print(f"\nresults {suffix or '(short, float32)'}:", end="")
             print_concurrency(pairs, reference, results.get(f"concurrency_transformers{suffix}"))
-            chart([b for _, b in pairs], CHART.with_name(f"{CHART.stem}{suffix}.png"))
+            drawn = CHART if args.out == RESULTS else out
+            chart([b for _, b in pairs], drawn.with_name(f"{drawn.stem}{suffix}.png"))
     if "interference" in results:
         r = results["interference"]
         a, b = r["alone"], r["beside_ingestion"]
