@@ -16,7 +16,6 @@
 #include <string.h>
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-#define AMX_BUILD 1
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -27,8 +26,8 @@
 
 static int amx_granted; /* a copy per file that includes this, each set alike at load */
 
-/* Opt-in (INFINIKV_AMX=1): one row costs ~10% more than in VDPBF16PS, 8-64 rows 1.5-5x
- * less. Linux hands a process the tile state only when asked (else the first tile
+/* Opt-in (INFINIKV_AMX=1): one row costs 5-20% more than in VDPBF16PS, 8-64 rows 1.5-5x
+ * less (docs/performance.md). Linux hands a process the tile state only when asked (else the first tile
  * instruction faults): once, at load, before any thread uses it. */
 __attribute__((constructor)) static void amx_request(void) {
   const char* on = getenv("INFINIKV_AMX");
@@ -41,7 +40,8 @@ typedef struct {
   uint8_t rows[16];
 } tile_config;
 
-/* Every tile 16 rows of 64 bytes: tmm0 W's block, tmm1 x's pairs, tmm2..5 the sums. */
+/* Every tile 16 rows of 64 bytes: tmm0 (and up to 16 rows of x, tmm6, tmm7) W's blocks,
+ * tmm1 x's pairs, tmm2..5 the sums. */
 AI void amx_configure(void) {
   tile_config c;
   memset(&c, 0, sizeof c);
@@ -167,11 +167,10 @@ static void project_amx(const float* x, const char* W, float* y, int M, int N, i
 #undef AMX_GROUP
 #undef AMX_SAVE
 #else
-#define AMX_BUILD 0
-static const int amx_granted = 0;
+static const int amx_granted = 0; /* no AMX in this build */
 static void project_amx(const float* x, const char* W, float* y, int M, int N, int K) {}
 #endif
 
 /* 1 where bfloat16 weights of whole tiles go through project_amx. */
-AI int amx_takes(int size, int N, int K) { return AMX_BUILD && amx_granted && size == 2 && N % 16 == 0 && K % 32 == 0; }
+AI int amx_takes(int size, int N, int K) { return amx_granted && size == 2 && N % 16 == 0 && K % 32 == 0; }
 #endif

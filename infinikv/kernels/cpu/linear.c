@@ -12,7 +12,7 @@ int int8_activations(void) { return INT8_ACTIVATIONS; }
 int bf16_dot(void) { return BF16_DOT; }
 
 /* 1 where bfloat16 weights go through AMX tiles (amx.h). */
-int amx_tiles(void) { return AMX_BUILD && amx_granted; }
+int amx_tiles(void) { return amx_granted; }
 
 /* 1 where the build's vectors are 16 floats wide in registers (vec.h). */
 int wide_vectors(void) { return WIDE_VECTORS; }
